@@ -1,0 +1,270 @@
+"""Typed run configuration: dataclasses with defaults in code, loaded from YAML and CLI overrides.
+
+Every key is validated (unknown keys and wrong types are a ``ConfigError`` naming the key);
+``resolve`` fills the data-set dependent ``None`` defaults so that the ``config.yaml`` saved next
+to the results is exactly what ran.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    data_dir: str | None = None
+    train_per_class: int | None = None   # keep a seeded subset of N training images per class
+    image_size: int | None = None        # image folders: decoded images are resized to this (px)
+    train_list: str | None = None
+    test_list: str | None = None
+    cache_dir: str | None = None
+    augment: str | None = None           # None: the data set's default (crop-flip, flip, none, rrc-flip)
+
+
+@dataclass
+class ScenarioConfig:
+    base: int = 0                        # classes of the first phase; 0 means "increment" (B0)
+    increment: int = 2
+    class_order: list[int] | None = None  # None: RandomState(seed).permutation(num_classes)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "auto"               # auto: convnet <= 16 px, resnet32 <= 32 px, else resnet18
+    head: str | None = None              # None: the method's default head
+
+
+@dataclass
+class TrainConfig:
+    epochs: int | None = None            # None: the data set's default (DATASET_DEFAULTS)
+    base_epochs: int | None = None       # first phase; None: same as epochs
+    lr: float = 0.1
+    base_lr: float | None = None         # None: same as lr
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"             # cosine (per step, to 0) | step (x gamma at milestones)
+    milestones: list[int] = field(default_factory=list)  # epochs, for schedule=step
+    gamma: float = 0.1
+    precision: str = "auto"              # auto | bf16 | fp32
+    channels_last: bool = True
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 512
+    progress: bool = True
+
+
+@dataclass
+class MemoryConfig:
+    total: int | None = None             # fixed total budget, shared by all seen classes
+    per_class: int | None = None         # fixed per class, total grows with the classes
+    selection: str = "herding"           # herding | random | closest
+
+
+@dataclass
+class LossConfig:
+    cls: str | None = None               # classification loss; None: the method's default
+    kd_weight: float | None = None       # None: the method's default
+    temperature: float = 2.0             # KD temperature (LwF/iCaRL: T = 2)
+
+
+@dataclass
+class RunConfig:
+    method: str = "icarl"
+    seed: int = 1993                     # class order, init, data order, augmentation
+    out: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+# Defaults that depend on the data set, applied by ``resolve`` when the user left them unset.
+# epochs: digits and Fashion-MNIST are for quick runs; CIFAR follows PyCIL's iCaRL schedule
+# (200 base / 170 incremental epochs); image folders follow the ImageNet-subset protocol (90).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"epochs": 30},
+    "fashion-mnist": {"epochs": 10},
+    "cifar10": {"epochs": 170, "base_epochs": 200},
+    "cifar100": {"epochs": 170, "base_epochs": 200},
+    "imagefolder": {"epochs": 90},
+}
+
+
+# ---------------------------------------------------------------- dict <-> dataclass
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce: int -> float) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        out = []
+        for v in value:
+            ok, v = _type_ok(v, item)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    raise TypeError(f"unsupported config type {tp}")  # a bug in cilearn, not user input
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types are ConfigErrors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"unknown config key '{prefix}{key}'; expected one of: {', '.join(sorted(known))}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value or {}, f"{prefix}{name}.")
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"config key '{prefix}{name}' must be {_type_name(tp)}, got {value!r}")
+        kwargs[name] = coerced
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive dict merge; ``override`` wins."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def set_dotted(d: dict, dotted: str, value: Any) -> None:
+    """``set_dotted(d, "train.lr", 0.1)`` -> ``d["train"]["lr"] = 0.1``."""
+    keys = dotted.replace("-", "_").split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"config key '{dotted}': '{k}' is not a section")
+    d[keys[-1]] = value
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of options, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------- validation
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no data set (numbers, names). Data-set checks are in ``resolve``."""
+    def positive(name: str, v: Any, allow_none: bool = True, zero: bool = False) -> None:
+        if v is None and allow_none:
+            return
+        if v is None or v < 0 or (v == 0 and not zero):
+            raise ConfigError(f"--{name} must be a {'non-negative' if zero else 'positive'} number, got {v}")
+
+    t, s, m = cfg.train, cfg.scenario, cfg.memory
+    positive("epochs", t.epochs, zero=True)
+    positive("base-epochs", t.base_epochs, zero=True)
+    positive("lr", t.lr)
+    positive("base-lr", t.base_lr)
+    positive("batch-size", t.batch_size)
+    positive("eval-batch-size", t.eval_batch_size)
+    positive("train.momentum", t.momentum, zero=True)
+    positive("train.weight-decay", t.weight_decay, zero=True)
+    positive("loss.temperature", cfg.loss.temperature)
+    positive("loss.kd-weight", cfg.loss.kd_weight, zero=True)
+    positive("base", s.base, zero=True)
+    positive("increment", s.increment)
+    positive("memory", m.total)
+    positive("memory-per-class", m.per_class)
+    positive("train-per-class", cfg.data.train_per_class)
+    positive("seed", cfg.seed, zero=True)
+    if m.total is not None and m.per_class is not None:
+        raise ConfigError("--memory and --memory-per-class are exclusive: give a fixed total or a per-class budget")
+    if t.schedule not in ("cosine", "step"):
+        raise ConfigError(f"--train.schedule must be cosine or step, got '{t.schedule}'")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"--precision must be auto, bf16 or fp32, got '{t.precision}'")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got '{t.device}'")
+    if any(e < 0 for e in t.milestones):
+        raise ConfigError(f"--train.milestones must be non-negative epochs, got {t.milestones}")
+
+
+def resolve(cfg: RunConfig, num_classes: int, image_size: int) -> RunConfig:
+    """Fill data-set dependent defaults and check the scenario against the data set."""
+    from .models.backbones import auto_backbone
+
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), scenario=dataclasses.replace(cfg.scenario),
+                              model=dataclasses.replace(cfg.model))
+    defaults = DATASET_DEFAULTS.get(cfg.data.dataset, {"epochs": 30})
+    if cfg.train.epochs is None:
+        cfg.train.epochs = defaults["epochs"]
+    if cfg.train.base_epochs is None:
+        cfg.train.base_epochs = defaults.get("base_epochs", cfg.train.epochs)
+    if cfg.train.base_lr is None:
+        cfg.train.base_lr = cfg.train.lr
+    if cfg.model.backbone == "auto":
+        cfg.model.backbone = auto_backbone(image_size)
+    s = cfg.scenario
+    if s.base > num_classes:
+        raise ConfigError(f"--base {s.base} is larger than the number of classes ({num_classes}) of {cfg.data.dataset}")
+    if s.increment > num_classes:
+        raise ConfigError(f"--increment {s.increment} is larger than the number of classes ({num_classes}) of {cfg.data.dataset}")
+    first = s.base or s.increment
+    if (num_classes - first) % s.increment != 0:
+        raise ConfigError(
+            f"--base {s.base} --increment {s.increment} do not cover the {num_classes} classes of "
+            f"{cfg.data.dataset}: expected (classes - base) to be a multiple of the increment")
+    if s.class_order is not None and sorted(s.class_order) != list(range(num_classes)):
+        raise ConfigError(f"scenario.class_order must be a permutation of 0..{num_classes - 1}")
+    return cfg

@@ -1,0 +1,1 @@
+"""Data sets, scenario (class order, phases) and on-device augmentation."""

@@ -1,0 +1,52 @@
+"""The data set record every loader returns, and the data set registry."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..registry import Registry
+
+
+@dataclass
+class ImageDataset:
+    """A whole data set in memory as uint8 images, loaded once.
+
+    Images are ``uint8 [N, C, H, W]`` (C = 1 or 3), labels ``int64 [N]`` in ``[0, num_classes)``.
+    ``mean``/``std`` are per-channel, in units of [0, 1] pixel values, used for normalisation.
+    ``augment`` names the default training augmentation (see ``cilearn.data.augment``):
+    ``"crop-flip"`` (random crop with ``pad`` pixels of zero padding + horizontal flip),
+    ``"flip"``, ``"none"``, or ``"rrc-flip"`` (random-resized-crop + flip, for image folders).
+    """
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str = "crop-flip"
+    pad: int = 4
+    info: dict = field(default_factory=dict)  # free-form provenance (files, cache path, split seed)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+
+
+# A loader is ``fn(options: DataOptions) -> ImageDataset``.
+DATASETS: Registry = Registry("data set")
+
+
+@dataclass
+class DataOptions:
+    """What a loader may be told. ``data_dir=None`` means the loader's documented default."""
+
+    data_dir: str | None = None
+    image_size: int | None = None      # image folders: images are resized once to this size (square)
+    train_list: str | None = None      # image folders: "relative/path.jpg label" lines
+    test_list: str | None = None
+    cache_dir: str | None = None       # image folders: where decoded uint8 arrays are cached

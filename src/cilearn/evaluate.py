@@ -1,0 +1,96 @@
+"""Evaluation after each phase and the summary metrics, as PyCIL/FACIL define them.
+
+All accuracies are in percent. With ``a[i][j]`` = top-1 accuracy (CNN head, over all seen
+classes' logits) on the test images of task j after phase i (the accuracy matrix, defined for
+j <= i):
+* ``acc_i``: top-1 on the test images of all classes seen after phase i;
+* average incremental accuracy = mean_i acc_i (over all phases, the first included);
+* last accuracy = acc of the final phase;
+* forgetting = mean over tasks j < T-1 of ``max_{j <= i < T-1} a[i][j] - a[T-1][j]``
+  (Chaudhry et al. 2018; FACIL), 0 with a single phase.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.inference_mode()
+def predict(net: torch.nn.Module, x: torch.Tensor, augmenter, batch_size: int,
+            autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, K], embeddings [N, D]) in eval mode, float32; restores the train/eval mode."""
+    was_training = net.training
+    net.eval()
+    logits, embs = [], []
+    for i in range(0, x.shape[0], batch_size):
+        with torch.autocast(device_type=x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            out = net(augmenter.test(x[i:i + batch_size]))
+        logits.append(out.logits.float())
+        embs.append(out.embedding.float())
+    net.train(was_training)
+    if not logits:
+        return torch.empty(0, 0, device=x.device), torch.empty(0, 0, device=x.device)
+    return torch.cat(logits), torch.cat(embs)
+
+
+def nme_predict(emb: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Nearest class mean (iCaRL): argmin_c || f/|f| - mu_c ||."""
+    return torch.cdist(F.normalize(emb, dim=1), prototypes).argmin(1)
+
+
+def accuracy(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> float | None:
+    if mask is not None:
+        pred, y = pred[mask], y[mask]
+    return None if len(y) == 0 else 100.0 * (pred == y).float().mean().item()
+
+
+def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
+    top = logits.topk(k, dim=1).indices
+    return 100.0 * (top == y[:, None]).any(1).float().mean().item()
+
+
+@dataclass
+class PhaseEval:
+    acc: float
+    acc_nme: float | None
+    top5: float | None
+    acc_old: float | None
+    acc_new: float
+    task_acc: list[float]             # one per task seen so far (a row of the accuracy matrix)
+    task_acc_nme: list[float] | None
+
+
+def evaluate_phase(logits: torch.Tensor, emb: torch.Tensor, y: torch.Tensor, bounds: list[tuple[int, int]],
+                   prototypes: torch.Tensor | None) -> PhaseEval:
+    """``logits``/``emb``: outputs on the test images of all seen classes, ``y`` their incremental
+    ids; ``bounds``: (start, end) id range of each task so far, the last one being the new task."""
+    pred = logits.argmax(1)
+    nme = nme_predict(emb, prototypes) if prototypes is not None else None
+    masks = [(y >= a) & (y < b) for a, b in bounds]
+    new_start = bounds[-1][0]
+    old = y < new_start
+    return PhaseEval(
+        acc=accuracy(pred, y),
+        acc_nme=accuracy(nme, y) if nme is not None else None,
+        top5=topk_accuracy(logits, y, 5) if logits.shape[1] >= 5 else None,
+        acc_old=accuracy(pred, y, old) if new_start > 0 else None,
+        acc_new=accuracy(pred, y, ~old),
+        task_acc=[accuracy(pred, y, m) for m in masks],
+        task_acc_nme=[accuracy(nme, y, m) for m in masks] if nme is not None else None,
+    )
+
+
+def average_incremental_accuracy(accs: list[float]) -> float:
+    return sum(accs) / len(accs)
+
+
+def forgetting(matrix: list[list[float]]) -> float:
+    """Average forgetting of the accuracy matrix (rows: after phase i; columns: task j <= i)."""
+    T = len(matrix)
+    if T < 2:
+        return 0.0
+    drops = [max(matrix[i][j] for i in range(j, T - 1)) - matrix[T - 1][j] for j in range(T - 1)]
+    return sum(drops) / len(drops)

@@ -1,0 +1,177 @@
+"""The method contract. A method is a recipe of components (classification loss, distillation,
+memory, head) plus, when its paper needs them, a few hooks; the runner owns the phase loop and
+``cilearn.train.fit`` owns the epoch loop.
+
+Hooks, in phase order (see ``cilearn.runner``):
+  ``training_set(phase, data)``  -> the (uint8 x, y) this phase trains on
+  ``before_phase(phase, x, y)``  -> grow the head, freeze a teacher, prepare caches
+  ``train_phase(phase, x, y)``   -> one or more calls of ``fit`` (default: one)
+  ``loss(batch)``                -> (loss, terms) for ``fit``
+  ``after_phase(phase, data)``   -> memory update, calibration
+  ``prototypes()``               -> class means for NME prediction, or None
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..data.augment import Augmenter
+from ..data.scenario import Phase
+from ..evaluate import predict
+from ..losses import CLS_LOSSES, DISTILL
+from ..registry import Registry
+from ..train import Batch, FitResult, FitSettings, fit
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+    from ..memory import Memory
+    from ..models.net import IncrementalNet
+
+METHODS: Registry = Registry("method")
+
+
+@dataclass
+class SplitData:
+    """The whole data set on the training device, labels as incremental ids."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    def train_of(self, classes: range) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = (self.train_y >= classes.start) & (self.train_y < classes.stop)
+        return self.train_x[mask], self.train_y[mask]
+
+
+@dataclass
+class Context:
+    """What the runner hands a method."""
+    cfg: "RunConfig"
+    net: "IncrementalNet"
+    memory: "Memory | None"
+    augmenter: Augmenter
+    device: torch.device
+    gen: torch.Generator
+    autocast_dtype: torch.dtype | None
+
+    def fit_settings(self, phase: Phase, **over) -> FitSettings:
+        t = self.cfg.train
+        first = phase.index == 0
+        s = FitSettings(epochs=t.base_epochs if first else t.epochs, lr=t.base_lr if first else t.lr,
+                        batch_size=t.batch_size, momentum=t.momentum, weight_decay=t.weight_decay,
+                        schedule=t.schedule, milestones=tuple(t.milestones), gamma=t.gamma,
+                        autocast_dtype=self.autocast_dtype, progress=t.progress)
+        for k, v in over.items():
+            setattr(s, k, v)
+        return s
+
+    def embed(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[N, D]`` (eval mode, no augmentation)."""
+        return predict(net, x, self.augmenter, self.cfg.train.eval_batch_size, self.autocast_dtype)[1]
+
+
+class TeacherCache:
+    """Outputs of a frozen teacher on the training set. When the augmentation has a finite set
+    of views (none, flip) they are computed once per view and looked up per batch, which is
+    exact (the teacher is frozen, in eval mode) and saves one forward pass per training step;
+    otherwise the teacher runs on each batch."""
+
+    def __init__(self, teacher: torch.nn.Module, x: torch.Tensor, ctx: Context):
+        self.teacher, self.aug = teacher, ctx.augmenter
+        self.logits = self.emb = None
+        if self.aug.num_views is not None:
+            outs = [predict(teacher, x if v == 0 else x.flip(3), self.aug, ctx.cfg.train.eval_batch_size, None)
+                    for v in range(self.aug.num_views)]
+            self.logits = torch.stack([o[0] for o in outs])   # [V, N, K_old]
+            self.emb = torch.stack([o[1] for o in outs])      # [V, N, D]
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher (logits, embedding) for the batch."""
+        if self.logits is not None and batch.view is not None:
+            return self.logits[batch.view, batch.idx], self.emb[batch.view, batch.idx]
+        with torch.no_grad():
+            out = self.teacher(batch.x)
+        return out.logits.float(), out.embedding.float()
+
+
+class Method:
+    """Default recipe: classification loss on the phase's data (+ exemplars when the method
+    keeps memory) + optional logit distillation from the previous model on the old classes."""
+
+    name: ClassVar[str]
+    cls_loss: ClassVar[str] = "ce"          # key of CLS_LOSSES
+    distill: ClassVar[str | None] = None    # key of DISTILL, on the old-class logits
+    kd_weight: ClassVar[float] = 1.0
+    uses_memory: ClassVar[bool] = False
+    train_on_seen: ClassVar[bool] = False   # joint: all data of the classes seen so far
+    head: ClassVar[str] = "linear"
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.net = ctx, ctx.net
+        lc = ctx.cfg.loss
+        self.cls_fn = CLS_LOSSES.get(lc.cls or self.cls_loss)
+        self.kd_fn = DISTILL.get(self.distill) if self.distill else None
+        self.lam = self.kd_weight if lc.kd_weight is None else lc.kd_weight
+        self.T = lc.temperature
+        self.teacher = None
+        self.teacher_out: TeacherCache | None = None
+        self.counts: torch.Tensor | None = None
+        self.phase: Phase | None = None
+
+    # ---------------------------------------------------------------- hooks
+    def training_set(self, phase: Phase, data: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.train_on_seen:
+            return data.train_of(range(0, phase.end))
+        x, y = data.train_of(phase.classes)
+        mem = self.ctx.memory.data() if self.ctx.memory is not None else None
+        if mem is not None:
+            x, y = torch.cat([x, mem[0]]), torch.cat([y, mem[1]])
+        return x, y
+
+    def before_phase(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.phase = phase
+        if phase.index > 0 and self.kd_fn is not None:
+            self.teacher = self.net.frozen_copy()
+            self.teacher_out = TeacherCache(self.teacher, x, self.ctx)
+        self.net.add_classes(phase.num_new)
+        self.counts = torch.bincount(y, minlength=phase.seen).float()
+
+    def train_phase(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> FitResult:
+        return fit(self.net, x, y, self.loss, self.ctx.fit_settings(phase), self.ctx.augmenter, self.ctx.gen,
+                   desc=f"phase {phase.index}")
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.net(batch.x)
+        cls = self.cls_fn(out.logits, batch.y, self.counts)
+        terms = {"cls": cls.detach()}
+        loss = cls
+        if self.teacher_out is not None and self.lam > 0:
+            t_logits, _ = self.teacher_out(batch)
+            kd = self.kd_fn(out.logits[:, : t_logits.shape[1]], t_logits, self.T)
+            terms["kd"] = kd.detach()
+            loss = loss + self.lam * kd
+        return loss, terms
+
+    def after_phase(self, phase: Phase, data: SplitData) -> None:
+        self.teacher = self.teacher_out = None   # free the teacher's memory
+        mem = self.ctx.memory
+        if mem is not None:
+            x, y = data.train_of(phase.classes)
+            mem.update(x, y, phase.classes, self.ctx.embed(self.net, x), phase.seen, self.ctx.gen)
+
+    def prototypes(self) -> torch.Tensor | None:
+        """Nearest-mean-of-exemplars class means ``[seen, D]`` (L2-normalised means of the
+        L2-normalised exemplar embeddings, iCaRL Alg. 1), or None without exemplars."""
+        mem = self.ctx.memory
+        if mem is None or len(mem) == 0:
+            return None
+        means = []
+        for c in range(self.net.num_classes):
+            ex = mem.exemplars.get(c)
+            if ex is None or len(ex) == 0:
+                return None
+            means.append(F.normalize(self.ctx.embed(self.net, ex), dim=1).mean(0))
+        return F.normalize(torch.stack(means), dim=1)

@@ -1,0 +1,59 @@
+"""The baselines as recipes: each is a choice of components, no code of its own."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..train import Batch
+from .base import METHODS, Method
+
+
+@METHODS.register("finetune")
+class Finetune(Method):
+    """CE on the current phase's data only: the lower bound."""
+
+
+@METHODS.register("joint")
+class Joint(Method):
+    """CE on all training data of the classes seen so far: the upper bound."""
+    train_on_seen = True
+
+
+@METHODS.register("replay")
+class Replay(Method):
+    """Finetune + exemplars (herding by default); reports CNN and NME."""
+    uses_memory = True
+
+
+@METHODS.register("lwf")
+class LwF(Method):
+    """Class-incremental LwF (Li & Hoiem 2016): one head over all seen classes,
+    CE + lambda * KD(T = 2) on the old-class logits, lambda = 1 (Sec. 3 of the paper). No exemplars."""
+    distill = "kd"
+
+
+@METHODS.register("icarl")
+class ICaRL(Method):
+    """iCaRL (Rebuffi et al. 2017): herding exemplars, classification + distillation on
+    data + exemplars, nearest-mean-of-exemplars prediction (CNN reported too).
+    Default losses: CE + KD(T = 2) on the old logits, as PyCIL and METHODS.md's reference
+    numbers; ``icarl-bce`` is the paper's sigmoid form (Alg. 3)."""
+    distill = "kd"
+    uses_memory = True
+
+
+@METHODS.register("icarl-bce")
+class ICaRLBCE(ICaRL):
+    """iCaRL as Alg. 3 of the paper: one sigmoid BCE over all seen classes, whose targets are
+    one-hot for the new classes and the teacher's sigmoids for the old classes (phase > 0)."""
+    cls_loss = "bce"
+    distill = "bce"
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.net(batch.x)
+        target = F.one_hot(batch.y, out.logits.shape[1]).float()
+        if self.teacher_out is not None:
+            t_logits, _ = self.teacher_out(batch)
+            target[:, : t_logits.shape[1]] = torch.sigmoid(t_logits)
+        loss = F.binary_cross_entropy_with_logits(out.logits.float(), target)
+        return loss, {"bce": loss.detach()}

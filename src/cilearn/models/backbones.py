@@ -1,0 +1,128 @@
+"""Backbones. Every backbone maps images to ``(feature_maps, embedding)``:
+
+* ``feature_maps``: list with the output of each stage, ``[B, C_s, H_s, W_s]`` (post-ReLU);
+  the last one is what Grad-CAM / CAM and POD-spatial read.
+* ``embedding``: ``[B, out_dim]``, global average pool of the last stage.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..registry import Registry
+
+# A builder is ``fn(in_channels: int) -> Backbone``.
+BACKBONES: Registry = Registry("backbone")
+
+
+class Backbone(nn.Module):
+    out_dim: int
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class BasicBlock(nn.Module):
+    """3x3-3x3 residual block. ``shortcut="A"``: parameter-free (strided subsample + zero channel
+    padding, He et al. 2016 Sec. 4.2, CIFAR ResNets); ``"B"``: 1x1 conv + BN projection."""
+
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str = "B"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.stride, self.pad_channels = stride, cout - cin
+        self.proj = None
+        if (stride != 1 or cin != cout) and shortcut == "B":
+            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.option_a = (stride != 1 or cin != cout) and shortcut == "A"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.proj is not None:
+            x = self.proj(x)
+        elif self.option_a:
+            x = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.pad_channels))
+        return F.relu(out + x)
+
+
+class ResNet(Backbone):
+    def __init__(self, in_channels: int, widths: list[int], blocks: list[int], stem: str, shortcut: str):
+        super().__init__()
+        if stem == "imagenet":  # 7x7/2 conv + 3x3/2 max-pool (224 px inputs)
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False),
+                                      nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True),
+                                      nn.MaxPool2d(3, 2, 1))
+        else:  # "small": 3x3/1 conv, no pooling (32 px inputs)
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+                                      nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        stages, cin = [], widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            layers = [BasicBlock(cin if k == 0 else w, w, (1 if i == 0 else 2) if k == 0 else 1, shortcut)
+                      for k in range(n)]
+            stages.append(nn.Sequential(*layers))
+            cin = w
+        self.stages = nn.ModuleList(stages)
+        self.out_dim = widths[-1]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.stem(x)
+        maps = []
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps, x.mean((2, 3))
+
+
+@BACKBONES.register("resnet32")
+def resnet32(in_channels: int) -> Backbone:
+    """CIFAR ResNet-32 (He et al. 2016 Sec. 4.2): 3 stages x 5 blocks, widths 16/32/64, option-A
+    shortcuts, 64-d embedding; the backbone of iCaRL/LUCIR/PODNet/PyCIL on CIFAR-100."""
+    return ResNet(in_channels, [16, 32, 64], [5, 5, 5], stem="small", shortcut="A")
+
+
+@BACKBONES.register("resnet18")
+def resnet18(in_channels: int) -> Backbone:
+    """ImageNet ResNet-18 (7x7/2 stem + max-pool), 512-d embedding."""
+    return ResNet(in_channels, [64, 128, 256, 512], [2, 2, 2, 2], stem="imagenet", shortcut="B")
+
+
+@BACKBONES.register("resnet18-32")
+def resnet18_32(in_channels: int) -> Backbone:
+    """ResNet-18 with a 3x3/1 stem and no max-pool, for 32 px inputs (as in PyCIL/DER on CIFAR)."""
+    return ResNet(in_channels, [64, 128, 256, 512], [2, 2, 2, 2], stem="small", shortcut="B")
+
+
+class ConvNet(Backbone):
+    """Small 3-stage convnet for 8x8 (digits) to 28x28 inputs: 32-64-128 channels, 128-d."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+
+        def stage(cin, cout, pool):
+            layers = [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return nn.Sequential(*(layers + ([nn.MaxPool2d(2)] if pool else [])))
+
+        self.stages = nn.ModuleList([stage(in_channels, 32, False), stage(32, 64, True), stage(64, 128, False)])
+        self.out_dim = 128
+
+    def forward(self, x):
+        maps = []
+        for s in self.stages:
+            x = s(x)
+            maps.append(x)
+        return maps, x.mean((2, 3))
+
+
+BACKBONES.register("convnet")(ConvNet)
+
+
+def auto_backbone(image_size: int) -> str:
+    """Default backbone by input size: convnet <= 16 px, resnet32 <= 32 px, else resnet18."""
+    return "convnet" if image_size <= 16 else ("resnet32" if image_size <= 32 else "resnet18")

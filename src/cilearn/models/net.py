@@ -1,0 +1,46 @@
+"""The incremental network: a backbone and a growing head."""
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from .backbones import BACKBONES
+from .heads import HEADS
+
+
+class NetOutput(NamedTuple):
+    logits: torch.Tensor            # [B, num_classes]
+    embedding: torch.Tensor         # [B, D]
+    maps: list[torch.Tensor]        # per stage [B, C_s, H_s, W_s]
+
+
+class IncrementalNet(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def add_classes(self, n: int) -> None:
+        self.head.add_classes(n)
+
+    def forward(self, x: torch.Tensor) -> NetOutput:
+        maps, emb = self.backbone(x)
+        return NetOutput(self.head(emb), emb, maps)
+
+    def frozen_copy(self) -> "IncrementalNet":
+        """A deep copy in eval mode with no gradients: the teacher of the next phase."""
+        teacher = copy.deepcopy(self).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+
+def build_net(backbone: str, head: str, in_channels: int) -> IncrementalNet:
+    bb = BACKBONES.get(backbone)(in_channels)
+    return IncrementalNet(bb, HEADS.get(head)(bb.out_dim))

@@ -1,0 +1,281 @@
+"""One class-incremental run: data -> scenario -> for each phase: train, calibrate, update
+memory, evaluate -> metrics. ``run(cfg)`` is the Python API behind ``cilearn run``.
+
+Nothing is written before the configuration and the data set have been validated; the run's
+``metrics.json`` is written last (atomically), so a directory without it is not a finished run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from . import __version__
+from .config import RunConfig, resolve, to_dict, validate
+from .data.augment import Augmenter
+from .data.base import DataOptions
+from .data.scenario import Scenario, class_order
+from .errors import ConfigError
+from .evaluate import PhaseEval, average_incremental_accuracy, evaluate_phase, forgetting, predict
+from .memory import Budget, Memory
+from .methods import METHODS, Context, SplitData
+from .models.backbones import BACKBONES
+from .models.heads import HEADS
+from .models.net import build_net
+
+
+@dataclass
+class Results:
+    metrics: dict[str, Any]
+    out_dir: Path
+    config: RunConfig
+
+    @property
+    def accuracy_matrix(self) -> list[list[float]]:
+        return self.metrics["accuracy_matrix"]
+
+    @property
+    def avg_incremental_acc(self) -> float:
+        return self.metrics["avg_incremental_acc"]
+
+    @property
+    def last_acc(self) -> float:
+        return self.metrics["last_acc"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: there bf16 autocast is much faster than fp32. On other CPUs (e.g. AVX2
+    only) PyTorch falls back to slow bf16 kernels (measured ~10x slower, benchmarks/RESULTS.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """None means fp32. ``auto``: bf16 on CUDA devices that support it and on CPUs with AMX or
+    AVX512-BF16, else fp32."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Log:
+    """Prints to the console and appends to ``log.txt``."""
+
+    def __init__(self, path: Path | None, echo: bool = True):
+        self.file: TextIO | None = open(path, "a") if path else None
+        self.echo = echo
+
+    def __call__(self, msg: str = "") -> None:
+        if self.echo:
+            print(msg, flush=True)
+        if self.file:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def load_data(cfg: RunConfig):
+    from .data.datasets import load_dataset, subsample_per_class
+
+    d = cfg.data
+    ds = load_dataset(d.dataset, DataOptions(data_dir=d.data_dir, image_size=d.image_size, train_list=d.train_list,
+                                             test_list=d.test_list, cache_dir=d.cache_dir))
+    if d.train_per_class is not None:
+        ds.train_x, ds.train_y = subsample_per_class(ds.train_x, ds.train_y, d.train_per_class, cfg.seed)
+    return ds
+
+
+def prepare(cfg: RunConfig):
+    """Validate everything that can be validated before any output is written."""
+    validate(cfg)
+    method_cls = METHODS.get(cfg.method)
+    BACKBONES.get(cfg.model.backbone) if cfg.model.backbone != "auto" else None
+    HEADS.get(cfg.model.head or method_cls.head)
+    ds = load_data(cfg)
+    cfg = resolve(cfg, ds.num_classes, ds.image_shape[-1])
+    BACKBONES.get(cfg.model.backbone)
+    Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std)  # validates the policy name
+    if method_cls.uses_memory:
+        if cfg.memory.total is None and cfg.memory.per_class is None:
+            cfg.memory.total = 20 * ds.num_classes   # 20 per class at the end: 2000 for CIFAR-100
+        Budget(cfg.memory.total, cfg.memory.per_class).check(ds.num_classes)
+    order = cfg.scenario.class_order or class_order(ds.num_classes, cfg.seed)
+    cfg.scenario.class_order = list(order)
+    return cfg, ds, method_cls
+
+
+def make_out_dir(cfg: RunConfig) -> Path:
+    if cfg.out:
+        out = Path(cfg.out)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path("runs") / f"{cfg.method}-{cfg.data.dataset}-{stamp}"
+    if out.exists() and any((out / f).exists() for f in ("config.yaml", "metrics.json")):
+        raise ConfigError(f"--out {out} already holds a run; choose another directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+    return out
+
+
+def run(cfg: RunConfig, echo: bool = True) -> Results:
+    """Run a class-incremental experiment and write its outputs; returns the metrics."""
+    wall0 = time.perf_counter()
+    cfg, ds, method_cls = prepare(cfg)
+    device = resolve_device(cfg.train.device)
+    amp = resolve_precision(cfg.train.precision, device)
+    out = make_out_dir(cfg)
+    log = Log(out / "log.txt", echo)
+    try:
+        return _run(cfg, ds, method_cls, device, amp, out, log, wall0)
+    finally:
+        log.close()
+
+
+def _run(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float) -> Results:
+    import yaml
+
+    meta = {"cilearn_version": __version__, "git_commit": git_commit(), "torch_version": str(torch.__version__),
+            "device": str(device), "precision": "bf16" if amp is not None else "fp32",
+            "python": sys.version.split()[0], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write(out / "config.yaml", yaml.safe_dump({**to_dict(cfg), "meta": meta}, sort_keys=False))
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    scenario = Scenario.make(ds.num_classes, cfg.scenario.base, cfg.scenario.increment, cfg.scenario.class_order)
+    data = SplitData(ds.train_x.to(device), scenario.relabel(ds.train_y).to(device),
+                     ds.test_x.to(device), scenario.relabel(ds.test_y).to(device))
+    aug = Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std, cfg.train.channels_last)
+    net = build_net(cfg.model.backbone, cfg.model.head or method_cls.head, ds.image_shape[0]).to(device)
+    if cfg.train.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    memory = Memory(Budget(cfg.memory.total, cfg.memory.per_class), cfg.memory.selection) \
+        if method_cls.uses_memory else None
+    ctx = Context(cfg, net, memory, aug, device, gen, amp)
+    method = method_cls(ctx)
+
+    log(f"cilearn {__version__}: {cfg.method} on {ds.name} ({len(ds.train_y)} train / {len(ds.test_y)} test images, "
+        f"{ds.num_classes} classes, {'x'.join(map(str, ds.image_shape))}), backbone {cfg.model.backbone}, "
+        f"{device} {meta['precision']}, seed {cfg.seed}")
+    log(scenario.describe())
+    if memory is not None:
+        b = memory.budget
+        log(f"memory: {'%d exemplars in total' % b.total if b.total is not None else '%d per class' % b.per_class}, "
+            f"selection {cfg.memory.selection}")
+    log(f"{'phase':>5} {'classes':>7} {'acc':>6} {'nme':>6} {'old':>6} {'new':>6} {'top5':>6} {'train s':>8} {'img/s':>7}")
+
+    evals: list[PhaseEval] = []
+    phase_rows = []
+    for phase in scenario.phases:
+        x, y = method.training_set(phase, data)
+        method.before_phase(phase, x, y)
+        fr = method.train_phase(phase, x, y)
+        method.after_phase(phase, data)
+        seen = data.test_y < phase.end
+        logits, emb = predict(net, data.test_x[seen], aug, cfg.train.eval_batch_size, amp)
+        ev = evaluate_phase(logits, emb, data.test_y[seen], [(p.start, p.end) for p in scenario.phases[:phase.index + 1]],
+                            method.prototypes())
+        evals.append(ev)
+        row = {"phase": phase.index, "classes_seen": phase.seen, "acc": ev.acc, "acc_nme": ev.acc_nme,
+               "acc_old": ev.acc_old, "acc_new": ev.acc_new, "top5": ev.top5, "train_seconds": fr.seconds,
+               "train_images_per_s": fr.images_per_s, "loss": fr.loss}
+        phase_rows.append(row)
+        f = lambda v: f"{v:6.2f}" if v is not None else f"{'-':>6}"  # noqa: E731
+        log(f"{phase.index:>5} {phase.seen:>7} {f(ev.acc)} {f(ev.acc_nme)} {f(ev.acc_old)} {f(ev.acc_new)} "
+            f"{f(ev.top5)} {fr.seconds:8.1f} {fr.images_per_s:7.0f}")
+
+    metrics = summarize(evals, phase_rows, memory, time.perf_counter() - wall0)
+    write_outputs(out, metrics)
+    log(f"average incremental accuracy {metrics['avg_incremental_acc']:.2f}"
+        + (f" (NME {metrics['avg_incremental_acc_nme']:.2f})" if metrics["avg_incremental_acc_nme"] is not None else "")
+        + f", last {metrics['last_acc']:.2f}, forgetting {metrics['forgetting']:.2f}, "
+        f"wall {metrics['wall_seconds']:.1f} s -> {out}")
+    return Results(metrics, out, cfg)
+
+
+def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, wall: float) -> dict[str, Any]:
+    matrix = [e.task_acc for e in evals]
+    nme = [e.acc_nme for e in evals]
+    has_nme = all(v is not None for v in nme)
+    per_class = 0
+    if memory is not None and memory.exemplars:
+        per_class = max(len(v) for v in memory.exemplars.values())
+    return {
+        "avg_incremental_acc": average_incremental_accuracy([e.acc for e in evals]),
+        "last_acc": evals[-1].acc,
+        "forgetting": forgetting(matrix),
+        "avg_incremental_acc_nme": average_incremental_accuracy(nme) if has_nme else None,
+        "last_acc_nme": nme[-1] if has_nme else None,
+        "accuracy_matrix": matrix,
+        "accuracy_matrix_nme": [e.task_acc_nme for e in evals] if has_nme else None,
+        "phases": rows,
+        "memory": {"per_class": per_class, "total_images": len(memory) if memory else 0,
+                   "total_bytes": memory.nbytes if memory else 0},
+        "wall_seconds": wall,
+    }
+
+
+def write_outputs(out: Path, metrics: dict[str, Any]) -> None:
+    from .report import accuracy_plot
+
+    cols = ["phase", "classes_seen", "acc", "acc_nme", "acc_old", "acc_new", "top5", "train_seconds",
+            "train_images_per_s"]
+    lines = [",".join(cols)] + [",".join("" if r[c] is None else (f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]))
+                                         for c in cols) for r in metrics["phases"]]
+    atomic_write(out / "metrics.csv", "\n".join(lines) + "\n")
+    accuracy_plot(metrics, out / "accuracy.png")
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))   # last: marks the run complete
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    from .config import from_dict
+    d = {k: v for k, v in d.items() if k != "meta"}   # config.yaml's meta section is informational
+    return from_dict(RunConfig, d)
+
+
+__all__ = ["run", "Results", "config_from_dict", "dataclasses"]

@@ -1,0 +1,125 @@
+"""The one training loop. Methods never write their own epoch loop: they give ``fit`` a loss
+function and the parameters to train; extra stages (balanced fine-tuning, teachers,
+compression) call ``fit`` again.
+
+Per step: a slice of a seeded permutation of the (device-resident, uint8) training set,
+batched augmentation on the device, autocast (bf16) where enabled, one optimizer step.
+No host sync inside an epoch: the loss is accumulated on the device and checked for NaN/inf
+once per epoch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, NamedTuple
+
+import torch
+
+from .data.augment import Augmenter
+from .errors import CilearnError
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor              # normalised float [B, C, H, W]
+    y: torch.Tensor              # incremental ids [B]
+    idx: torch.Tensor            # indices into the training set [B]
+    view: torch.Tensor | None    # augmentation view id [B] for finite policies, else None
+
+
+# loss_fn(batch) -> (loss, {term name: detached scalar tensor})
+LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class DivergenceError(CilearnError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class FitSettings:
+    epochs: int
+    lr: float
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    autocast_dtype: torch.dtype | None = None   # torch.bfloat16 or None (fp32)
+    progress: bool = True
+    drop_last: bool = False
+
+
+@dataclass
+class FitResult:
+    seconds: float
+    images: int
+    loss: dict[str, float]       # mean of each term over the last epoch
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], s: FitSettings) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for p in params if p.requires_grad], lr=s.lr, momentum=s.momentum,
+                           weight_decay=s.weight_decay)
+
+
+def lr_at(s: FitSettings, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Cosine: per step from lr to 0 over all epochs. Step: lr * gamma^(milestones passed)."""
+    if s.schedule == "cosine":
+        t = (epoch * steps_per_epoch + step) / max(1, s.epochs * steps_per_epoch)
+        return 0.5 * s.lr * (1 + math.cos(math.pi * t))
+    return s.lr * s.gamma ** sum(epoch >= m for m in s.milestones)
+
+
+def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, s: FitSettings,
+        augmenter: Augmenter, gen: torch.Generator, params: Iterable[torch.nn.Parameter] | None = None,
+        desc: str = "train") -> FitResult:
+    """Train ``params`` (default: all of ``model``'s) on ``(x uint8, y)`` for ``s.epochs``."""
+    n = x.shape[0]
+    if s.epochs == 0 or n == 0:
+        return FitResult(0.0, 0, {})
+    opt = make_optimizer(model.parameters() if params is None else params, s)
+    bs = min(s.batch_size, n)
+    steps = n // bs if s.drop_last else math.ceil(n / bs)
+    model.train()
+    bar = None
+    if s.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=s.epochs, desc=desc, unit="ep", leave=False, dynamic_ncols=True)
+    start = time.perf_counter()
+    seen_images = 0
+    terms_mean: dict[str, float] = {}
+    for epoch in range(s.epochs):
+        perm = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
+        total = torch.zeros((), device=x.device)
+        sums: dict[str, torch.Tensor] = {}
+        for step in range(steps):
+            idx = perm[step * bs:(step + 1) * bs]
+            xb, view = augmenter.train(x[idx], gen)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(s, epoch, step, steps)
+            with torch.autocast(device_type=x.device.type, dtype=s.autocast_dtype or torch.bfloat16,
+                                enabled=s.autocast_dtype is not None):
+                loss, terms = loss_fn(Batch(xb, y[idx], idx, view))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v.detach()
+            seen_images += len(idx)
+        total_f = float(total)  # one host sync per epoch
+        if not math.isfinite(total_f):
+            raise DivergenceError(f"{desc}: the loss became {total_f} in epoch {epoch + 1}; "
+                                  "lower --lr or check the data")
+        terms_mean = {k: float(v) / steps for k, v in sums.items()}
+        if bar is not None:
+            el = time.perf_counter() - start
+            bar.set_postfix(loss=f"{total_f / steps:.3f}", img_s=f"{seen_images / el:.0f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return FitResult(time.perf_counter() - start, seen_images, terms_mean)
