@@ -22,10 +22,11 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | 
 
 @CLS_LOSSES.register("bce")
 def binary_cross_entropy(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
-    """iCaRL's classification loss: one sigmoid per class against one-hot targets,
-    mean over batch and classes (Rebuffi et al. 2017, Alg. 3)."""
+    """iCaRL's classification loss (Rebuffi et al. 2017, Alg. 3): one sigmoid per class against
+    one-hot targets, summed over classes, mean over the batch. (The paper's code averages over
+    classes too and compensates with lr 2.0; summing keeps the usual lr 0.1 of CE usable.)"""
     target = F.one_hot(y, logits.shape[1]).float()
-    return F.binary_cross_entropy_with_logits(logits.float(), target)
+    return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="sum") / logits.shape[0]
 
 
 def kd_kl(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
@@ -40,8 +41,10 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tenso
 
 def kd_bce(student: torch.Tensor, teacher: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     """iCaRL's distillation: BCE of the student's old-class sigmoids against the teacher's
-    sigmoids as soft targets, mean over batch and old classes (Rebuffi et al. 2017, Alg. 3)."""
-    return F.binary_cross_entropy_with_logits(student.float(), torch.sigmoid(teacher.float()))
+    sigmoids as soft targets, summed over old classes, mean over the batch (Rebuffi et al. 2017,
+    Alg. 3; ``T`` is unused)."""
+    target = torch.sigmoid(teacher.float())
+    return F.binary_cross_entropy_with_logits(student.float(), target, reduction="sum") / student.shape[0]
 
 
 DISTILL: Registry = Registry("distillation")

@@ -25,7 +25,9 @@ from .data.base import DataOptions
 from .data.scenario import Scenario, class_order
 from .errors import ConfigError
 from .evaluate import PhaseEval, average_incremental_accuracy, evaluate_phase, forgetting, predict
+from .losses import CLS_LOSSES
 from .memory import Budget, Memory
+from .memory.selection import SELECTIONS
 from .methods import METHODS, Context, SplitData
 from .models.backbones import BACKBONES
 from .models.heads import HEADS
@@ -135,6 +137,8 @@ def prepare(cfg: RunConfig):
     method_cls = METHODS.get(cfg.method)
     BACKBONES.get(cfg.model.backbone) if cfg.model.backbone != "auto" else None
     HEADS.get(cfg.model.head or method_cls.head)
+    SELECTIONS.get(cfg.memory.selection)
+    CLS_LOSSES.get(cfg.loss.cls) if cfg.loss.cls else None
     ds = load_data(cfg)
     cfg = resolve(cfg, ds.num_classes, ds.image_shape[-1])
     BACKBONES.get(cfg.model.backbone)

@@ -55,5 +55,5 @@ class ICaRLBCE(ICaRL):
         if self.teacher_out is not None:
             t_logits, _ = self.teacher_out(batch)
             target[:, : t_logits.shape[1]] = torch.sigmoid(t_logits)
-        loss = F.binary_cross_entropy_with_logits(out.logits.float(), target)
+        loss = F.binary_cross_entropy_with_logits(out.logits.float(), target, reduction="sum") / len(target)
         return loss, {"bce": loss.detach()}

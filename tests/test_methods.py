@@ -1,0 +1,40 @@
+"""End-to-end runs of every registered method (registry-driven), and the expected ordering of
+the baselines on digits."""
+import pytest
+
+import cilearn
+from cilearn.methods import METHODS
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_runs_end_to_end(method, quick):
+    res = cilearn.run(quick(method=method), echo=False)
+    m = res.metrics
+    assert [len(r) for r in m["accuracy_matrix"]] == [1, 2, 3, 4, 5]
+    assert all(0.0 <= a <= 100.0 for row in m["accuracy_matrix"] for a in row)
+    assert m["accuracy_matrix"][0][0] > 90.0            # two digit classes are learnt in phase 0
+    assert m["phases"][-1]["acc_new"] > 50.0            # and the last phase's classes too
+    cls = METHODS.get(method)
+    assert (m["avg_incremental_acc_nme"] is not None) == cls.uses_memory
+    assert (m["memory"]["total_images"] > 0) == cls.uses_memory
+    assert (res.out_dir / "metrics.json").exists()
+
+
+def test_baseline_ordering_on_digits(quick):
+    """Same epochs for all: joint >= icarl > lwf, and icarl >= finetune + 20 points."""
+    acc = {m: cilearn.run(quick(method=m, out=None, train__epochs=10), echo=False).avg_incremental_acc
+           for m in ("joint", "icarl", "lwf", "finetune")}
+    assert acc["joint"] >= acc["icarl"] > acc["lwf"], acc
+    assert acc["icarl"] >= acc["finetune"] + 20, acc
+
+
+def test_joint_trains_on_all_seen_and_finetune_forgets(quick):
+    fin = cilearn.run(quick(method="finetune"), echo=False).metrics
+    # finetune forgets old tasks almost completely after the last phase
+    assert fin["accuracy_matrix"][-1][0] < 20.0 and fin["forgetting"] > 60.0
+
+
+def test_same_seed_same_numbers(quick, tmp_path):
+    a = cilearn.run(quick(method="icarl", out=str(tmp_path / "a")), echo=False).accuracy_matrix
+    b = cilearn.run(quick(method="icarl", out=str(tmp_path / "b")), echo=False).accuracy_matrix
+    assert a == b

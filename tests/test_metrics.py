@@ -1,0 +1,53 @@
+"""Metric definitions on hand-made outputs and accuracy matrices."""
+import pytest
+import torch
+
+from cilearn.evaluate import average_incremental_accuracy, evaluate_phase, forgetting, nme_predict
+
+
+def test_forgetting_by_hand():
+    m = [[90.0], [70.0, 80.0], [60.0, 75.0, 95.0]]
+    # task 0: max(90, 70) - 60 = 30; task 1: max(80) - 75 = 5 -> mean 17.5
+    assert forgetting(m) == pytest.approx(17.5)
+    assert forgetting([[50.0]]) == 0.0
+
+
+def test_forgetting_uses_best_earlier_not_first():
+    m = [[50.0], [80.0, 90.0], [40.0, 90.0, 70.0]]
+    # task 0: max(50, 80) - 40 = 40; task 1: 90 - 90 = 0
+    assert forgetting(m) == pytest.approx(20.0)
+
+
+def test_average_incremental_accuracy():
+    assert average_incremental_accuracy([100.0, 80.0, 60.0]) == pytest.approx(80.0)
+
+
+def test_evaluate_phase_by_hand():
+    # 2 tasks: ids {0,1} old, {2,3} new. 6 test samples.
+    y = torch.tensor([0, 1, 1, 2, 3, 3])
+    logits = torch.full((6, 4), -5.0)
+    pred = [0, 2, 1, 2, 3, 1]                     # correct: 0, 2, 3, 4 -> 4/6
+    logits[torch.arange(6), torch.tensor(pred)] = 5.0
+    emb = torch.eye(4)[torch.tensor([0, 1, 1, 2, 3, 3])]   # NME perfect with identity prototypes
+    ev = evaluate_phase(logits, emb, y, [(0, 2), (2, 4)], torch.eye(4))
+    assert ev.acc == pytest.approx(100 * 4 / 6)
+    assert ev.acc_old == pytest.approx(100 * 2 / 3)       # samples 0,1,2: correct 0 and 2
+    assert ev.acc_new == pytest.approx(100 * 2 / 3)       # samples 3,4,5: correct 3 and 4
+    assert ev.task_acc == pytest.approx([100 * 2 / 3, 100 * 2 / 3])
+    assert ev.acc_nme == pytest.approx(100.0)
+    assert ev.top5 is None                               # only 4 classes
+
+
+def test_top5_and_first_phase_has_no_old():
+    y = torch.arange(5)
+    logits = torch.zeros(5, 5)
+    logits[:, 0] = 1
+    ev = evaluate_phase(logits, torch.randn(5, 3), y, [(0, 5)], None)
+    assert ev.acc_old is None and ev.acc_nme is None
+    assert ev.top5 == pytest.approx(100.0) and ev.acc == pytest.approx(20.0)
+
+
+def test_nme_nearest_normalised_mean():
+    protos = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=1)
+    emb = torch.tensor([[10.0, 1.0], [0.1, 0.5]])
+    assert nme_predict(emb, protos).tolist() == [0, 1]

@@ -1,0 +1,23 @@
+"""A short iCaRL run on the real Fashion-MNIST files (Debian's dataset-fashion-mnist, which
+.ci/run installs); skipped where the files are absent."""
+from pathlib import Path
+
+import pytest
+
+import cilearn
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
+def test_icarl_on_fashion_mnist(quick):
+    cfg = quick(method="icarl", data={"dataset": "fashion-mnist", "train_per_class": 150},
+                model={"backbone": "convnet"}, scenario={"base": 0, "increment": 5},
+                train={"epochs": 4, "progress": False}, memory={"total": 100})
+    m = cilearn.run(cfg, echo=False).metrics
+    assert len(m["phases"]) == 2 and m["phases"][1]["classes_seen"] == 10
+    # 5 classes after 4 epochs on 750 images: far above chance (20%)
+    assert m["phases"][0]["acc"] > 60.0
+    # after the second phase, old classes are still recognised above chance thanks to exemplars + KD
+    assert m["phases"][1]["acc_old"] > 20.0 and m["phases"][1]["acc_nme"] > 40.0
+    assert m["memory"]["total_images"] == 100 and m["memory"]["total_bytes"] == 100 * 28 * 28
