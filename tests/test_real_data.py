@@ -13,11 +13,13 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 def test_icarl_on_fashion_mnist(quick):
     cfg = quick(method="icarl", data={"dataset": "fashion-mnist", "train_per_class": 150},
                 model={"backbone": "convnet"}, scenario={"base": 0, "increment": 5},
-                train={"epochs": 4, "progress": False}, memory={"total": 100})
+                train={"epochs": 4, "batch_size": 64, "progress": False}, memory={"total": 100})
     m = cilearn.run(cfg, echo=False).metrics
     assert len(m["phases"]) == 2 and m["phases"][1]["classes_seen"] == 10
-    # 5 classes after 4 epochs on 750 images: far above chance (20%)
+    # the 5 hardest classes (coat, pullover, sneaker, shirt, T-shirt) after 4 epochs on 750
+    # images: far above chance (20%)
     assert m["phases"][0]["acc"] > 60.0
-    # after the second phase, old classes are still recognised above chance thanks to exemplars + KD
-    assert m["phases"][1]["acc_old"] > 20.0 and m["phases"][1]["acc_nme"] > 40.0
+    # after the second phase the old classes are still recognised well above chance (10%) by the
+    # nearest-mean-of-exemplars classifier (the CNN head is biased to the new classes: not asserted)
+    assert m["accuracy_matrix_nme"][1][0] > 30.0 and m["phases"][1]["acc_nme"] > 40.0
     assert m["memory"]["total_images"] == 100 and m["memory"]["total_bytes"] == 100 * 28 * 28

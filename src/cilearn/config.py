@@ -51,6 +51,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"             # cosine (per step, to 0) | step (x gamma at milestones)
     milestones: list[int] = field(default_factory=list)  # epochs, for schedule=step
+    base_milestones: list[int] | None = None  # first phase; None: same as milestones
     gamma: float = 0.1
     precision: str = "auto"              # auto | bf16 | fp32
     channels_last: bool = True
@@ -236,8 +237,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--precision must be auto, bf16 or fp32, got '{t.precision}'")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got '{t.device}'")
-    if any(e < 0 for e in t.milestones):
-        raise ConfigError(f"--train.milestones must be non-negative epochs, got {t.milestones}")
+    for name, ms in (("milestones", t.milestones), ("base-milestones", t.base_milestones or [])):
+        if any(e < 0 for e in ms):
+            raise ConfigError(f"--train.{name} must be non-negative epochs, got {ms}")
 
 
 def resolve(cfg: RunConfig, num_classes: int, image_size: int) -> RunConfig:
@@ -253,6 +255,8 @@ def resolve(cfg: RunConfig, num_classes: int, image_size: int) -> RunConfig:
         cfg.train.base_epochs = defaults.get("base_epochs", cfg.train.epochs)
     if cfg.train.base_lr is None:
         cfg.train.base_lr = cfg.train.lr
+    if cfg.train.base_milestones is None:
+        cfg.train.base_milestones = list(cfg.train.milestones)
     if cfg.model.backbone == "auto":
         cfg.model.backbone = auto_backbone(image_size)
     s = cfg.scenario

@@ -62,7 +62,8 @@ class Context:
         first = phase.index == 0
         s = FitSettings(epochs=t.base_epochs if first else t.epochs, lr=t.base_lr if first else t.lr,
                         batch_size=t.batch_size, momentum=t.momentum, weight_decay=t.weight_decay,
-                        schedule=t.schedule, milestones=tuple(t.milestones), gamma=t.gamma,
+                        schedule=t.schedule, milestones=tuple(t.base_milestones if first else t.milestones),
+                        gamma=t.gamma,
                         autocast_dtype=self.autocast_dtype, progress=t.progress)
         for k, v in over.items():
             setattr(s, k, v)

@@ -1,0 +1,21 @@
+"""Every shipped reference config parses, names registered components, and carries a header."""
+from pathlib import Path
+
+import pytest
+
+from cilearn.config import from_dict, load_yaml, RunConfig
+from cilearn.data.datasets import DATASETS
+from cilearn.methods import METHODS
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_is_valid(path):
+    cfg = from_dict(RunConfig, load_yaml(str(path)))
+    assert cfg.method in METHODS and cfg.data.dataset in DATASETS
+    assert path.read_text().startswith("#")   # the protocol and the reference number in a header

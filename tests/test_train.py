@@ -1,0 +1,63 @@
+"""The training loop: schedules, divergence, the teacher cache."""
+import math
+
+import pytest
+import torch
+
+from cilearn.data.augment import Augmenter
+from cilearn.models.net import build_net
+from cilearn.train import Batch, DivergenceError, FitSettings, fit, lr_at
+
+
+def test_cosine_and_step_schedules():
+    s = FitSettings(epochs=10, lr=0.1, schedule="cosine")
+    assert lr_at(s, 0, 0, 5) == pytest.approx(0.1)
+    assert lr_at(s, 5, 0, 5) == pytest.approx(0.05)
+    assert lr_at(s, 9, 4, 5) == pytest.approx(0.05 * (1 + math.cos(math.pi * 49 / 50)))
+    st = FitSettings(epochs=10, lr=0.1, schedule="step", milestones=(3, 6), gamma=0.1)
+    assert [round(lr_at(st, e, 0, 5), 6) for e in (0, 2, 3, 5, 6, 9)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+
+
+def _setup():
+    torch.manual_seed(0)
+    net = build_net("convnet", "linear", 1)
+    net.add_classes(2)
+    x = torch.randint(0, 255, (40, 1, 8, 8), dtype=torch.uint8)
+    y = (x.float().mean((1, 2, 3)) > 127).long()
+    return net, x, y, Augmenter("none", 0, (0.5,), (0.5,))
+
+
+def test_fit_learns_and_counts_images():
+    net, x, y, aug = _setup()
+    ce = lambda b: (torch.nn.functional.cross_entropy(net(b.x).logits, b.y), {})  # noqa: E731
+    r = fit(net, x, y, ce, FitSettings(epochs=30, lr=0.05, batch_size=8, progress=False), aug,
+            torch.Generator().manual_seed(0))
+    assert r.images == 30 * 40 and r.images_per_s > 0
+    acc = (net.eval()(aug.test(x)).logits.argmax(1) == y).float().mean().item()
+    assert acc > 0.9
+
+
+def test_nan_loss_stops_with_phase_and_epoch():
+    net, x, y, aug = _setup()
+
+    def bad(b: Batch):
+        out = net(b.x).logits.sum()
+        return out * float("nan"), {}
+    with pytest.raises(DivergenceError, match="phase 3: .* epoch 1"):
+        fit(net, x, y, bad, FitSettings(epochs=2, lr=0.1, progress=False), aug, torch.Generator(), desc="phase 3")
+
+
+def test_teacher_cache_equals_running_the_teacher(quick):
+    """The cached teacher outputs (finite flip views) are those of the teacher on the batch."""
+    from cilearn.methods.base import Context, TeacherCache
+    net, x, y, _ = _setup()
+    aug = Augmenter("flip", 0, (0.5,), (0.5,), channels_last=False)
+    teacher = net.frozen_copy()
+    ctx = Context(quick(), net, None, aug, torch.device("cpu"), torch.Generator(), None)
+    cache = TeacherCache(teacher, x, ctx)
+    xb, view = aug.train(x[:16], torch.Generator().manual_seed(1))
+    assert 0 < int(view.sum()) < 16
+    logits, emb = cache(Batch(xb, y[:16], torch.arange(16), view))
+    with torch.no_grad():
+        ref = teacher(xb)
+    assert torch.allclose(logits, ref.logits, atol=1e-5) and torch.allclose(emb, ref.embedding, atol=1e-5)
