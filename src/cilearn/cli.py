@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Any
 
+from .checkpoint import Interrupted
 from .errors import CilearnError, ConfigError
 
 # flag -> dotted config key
@@ -35,7 +36,9 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "device": ("train.device", str, "auto, cpu, cuda or cuda:N"),
     "precision": ("train.precision", str, "auto, bf16 or fp32"),
     "out": ("out", str, "output directory (default runs/<method>-<dataset>-<time>)"),
+    "checkpoint-every": ("train.checkpoint_every", int, "epochs between checkpoints inside a phase (0: phase ends only)"),
 }
+RESUME_OK = {"device", "resume", "no_progress", "quiet", "config", "overwrite"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--config", help="YAML config file (flags override it)")
     for flag, (key, tp, help_) in FLAGS.items():
         pr.add_argument(f"--{flag}", type=tp, help=f"{help_} [{key}]")
+    pr.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
+    pr.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
     pr.add_argument("--quiet", action="store_true", help="print nothing (log.txt is still written)")
     sub.add_parser("list", help="list methods, data sets and backbones")
@@ -109,10 +114,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "run":
             parser.print_help()
             return 2 if args.command is None and argv else 0
+        if args.resume:
+            given = [k for k, v in vars(args).items() if v not in (None, False) and k not in RESUME_OK | {"command"}]
+            if given or extra or args.config or args.overwrite:
+                bad = (["--" + k.replace("_", "-") for k in given] + extra[:1]
+                       + (["--config"] if args.config else []) + (["--overwrite"] if args.overwrite else []))
+                raise ConfigError(f"--resume takes the configuration from {args.resume}/config.yaml; "
+                                  f"drop {bad[0]} (only --device, --no-progress and --quiet go with --resume)")
+            from .runner import resume
+            resume(args.resume, echo=not args.quiet, device=args.device, progress=False if args.no_progress else None)
+            return 0
         cfg = build_config(args, extra)
         from .runner import run
-        run(cfg, echo=not args.quiet)
+        run(cfg, echo=not args.quiet, overwrite=args.overwrite)
         return 0
+    except Interrupted as e:
+        print(f"cilearn: {e}", file=sys.stderr)
+        return 128 + int(e.signum)
     except CilearnError as e:
         print(f"cilearn: error: {e}", file=sys.stderr)
         return 2

@@ -58,6 +58,7 @@ class TrainConfig:
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 512
     progress: bool = True
+    checkpoint_every: int = 10           # epochs between checkpoints inside a phase (0: only at phase ends)
 
 
 @dataclass
@@ -219,6 +220,7 @@ def validate(cfg: RunConfig) -> None:
     positive("base-lr", t.base_lr)
     positive("batch-size", t.batch_size)
     positive("eval-batch-size", t.eval_batch_size)
+    positive("checkpoint-every", t.checkpoint_every, zero=True)
     positive("train.momentum", t.momentum, zero=True)
     positive("train.weight-decay", t.weight_decay, zero=True)
     positive("loss.temperature", cfg.loss.temperature)

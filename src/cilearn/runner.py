@@ -23,7 +23,8 @@ from .config import RunConfig, resolve, to_dict, validate
 from .data.augment import Augmenter
 from .data.base import DataOptions
 from .data.scenario import Scenario, class_order
-from .errors import ConfigError
+from .checkpoint import EPOCH_FILE, PHASE_FILE, Checkpointer, load_checkpoint, set_rng_state
+from .errors import CilearnError, ConfigError
 from .evaluate import PhaseEval, average_incremental_accuracy, evaluate_phase, forgetting, predict
 from .losses import CLS_LOSSES
 from .memory import Budget, Memory
@@ -152,14 +153,23 @@ def prepare(cfg: RunConfig):
     return cfg, ds, method_cls
 
 
-def make_out_dir(cfg: RunConfig) -> Path:
+RUN_FILES = ("config.yaml", "metrics.json", "metrics.csv", "accuracy.png", "log.txt", PHASE_FILE, EPOCH_FILE)
+
+
+def make_out_dir(cfg: RunConfig, overwrite: bool = False) -> Path:
     if cfg.out:
         out = Path(cfg.out)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{cfg.method}-{cfg.data.dataset}-{stamp}"
-    if out.exists() and any((out / f).exists() for f in ("config.yaml", "metrics.json")):
-        raise ConfigError(f"--out {out} already holds a run; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if out.exists() and any((out / f).exists() for f in ("config.yaml", "metrics.json", PHASE_FILE, EPOCH_FILE)):
+        if not overwrite:
+            raise ConfigError(f"--out {out} already holds a run; continue it with --resume {out}, "
+                              "replace it with --overwrite, or choose another directory")
+        for f in RUN_FILES:
+            (out / f).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -167,30 +177,73 @@ def make_out_dir(cfg: RunConfig) -> Path:
     return out
 
 
-def run(cfg: RunConfig, echo: bool = True) -> Results:
+def run(cfg: RunConfig, echo: bool = True, overwrite: bool = False) -> Results:
     """Run a class-incremental experiment and write its outputs; returns the metrics."""
     wall0 = time.perf_counter()
     cfg, ds, method_cls = prepare(cfg)
     device = resolve_device(cfg.train.device)
     amp = resolve_precision(cfg.train.precision, device)
-    out = make_out_dir(cfg)
+    out = make_out_dir(cfg, overwrite)
+    return _execute(cfg, ds, method_cls, device, amp, out, echo, wall0, None, None)
+
+
+def resume(run_dir: str | Path, echo: bool = True, device: str | None = None,
+           progress: bool | None = None) -> Results:
+    """Continue an interrupted run from its last complete checkpoint (``cilearn run --resume``)."""
+    wall0 = time.perf_counter()
+    out = Path(run_dir)
+    if not (out / "config.yaml").is_file():
+        raise ConfigError(f"--resume {out}: no config.yaml there, not a cilearn run directory")
+    if (out / "metrics.json").exists():
+        raise ConfigError(f"--resume {out}: this run is already complete (metrics.json exists)")
+    from .config import load_yaml
+    cfg = config_from_dict(load_yaml(str(out / "config.yaml")))
+    cfg.out = str(out)
+    if device is not None:
+        cfg.train.device = device
+    if progress is not None:
+        cfg.train.progress = progress
+    cfg, ds, method_cls = prepare(cfg)
+    dev = resolve_device(cfg.train.device)
+    amp = resolve_precision(cfg.train.precision, dev)
+    phase_state = load_checkpoint(out / PHASE_FILE) if (out / PHASE_FILE).exists() else None
+    epoch_state = load_checkpoint(out / EPOCH_FILE) if (out / EPOCH_FILE).exists() else None
+    next_phase = phase_state["next_phase"] if phase_state else 0
+    if epoch_state is not None and epoch_state["phase"] != next_phase:
+        epoch_state = None   # stale: its phase was finished and checkpointed after it
+    return _execute(cfg, ds, method_cls, dev, amp, out, echo, wall0, phase_state, epoch_state)
+
+
+def _execute(cfg, ds, method_cls, device, amp, out: Path, echo: bool, wall0: float,
+             phase_state: dict | None, epoch_state: dict | None) -> Results:
     log = Log(out / "log.txt", echo)
+    ckpt = None
     try:
-        return _run(cfg, ds, method_cls, device, amp, out, log, wall0)
+        torch.manual_seed(cfg.seed)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        ckpt = Checkpointer(out, cfg.train.checkpoint_every, gen)
+        ckpt.install_signal_handlers()
+        return _phases(cfg, ds, method_cls, device, amp, out, log, wall0, gen, ckpt, phase_state, epoch_state)
+    except CilearnError as e:
+        log.file and log.file.write(f"stopped: {e}\n")
+        raise
     finally:
+        if ckpt is not None:
+            ckpt.restore_signal_handlers()
         log.close()
 
 
-def _run(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float) -> Results:
+def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float, gen: torch.Generator,
+            ckpt: Checkpointer, phase_state: dict | None, epoch_state: dict | None) -> Results:
     import yaml
 
     meta = {"cilearn_version": __version__, "git_commit": git_commit(), "torch_version": str(torch.__version__),
             "device": str(device), "precision": "bf16" if amp is not None else "fp32",
             "python": sys.version.split()[0], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    atomic_write(out / "config.yaml", yaml.safe_dump({**to_dict(cfg), "meta": meta}, sort_keys=False))
+    resuming = phase_state is not None or epoch_state is not None
+    if not (out / "config.yaml").exists():
+        atomic_write(out / "config.yaml", yaml.safe_dump({**to_dict(cfg), "meta": meta}, sort_keys=False))
 
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     scenario = Scenario.make(ds.num_classes, cfg.scenario.base, cfg.scenario.increment, cfg.scenario.class_order)
     data = SplitData(ds.train_x.to(device), scenario.relabel(ds.train_y).to(device),
                      ds.test_x.to(device), scenario.relabel(ds.test_y).to(device))
@@ -200,24 +253,48 @@ def _run(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float) ->
         net = net.to(memory_format=torch.channels_last)
     memory = Memory(Budget(cfg.memory.total, cfg.memory.per_class), cfg.memory.selection) \
         if method_cls.uses_memory else None
-    ctx = Context(cfg, net, memory, aug, device, gen, amp)
+    ctx = Context(cfg, net, memory, aug, device, gen, amp, ckpt)
     method = method_cls(ctx)
-
-    log(f"cilearn {__version__}: {cfg.method} on {ds.name} ({len(ds.train_y)} train / {len(ds.test_y)} test images, "
-        f"{ds.num_classes} classes, {'x'.join(map(str, ds.image_shape))}), backbone {cfg.model.backbone}, "
-        f"{device} {meta['precision']}, seed {cfg.seed}")
-    log(scenario.describe())
-    if memory is not None:
-        b = memory.budget
-        log(f"memory: {'%d exemplars in total' % b.total if b.total is not None else '%d per class' % b.per_class}, "
-            f"selection {cfg.memory.selection}")
-    log(f"{'phase':>5} {'classes':>7} {'acc':>6} {'nme':>6} {'old':>6} {'new':>6} {'top5':>6} {'train s':>8} {'img/s':>7}")
+    ckpt.method_state = method.state_dict  # type: ignore[method-assign]
 
     evals: list[PhaseEval] = []
-    phase_rows = []
-    for phase in scenario.phases:
+    phase_rows: list[dict] = []
+    first, wall_before = 0, 0.0
+    if phase_state is not None:
+        net.add_classes(phase_state["num_classes"])
+        net.load_state_dict(phase_state["net"])
+        if memory is not None:
+            memory.load_state(phase_state["memory"], device)
+        method.load_state_dict(phase_state["method"])
+        evals = [PhaseEval(**e) for e in phase_state["evals"]]
+        phase_rows = phase_state["rows"]
+        set_rng_state(gen, phase_state["rng"])
+        first, wall_before = phase_state["next_phase"], phase_state["wall_seconds"]
+
+    if resuming:
+        where = f"phase {first}" + (f", epoch {epoch_state['fit']['epoch'] + 1}" if epoch_state else "")
+        log(f"resumed {out} at {where}")
+    else:
+        log(f"cilearn {__version__}: {cfg.method} on {ds.name} ({len(ds.train_y)} train / {len(ds.test_y)} test images, "
+            f"{ds.num_classes} classes, {'x'.join(map(str, ds.image_shape))}), backbone {cfg.model.backbone}, "
+            f"{device} {meta['precision']}, seed {cfg.seed}")
+        log(scenario.describe())
+        if memory is not None:
+            b = memory.budget
+            log(f"memory: {'%d exemplars in total' % b.total if b.total is not None else '%d per class' % b.per_class}, "
+                f"selection {cfg.memory.selection}")
+    log(f"{'phase':>5} {'classes':>7} {'acc':>6} {'nme':>6} {'old':>6} {'new':>6} {'top5':>6} {'train s':>8} {'img/s':>7}")
+
+    for phase in scenario.phases[first:]:
+        ckpt.phase = phase.index
         x, y = method.training_set(phase, data)
         method.before_phase(phase, x, y)
+        if epoch_state is not None:   # continue inside this phase: model, RNG, optimizer position
+            net.load_state_dict(epoch_state["net"])
+            method.load_state_dict(epoch_state["method"])
+            set_rng_state(gen, epoch_state["rng"])
+            ckpt.resume_fit = epoch_state["fit"]
+            epoch_state = None
         fr = method.train_phase(phase, x, y)
         method.after_phase(phase, data)
         seen = data.test_y < phase.end
@@ -232,8 +309,14 @@ def _run(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float) ->
         f = lambda v: f"{v:6.2f}" if v is not None else f"{'-':>6}"  # noqa: E731
         log(f"{phase.index:>5} {phase.seen:>7} {f(ev.acc)} {f(ev.acc_nme)} {f(ev.acc_old)} {f(ev.acc_new)} "
             f"{f(ev.top5)} {fr.seconds:8.1f} {fr.images_per_s:7.0f}")
+        ckpt.save_phase({"next_phase": phase.index + 1, "num_classes": net.num_classes, "net": net.state_dict(),
+                         "memory": memory.state() if memory is not None else None, "method": method.state_dict(),
+                         "evals": [dataclasses.asdict(e) for e in evals], "rows": phase_rows,
+                         "wall_seconds": wall_before + time.perf_counter() - wall0})
+        if ckpt.stop_requested and phase.index + 1 < len(scenario.phases):
+            raise ckpt.interrupted(f"phase {phase.index} (finished)")
 
-    metrics = summarize(evals, phase_rows, memory, time.perf_counter() - wall0)
+    metrics = summarize(evals, phase_rows, memory, wall_before + time.perf_counter() - wall0)
     write_outputs(out, metrics)
     log(f"average incremental accuracy {metrics['avg_incremental_acc']:.2f}"
         + (f" (NME {metrics['avg_incremental_acc_nme']:.2f})" if metrics["avg_incremental_acc_nme"] is not None else "")
@@ -282,4 +365,4 @@ def config_from_dict(d: dict) -> RunConfig:
     return from_dict(RunConfig, d)
 
 
-__all__ = ["run", "Results", "config_from_dict", "dataclasses"]
+__all__ = ["run", "resume", "Results", "config_from_dict"]

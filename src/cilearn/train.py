@@ -12,12 +12,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
 
 import torch
 
 from .data.augment import Augmenter
 from .errors import CilearnError
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpointer
 
 
 class Batch(NamedTuple):
@@ -76,27 +79,49 @@ def lr_at(s: FitSettings, epoch: int, step: int, steps_per_epoch: int) -> float:
 
 def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, s: FitSettings,
         augmenter: Augmenter, gen: torch.Generator, params: Iterable[torch.nn.Parameter] | None = None,
-        desc: str = "train") -> FitResult:
-    """Train ``params`` (default: all of ``model``'s) on ``(x uint8, y)`` for ``s.epochs``."""
+        desc: str = "train", ckpt: "Checkpointer | None" = None) -> FitResult:
+    """Train ``params`` (default: all of ``model``'s) on ``(x uint8, y)`` for ``s.epochs``.
+
+    With a ``ckpt``: saves the position every ``ckpt.every`` epochs, stops after the current step
+    (checkpoint + ``Interrupted``) when a SIGINT/SIGTERM was received, and continues from a saved
+    position when the run is resumed in the middle of this stage (``desc`` names the stage)."""
     n = x.shape[0]
-    if s.epochs == 0 or n == 0:
+    if s.epochs == 0 or n == 0 or (ckpt is not None and ckpt.skip_stage(desc)):
         return FitResult(0.0, 0, {})
     opt = make_optimizer(model.parameters() if params is None else params, s)
     bs = min(s.batch_size, n)
     steps = n // bs if s.drop_last else math.ceil(n / bs)
+    # position: epoch, step, this epoch's permutation, running sums; carried over on resume
+    epoch0, step0, perm, done_images, done_seconds = 0, 0, None, 0, 0.0
+    total = torch.zeros((), device=x.device)
+    sums: dict[str, torch.Tensor] = {}
+    resume = ckpt.take_resume(desc) if ckpt is not None else None
+    if resume is not None:
+        opt.load_state_dict(resume["opt"])
+        epoch0, step0, done_images, done_seconds = resume["epoch"], resume["step"], resume["images"], resume["seconds"]
+        perm = resume["perm"].to(x.device) if resume["perm"] is not None else None
+        total = resume["total"].to(x.device)
+        sums = {k: v.to(x.device) for k, v in resume["sums"].items()}
+
+    def position(epoch: int, step: int) -> dict:
+        end = step >= steps
+        return {"desc": desc, "epoch": epoch + 1 if end else epoch, "step": 0 if end else step,
+                "perm": None if end else perm.cpu(), "total": (torch.zeros(()) if end else total.cpu()),
+                "sums": {} if end else {k: v.cpu() for k, v in sums.items()}, "opt": opt.state_dict(),
+                "images": seen_images, "seconds": done_seconds + time.perf_counter() - start}
+
     model.train()
     bar = None
     if s.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=s.epochs, desc=desc, unit="ep", leave=False, dynamic_ncols=True)
+        bar = tqdm(total=s.epochs, initial=epoch0, desc=desc, unit="ep", leave=False, dynamic_ncols=True)
     start = time.perf_counter()
-    seen_images = 0
+    seen_images = done_images
     terms_mean: dict[str, float] = {}
-    for epoch in range(s.epochs):
-        perm = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
-        total = torch.zeros((), device=x.device)
-        sums: dict[str, torch.Tensor] = {}
-        for step in range(steps):
+    for epoch in range(epoch0, s.epochs):
+        if perm is None:
+            perm = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
+        for step in range(step0, steps):
             idx = perm[step * bs:(step + 1) * bs]
             xb, view = augmenter.train(x[idx], gen)
             for g in opt.param_groups:
@@ -111,15 +136,26 @@ def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossF
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach()
             seen_images += len(idx)
+            if ckpt is not None and ckpt.stop_requested:
+                ckpt.save_fit(model, position(epoch, step + 1))
+                if bar is not None:
+                    bar.close()
+                raise ckpt.interrupted(f"{desc}, epoch {epoch + 1}, step {step + 1} of {steps}")
+        step0 = 0
         total_f = float(total)  # one host sync per epoch
         if not math.isfinite(total_f):
             raise DivergenceError(f"{desc}: the loss became {total_f} in epoch {epoch + 1}; "
-                                  "lower --lr or check the data")
+                                  "lower --lr or check the data" + (ckpt.kept_note() if ckpt else ""))
         terms_mean = {k: float(v) / steps for k, v in sums.items()}
         if bar is not None:
             el = time.perf_counter() - start
-            bar.set_postfix(loss=f"{total_f / steps:.3f}", img_s=f"{seen_images / el:.0f}")
+            bar.set_postfix(loss=f"{total_f / steps:.3f}", img_s=f"{(seen_images - done_images) / max(el, 1e-9):.0f}")
             bar.update(1)
+        if ckpt is not None and ckpt.every and (epoch + 1) % ckpt.every == 0 and epoch + 1 < s.epochs:
+            ckpt.save_fit(model, position(epoch, steps))
+        perm = None
+        total = torch.zeros((), device=x.device)
+        sums = {}
     if bar is not None:
         bar.close()
-    return FitResult(time.perf_counter() - start, seen_images, terms_mean)
+    return FitResult(done_seconds + time.perf_counter() - start, seen_images, terms_mean)

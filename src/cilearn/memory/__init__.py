@@ -77,3 +77,6 @@ class Memory:
 
     def state(self) -> dict:
         return {"exemplars": {c: v.cpu() for c, v in self.exemplars.items()}}
+
+    def load_state(self, state: dict, device: torch.device) -> None:
+        self.exemplars = {int(c): v.to(device) for c, v in state["exemplars"].items()}

@@ -26,6 +26,7 @@ from ..registry import Registry
 from ..train import Batch, FitResult, FitSettings, fit
 
 if TYPE_CHECKING:
+    from ..checkpoint import Checkpointer
     from ..config import RunConfig
     from ..memory import Memory
     from ..models.net import IncrementalNet
@@ -56,6 +57,7 @@ class Context:
     device: torch.device
     gen: torch.Generator
     autocast_dtype: torch.dtype | None
+    ckpt: "Checkpointer | None" = None
 
     def fit_settings(self, phase: Phase, **over) -> FitSettings:
         t = self.cfg.train
@@ -68,6 +70,13 @@ class Context:
         for k, v in over.items():
             setattr(s, k, v)
         return s
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor, loss_fn, settings: FitSettings, desc: str,
+            params=None) -> FitResult:
+        """The one training loop, with this run's augmentation, RNG and checkpoints. ``desc`` names
+        the stage (unique within a phase: a resumed run continues the stage of that name)."""
+        return fit(self.net, x, y, loss_fn, settings, self.augmenter, self.gen, params=params, desc=desc,
+                   ckpt=self.ckpt)
 
     def embed(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Embeddings ``[N, D]`` (eval mode, no augmentation)."""
@@ -141,8 +150,7 @@ class Method:
         self.counts = torch.bincount(y, minlength=phase.seen).float()
 
     def train_phase(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> FitResult:
-        return fit(self.net, x, y, self.loss, self.ctx.fit_settings(phase), self.ctx.augmenter, self.ctx.gen,
-                   desc=f"phase {phase.index}")
+        return self.ctx.fit(x, y, self.loss, self.ctx.fit_settings(phase), desc=f"phase {phase.index}")
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.net(batch.x)
@@ -162,6 +170,13 @@ class Method:
         if mem is not None:
             x, y = data.train_of(phase.classes)
             mem.update(x, y, phase.classes, self.ctx.embed(self.net, x), phase.seen, self.ctx.gen)
+
+    def state_dict(self) -> dict:
+        """State a method keeps across phases beyond the network and the memory (checkpointed)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def prototypes(self) -> torch.Tensor | None:
         """Nearest-mean-of-exemplars class means ``[seen, D]`` (L2-normalised means of the
