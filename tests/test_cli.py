@@ -169,3 +169,43 @@ def test_console_script_subprocess_exit_code(tmp_path):
     p = subprocess.run([sys.executable, "-m", "cilearn", "run", "--base", "99", "--out", str(tmp_path / "r")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_image_folder_with_mixed_sizes_and_modes_is_normalised(tmp_path, capsys):
+    """Image folders hold images of any size and mode (real ImageNet does): each is converted to
+    RGB and resized once, so a run works; the cached array is uniform."""
+    from PIL import Image
+    root = tmp_path / "img"
+    specs = [("L", (10, 14)), ("RGBA", (20, 9)), ("P", (16, 16)), ("RGB", (33, 21)), ("CMYK", (12, 12))]
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i, (mode, size) in enumerate(specs):
+                Image.new(mode, size, color=i * 40 if mode in ("L", "P") else None).save(
+                    root / split / c / f"{i}.{'jpg' if mode == 'CMYK' else 'png'}")
+    from cilearn.data.base import DataOptions
+    from cilearn.data.datasets import load_dataset
+    ds = load_dataset("imagefolder", DataOptions(data_dir=str(root), image_size=8))
+    assert ds.train_x.shape == (10, 3, 8, 8) and ds.test_x.shape == (10, 3, 8, 8)
+    code, _, err = run_cli(capsys, "run", "--dataset", "imagefolder", "--data-dir", str(root), "--image-size", "8",
+                           "--base", "0", "--increment", "1", "--epochs", "1", "--backbone", "convnet",
+                           "--out", str(tmp_path / "r"), "--no-progress", "--quiet")
+    assert code == 0, err
+
+
+def test_list_file_label_out_of_range(tmp_path, capsys):
+    from PIL import Image
+    (tmp_path / "im").mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(tmp_path / "im" / f"{i}.png")
+    args = ["run", "--dataset", "imagefolder", "--data-dir", str(tmp_path), "--train-list",
+            str(tmp_path / "train.txt"), "--test-list", str(tmp_path / "test.txt"), "--out", str(tmp_path / "r")]
+    (tmp_path / "train.txt").write_text("im/0.png 0\nim/1.png 1\n")
+    (tmp_path / "test.txt").write_text("im/3.png 7\n")          # a test label the training split lacks
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "label 7 out of range" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "train.txt").write_text("im/0.png 0\nim/1.png 1\nim/2.png 7\n")   # labels 2..6 missing
+    (tmp_path / "test.txt").write_text("im/3.png 0\n")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "train.txt" in err and "missing 2, 3" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()

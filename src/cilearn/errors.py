@@ -11,3 +11,8 @@ class ConfigError(CilearnError):
 
 class DataError(CilearnError):
     """A data set file or folder is missing, corrupt or in the wrong layout; the message names it."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message folded onto one line (for the one-line errors of the CLI)."""
+    return " ".join((str(e) or type(e).__name__).split())

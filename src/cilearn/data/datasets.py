@@ -40,7 +40,7 @@ import zlib
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, one_line
 from . import imagefolder  # noqa: F401  (registers the "imagefolder" loader)
 from .base import DATASETS, DataOptions, ImageDataset
 
@@ -111,9 +111,6 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
     return tuple(means), tuple(stds)
 
 
-def _one_line(e: BaseException) -> str:
-    msg = str(e) or type(e).__name__
-    return " ".join(msg.split())
 
 
 # --------------------------------------------------------------------------------------- digits
@@ -170,9 +167,9 @@ def _read_maybe_gzip(path: str, who: str) -> bytes:
     except EOFError:
         raise DataError(f"{who}: file {path} is truncated (gzip stream ends early)") from None
     except (gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{who}: file {path} is not a valid gzip file ({_one_line(e)})") from None
+        raise DataError(f"{who}: file {path} is not a valid gzip file ({one_line(e)})") from None
     except OSError as e:
-        raise DataError(f"{who}: cannot read {path}: {_one_line(e)}") from None
+        raise DataError(f"{who}: cannot read {path}: {one_line(e)}") from None
 
 
 def read_idx(path: str, magic: int, who: str = "idx") -> np.ndarray:
@@ -309,7 +306,7 @@ def _load_pickle(path: str, who: str):
         raise DataError(f"{who}: file {path} is truncated or empty (pickle ends early)") from None
     except Exception as e:  # corrupt pickles raise almost anything
         raise DataError(f"{who}: file {path} is not a readable pickle "
-                        f"({type(e).__name__}: {_one_line(e)})") from None
+                        f"({type(e).__name__}: {one_line(e)})") from None
 
 
 def _get(d: dict, key: bytes):

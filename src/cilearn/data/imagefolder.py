@@ -49,7 +49,7 @@ import zipfile
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, one_line
 from .base import DATASETS, DataOptions, ImageDataset
 
 __all__ = ["load_imagefolder", "decode_image", "IMAGE_EXTENSIONS", "DEFAULT_IMAGE_SIZE"]
@@ -67,8 +67,6 @@ _LAYOUTS_HELP = ("expected train/<class>/ + val/<class>/ folders, or Food-101's 
 Item = tuple
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join((str(e) or type(e).__name__).split())
 
 
 def _is_image(name: str) -> bool:
@@ -80,7 +78,7 @@ def _subdirs(path: str) -> list[str]:
         with os.scandir(path) as it:
             return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
     except OSError as e:
-        raise DataError(f"{WHO}: cannot list folder {path}: {_one_line(e)}") from None
+        raise DataError(f"{WHO}: cannot list folder {path}: {one_line(e)}") from None
 
 
 def _images_under(folder: str) -> list[str]:
@@ -122,7 +120,7 @@ def decode_image(path: str, size: int) -> np.ndarray:
     except DataError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise DataError(f"{WHO}: cannot decode image {path}: {_one_line(e)}") from None
+        raise DataError(f"{WHO}: cannot decode image {path}: {one_line(e)}") from None
     if arr.shape != (size, size, 3):
         raise DataError(f"{WHO}: image {path} decoded to shape {arr.shape}, expected "
                         f"({size}, {size}, 3)")
@@ -191,7 +189,7 @@ def _read_lines(path: str) -> list[tuple[int, str]]:
     except FileNotFoundError:
         raise DataError(f"{WHO}: list file {path} not found") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{WHO}: cannot read list file {path}: {_one_line(e)}") from None
+        raise DataError(f"{WHO}: cannot read list file {path}: {one_line(e)}") from None
 
 
 def _resolve_list(path: str, data_dir: str) -> str:
@@ -308,7 +306,7 @@ def _cache_dir(opts: DataOptions, data_dir: str) -> str | None:
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
-            raise DataError(f"{WHO}: cannot create cache directory {path}: {_one_line(e)}") from None
+            raise DataError(f"{WHO}: cannot create cache directory {path}: {one_line(e)}") from None
         return path
     for cand in _cache_candidates(data_dir):
         if _usable_dir(cand):
@@ -329,7 +327,7 @@ def _cache_key(layout: str, size: int, data_dir: str, classes: list[str],
             except FileNotFoundError:
                 raise DataError(f"{WHO}: image {abs_path} not found (from {origin})") from None
             except OSError as e:
-                raise DataError(f"{WHO}: cannot stat {abs_path}: {_one_line(e)}") from None
+                raise DataError(f"{WHO}: cannot stat {abs_path}: {one_line(e)}") from None
             h.update(json.dumps([rel, label, st.st_size, st.st_mtime_ns]).encode())
             h.update(b"\n")
     return h.hexdigest()
@@ -346,7 +344,7 @@ def _read_cache(path: str, n_train: int, n_test: int, size: int):
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        _warn(f"ignoring unreadable cache file {path} ({_one_line(e)})")
+        _warn(f"ignoring unreadable cache file {path} ({one_line(e)})")
         return None
     ok = (arrays["train_x"].shape == (n_train, 3, size, size) and arrays["train_x"].dtype == np.uint8
           and arrays["test_x"].shape == (n_test, 3, size, size) and arrays["test_x"].dtype == np.uint8
@@ -366,7 +364,7 @@ def _write_cache(path: str, arrays: dict[str, np.ndarray]) -> bool:
         os.replace(tmp, path)
         return True
     except OSError as e:
-        _warn(f"could not write cache file {path} ({_one_line(e)}); continuing without it")
+        _warn(f"could not write cache file {path} ({one_line(e)}); continuing without it")
         if tmp is not None:
             try:
                 os.unlink(tmp)
