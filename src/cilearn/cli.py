@@ -26,6 +26,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "memory-per-class": ("memory.per_class", int, "exemplar budget: fixed number per class"),
     "selection": ("memory.selection", str, "exemplar selection: herding, random, closest"),
     "loss": ("loss.cls", str, "classification loss: ce, bce (default: the method's)"),
+    "distill": ("loss.distill", lambda v: [t for t in v.split(",") if t], "extra distillation terms for any method, e.g. attention"),
+    "save-attention": ("report.save_attention", int, "after each phase, PNG of N test images' Grad-CAMs"),
     "epochs": ("train.epochs", int, "epochs per phase"),
     "base-epochs": ("train.base_epochs", int, "epochs of the first phase"),
     "lr": ("train.lr", float, "learning rate"),

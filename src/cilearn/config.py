@@ -73,6 +73,13 @@ class LossConfig:
     cls: str | None = None               # classification loss; None: the method's default
     kd_weight: float | None = None       # None: the method's default
     temperature: float = 2.0             # KD temperature (LwF/iCaRL: T = 2)
+    distill: list[str] = field(default_factory=list)   # extra teacher terms for any method: attention
+    attention_weight: float | None = None  # gamma of LwM's attention term; None: 1
+
+
+@dataclass
+class ReportConfig:
+    save_attention: int = 0              # after each phase, a PNG of N test images' Grad-CAMs (teacher, student)
 
 
 @dataclass
@@ -86,6 +93,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 # Defaults that depend on the data set, applied by ``resolve`` when the user left them unset.
@@ -225,6 +233,8 @@ def validate(cfg: RunConfig) -> None:
     positive("train.weight-decay", t.weight_decay, zero=True)
     positive("loss.temperature", cfg.loss.temperature)
     positive("loss.kd-weight", cfg.loss.kd_weight, zero=True)
+    positive("loss.attention-weight", cfg.loss.attention_weight, zero=True)
+    positive("save-attention", cfg.report.save_attention, zero=True)
     positive("base", s.base, zero=True)
     positive("increment", s.increment)
     positive("memory", m.total)

@@ -140,11 +140,17 @@ def prepare(cfg: RunConfig):
     HEADS.get(cfg.model.head or method_cls.head)
     SELECTIONS.get(cfg.memory.selection)
     CLS_LOSSES.get(cfg.loss.cls) if cfg.loss.cls else None
+    from .methods.terms import TERMS
+    for name in cfg.loss.distill:
+        TERMS.get(name)
+    budget_given = cfg.memory.total is not None or cfg.memory.per_class is not None
+    if method_cls.train_on_seen and budget_given:
+        raise ConfigError(f"--method {cfg.method} trains on all data seen so far: a memory budget does not apply")
     ds = load_data(cfg)
     cfg = resolve(cfg, ds.num_classes, ds.image_shape[-1])
     BACKBONES.get(cfg.model.backbone)
     Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std)  # validates the policy name
-    if method_cls.uses_memory:
+    if uses_memory(method_cls, cfg):
         if cfg.memory.total is None and cfg.memory.per_class is None:
             cfg.memory.total = 20 * ds.num_classes   # 20 per class at the end: 2000 for CIFAR-100
         Budget(cfg.memory.total, cfg.memory.per_class).check(ds.num_classes)
@@ -154,6 +160,11 @@ def prepare(cfg: RunConfig):
 
 
 RUN_FILES = ("config.yaml", "metrics.json", "metrics.csv", "accuracy.png", "log.txt", PHASE_FILE, EPOCH_FILE)
+
+
+def uses_memory(method_cls, cfg: RunConfig) -> bool:
+    """Methods that keep exemplars, and any other method given a budget (e.g. lwm --memory 200)."""
+    return method_cls.uses_memory or cfg.memory.total is not None or cfg.memory.per_class is not None
 
 
 def make_out_dir(cfg: RunConfig, overwrite: bool = False) -> Path:
@@ -252,8 +263,8 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     memory = Memory(Budget(cfg.memory.total, cfg.memory.per_class), cfg.memory.selection) \
-        if method_cls.uses_memory else None
-    ctx = Context(cfg, net, memory, aug, device, gen, amp, ckpt)
+        if uses_memory(method_cls, cfg) else None
+    ctx = Context(cfg, net, memory, aug, device, gen, amp, ckpt, out)
     method = method_cls(ctx)
     ckpt.method_state = method.state_dict  # type: ignore[method-assign]
 

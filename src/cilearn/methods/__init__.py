@@ -1,2 +1,3 @@
 from .base import METHODS, Context, Method, SplitData  # noqa: F401
-from . import baselines  # noqa: F401  (registers the baselines)
+from . import baselines, lwm  # noqa: F401  (register the recipes)
+from .terms import TERMS  # noqa: F401

@@ -13,6 +13,7 @@ Hooks, in phase order (see ``cilearn.runner``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -58,6 +59,7 @@ class Context:
     gen: torch.Generator
     autocast_dtype: torch.dtype | None
     ckpt: "Checkpointer | None" = None
+    out: Path | None = None                  # the run directory (figures), None in unit tests
 
     def fit_settings(self, phase: Phase, **over) -> FitSettings:
         t = self.cfg.train
@@ -115,6 +117,7 @@ class Method:
     cls_loss: ClassVar[str] = "ce"          # key of CLS_LOSSES
     distill: ClassVar[str | None] = None    # key of DISTILL, on the old-class logits
     kd_weight: ClassVar[float] = 1.0
+    terms: ClassVar[tuple[str, ...]] = ()   # keys of TERMS (teacher-based terms, e.g. attention)
     uses_memory: ClassVar[bool] = False
     train_on_seen: ClassVar[bool] = False   # joint: all data of the classes seen so far
     head: ClassVar[str] = "linear"
@@ -126,6 +129,8 @@ class Method:
         self.kd_fn = DISTILL.get(self.distill) if self.distill else None
         self.lam = self.kd_weight if lc.kd_weight is None else lc.kd_weight
         self.T = lc.temperature
+        from .terms import TERMS
+        self.extra = [TERMS.get(n)(self) for n in dict.fromkeys(self.terms + tuple(lc.distill))]
         self.teacher = None
         self.teacher_out: TeacherCache | None = None
         self.counts: torch.Tensor | None = None
@@ -143,9 +148,12 @@ class Method:
 
     def before_phase(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> None:
         self.phase = phase
-        if phase.index > 0 and self.kd_fn is not None:
+        if phase.index > 0 and (self.kd_fn is not None or self.extra):
             self.teacher = self.net.frozen_copy()
-            self.teacher_out = TeacherCache(self.teacher, x, self.ctx)
+            if self.kd_fn is not None:
+                self.teacher_out = TeacherCache(self.teacher, x, self.ctx)
+            for t in self.extra:
+                t.before_phase(phase, x)
         self.net.add_classes(phase.num_new)
         self.counts = torch.bincount(y, minlength=phase.seen).float()
 
@@ -162,9 +170,17 @@ class Method:
             kd = self.kd_fn(out.logits[:, : t_logits.shape[1]], t_logits, self.T)
             terms["kd"] = kd.detach()
             loss = loss + self.lam * kd
+        if self.teacher is not None:
+            for t in self.extra:
+                v = t(batch, out)
+                terms[t.name] = v.detach()
+                loss = loss + t.weight * v
         return loss, terms
 
     def after_phase(self, phase: Phase, data: SplitData) -> None:
+        if self.teacher is not None:
+            for t in self.extra:
+                t.after_phase(phase, data)
         self.teacher = self.teacher_out = None   # free the teacher's memory
         mem = self.ctx.memory
         if mem is not None:

@@ -1,0 +1,111 @@
+"""Distillation terms that need the frozen teacher itself, not only its logits (registry
+``TERMS``). A method lists its own in ``Method.terms``; a user adds more to any method with
+``--distill NAME[,NAME]``. Each term gets the student's output of the training forward (one
+forward serves the classification loss, KD and every term) and adds ``weight * value``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+
+from ..attention import attention_distillation, gradcam, overlay_grid, teacher_gradcam
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..data.scenario import Phase
+    from ..models.net import NetOutput
+    from ..train import Batch
+    from .base import Method, SplitData
+
+TERMS: Registry = Registry("distillation term")
+
+
+class DistillTerm:
+    name: ClassVar[str]
+
+    def __init__(self, method: "Method"):
+        self.m = method
+
+    @property
+    def weight(self) -> float:  # pragma: no cover
+        raise NotImplementedError
+
+    def before_phase(self, phase: "Phase", x: torch.Tensor) -> None:
+        """Called once the teacher exists (phases > 0), with the phase's uint8 training set."""
+
+    def __call__(self, batch: "Batch", out: "NetOutput") -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def after_phase(self, phase: "Phase", data: "SplitData") -> None:
+        """Called after training, while the teacher still exists."""
+
+
+@TERMS.register("attention")
+class AttentionDistill(DistillTerm):
+    """LwM's attention distillation (Dhar et al. 2019, Sec. 3), weight ``loss.attention_weight``
+    (gamma, default 1: the paper gives no value, Sec. 4 Eq. 3). Grad-CAM on the last stage for
+    ``b``, the teacher's top old class; the student's map from the training forward with
+    ``create_graph=True`` (BN in train mode), the teacher's in eval mode (see
+    ``cilearn.attention``). With a finite augmentation (none, flip) the teacher's maps and ``b``
+    are computed once per training image and view, exactly as the teacher would per batch."""
+    name = "attention"
+
+    def __init__(self, method: "Method"):
+        super().__init__(method)
+        self.cam = self.b = None   # cached teacher maps [V, N, h, w] and classes [V, N]
+
+    @property
+    def weight(self) -> float:
+        w = self.m.ctx.cfg.loss.attention_weight
+        return 1.0 if w is None else w
+
+    def before_phase(self, phase, x):
+        self.cam = self.b = None
+        aug = self.m.ctx.augmenter
+        if aug.num_views is None:
+            return
+        bs = self.m.ctx.cfg.train.eval_batch_size
+        cams, bs_ = [], []
+        for v in range(aug.num_views):
+            xv = x if v == 0 else x.flip(3)
+            outs = [teacher_gradcam(self.m.teacher, aug.test(xv[i:i + bs]), phase.num_old)
+                    for i in range(0, len(xv), bs)]
+            cams.append(torch.cat([o[0] for o in outs]))
+            bs_.append(torch.cat([o[1] for o in outs]))
+        self.cam, self.b = torch.stack(cams), torch.stack(bs_)
+
+    def teacher_maps(self, batch: "Batch") -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cam is not None and batch.view is not None:
+            return self.cam[batch.view, batch.idx], self.b[batch.view, batch.idx]
+        cam, b, _ = teacher_gradcam(self.m.teacher, batch.x, self.m.phase.num_old)
+        return cam, b
+
+    def __call__(self, batch, out):
+        cam_t, b = self.teacher_maps(batch)
+        cam_s = gradcam(out.maps[-1], out.logits, b, create_graph=True)
+        return attention_distillation(cam_s, cam_t)
+
+    def after_phase(self, phase, data):
+        """``--save-attention N``: a PNG of N test images of the seen classes with the teacher's
+        and the student's Grad-CAM for b, in the run directory."""
+        n = self.m.ctx.cfg.report.save_attention
+        out_dir = self.m.ctx.out
+        self.cam = self.b = None
+        if n <= 0 or out_dir is None:
+            return
+        seen = (data.test_y < phase.end).nonzero().flatten()
+        pick = seen[torch.from_numpy(np.random.RandomState(phase.index).permutation(len(seen))[:n]).to(seen.device)]
+        x, y = data.test_x[pick], data.test_y[pick]
+        aug, net = self.m.ctx.augmenter, self.m.net
+        cam_t, b, _ = teacher_gradcam(self.m.teacher, aug.test(x), phase.num_old)
+        was = net.training
+        net.eval()
+        with torch.enable_grad():
+            o = net(aug.test(x).requires_grad_(True))
+            cam_s = gradcam(o.maps[-1], o.logits, b, create_graph=False, retain_graph=False)
+        net.train(was)
+        order = self.m.ctx.cfg.scenario.class_order
+        titles = [f"y={order[int(a)]} b={order[int(c)]}" for a, c in zip(y, b)]
+        overlay_grid(x.cpu(), cam_t, cam_s, out_dir / f"attention-phase{phase.index}.png", titles)
