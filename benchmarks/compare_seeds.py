@@ -17,7 +17,8 @@ from pathlib import Path
 from cilearn.cli import main as cli_main
 
 KEYS = [("avg_incremental_acc", "avg inc. acc"), ("last_acc", "last acc"), ("forgetting", "forgetting"),
-        ("old_last", "old acc (last phase)"), ("new_last", "new acc (last phase)"), ("wall_seconds", "wall s")]
+        ("old_last", "old acc (last phase)"), ("new_last", "new acc (last phase)"),
+        ("old_among_old", "old among old (mean of phases > 0)"), ("wall_seconds", "wall s")]
 
 
 def fmt(vals: list[float]) -> str:
@@ -48,6 +49,8 @@ def main() -> int:
             m = json.loads((out / "metrics.json").read_text())
             m["old_last"] = m["phases"][-1]["acc_old"] or 0.0
             m["new_last"] = m["phases"][-1]["acc_new"]
+            later = [r.get("acc_old_among_old") for r in m["phases"][1:]]
+            m["old_among_old"] = sum(later) / len(later) if later and None not in later else float("nan")
             for k, _ in KEYS:
                 per[k].append(m[k])
             print(f"{method} seed {seed}: avg inc {m['avg_incremental_acc']:.2f}, last {m['last_acc']:.2f}, "

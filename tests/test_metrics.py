@@ -36,6 +36,9 @@ def test_evaluate_phase_by_hand():
     assert ev.task_acc == pytest.approx([100 * 2 / 3, 100 * 2 / 3])
     assert ev.acc_nme == pytest.approx(100.0)
     assert ev.top5 is None                               # only 4 classes
+    # among old logits only (columns 0, 1): sample 1 predicted 2 -> now argmax over {0,1}: both -5
+    # ties resolve to 0 -> wrong (y=1); samples 0 and 2 right -> 2/3
+    assert ev.acc_old_among_old == pytest.approx(100 * 2 / 3)
 
 
 def test_top5_and_first_phase_has_no_old():

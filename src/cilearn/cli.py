@@ -25,7 +25,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "memory": ("memory.total", int, "exemplar budget: fixed total shared by all seen classes"),
     "memory-per-class": ("memory.per_class", int, "exemplar budget: fixed number per class"),
     "selection": ("memory.selection", str, "exemplar selection: herding, random, closest"),
-    "loss": ("loss.cls", str, "classification loss: ce, bce (default: the method's)"),
+    "loss": ("loss.cls", str, "classification loss: ce, bce, bsce (default: the method's)"),
     "distill": ("loss.distill", lambda v: [t for t in v.split(",") if t], "extra distillation terms for any method, e.g. attention"),
     "save-attention": ("report.save_attention", int, "after each phase, PNG of N test images' Grad-CAMs"),
     "epochs": ("train.epochs", int, "epochs per phase"),
@@ -68,6 +68,8 @@ def build_config(args: argparse.Namespace, extra: list[str]):
             set_dotted(over, key, v)
     if args.no_progress:
         set_dotted(over, "train.progress", False)
+    if args.balanced_finetune or args.no_balanced_finetune:
+        set_dotted(over, "train.balanced_finetune", bool(args.balanced_finetune))
     i = 0
     while i < len(extra):   # dotted overrides: --section.key value | --section.key=value
         tok = extra[i]
@@ -103,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--config", help="YAML config file (flags override it)")
     for flag, (key, tp, help_) in FLAGS.items():
         pr.add_argument(f"--{flag}", type=tp, help=f"{help_} [{key}]")
+    ft = pr.add_mutually_exclusive_group()
+    ft.add_argument("--balanced-finetune", action="store_true",
+                    help="class-balanced fine-tuning of the head after each phase > 0 [train.balanced_finetune]")
+    ft.add_argument("--no-balanced-finetune", action="store_true",
+                    help="no class-balanced fine-tuning (default of lucir-bsce, icarl, ...) [train.balanced_finetune]")
     pr.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
     pr.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -59,6 +59,14 @@ class TrainConfig:
     eval_batch_size: int = 512
     progress: bool = True
     checkpoint_every: int = 10           # epochs between checkpoints inside a phase (0: only at phase ends)
+    # phase-end calibration (cilearn.methods.calibration); None: the method's default
+    balanced_finetune: bool | None = None  # class-balanced fine-tuning after phases > 0 (lucir: on)
+    finetune_epochs: int = 20            # LUCIR's official code: 20 epochs, lr 0.01, x0.1 at epoch 10
+    finetune_lr: float = 0.01
+    finetune_head_only: bool = True      # train the head only (backbone frozen, BN in eval mode)
+    weight_align: bool | None = None     # WA's weight aligning after phases > 0 (wa: on)
+    weight_clip: bool | None = None      # WA's non-negative head weights (wa: on)
+    freeze_old_head: bool | None = None  # old classes' head rows fixed in the main stage (lucir: on)
 
 
 @dataclass
@@ -75,6 +83,10 @@ class LossConfig:
     temperature: float = 2.0             # KD temperature (LwF/iCaRL: T = 2)
     distill: list[str] = field(default_factory=list)   # extra teacher terms for any method: attention
     attention_weight: float | None = None  # gamma of LwM's attention term; None: 1
+    less_forget_weight: float | None = None  # LUCIR's lambda_base; None: 5, 10 on image folders (ImageNet)
+    margin: float = 0.5                  # LUCIR's margin ranking: margin m
+    margin_k: int = 2                    # ... against the K hardest new classes
+    margin_weight: float = 1.0           # ... and its weight
 
 
 @dataclass
@@ -234,6 +246,12 @@ def validate(cfg: RunConfig) -> None:
     positive("loss.temperature", cfg.loss.temperature)
     positive("loss.kd-weight", cfg.loss.kd_weight, zero=True)
     positive("loss.attention-weight", cfg.loss.attention_weight, zero=True)
+    positive("loss.less-forget-weight", cfg.loss.less_forget_weight, zero=True)
+    positive("loss.margin", cfg.loss.margin, zero=True)
+    positive("loss.margin-k", cfg.loss.margin_k)
+    positive("loss.margin-weight", cfg.loss.margin_weight, zero=True)
+    positive("train.finetune-epochs", t.finetune_epochs, zero=True)
+    positive("train.finetune-lr", t.finetune_lr)
     positive("save-attention", cfg.report.save_attention, zero=True)
     positive("base", s.base, zero=True)
     positive("increment", s.increment)
@@ -259,7 +277,7 @@ def resolve(cfg: RunConfig, num_classes: int, image_size: int) -> RunConfig:
     from .models.backbones import auto_backbone
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), scenario=dataclasses.replace(cfg.scenario),
-                              model=dataclasses.replace(cfg.model))
+                              model=dataclasses.replace(cfg.model), loss=dataclasses.replace(cfg.loss))
     defaults = DATASET_DEFAULTS.get(cfg.data.dataset, {"epochs": 30})
     if cfg.train.epochs is None:
         cfg.train.epochs = defaults["epochs"]
@@ -269,6 +287,8 @@ def resolve(cfg: RunConfig, num_classes: int, image_size: int) -> RunConfig:
         cfg.train.base_lr = cfg.train.lr
     if cfg.train.base_milestones is None:
         cfg.train.base_milestones = list(cfg.train.milestones)
+    if cfg.loss.less_forget_weight is None:   # LUCIR Sec. 4: 5 on CIFAR, 10 on ImageNet
+        cfg.loss.less_forget_weight = 10.0 if cfg.data.dataset == "imagefolder" else 5.0
     if cfg.model.backbone == "auto":
         cfg.model.backbone = auto_backbone(image_size)
     s = cfg.scenario

@@ -6,6 +6,8 @@ j <= i):
 * ``acc_i``: top-1 on the test images of all classes seen after phase i;
 * average incremental accuracy = mean_i acc_i (over all phases, the first included);
 * last accuracy = acc of the final phase;
+* ``acc_old_among_old`` (diagnostic): top-1 of the old classes' test images when only the old
+  classes' logits compete: how much old knowledge survives apart from the bias towards new classes;
 * forgetting = mean over tasks j < T-1 of ``max_{j <= i < T-1} a[i][j] - a[T-1][j]``
   (Chaudhry et al. 2018; FACIL), 0 with a single phase.
 """
@@ -59,6 +61,7 @@ class PhaseEval:
     top5: float | None
     acc_old: float | None
     acc_new: float
+    acc_old_among_old: float | None     # old-class test images, argmax over the old classes' logits only
     task_acc: list[float]             # one per task seen so far (a row of the accuracy matrix)
     task_acc_nme: list[float] | None
 
@@ -78,6 +81,7 @@ def evaluate_phase(logits: torch.Tensor, emb: torch.Tensor, y: torch.Tensor, bou
         top5=topk_accuracy(logits, y, 5) if logits.shape[1] >= 5 else None,
         acc_old=accuracy(pred, y, old) if new_start > 0 else None,
         acc_new=accuracy(pred, y, ~old),
+        acc_old_among_old=accuracy(logits[:, :new_start].argmax(1), y, old) if new_start > 0 else None,
         task_acc=[accuracy(pred, y, m) for m in masks],
         task_acc_nme=[accuracy(nme, y, m) for m in masks] if nme is not None else None,
     )

@@ -146,6 +146,7 @@ def prepare(cfg: RunConfig):
     budget_given = cfg.memory.total is not None or cfg.memory.per_class is not None
     if method_cls.train_on_seen and budget_given:
         raise ConfigError(f"--method {cfg.method} trains on all data seen so far: a memory budget does not apply")
+    method_cls.check_config(cfg, uses_memory(method_cls, cfg))
     ds = load_data(cfg)
     cfg = resolve(cfg, ds.num_classes, ds.image_shape[-1])
     BACKBONES.get(cfg.model.backbone)
@@ -314,8 +315,8 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
                             method.prototypes())
         evals.append(ev)
         row = {"phase": phase.index, "classes_seen": phase.seen, "acc": ev.acc, "acc_nme": ev.acc_nme,
-               "acc_old": ev.acc_old, "acc_new": ev.acc_new, "top5": ev.top5, "train_seconds": fr.seconds,
-               "train_images_per_s": fr.images_per_s, "loss": fr.loss}
+               "acc_old": ev.acc_old, "acc_new": ev.acc_new, "acc_old_among_old": ev.acc_old_among_old, "top5": ev.top5, "train_seconds": fr.seconds,
+               "finetune_seconds": method.finetune_seconds, "train_images_per_s": fr.images_per_s, "loss": fr.loss}
         phase_rows.append(row)
         f = lambda v: f"{v:6.2f}" if v is not None else f"{'-':>6}"  # noqa: E731
         log(f"{phase.index:>5} {phase.seen:>7} {f(ev.acc)} {f(ev.acc_nme)} {f(ev.acc_old)} {f(ev.acc_new)} "
@@ -362,8 +363,8 @@ def write_outputs(out: Path, metrics: dict[str, Any]) -> None:
     from .report import accuracy_plot
 
     cols = ["phase", "classes_seen", "acc", "acc_nme", "acc_old", "acc_new", "top5", "train_seconds",
-            "train_images_per_s"]
-    lines = [",".join(cols)] + [",".join("" if r[c] is None else (f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]))
+            "finetune_seconds", "train_images_per_s"]
+    lines = [",".join(cols)] + [",".join("" if r.get(c) is None else (f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]))
                                          for c in cols) for r in metrics["phases"]]
     atomic_write(out / "metrics.csv", "\n".join(lines) + "\n")
     accuracy_plot(metrics, out / "accuracy.png")

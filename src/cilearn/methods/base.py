@@ -5,9 +5,11 @@ memory, head) plus, when its paper needs them, a few hooks; the runner owns the 
 Hooks, in phase order (see ``cilearn.runner``):
   ``training_set(phase, data)``  -> the (uint8 x, y) this phase trains on
   ``before_phase(phase, x, y)``  -> grow the head, freeze a teacher, prepare caches
-  ``train_phase(phase, x, y)``   -> one or more calls of ``fit`` (default: one)
-  ``loss(batch)``                -> (loss, terms) for ``fit``
-  ``after_phase(phase, data)``   -> memory update, calibration
+  ``train_phase(phase, x, y)``   -> one or more calls of ``fit`` (default: the main stage, then
+                                    ``calibrate`` and, where enabled, class-balanced fine-tuning)
+  ``loss(batch)``                -> (loss, terms) for ``fit``; calls ``constrain`` first and adds
+                                    ``teacher_terms``
+  ``after_phase(phase, data)``   -> memory update
   ``prototypes()``               -> class means for NME prediction, or None
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..evaluate import predict
 from ..losses import CLS_LOSSES, DISTILL
 from ..registry import Registry
 from ..train import Batch, FitResult, FitSettings, fit
+from .calibration import balanced_finetune, clip_nonnegative, weight_align
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpointer
@@ -121,6 +124,23 @@ class Method:
     uses_memory: ClassVar[bool] = False
     train_on_seen: ClassVar[bool] = False   # joint: all data of the classes seen so far
     head: ClassVar[str] = "linear"
+    needs_teacher: ClassVar[bool] = False   # ``teacher_terms`` read the teacher's (logits, embedding)
+    balanced_finetune: ClassVar[bool] = False   # default of train.balanced_finetune (phases > 0)
+    weight_align: ClassVar[bool] = False        # default of train.weight_align (WA, phases > 0)
+    weight_clip: ClassVar[bool] = False         # default of train.weight_clip (WA's clipping)
+
+    @classmethod
+    def check_config(cls, cfg: "RunConfig", has_memory: bool) -> None:
+        """Checks of the method against the configuration, before anything is written."""
+        from ..errors import ConfigError
+        if cls.finetune_enabled(cfg) and not has_memory:
+            raise ConfigError(f"--balanced-finetune needs exemplars and --method {cfg.method} keeps none here: "
+                              "give --memory N or --memory-per-class N, or drop --balanced-finetune")
+
+    @classmethod
+    def finetune_enabled(cls, cfg: "RunConfig") -> bool:
+        b = cfg.train.balanced_finetune
+        return cls.balanced_finetune if b is None else b
 
     def __init__(self, ctx: Context):
         self.ctx, self.net = ctx, ctx.net
@@ -135,6 +155,13 @@ class Method:
         self.teacher_out: TeacherCache | None = None
         self.counts: torch.Tensor | None = None
         self.phase: Phase | None = None
+        self.cls_weight = 1.0                 # weight of the classification loss (WA: 1 - lambda)
+        t = ctx.cfg.train
+        self.align = self.weight_align if t.weight_align is None else t.weight_align
+        self.clip = self.weight_clip if t.weight_clip is None else t.weight_clip
+        self.gamma: float | None = None       # WA's last gamma
+        self.finetune_seconds = 0.0           # this phase's class-balanced fine-tuning stage
+        self.ft_subset: dict | None = None    # that stage's selection (checkpointed: exact resume)
 
     # ---------------------------------------------------------------- hooks
     def training_set(self, phase: Phase, data: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,9 +175,10 @@ class Method:
 
     def before_phase(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> None:
         self.phase = phase
-        if phase.index > 0 and (self.kd_fn is not None or self.extra):
+        self.finetune_seconds, self.ft_subset = 0.0, None
+        if phase.index > 0 and (self.kd_fn is not None or self.extra or self.needs_teacher):
             self.teacher = self.net.frozen_copy()
-            if self.kd_fn is not None:
+            if self.kd_fn is not None or self.needs_teacher:
                 self.teacher_out = TeacherCache(self.teacher, x, self.ctx)
             for t in self.extra:
                 t.before_phase(phase, x)
@@ -158,14 +186,46 @@ class Method:
         self.counts = torch.bincount(y, minlength=phase.seen).float()
 
     def train_phase(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> FitResult:
-        return self.ctx.fit(x, y, self.loss, self.ctx.fit_settings(phase), desc=f"phase {phase.index}")
+        """The main stage, then (unless a resumed run continues a later stage of this phase) the
+        constraints and ``calibrate``, then class-balanced fine-tuning where enabled (phases > 0,
+        ``cilearn.methods.calibration``)."""
+        desc = f"phase {phase.index}"
+        ckpt = self.ctx.ckpt
+        later_stage = ckpt is not None and ckpt.skip_stage(desc)   # resuming e.g. the fine-tuning
+        fr = self.ctx.fit(x, y, self.loss, self.ctx.fit_settings(phase), desc=desc)
+        if not later_stage:
+            self.constrain()        # the projection after the stage's last optimizer step
+            self.calibrate(phase)
+        if phase.index > 0 and self.finetune_enabled(self.ctx.cfg):
+            ft, self.finetune_seconds = balanced_finetune(self, phase, x, y)
+            fr = FitResult(fr.seconds + ft.seconds, fr.images + ft.images, fr.loss)
+        return fr
+
+    def constrain(self) -> None:
+        """Projection of the parameters onto the method's constraints (``--train.weight-clip``:
+        non-negative head weights; LUCIR: old-class rows fixed), run before every training step
+        of the main stage (i.e. after the previous optimizer step) and once after the stage:
+        projected SGD."""
+        if self.clip:
+            clip_nonnegative(self.net.head.weight)
+
+    def calibrate(self, phase: Phase) -> None:
+        """Phase-end calibration of the trained model: ``--train.weight-align`` (WA), phases > 0."""
+        if self.align and phase.index > 0:
+            self.gamma = weight_align(self.net.head.weight.data, phase.num_old)
+
+    def teacher_terms(self, batch: Batch, out) -> list[tuple[str, float, torch.Tensor]]:
+        """The method's own teacher-based terms ``(name, weight, value)`` (phases > 0), e.g.
+        LUCIR's less-forget and margin ranking. Default: none."""
+        return []
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.constrain()
         out = self.net(batch.x)
         cls = self.cls_fn(out.logits, batch.y, self.counts)
         terms = {"cls": cls.detach()}
-        loss = cls
-        if self.teacher_out is not None and self.lam > 0:
+        loss = self.cls_weight * cls
+        if self.teacher_out is not None and self.kd_fn is not None and self.lam > 0:
             t_logits, _ = self.teacher_out(batch)
             kd = self.kd_fn(out.logits[:, : t_logits.shape[1]], t_logits, self.T)
             terms["kd"] = kd.detach()
@@ -175,6 +235,9 @@ class Method:
                 v = t(batch, out)
                 terms[t.name] = v.detach()
                 loss = loss + t.weight * v
+            for name, w, v in self.teacher_terms(batch, out):
+                terms[name] = v.detach()
+                loss = loss + w * v
         return loss, terms
 
     def after_phase(self, phase: Phase, data: SplitData) -> None:
@@ -188,11 +251,12 @@ class Method:
             mem.update(x, y, phase.classes, self.ctx.embed(self.net, x), phase.seen, self.ctx.gen)
 
     def state_dict(self) -> dict:
-        """State a method keeps across phases beyond the network and the memory (checkpointed)."""
-        return {}
+        """State a method keeps beyond the network and the memory (checkpointed at phase ends and
+        inside stages). Subclasses extend ``super().state_dict()``."""
+        return {"ft_subset": self.ft_subset} if self.ft_subset is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.ft_subset = state.get("ft_subset")
 
     def prototypes(self) -> torch.Tensor | None:
         """Nearest-mean-of-exemplars class means ``[seen, D]`` (L2-normalised means of the

@@ -43,3 +43,34 @@ class LinearHead(Head):
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(emb, self.weight, self.bias)
+
+
+@HEADS.register("cosine")
+class CosineHead(Head):
+    """LUCIR's cosine-normalised classifier (Hou et al. 2019, Sec. 3.1):
+    ``logits = sigma * <emb / |emb|, w_c / |w_c|>``, no bias; W: ``[num_classes, in_dim]``.
+    sigma is one learnable scalar, initialised to 1 (as the official LUCIR code; the paper only
+    says it is learnt); it scales the logits of all classes, old and new alike."""
+
+    def __init__(self, in_dim: int, sigma: float = 1.0):
+        super().__init__()
+        self.in_dim = in_dim
+        self.weight = nn.Parameter(torch.empty(0, in_dim))
+        self.sigma = nn.Parameter(torch.tensor(float(sigma)))
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def add_classes(self, n: int) -> None:
+        """Appends ``n`` rows, uniform in +-1/sqrt(in_dim); old rows and sigma are kept."""
+        bound = 1 / math.sqrt(self.in_dim)
+        w = torch.empty(n, self.in_dim, device=self.weight.device, dtype=self.weight.dtype).uniform_(-bound, bound)
+        self.weight = nn.Parameter(torch.cat([self.weight.data, w]))
+
+    def cosine(self, emb: torch.Tensor) -> torch.Tensor:
+        """``[B, num_classes]`` cosine similarities in [-1, 1] (before the scale)."""
+        return nn.functional.linear(nn.functional.normalize(emb, dim=1), nn.functional.normalize(self.weight, dim=1))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.sigma * self.cosine(emb)

@@ -1,0 +1,25 @@
+"""WA: Maintaining Discrimination and Fairness in Class Incremental Learning (Zhao et al., CVPR 2020)."""
+from __future__ import annotations
+
+from .base import METHODS
+from .baselines import ICaRL
+
+
+@METHODS.register("wa")
+class WA(ICaRL):
+    """Knowledge distillation + weight aligning. Training as iCaRL's CE + KD on data + exemplars
+    (herding), with the weighting the paper takes from BiC: ``(1 - lambda) CE + lambda KD(T = 2)``
+    on the old logits, ``lambda = |old| / |seen|`` (``--loss.kd-weight L`` replaces it by
+    ``CE + L KD``). After the training of each phase > 0, weight aligning
+    (``cilearn.methods.calibration.weight_align``) rescales the new classes' head rows to the old
+    rows' mean norm; weight clipping keeps the head weights non-negative after every optimizer
+    step, in all phases (Sec. 3.3; ``--train.weight-clip false`` turns it off,
+    ``--train.weight-align false`` turns aligning off). Reports CNN and NME."""
+    weight_align = True
+    weight_clip = True
+
+    def before_phase(self, phase, x, y):
+        super().before_phase(phase, x, y)
+        if phase.index > 0 and self.ctx.cfg.loss.kd_weight is None:
+            self.lam = phase.num_old / phase.seen
+            self.cls_weight = 1.0 - self.lam

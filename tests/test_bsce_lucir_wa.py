@@ -1,0 +1,334 @@
+"""Balanced Softmax CE, LUCIR, WA and the class-balanced fine-tuning stage: the pure pieces
+against numbers computed by hand, the method hooks on a tiny network, and end-to-end runs."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cilearn
+from cilearn.checkpoint import PHASE_FILE, load_checkpoint
+from cilearn.cli import main
+from cilearn.data.augment import Augmenter
+from cilearn.data.scenario import Phase
+from cilearn.losses import CLS_LOSSES, balanced_softmax_ce, cross_entropy, less_forget, lucir_lambda, margin_ranking
+from cilearn.memory import Budget, Memory
+from cilearn.methods import METHODS, Context
+from cilearn.methods.calibration import balanced_finetune, clip_nonnegative, select_balanced, weight_align
+from cilearn.methods.lucir import imprint_weights
+from cilearn.models.heads import HEADS, CosineHead
+from cilearn.models.net import build_net
+
+
+# ---------------------------------------------------------------- BSCE
+def test_bsce_by_hand():
+    z = torch.tensor([[1.0, 0.0, 0.0]])
+    y = torch.tensor([0])
+    n = torch.tensor([1.0, 2.0, 4.0])
+    # -log(n_0 e^1 / (n_0 e^1 + n_1 e^0 + n_2 e^0)) = -log(e / (e + 6)) = log(1 + 6/e) = 1.16543
+    assert balanced_softmax_ce(z, y, n).item() == pytest.approx(1.16543, abs=1e-4)
+    assert balanced_softmax_ce(z, y, n).item() == pytest.approx(math.log(1 + 6 / math.e), abs=1e-6)
+    # the same as CE on the logits shifted by log n
+    assert balanced_softmax_ce(z, y, n).item() == pytest.approx(cross_entropy(z + n.log(), y).item(), abs=1e-6)
+    assert CLS_LOSSES.get("bsce") is balanced_softmax_ce
+
+
+def test_bsce_equals_ce_with_equal_counts():
+    torch.manual_seed(0)
+    z, y = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    for c in (1.0, 20.0, 500.0):
+        assert balanced_softmax_ce(z, y, torch.full((5,), c)).item() == pytest.approx(cross_entropy(z, y).item(), abs=1e-5)
+
+
+def test_bsce_zero_count_is_finite_and_gets_no_probability():
+    z = torch.zeros(2, 3, requires_grad=True)
+    y = torch.tensor([1, 2])
+    n = torch.tensor([0.0, 10.0, 10.0])
+    loss = balanced_softmax_ce(z, y, n)
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(z.grad).all()
+    # training distribution: p_0 = 1e-4 / (1e-4 + 20) = 5e-6 with equal logits
+    p = F.softmax(z.detach() + n.clamp_min(1e-4).log(), dim=1)
+    assert p[0, 0].item() == pytest.approx(5e-6, rel=1e-3)
+    assert abs(z.grad[:, 0]).max().item() < 1e-5            # ~no push on the absent class
+    # without the prior the same class would take a third of the mass
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-4)   # CE over the two present classes
+    # a sample whose own class has no count: large but finite
+    big = balanced_softmax_ce(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([0.0, 10.0]))
+    assert big.item() == pytest.approx(math.log(1 + 10 / 1e-4), rel=1e-4) and math.isfinite(big.item())
+
+
+def test_bsce_counts_are_the_phase_training_set(quick):
+    """n_j = new-class images + each old class's exemplars, from the actual training set."""
+    torch.manual_seed(0)
+    net = build_net("convnet", "linear", 1)
+    net.add_classes(2)
+    mem = Memory(Budget(per_class=3))
+    mem.exemplars = {0: torch.zeros(3, 1, 8, 8, dtype=torch.uint8), 1: torch.zeros(2, 1, 8, 8, dtype=torch.uint8)}
+    aug = Augmenter("none", 0, (0.5,), (0.5,), channels_last=False)
+    ctx = Context(quick(method="icarl-bsce"), net, mem, aug, torch.device("cpu"), torch.Generator(), None)
+    m = METHODS.get("icarl-bsce")(ctx)
+    assert m.cls_fn is balanced_softmax_ce
+    x, y = torch.zeros(13, 1, 8, 8, dtype=torch.uint8), torch.tensor([2] * 5 + [3] * 3)
+    from cilearn.methods import SplitData
+    data = SplitData(x[:8], y, x[:1], y[:1])
+    xt, yt = m.training_set(Phase(1, 2, 4), data)
+    m.before_phase(Phase(1, 2, 4), xt, yt)
+    assert m.counts.tolist() == [3.0, 2.0, 5.0, 3.0]
+
+
+# ---------------------------------------------------------------- LUCIR pieces
+def test_less_forget_by_hand():
+    emb = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    old = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    # cos = 1 and 1/sqrt(2): mean(1 - cos) = (0 + 0.292893) / 2
+    assert less_forget(emb, old).item() == pytest.approx(0.146447, abs=1e-5)
+    assert less_forget(old, old).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lucir_adaptive_lambda():
+    assert lucir_lambda(5.0, 50, 10) == pytest.approx(11.18034, abs=1e-4)    # 5 sqrt(5)
+    assert lucir_lambda(5.0, 90, 10) == pytest.approx(15.0)                  # 5 sqrt(9)
+    assert lucir_lambda(10.0, 50, 50) == pytest.approx(10.0)
+
+
+def test_margin_ranking_by_hand():
+    # classes 0, 1 old; 2, 3 new
+    s = torch.tensor([[0.9, 0.1, 0.5, 0.8],     # y=0: hinges 0.5-0.9+0.8 = 0.4, 0.5-0.9+0.5 = 0.1
+                      [0.0, 0.0, 0.9, 0.9],     # y=3: a new-class sample, ignored
+                      [0.0, 0.2, -0.5, 0.3]])   # y=1: 0.5-0.2+0.3 = 0.6, 0.5-0.2-0.5 < 0 -> 0
+    y = torch.tensor([0, 3, 1])
+    assert margin_ranking(s, y, num_old=2, k=2, margin=0.5).item() == pytest.approx(0.275, abs=1e-6)
+    assert margin_ranking(s, y, num_old=2, k=1, margin=0.5).item() == pytest.approx(0.5, abs=1e-6)
+    assert margin_ranking(s, y, num_old=2, k=5, margin=0.5).item() == pytest.approx(0.275, abs=1e-6)  # k capped
+    assert margin_ranking(s[1:2], y[1:2], num_old=2).item() == 0.0          # no old-class sample
+    assert margin_ranking(s, y, num_old=0).item() == 0.0                     # first phase
+
+
+def test_imprint_weights_by_hand():
+    emb = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, -3.0]])
+    y = torch.tensor([2, 2, 3])
+    old_w = torch.tensor([[1.0, 0.0], [0.0, 3.0]])        # mean norm 2
+    w = imprint_weights(emb, y, range(2, 4), old_w)
+    # class 2: normalised embeddings [1,0], [0,1] -> mean [.5,.5] -> [.7071, .7071] x 2
+    # (the mean of the raw embeddings, [1, .5], would give another direction)
+    assert torch.allclose(w, torch.tensor([[math.sqrt(2), math.sqrt(2)], [0.0, -2.0]]), atol=1e-5)
+
+
+def test_cosine_head_logits_and_growth():
+    h = HEADS.get("cosine")(2)
+    assert isinstance(h, CosineHead) and h.sigma.item() == 1.0 and h.num_classes == 0
+    h.add_classes(2)
+    with torch.no_grad():
+        h.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        h.sigma.fill_(3.0)
+    emb = torch.tensor([[3.0, 4.0]])
+    assert torch.allclose(h.cosine(emb), torch.tensor([[0.6, 0.8]]))
+    assert torch.allclose(h(emb), torch.tensor([[1.8, 2.4]]))              # sigma * cos
+    old = h.weight.detach().clone()
+    h.add_classes(3)
+    assert h.weight.shape == (5, 2) and torch.equal(h.weight[:2], old) and h.sigma.item() == 3.0
+    assert isinstance(h.weight, torch.nn.Parameter) and h.weight.requires_grad
+    h(emb).sum().backward()
+    assert h.sigma.grad is not None                                         # sigma is learnt
+
+
+def _ctx(quick, method, head="linear", per_class=4, **over):
+    torch.manual_seed(0)
+    net = build_net("convnet", head, 1)
+    aug = Augmenter("none", 0, (0.5,), (0.5,), channels_last=False)
+    mem = Memory(Budget(per_class=per_class))
+    cfg = quick(method=method, **over)
+    return Context(cfg, net, mem, aug, torch.device("cpu"), torch.Generator().manual_seed(0), None)
+
+
+def test_lucir_before_phase_imprints_and_freezes(quick):
+    ctx = _ctx(quick, "lucir", head="cosine")
+    ctx.net.add_classes(2)
+    m = METHODS.get("lucir")(ctx)
+    x = torch.randint(0, 255, (12, 1, 8, 8), dtype=torch.uint8)
+    y = torch.tensor([0, 1] + [2] * 5 + [3] * 5)
+    old = ctx.net.head.weight.detach().clone()
+    m.before_phase(Phase(1, 2, 4), x, y)
+    w = ctx.net.head.weight.detach()
+    emb = ctx.embed(ctx.net, x)
+    expect = imprint_weights(emb[2:], y[2:], range(2, 4), old)
+    for i, c in enumerate((2, 3)):   # the normalised mean of normalised embeddings, at the old mean norm
+        d = F.normalize(F.normalize(emb[y == c], dim=1).mean(0), dim=0)
+        assert torch.allclose(w[c], d * old.norm(dim=1).mean(), atol=1e-5)
+    assert torch.allclose(w[2:], expect, atol=1e-6) and torch.equal(w[:2], old)
+    assert m.lf_weight == pytest.approx(5.0 * 1.0)                # sqrt(2 old / 2 new)
+    # old rows are projected back before every step (frozen during the main stage)
+    with torch.no_grad():
+        ctx.net.head.weight.add_(1.0)
+    m.constrain()
+    assert torch.equal(ctx.net.head.weight[:2].detach(), old)
+    assert not torch.equal(ctx.net.head.weight[2:].detach(), expect)
+
+
+# ---------------------------------------------------------------- WA
+def test_weight_align_by_hand():
+    w = torch.tensor([[3.0, 4.0], [0.0, 1.0], [6.0, 8.0], [0.0, 2.0]])
+    old = w[:2].clone()
+    # old norms 5, 1 (mean 3); new norms 10, 2 (mean 6): gamma = 0.5
+    assert weight_align(w, 2) == pytest.approx(0.5)
+    assert torch.equal(w[:2], old)
+    assert torch.allclose(w[2:], torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+    assert w[:2].norm(dim=1).mean().item() == pytest.approx(w[2:].norm(dim=1).mean().item())
+    torch.manual_seed(0)
+    r = torch.rand(7, 5) * torch.tensor([[1.0]] * 4 + [[9.0]] * 3)
+    weight_align(r, 4)
+    assert r[:4].norm(dim=1).mean().item() == pytest.approx(r[4:].norm(dim=1).mean().item(), rel=1e-5)
+
+
+def test_weight_clip():
+    w = torch.tensor([[-1.0, 2.0], [0.5, -0.1]])
+    clip_nonnegative(w)
+    assert torch.equal(w, torch.tensor([[0.0, 2.0], [0.5, 0.0]]))
+
+
+def test_wa_recipe_weights_and_end_to_end(quick):
+    res = cilearn.run(quick(method="wa"), echo=False)
+    m = res.metrics
+    assert m["avg_incremental_acc_nme"] is not None and m["phases"][-1]["acc_new"] > 50
+    assert all(r["finetune_seconds"] == 0 for r in m["phases"])
+    net = load_checkpoint(res.out_dir / PHASE_FILE)["net"]
+    w = net["head.weight"]
+    assert (w >= 0).all()                                             # clipped after the last step
+    # aligned after the last phase (8 old classes, 2 new); the training after it is over
+    assert w[:8].norm(dim=1).mean().item() == pytest.approx(w[8:].norm(dim=1).mean().item(), rel=1e-4)
+
+
+def test_wa_lambda_is_old_over_seen(quick):
+    ctx = _ctx(quick, "wa")
+    ctx.net.add_classes(6)
+    m = METHODS.get("wa")(ctx)
+    x = torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8)
+    m.before_phase(Phase(3, 6, 8), x, torch.tensor([6, 7, 0, 1]))
+    assert m.lam == pytest.approx(0.75) and m.cls_weight == pytest.approx(0.25)
+    assert m.align and m.clip
+    m2 = METHODS.get("wa")(_ctx(quick, "wa", loss={"kd_weight": 2.0}, train={"epochs": 6, "progress": False,
+                                                                            "weight_clip": False}))
+    m2.net.add_classes(6)
+    m2.before_phase(Phase(3, 6, 8), x, torch.tensor([6, 7, 0, 1]))
+    assert m2.lam == 2.0 and m2.cls_weight == 1.0 and not m2.clip
+
+
+# ---------------------------------------------------------------- balanced fine-tuning
+def test_balanced_finetune_is_balanced_and_trains_the_head_only(quick):
+    ctx = _ctx(quick, "lucir", head="cosine", per_class=4)
+    net = ctx.net
+    net.add_classes(4)
+    ctx.memory.exemplars = {c: torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8) for c in range(2)}
+    m = METHODS.get("lucir")(ctx)
+    x = torch.randint(0, 255, (30, 1, 8, 8), dtype=torch.uint8)
+    y = torch.tensor([0] * 4 + [1] * 4 + [2] * 12 + [3] * 10)
+    phase = Phase(1, 2, 4)
+    sub = select_balanced(m, phase, x, y)
+    assert sub["per_class"] == 4
+    assert torch.bincount(y[sub["new_idx"]], minlength=4).tolist() == [0, 0, 4, 4]
+    assert len(set(sub["new_idx"].tolist())) == 8
+    backbone = {k: v.clone() for k, v in net.backbone.state_dict().items()}   # params and BN statistics
+    head = net.head.weight.detach().clone()
+    ft, seconds = balanced_finetune(m, phase, x, y)
+    assert ft.images == 16 * ctx.cfg.train.finetune_epochs and seconds > 0
+    for k, v in net.backbone.state_dict().items():
+        assert torch.equal(v, backbone[k]), k
+    assert not torch.equal(net.head.weight.detach(), head)
+    assert net.backbone.training                                     # restored after the stage
+
+
+def test_balanced_finetune_selection_follows_the_memory_rule(quick):
+    """Herding on the current embeddings picks what the memory will store."""
+    ctx = _ctx(quick, "replay", per_class=3)
+    ctx.net.add_classes(4)
+    ctx.memory.exemplars = {c: torch.randint(0, 255, (5, 1, 8, 8), dtype=torch.uint8) for c in range(2)}
+    m = METHODS.get("replay")(ctx)
+    x = torch.randint(0, 255, (16, 1, 8, 8), dtype=torch.uint8)
+    y = torch.tensor([2] * 8 + [3] * 8)
+    sub = select_balanced(m, Phase(1, 2, 4), x, y)
+    assert sub["per_class"] == 3
+    feats = ctx.embed(ctx.net, x)
+    ctx.memory.update(x, y, range(2, 4), feats, 4)
+    for c in (2, 3):
+        assert torch.equal(x[sub["new_idx"][y[sub["new_idx"]] == c]], ctx.memory.exemplars[c])
+
+
+# ---------------------------------------------------------------- end to end
+@pytest.mark.parametrize("method", ["lucir", "wa", "lwf", "lwm", "finetune", "replay"])
+def test_loss_bsce_composes(method, quick):
+    res = cilearn.run(quick(method=method, loss={"cls": "bsce"}), echo=False)
+    m = res.metrics
+    assert [len(r) for r in m["accuracy_matrix"]] == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(v) for r in m["phases"] for v in r["loss"].values())
+    assert m["accuracy_matrix"][0][0] > 80.0
+
+
+def test_lucir_end_to_end_terms_and_finetune_seconds(quick):
+    m = cilearn.run(quick(method="lucir"), echo=False).metrics
+    assert m["avg_incremental_acc_nme"] is not None and m["phases"][-1]["acc_new"] > 50
+    assert m["phases"][0]["finetune_seconds"] == 0 and set(m["phases"][0]["loss"]) == {"cls"}
+    for r in m["phases"][1:]:
+        assert r["finetune_seconds"] > 0
+        assert {"cls", "less_forget", "margin"} <= set(r["loss"])
+        assert r["loss"]["less_forget"] >= 0 and r["loss"]["margin"] >= 0
+
+
+def test_no_balanced_finetune_flag_and_bsce_recipes(tmp_path, capsys):
+    def run(name, *flags):
+        out = tmp_path / name
+        assert main(["run", *flags, "--epochs", "3", "--out", str(out), "--no-progress", "--quiet"]) == 0
+        return json.loads((out / "metrics.json").read_text())
+    for m in (run("a", "--method", "lucir", "--no-balanced-finetune"), run("b", "--method", "lucir-bsce"),
+              run("c", "--method", "icarl-bsce")):
+        assert all(r["finetune_seconds"] == 0 for r in m["phases"])
+    m = run("d", "--method", "lucir-bsce", "--balanced-finetune")
+    assert all(r["finetune_seconds"] > 0 for r in m["phases"][1:])
+    m = run("e", "--method", "icarl", "--balanced-finetune", "--train.finetune-epochs", "2")
+    assert all(r["finetune_seconds"] > 0 for r in m["phases"][1:])
+    csv = (tmp_path / "e" / "metrics.csv").read_text().splitlines()
+    assert "finetune_seconds" in csv[0].split(",")
+    # the stage needs exemplars: refused before anything is written
+    code = main(["run", "--method", "lwf", "--balanced-finetune", "--out", str(tmp_path / "f")])
+    assert code == 2 and "--balanced-finetune needs exemplars" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
+    code = main(["run", "--balanced-finetune", "--no-balanced-finetune", "--out", str(tmp_path / "g")])
+    assert code == 2
+
+
+def test_recipes_defaults():
+    lucir, lb, ib = METHODS.get("lucir"), METHODS.get("lucir-bsce"), METHODS.get("icarl-bsce")
+    assert lucir.head == "cosine" and lucir.balanced_finetune and lucir.uses_memory and lucir.cls_loss == "ce"
+    assert lb.cls_loss == "bsce" and not lb.balanced_finetune and lb.head == "cosine"
+    assert ib.cls_loss == "bsce" and not ib.balanced_finetune and ib.distill == "kd"
+    wa = METHODS.get("wa")
+    assert wa.weight_align and wa.weight_clip and wa.uses_memory and not wa.balanced_finetune
+
+
+def test_interrupted_inside_finetuning_resumes_exactly(tmp_path, quick, monkeypatch):
+    """A stop inside the fine-tuning stage checkpoints there; the resumed run skips the main
+    stage, fine-tunes on the same selection (herding on the embeddings of the main stage's model;
+    here the whole network is fine-tuned, so only the checkpointed selection gives it back) and
+    reproduces the run."""
+    import signal
+
+    import cilearn.methods.base as base
+    from cilearn.checkpoint import EPOCH_FILE, Interrupted
+    over = dict(method="lucir",
+                train={"epochs": 4, "progress": False, "finetune_epochs": 3, "finetune_head_only": False})
+    ref = cilearn.run(quick(out=str(tmp_path / "a"), **over), echo=False).accuracy_matrix
+    real = base.balanced_finetune
+
+    def stop_in_phase_2(method, phase, x, y):
+        if phase.index == 2:
+            method.ctx.ckpt.stop_signal = signal.SIGTERM   # stop after the stage's first step
+        return real(method, phase, x, y)
+    monkeypatch.setattr(base, "balanced_finetune", stop_in_phase_2)
+    b = tmp_path / "b"
+    with pytest.raises(Interrupted, match="phase 2 balanced-ft"):
+        cilearn.run(quick(out=str(b), **over), echo=False)
+    monkeypatch.setattr(base, "balanced_finetune", real)
+    st = load_checkpoint(b / EPOCH_FILE)
+    assert st["phase"] == 2 and st["fit"]["desc"] == "phase 2 balanced-ft" and st["method"]["ft_subset"]["phase"] == 2
+    assert cilearn.resume(b, echo=False).accuracy_matrix == ref
