@@ -112,6 +112,10 @@ class Log:
     def __call__(self, msg: str = "") -> None:
         if self.echo:
             print(msg, flush=True)
+        self.record(msg)
+
+    def record(self, msg: str) -> None:
+        """To ``log.txt`` only (the CLI prints errors itself)."""
         if self.file:
             self.file.write(msg + "\n")
             self.file.flush()
@@ -237,7 +241,7 @@ def _execute(cfg, ds, method_cls, device, amp, out: Path, echo: bool, wall0: flo
         ckpt.install_signal_handlers()
         return _phases(cfg, ds, method_cls, device, amp, out, log, wall0, gen, ckpt, phase_state, epoch_state)
     except CilearnError as e:
-        log.file and log.file.write(f"stopped: {e}\n")
+        log.record(f"stopped: {e}")
         raise
     finally:
         if ckpt is not None:
