@@ -16,7 +16,7 @@ from cilearn.losses import CLS_LOSSES, balanced_softmax_ce, cross_entropy, less_
 from cilearn.memory import Budget, Memory
 from cilearn.methods import METHODS, Context
 from cilearn.methods.calibration import balanced_finetune, clip_nonnegative, select_balanced, weight_align
-from cilearn.methods.lucir import imprint_weights
+from cilearn.methods.imprint import imprint_weights
 from cilearn.models.heads import HEADS, CosineHead
 from cilearn.models.net import build_net
 
@@ -232,7 +232,7 @@ def test_balanced_finetune_is_balanced_and_trains_the_head_only(quick):
     backbone = {k: v.clone() for k, v in net.backbone.state_dict().items()}   # params and BN statistics
     head = net.head.weight.detach().clone()
     ft, seconds = balanced_finetune(m, phase, x, y)
-    assert ft.images == 16 * ctx.cfg.train.finetune_epochs and seconds > 0
+    assert ft.images == 16 * m.finetune_schedule()[0] == 16 * 20 and seconds > 0
     for k, v in net.backbone.state_dict().items():
         assert torch.equal(v, backbone[k]), k
     assert not torch.equal(net.head.weight.detach(), head)
@@ -275,6 +275,15 @@ def test_lucir_end_to_end_terms_and_finetune_seconds(quick):
         assert r["loss"]["less_forget"] >= 0 and r["loss"]["margin"] >= 0
 
 
+def test_lucir_bsce_drops_margin_and_trains_old_rows(quick):
+    m = cilearn.run(quick(method="lucir-bsce"), echo=False).metrics
+    for r in m["phases"][1:]:
+        assert set(r["loss"]) == {"cls", "less_forget"} and r["finetune_seconds"] == 0
+    # --loss.margin-weight puts the ranking term back
+    m = cilearn.run(quick(method="lucir-bsce", loss={"margin_weight": 1.0}, out=None), echo=False).metrics
+    assert all("margin" in r["loss"] for r in m["phases"][1:])
+
+
 def test_no_balanced_finetune_flag_and_bsce_recipes(tmp_path, capsys):
     def run(name, *flags):
         out = tmp_path / name
@@ -301,6 +310,8 @@ def test_recipes_defaults():
     lucir, lb, ib = METHODS.get("lucir"), METHODS.get("lucir-bsce"), METHODS.get("icarl-bsce")
     assert lucir.head == "cosine" and lucir.balanced_finetune and lucir.uses_memory and lucir.cls_loss == "ce"
     assert lb.cls_loss == "bsce" and not lb.balanced_finetune and lb.head == "cosine"
+    assert lb.margin_weight == 0 and not lb.freeze_old_head and lucir.margin_weight == 1 and lucir.freeze_old_head
+    assert not lucir.last_relu and not lb.last_relu
     assert ib.cls_loss == "bsce" and not ib.balanced_finetune and ib.distill == "kd"
     wa = METHODS.get("wa")
     assert wa.weight_align and wa.weight_clip and wa.uses_memory and not wa.balanced_finetune

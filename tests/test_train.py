@@ -57,7 +57,8 @@ def test_teacher_cache_equals_running_the_teacher(quick):
     cache = TeacherCache(teacher, x, ctx)
     xb, view = aug.train(x[:16], torch.Generator().manual_seed(1))
     assert 0 < int(view.sum()) < 16
-    logits, emb = cache(Batch(xb, y[:16], torch.arange(16), view))
+    logits, emb, extra = cache(Batch(xb, y[:16], torch.arange(16), view))
+    assert extra is None
     with torch.no_grad():
         ref = teacher(xb)
     assert torch.allclose(logits, ref.logits, atol=1e-5) and torch.allclose(emb, ref.embedding, atol=1e-5)

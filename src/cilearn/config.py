@@ -38,6 +38,9 @@ class ScenarioConfig:
 class ModelConfig:
     backbone: str = "auto"               # auto: convnet <= 16 px, resnet32 <= 32 px, else resnet18
     head: str | None = None              # None: the method's default head
+    last_relu: bool | None = None        # ReLU after the backbone's last block; None: the method's default
+    proxies: int = 10                    # lsc head: proxies per class (PODNet Sec. 4.1: 10)
+    scale: float | None = None           # cosine / lsc heads: initial learnable scale (sigma, eta); None: the method's
 
 
 @dataclass
@@ -61,8 +64,8 @@ class TrainConfig:
     checkpoint_every: int = 10           # epochs between checkpoints inside a phase (0: only at phase ends)
     # phase-end calibration (cilearn.methods.calibration); None: the method's default
     balanced_finetune: bool | None = None  # class-balanced fine-tuning after phases > 0 (lucir: on)
-    finetune_epochs: int = 20            # LUCIR's official code: 20 epochs, lr 0.01, x0.1 at epoch 10
-    finetune_lr: float = 0.01
+    finetune_epochs: int | None = None   # None: the method's (LUCIR's code: 20 epochs, lr 0.01, x0.1 at epoch 10;
+    finetune_lr: float | None = None     #   PODNet's: 20 epochs, constant lr 0.05, 0.01 on image folders)
     finetune_head_only: bool = True      # train the head only (backbone frozen, BN in eval mode)
     weight_align: bool | None = None     # WA's weight aligning after phases > 0 (wa: on)
     weight_clip: bool | None = None      # WA's non-negative head weights (wa: on)
@@ -86,7 +89,10 @@ class LossConfig:
     less_forget_weight: float | None = None  # LUCIR's lambda_base; None: 5, 10 on image folders (ImageNet)
     margin: float = 0.5                  # LUCIR's margin ranking: margin m
     margin_k: int = 2                    # ... against the K hardest new classes
-    margin_weight: float = 1.0           # ... and its weight
+    margin_weight: float | None = None   # ... and its weight; None: the method's (lucir 1, lucir-bsce 0)
+    nca_margin: float = 0.6              # PODNet's NCA margin delta (Sec. 4.1), on the unscaled similarity
+    pod_spatial_weight: float | None = None  # PODNet's lambda_c; None: 3, 8 on image folders (official configs)
+    pod_flat_weight: float | None = None     # PODNet's lambda_f; None: 1, 10 on image folders (official configs)
 
 
 @dataclass
@@ -250,6 +256,11 @@ def validate(cfg: RunConfig) -> None:
     positive("loss.margin", cfg.loss.margin, zero=True)
     positive("loss.margin-k", cfg.loss.margin_k)
     positive("loss.margin-weight", cfg.loss.margin_weight, zero=True)
+    positive("loss.nca-margin", cfg.loss.nca_margin, zero=True)
+    positive("loss.pod-spatial-weight", cfg.loss.pod_spatial_weight, zero=True)
+    positive("loss.pod-flat-weight", cfg.loss.pod_flat_weight, zero=True)
+    positive("model.proxies", cfg.model.proxies)
+    positive("model.scale", cfg.model.scale)
     positive("train.finetune-epochs", t.finetune_epochs, zero=True)
     positive("train.finetune-lr", t.finetune_lr)
     positive("save-attention", cfg.report.save_attention, zero=True)
@@ -272,6 +283,15 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"--train.{name} must be non-negative epochs, got {ms}")
 
 
+def pod_weights(cfg: RunConfig) -> tuple[float, float]:
+    """PODNet's (lambda_c, lambda_f): the configured values, else the official configs' defaults,
+    3 and 1 on CIFAR (and the other small data sets), 8 and 10 on ImageNet (image folders)."""
+    c, f = (8.0, 10.0) if cfg.data.dataset == "imagefolder" else (3.0, 1.0)
+    lc = cfg.loss
+    return (c if lc.pod_spatial_weight is None else lc.pod_spatial_weight,
+            f if lc.pod_flat_weight is None else lc.pod_flat_weight)
+
+
 def resolve(cfg: RunConfig, num_classes: int, image_size: int) -> RunConfig:
     """Fill data-set dependent defaults and check the scenario against the data set."""
     from .models.backbones import auto_backbone
@@ -289,6 +309,7 @@ def resolve(cfg: RunConfig, num_classes: int, image_size: int) -> RunConfig:
         cfg.train.base_milestones = list(cfg.train.milestones)
     if cfg.loss.less_forget_weight is None:   # LUCIR Sec. 4: 5 on CIFAR, 10 on ImageNet
         cfg.loss.less_forget_weight = 10.0 if cfg.data.dataset == "imagefolder" else 5.0
+    cfg.loss.pod_spatial_weight, cfg.loss.pod_flat_weight = pod_weights(cfg)
     if cfg.model.backbone == "auto":
         cfg.model.backbone = auto_backbone(image_size)
     s = cfg.scenario

@@ -140,10 +140,12 @@ def prepare(cfg: RunConfig):
     """Validate everything that can be validated before any output is written."""
     validate(cfg)
     method_cls = METHODS.get(cfg.method)
-    BACKBONES.get(cfg.model.backbone) if cfg.model.backbone != "auto" else None
+    if cfg.model.backbone != "auto":
+        BACKBONES.get(cfg.model.backbone)       # raises a ConfigError naming the choices
     HEADS.get(cfg.model.head or method_cls.head)
     SELECTIONS.get(cfg.memory.selection)
-    CLS_LOSSES.get(cfg.loss.cls) if cfg.loss.cls else None
+    if cfg.loss.cls:
+        CLS_LOSSES.get(cfg.loss.cls)
     from .methods.terms import TERMS
     for name in cfg.loss.distill:
         TERMS.get(name)
@@ -264,7 +266,13 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     data = SplitData(ds.train_x.to(device), scenario.relabel(ds.train_y).to(device),
                      ds.test_x.to(device), scenario.relabel(ds.test_y).to(device))
     aug = Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std, cfg.train.channels_last)
-    net = build_net(cfg.model.backbone, cfg.model.head or method_cls.head, ds.image_shape[0]).to(device)
+    last_relu = method_cls.last_relu if cfg.model.last_relu is None else cfg.model.last_relu
+    head = cfg.model.head or method_cls.head
+    opts = {"proxies": cfg.model.proxies} if head == "lsc" else {}
+    scale = method_cls.head_scale if cfg.model.scale is None else cfg.model.scale
+    if head in ("cosine", "lsc"):
+        opts["sigma"] = scale
+    net = build_net(cfg.model.backbone, head, ds.image_shape[0], last_relu, **opts).to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     memory = Memory(Budget(cfg.memory.total, cfg.memory.per_class), cfg.memory.selection) \

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,28 +88,55 @@ class Context:
         return predict(net, x, self.augmenter, self.cfg.train.eval_batch_size, self.autocast_dtype)[1]
 
 
+def over_views(ctx: Context, x: torch.Tensor, fn) -> tuple[torch.Tensor, ...] | None:
+    """``fn`` over every deterministic training view of ``x`` (uint8 ``[N, C, H, W]``), in
+    batches of ``eval_batch_size``: ``fn(normalised batch [b, C, H, W]) -> tuple of [b, ...]``
+    tensors; returns the tuple of ``[V, N, ...]`` stacks, or None when the augmentation's views
+    are continuous (crop, resized crop). Teacher-side caches use it: a frozen teacher's output on
+    view v of image i is then looked up as ``[batch.view, batch.idx]``, exactly."""
+    aug = ctx.augmenter
+    if aug.num_views is None:
+        return None
+    bs = ctx.cfg.train.eval_batch_size
+    views = []
+    for v in range(aug.num_views):
+        parts = [fn(aug.view(x[i:i + bs], v)) for i in range(0, len(x), bs)]
+        views.append([torch.cat(p) for p in zip(*parts)])
+    return tuple(torch.stack(p) for p in zip(*views))
+
+
+class TeacherOut(NamedTuple):
+    logits: torch.Tensor            # [B, K_old]
+    embedding: torch.Tensor         # [B, D]
+    extra: torch.Tensor | None      # [B, F]: the cache's ``extra(output)``, e.g. PODNet's pooled maps
+
+
 class TeacherCache:
     """Outputs of a frozen teacher on the training set. When the augmentation has a finite set
     of views (none, flip) they are computed once per view and looked up per batch, which is
     exact (the teacher is frozen, in eval mode) and saves one forward pass per training step;
-    otherwise the teacher runs on each batch."""
+    otherwise the teacher runs on each batch. ``extra``: a function of the teacher's
+    ``NetOutput`` giving ``[B, F]`` more to keep (PODNet's pooled feature maps)."""
 
-    def __init__(self, teacher: torch.nn.Module, x: torch.Tensor, ctx: Context):
-        self.teacher, self.aug = teacher, ctx.augmenter
-        self.logits = self.emb = None
-        if self.aug.num_views is not None:
-            outs = [predict(teacher, x if v == 0 else x.flip(3), self.aug, ctx.cfg.train.eval_batch_size, None)
-                    for v in range(self.aug.num_views)]
-            self.logits = torch.stack([o[0] for o in outs])   # [V, N, K_old]
-            self.emb = torch.stack([o[1] for o in outs])      # [V, N, D]
+    def __init__(self, teacher: torch.nn.Module, x: torch.Tensor, ctx: Context, extra=None):
+        self.teacher, self.extra = teacher, extra
 
-    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher (logits, embedding) for the batch."""
-        if self.logits is not None and batch.view is not None:
-            return self.logits[batch.view, batch.idx], self.emb[batch.view, batch.idx]
-        with torch.no_grad():
-            out = self.teacher(batch.x)
-        return out.logits.float(), out.embedding.float()
+        @torch.no_grad()
+        def outputs(xb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            o = teacher(xb)
+            res = (o.logits.float(), o.embedding.float())
+            return res + ((extra(o).float(),) if extra is not None else ())
+
+        self._outputs = outputs
+        self.cached = over_views(ctx, x, outputs)   # ([V, N, K_old], [V, N, D][, [V, N, F]]) or None
+
+    def __call__(self, batch: Batch) -> TeacherOut:
+        """The teacher's outputs for the batch (looked up, or computed on it)."""
+        if self.cached is not None and batch.view is not None:
+            got = [c[batch.view, batch.idx] for c in self.cached]
+        else:
+            got = list(self._outputs(batch.x))
+        return TeacherOut(got[0], got[1], got[2] if len(got) > 2 else None)
 
 
 class Method:
@@ -124,10 +151,17 @@ class Method:
     uses_memory: ClassVar[bool] = False
     train_on_seen: ClassVar[bool] = False   # joint: all data of the classes seen so far
     head: ClassVar[str] = "linear"
+    last_relu: ClassVar[bool] = True        # default of model.last_relu (LUCIR, PODNet: False)
+    head_scale: ClassVar[float] = 1.0       # default of model.scale: initial sigma of cosine / lsc heads
     needs_teacher: ClassVar[bool] = False   # ``teacher_terms`` read the teacher's (logits, embedding)
     balanced_finetune: ClassVar[bool] = False   # default of train.balanced_finetune (phases > 0)
     weight_align: ClassVar[bool] = False        # default of train.weight_align (WA, phases > 0)
     weight_clip: ClassVar[bool] = False         # default of train.weight_clip (WA's clipping)
+    freeze_old_head: ClassVar[bool] = False     # default of train.freeze_old_head (LUCIR, PODNet)
+    imprint: ClassVar[bool] = False             # imprint the new classes' head rows (LUCIR, PODNet)
+    finetune_epochs: ClassVar[int] = 20         # class-balanced fine-tuning defaults (LUCIR's code)
+    finetune_lr: ClassVar[float] = 0.01
+    finetune_decay: ClassVar[bool] = True       # x0.1 at half the fine-tuning epochs (PODNet: constant)
 
     @classmethod
     def check_config(cls, cfg: "RunConfig", has_memory: bool) -> None:
@@ -142,10 +176,22 @@ class Method:
         b = cfg.train.balanced_finetune
         return cls.balanced_finetune if b is None else b
 
+    def finetune_schedule(self) -> tuple[int, float]:
+        """(epochs, lr) of the class-balanced fine-tuning stage: ``--train.finetune-epochs`` /
+        ``--train.finetune-lr``, else the method's defaults."""
+        t = self.ctx.cfg.train
+        return (self.finetune_epochs if t.finetune_epochs is None else t.finetune_epochs,
+                self.finetune_lr if t.finetune_lr is None else t.finetune_lr)
+
     def __init__(self, ctx: Context):
         self.ctx, self.net = ctx, ctx.net
         lc = ctx.cfg.loss
-        self.cls_fn = CLS_LOSSES.get(lc.cls or self.cls_loss)
+        name = lc.cls or self.cls_loss
+        self.cls_fn = CLS_LOSSES.get(name)
+        if name == "nca":   # the margin is on the unscaled similarity: eta * delta in logit units
+            fn, head, delta = self.cls_fn, self.net.head, lc.nca_margin
+            scale = lambda: head.sigma.detach() if hasattr(head, "sigma") else 1.0   # noqa: E731 (see losses.nca)
+            self.cls_fn = lambda logits, y, counts=None: fn(logits, y, counts, margin=scale() * delta)
         self.kd_fn = DISTILL.get(self.distill) if self.distill else None
         self.lam = self.kd_weight if lc.kd_weight is None else lc.kd_weight
         self.T = lc.temperature
@@ -162,6 +208,8 @@ class Method:
         self.gamma: float | None = None       # WA's last gamma
         self.finetune_seconds = 0.0           # this phase's class-balanced fine-tuning stage
         self.ft_subset: dict | None = None    # that stage's selection (checkpointed: exact resume)
+        self.freeze = self.freeze_old_head if t.freeze_old_head is None else t.freeze_old_head
+        self.frozen_old: list[tuple[torch.Tensor, torch.Tensor]] | None = None   # (parameter, old rows)
 
     # ---------------------------------------------------------------- hooks
     def training_set(self, phase: Phase, data: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,11 +227,36 @@ class Method:
         if phase.index > 0 and (self.kd_fn is not None or self.extra or self.needs_teacher):
             self.teacher = self.net.frozen_copy()
             if self.kd_fn is not None or self.needs_teacher:
-                self.teacher_out = TeacherCache(self.teacher, x, self.ctx)
+                self.teacher_out = TeacherCache(self.teacher, x, self.ctx, self.teacher_extra())
             for t in self.extra:
                 t.before_phase(phase, x)
         self.net.add_classes(phase.num_new)
         self.counts = torch.bincount(y, minlength=phase.seen).float()
+        self.frozen_old = None
+        if phase.index > 0 and self.imprint:
+            self.imprint_new(phase, x, y)
+        if phase.index > 0 and self.freeze:
+            head = self.net.head
+            per = head.weight.shape[0] // phase.seen          # rows per class (LSC: proxies)
+            self.frozen_old = [(p, p[: phase.num_old * per].detach().clone())
+                               for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+
+    def teacher_extra(self):
+        """A function of the teacher's ``NetOutput`` giving ``[B, F]`` more for ``TeacherCache`` to
+        keep (PODNet: its pooled feature maps), or None."""
+        return None
+
+    def imprint_new(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Weight imprinting of the new classes' rows (``cilearn.methods.imprint``) from the
+        current model's embeddings of their images: the teacher's cached ones (unflipped view)
+        when the augmentation has finite views, else one embedding pass."""
+        from .imprint import imprint
+        new = (y >= phase.start).nonzero().flatten()
+        cache = self.teacher_out
+        emb = cache.cached[1][0, new] if cache is not None and cache.cached is not None else \
+            self.ctx.embed(self.net, x[new])
+        gen = torch.Generator().manual_seed(self.ctx.cfg.seed * 1_000_003 + phase.index)   # run's RNG untouched
+        imprint(self.net.head, emb, y[new], phase.classes, gen)
 
     def train_phase(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> FitResult:
         """The main stage, then (unless a resumed run continues a later stage of this phase) the
@@ -208,6 +281,10 @@ class Method:
         projected SGD."""
         if self.clip:
             clip_nonnegative(self.net.head.weight)
+        if self.frozen_old is not None:     # --train.freeze-old-head: old classes' rows fixed
+            with torch.no_grad():
+                for p, rows in self.frozen_old:
+                    p[: len(rows)] = rows
 
     def calibrate(self, phase: Phase) -> None:
         """Phase-end calibration of the trained model: ``--train.weight-align`` (WA), phases > 0."""
@@ -226,7 +303,7 @@ class Method:
         terms = {"cls": cls.detach()}
         loss = self.cls_weight * cls
         if self.teacher_out is not None and self.kd_fn is not None and self.lam > 0:
-            t_logits, _ = self.teacher_out(batch)
+            t_logits = self.teacher_out(batch).logits
             kd = self.kd_fn(out.logits[:, : t_logits.shape[1]], t_logits, self.T)
             terms["kd"] = kd.detach()
             loss = loss + self.lam * kd
@@ -241,6 +318,7 @@ class Method:
         return loss, terms
 
     def after_phase(self, phase: Phase, data: SplitData) -> None:
+        self.frozen_old = None
         if self.teacher is not None:
             for t in self.extra:
                 t.after_phase(phase, data)

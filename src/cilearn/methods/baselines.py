@@ -53,7 +53,7 @@ class ICaRLBCE(ICaRL):
         out = self.net(batch.x)
         target = F.one_hot(batch.y, out.logits.shape[1]).float()
         if self.teacher_out is not None:
-            t_logits, _ = self.teacher_out(batch)
+            t_logits = self.teacher_out(batch).logits
             target[:, : t_logits.shape[1]] = torch.sigmoid(t_logits)
         loss = F.binary_cross_entropy_with_logits(out.logits.float(), target, reduction="sum") / len(target)
         return loss, {"bce": loss.detach()}

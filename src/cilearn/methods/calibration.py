@@ -77,10 +77,11 @@ def select_balanced(method: "Method", phase: "Phase", x: torch.Tensor, y: torch.
 
 
 def balanced_finetune(method: "Method", phase: "Phase", x: torch.Tensor, y: torch.Tensor) -> tuple[FitResult, float]:
-    """Class-balanced fine-tuning after the main training of a phase > 0 (LUCIR's CBF): the
-    method's classification loss on the ``select_balanced`` set, ``--train.finetune-epochs``
-    (20) epochs at ``--train.finetune-lr`` (0.01), the run's schedule (step: x gamma at half the
-    epochs), LUCIR's official settings. By default only the head is trained
+    """Class-balanced fine-tuning after the main training of a phase > 0 (LUCIR's CBF, PODNet's
+    classifier fine-tuning): the method's classification loss on the ``select_balanced`` set,
+    ``--train.finetune-epochs`` epochs at ``--train.finetune-lr``, step schedule; defaults from
+    the method (``Method.finetune_epochs``, ``finetune_lr``, ``finetune_decay``: LUCIR's official
+    20 epochs at 0.01, x0.1 at epoch 10; PODNet's 20 at a constant 0.05). By default only the head is trained
     (``--train.finetune-head-only``, as LUCIR; all its rows and sigma) with the backbone frozen in
     eval mode (BatchNorm statistics do not move either), so the embeddings, the exemplar
     selection and the NME prototypes are those of the main stage. With BSCE the balanced counts
@@ -94,7 +95,8 @@ def balanced_finetune(method: "Method", phase: "Phase", x: torch.Tensor, y: torc
     if sub is None or sub["phase"] != phase.index:
         sub = method.ft_subset = select_balanced(method, phase, x, y)
     m = sub["per_class"]
-    if m == 0 or t.finetune_epochs == 0:
+    epochs, lr = method.finetune_schedule()
+    if m == 0 or epochs == 0:
         return FitResult(0.0, 0, {}), 0.0
     mem = ctx.memory
     idx = sub["new_idx"].to(y.device)
@@ -115,8 +117,8 @@ def balanced_finetune(method: "Method", phase: "Phase", x: torch.Tensor, y: torc
         cls = method.cls_fn(logits, batch.y, counts)
         return cls, {"cls": cls.detach()}
 
-    settings = ctx.fit_settings(phase, epochs=t.finetune_epochs, lr=t.finetune_lr,
-                                milestones=(max(1, t.finetune_epochs // 2),))
+    settings = ctx.fit_settings(phase, epochs=epochs, lr=lr, schedule="step", gamma=0.1,
+                                milestones=(max(1, epochs // 2),) if method.finetune_decay else ())
     select_s = time.perf_counter() - t0
     try:
         fr = ctx.fit(xb, yb, loss, settings, desc=f"phase {phase.index} balanced-ft",

@@ -62,19 +62,9 @@ class AttentionDistill(DistillTerm):
         return 1.0 if w is None else w
 
     def before_phase(self, phase, x):
-        self.cam = self.b = None
-        aug = self.m.ctx.augmenter
-        if aug.num_views is None:
-            return
-        bs = self.m.ctx.cfg.train.eval_batch_size
-        cams, bs_ = [], []
-        for v in range(aug.num_views):
-            xv = x if v == 0 else x.flip(3)
-            outs = [teacher_gradcam(self.m.teacher, aug.test(xv[i:i + bs]), phase.num_old)
-                    for i in range(0, len(xv), bs)]
-            cams.append(torch.cat([o[0] for o in outs]))
-            bs_.append(torch.cat([o[1] for o in outs]))
-        self.cam, self.b = torch.stack(cams), torch.stack(bs_)
+        from .base import over_views
+        got = over_views(self.m.ctx, x, lambda xb: teacher_gradcam(self.m.teacher, xb, phase.num_old)[:2])
+        self.cam, self.b = got if got is not None else (None, None)   # [V, N, h, w], [V, N]
 
     def teacher_maps(self, batch: "Batch") -> tuple[torch.Tensor, torch.Tensor]:
         if self.cam is not None and batch.view is not None:

@@ -9,7 +9,9 @@ from .baselines import ICaRL
 class WA(ICaRL):
     """Knowledge distillation + weight aligning. Training as iCaRL's CE + KD on data + exemplars
     (herding), with the weighting the paper takes from BiC: ``(1 - lambda) CE + lambda KD(T = 2)``
-    on the old logits, ``lambda = |old| / |seen|`` (``--loss.kd-weight L`` replaces it by
+    on the old logits, ``lambda = |old| / |seen|`` (Sec. 3; checked against the paper's text as
+    quoted in public notes; T = 2 is PyCIL's value, the paper's could not be checked here;
+    ``--loss.temperature``). ``--loss.kd-weight L`` replaces it by
     ``CE + L KD``). After the training of each phase > 0, weight aligning
     (``cilearn.methods.calibration.weight_align``) rescales the new classes' head rows to the old
     rows' mean norm; weight clipping keeps the head weights non-negative after every optimizer

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ..registry import Registry
 
-# A builder is ``fn(in_dim: int) -> Head``.
+# A builder is ``fn(in_dim: int, **opts) -> Head`` (``lsc``: ``proxies``).
 HEADS: Registry = Registry("head")
 
 
@@ -17,6 +17,11 @@ class Head(nn.Module):
 
     def add_classes(self, n: int) -> None:  # pragma: no cover
         raise NotImplementedError
+
+    def similarity(self, emb: torch.Tensor) -> torch.Tensor:
+        """``[B, num_classes]`` class scores before any learnt scale (cosine heads: in [-1, 1]);
+        margin-based losses (LUCIR's ranking, PODNet's NCA) read them. Linear head: the logits."""
+        return self(emb)
 
 
 @HEADS.register("linear")
@@ -50,7 +55,7 @@ class CosineHead(Head):
     """LUCIR's cosine-normalised classifier (Hou et al. 2019, Sec. 3.1):
     ``logits = sigma * <emb / |emb|, w_c / |w_c|>``, no bias; W: ``[num_classes, in_dim]``.
     sigma is one learnable scalar, initialised to 1 (as the official LUCIR code; the paper only
-    says it is learnt); it scales the logits of all classes, old and new alike."""
+    says it is learnt; ``--model.scale``); it scales the logits of all classes, old and new alike."""
 
     def __init__(self, in_dim: int, sigma: float = 1.0):
         super().__init__()
@@ -72,5 +77,44 @@ class CosineHead(Head):
         """``[B, num_classes]`` cosine similarities in [-1, 1] (before the scale)."""
         return nn.functional.linear(nn.functional.normalize(emb, dim=1), nn.functional.normalize(self.weight, dim=1))
 
+    similarity = cosine
+
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return self.sigma * self.cosine(emb)
+
+
+@HEADS.register("lsc")
+class LSCHead(Head):
+    """PODNet's local-similarity classifier (Douillard et al. 2020, Sec. 3.2, Eq. 6): ``K``
+    proxies per class (``--model.proxies``, 10 as the paper), each a row of W
+    (``[num_classes * K, in_dim]``, class c's proxies at rows ``c*K : (c+1)*K``). The class score
+    is the softmax-weighted mean of the cosines of its proxies,
+    ``s_c = sum_k softmax_k(cos_{c,k}) cos_{c,k}``, so the closest proxy dominates while all of
+    them get gradient. ``logits = sigma * s`` with sigma (the paper's eta) one learnable scalar,
+    initialised to 1 (``--model.scale``); no bias."""
+
+    def __init__(self, in_dim: int, proxies: int = 10, sigma: float = 1.0):
+        super().__init__()
+        self.in_dim, self.proxies = in_dim, proxies
+        self.weight = nn.Parameter(torch.empty(0, in_dim))
+        self.sigma = nn.Parameter(torch.tensor(float(sigma)))
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0] // self.proxies
+
+    def add_classes(self, n: int) -> None:
+        """Appends ``n * K`` proxy rows, uniform in +-1/sqrt(in_dim); old rows and sigma are kept."""
+        bound = 1 / math.sqrt(self.in_dim)
+        w = torch.empty(n * self.proxies, self.in_dim, device=self.weight.device,
+                        dtype=self.weight.dtype).uniform_(-bound, bound)
+        self.weight = nn.Parameter(torch.cat([self.weight.data, w]))
+
+    def similarity(self, emb: torch.Tensor) -> torch.Tensor:
+        cos = nn.functional.linear(nn.functional.normalize(emb, dim=1),
+                                   nn.functional.normalize(self.weight, dim=1))        # [B, C*K]
+        cos = cos.view(len(emb), -1, self.proxies)                                     # [B, C, K]
+        return (cos.softmax(dim=2) * cos).sum(2)                                       # [B, C]
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.sigma * self.similarity(emb)

@@ -41,6 +41,7 @@ class IncrementalNet(nn.Module):
         return teacher
 
 
-def build_net(backbone: str, head: str, in_channels: int) -> IncrementalNet:
-    bb = BACKBONES.get(backbone)(in_channels)
-    return IncrementalNet(bb, HEADS.get(head)(bb.out_dim))
+def build_net(backbone: str, head: str, in_channels: int, last_relu: bool = True, **head_opts) -> IncrementalNet:
+    """``head_opts``: options of the head's builder (``lsc``: ``proxies``)."""
+    bb = BACKBONES.get(backbone)(in_channels, last_relu=last_relu)
+    return IncrementalNet(bb, HEADS.get(head)(bb.out_dim, **head_opts))

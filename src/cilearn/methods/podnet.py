@@ -1,0 +1,87 @@
+"""PODNet: Pooled Outputs Distillation for Small-Tasks Incremental Learning (Douillard et al.,
+ECCV 2020), and its Balanced Softmax CE variant (Jodelet, Liu & Murata 2021)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import pod_weights
+from ..losses import pod_distance, pod_flat, pod_vectors
+from .base import METHODS, Method
+
+
+@METHODS.register("podnet")
+class PODNet(Method):
+    """PODNet (Douillard et al. 2020):
+
+    * local-similarity classifier (``lsc`` head, Sec. 3.2): 10 proxies per class
+      (``--model.proxies``), learnable scale eta; new classes' proxies imprinted from a K-means
+      of their normalised embeddings (official code's multi-imprinting); old classes' proxies
+      fixed in the main stage as in the official code (``old_weights: 0``;
+      ``--train.freeze-old-head false`` trains them);
+    * NCA loss with margin delta = 0.6 on the target's unscaled similarity (Eq. 7,
+      ``--loss.nca-margin``; see ``cilearn.losses.nca``);
+    * POD-spatial on every stage's output (Eq. 2-3) and POD-flat on the embedding (Sec. 3.1),
+      weights ``lambda_c sqrt(seen / new)`` and ``lambda_f sqrt(seen / new)`` (the official code's
+      adaptive factor; ``--loss.pod-spatial-weight`` 3 / ``--loss.pod-flat-weight`` 1 on CIFAR-like
+      data, 8 / 10 on image folders, the official configs);
+    * herding exemplars; classifier fine-tuning on class-balanced exemplars after each phase > 0
+      (head only, 20 epochs, constant lr 0.05, 0.01 on image folders, the NCA loss: official
+      settings); the backbone's last ReLU removed; CNN and NME reported.
+
+    Deviations (docs): POD-flat is the Euclidean distance the paper writes, where the official
+    code uses a cosine embedding loss; the official code's gradient clipping to [-5, 5] is not
+    applied; the official ResNet also drops the ReLU at the end of every residual block (its
+    issue #24), cilearn only the last one."""
+    head = "lsc"
+    cls_loss = "nca"
+    last_relu = False
+    uses_memory = True
+    needs_teacher = True
+    balanced_finetune = True
+    freeze_old_head = True
+    imprint = True
+    finetune_lr = 0.05
+    finetune_decay = False
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.lambda_c, self.lambda_f = pod_weights(ctx.cfg)
+        self.adapt = 1.0
+        self.sizes: list[int] | None = None   # POD vector sizes per stage
+
+    def finetune_schedule(self):
+        epochs, lr = super().finetune_schedule()
+        if self.ctx.cfg.train.finetune_lr is None and self.ctx.cfg.data.dataset == "imagefolder":
+            lr = 0.01                          # official ImageNet config
+        return epochs, lr
+
+    def teacher_extra(self):
+        def pooled(out):
+            vs = pod_vectors(out.maps)
+            self.sizes = [v.shape[1] for v in vs]
+            return torch.cat(vs, dim=1)        # [B, sum_s C_s (H_s + W_s)]
+        return pooled
+
+    def before_phase(self, phase, x, y):
+        super().before_phase(phase, x, y)      # teacher cache (with pooled maps), head grown + imprinted
+        self.adapt = math.sqrt(phase.seen / phase.num_new)
+
+    def teacher_terms(self, batch, out):
+        t = self.teacher_out(batch)
+        spatial = pod_distance(pod_vectors(out.maps), list(t.extra.split(self.sizes, dim=1)))
+        flat = pod_flat(out.embedding, t.embedding)
+        return [("pod_spatial", self.lambda_c * self.adapt, spatial),
+                ("pod_flat", self.lambda_f * self.adapt, flat)]
+
+
+@METHODS.register("podnet-bsce")
+class PODNetBSCE(PODNet):
+    """PODNet with Balanced Softmax CE on the scaled LSC scores (``CE(eta s + log n, y)``)
+    instead of NCA, without the class-balanced fine-tuning stage (Jodelet et al. 2021;
+    ``--balanced-finetune`` puts it back) and with the old classes' proxies trained (as
+    ``lucir-bsce``: frozen old rows plus BSCE's prior over-correct, see RESULTS.md)."""
+    cls_loss = "bsce"
+    balanced_finetune = False
+    freeze_old_head = False
