@@ -343,3 +343,24 @@ def test_interrupted_inside_finetuning_resumes_exactly(tmp_path, quick, monkeypa
     st = load_checkpoint(b / EPOCH_FILE)
     assert st["phase"] == 2 and st["fit"]["desc"] == "phase 2 balanced-ft" and st["method"]["ft_subset"]["phase"] == 2
     assert cilearn.resume(b, echo=False).accuracy_matrix == ref
+
+
+def test_memory_update_reuses_the_selection_embeddings_exactly(quick, monkeypatch):
+    """With head-only fine-tuning the memory update reuses the embeddings the balanced selection
+    took (one embedding pass of the new images instead of two), with the same result."""
+    from cilearn.methods import base
+    calls = []
+    orig = base.Context.embed
+    monkeypatch.setattr(base.Context, "embed", lambda self, net, x: calls.append(len(x)) or orig(self, net, x))
+    a = cilearn.run(quick(method="lucir", out=None), echo=False).metrics
+    reused = list(calls)
+    calls.clear()
+    orig_after = base.Method.after_phase
+
+    def after_phase(self, phase, data):
+        self.new_embeddings = None          # force the second embedding pass
+        orig_after(self, phase, data)
+    monkeypatch.setattr(base.Method, "after_phase", after_phase)
+    b = cilearn.run(quick(method="lucir", out=None), echo=False).metrics
+    assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["memory"] == b["memory"]
+    assert len(calls) == len(reused) + 4     # phases 1-4 embedded their new images once more

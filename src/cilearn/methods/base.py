@@ -208,6 +208,10 @@ class Method:
         self.gamma: float | None = None       # WA's last gamma
         self.finetune_seconds = 0.0           # this phase's class-balanced fine-tuning stage
         self.ft_subset: dict | None = None    # that stage's selection (checkpointed: exact resume)
+        # (phase, [N_new, D]) embeddings of the phase's new-class images taken by that selection
+        # after the main stage; valid while the backbone is unchanged (head-only fine-tuning), so
+        # the memory update reuses them instead of embedding the same images again
+        self.new_embeddings: tuple[int, torch.Tensor] | None = None
         self.freeze = self.freeze_old_head if t.freeze_old_head is None else t.freeze_old_head
         self.frozen_old: list[tuple[torch.Tensor, torch.Tensor]] | None = None   # (parameter, old rows)
 
@@ -223,7 +227,7 @@ class Method:
 
     def before_phase(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> None:
         self.phase = phase
-        self.finetune_seconds, self.ft_subset = 0.0, None
+        self.finetune_seconds, self.ft_subset, self.new_embeddings = 0.0, None, None
         if phase.index > 0 and (self.kd_fn is not None or self.extra or self.needs_teacher):
             self.teacher = self.net.frozen_copy()
             if self.kd_fn is not None or self.needs_teacher:
@@ -324,9 +328,12 @@ class Method:
                 t.after_phase(phase, data)
         self.teacher = self.teacher_out = None   # free the teacher's memory
         mem = self.ctx.memory
+        cached, self.new_embeddings = self.new_embeddings, None
         if mem is not None:
             x, y = data.train_of(phase.classes)
-            mem.update(x, y, phase.classes, self.ctx.embed(self.net, x), phase.seen, self.ctx.gen)
+            same = cached is not None and cached[0] == phase.index and len(cached[1]) == len(x)
+            emb = cached[1] if same else self.ctx.embed(self.net, x)
+            mem.update(x, y, phase.classes, emb, phase.seen, self.ctx.gen)
 
     def state_dict(self) -> dict:
         """State a method keeps beyond the network and the memory (checkpointed at phase ends and

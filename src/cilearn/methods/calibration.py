@@ -68,6 +68,7 @@ def select_balanced(method: "Method", phase: "Phase", x: torch.Tensor, y: torch.
     picks = []
     if m > 0:
         feats = ctx.embed(method.net, x[new_idx])                 # [N_new, D]
+        method.new_embeddings = (phase.index, feats)              # reused by the memory update
         gen = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + phase.index)
         for c in phase.classes:
             rows = (y_new == c).nonzero().flatten()
@@ -120,6 +121,8 @@ def balanced_finetune(method: "Method", phase: "Phase", x: torch.Tensor, y: torc
     settings = ctx.fit_settings(phase, epochs=epochs, lr=lr, schedule="step", gamma=0.1,
                                 milestones=(max(1, epochs // 2),) if method.finetune_decay else ())
     select_s = time.perf_counter() - t0
+    if not head_only:
+        method.new_embeddings = None          # the backbone is about to change
     try:
         fr = ctx.fit(xb, yb, loss, settings, desc=f"phase {phase.index} balanced-ft",
                      params=net.head.parameters() if head_only else None)

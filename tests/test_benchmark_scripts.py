@@ -1,0 +1,53 @@
+"""The benchmark scripts' table logic (the runs themselves are benchmarks, not tests)."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import bsce_ablation  # noqa: E402
+import compare_seeds  # noqa: E402
+
+
+def _metrics(avg, ft=(0.0, 0.0)):
+    return {"avg_incremental_acc": avg, "last_acc": 50.0, "forgetting": 10.0, "wall_seconds": 100.0,
+            "phases": [{"acc_old": None, "acc_new": 90.0, "train_seconds": 20.0, "finetune_seconds": 0.0},
+                       {"acc_old": 40.0, "acc_new": 80.0, "acc_old_among_old": 70.0, "train_seconds": 30.0,
+                        "finetune_seconds": ft[0]},
+                       {"acc_old": 60.0, "acc_new": 70.0, "acc_old_among_old": 50.0, "train_seconds": 30.0,
+                        "finetune_seconds": ft[1]}]}
+
+
+def test_summary_reads_the_last_phase_and_sums_stages():
+    s = compare_seeds.summary(_metrics(75.0, ft=(4.0, 6.0)))
+    assert s["old_last"] == 60.0 and s["new_last"] == 70.0
+    assert s["old_among_old"] == pytest.approx(60.0)          # mean over phases > 0
+    assert s["train_s"] == 80.0 and s["finetune_s"] == 10.0
+    assert math.isnan(compare_seeds.summary({**_metrics(1.0), "phases": _metrics(1.0)["phases"][:1]})["old_among_old"])
+
+
+def test_markdown_mean_and_sample_std():
+    rows = [("a", {k: [1.0, 3.0] for k, _ in compare_seeds.KEYS}), ("b", {k: [2.0] for k, _ in compare_seeds.KEYS})]
+    table = compare_seeds.markdown(rows).splitlines()
+    assert table[0].startswith("| method | avg inc. acc") and len(table) == 4
+    assert "| a | 2.00 ± 1.41 |" in table[2] and table[3].startswith("| b | 2.00 | 2.00")
+
+
+def test_ablation_variants_toggle_the_finetuning_stage():
+    v = bsce_ablation.variants("lucir")
+    assert [(label, m) for label, m, _ in v] == [("lucir", "lucir"), ("lucir + FT", "lucir"),
+                                                ("lucir + BSCE", "lucir-bsce"), ("lucir + BSCE + FT", "lucir-bsce")]
+    assert [f[-1] for _, _, f in v] == ["--no-balanced-finetune", "--balanced-finetune"] * 2
+    assert bsce_ablation.variants("wa")[-1][2] == ["--loss", "bsce", "--train.weight-align", "false"]
+
+
+def test_run_variants_reads_existing_runs(tmp_path, monkeypatch):
+    """A run whose metrics.json exists is read, not run again."""
+    import json
+    d = tmp_path / "lucir_BSCE-s1"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps(_metrics(70.0)))
+    monkeypatch.setattr(compare_seeds, "cli_main", lambda argv: pytest.fail(f"ran {argv}"))
+    rows = compare_seeds.run_variants([("lucir + BSCE", "lucir-bsce", [])], ["1"], tmp_path, [])
+    assert rows[0][0] == "lucir + BSCE" and rows[0][1]["avg_incremental_acc"] == [70.0]
