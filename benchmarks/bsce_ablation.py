@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compare_seeds import markdown, run_variants, split_argv  # noqa: E402
+from compare_seeds import run_and_print, split_argv  # noqa: E402
 
 PROTOCOL = ["--dataset", "fashion-mnist", "--backbone", "resnet32", "--increment", "2", "--epochs", "10",
             "--batch-size", "64", "--memory", "200"]
@@ -45,11 +45,7 @@ def main() -> int:
     if unknown:
         p.error(f"--bases: unknown {', '.join(unknown)}; expected some of {', '.join(BASES)}")
     vs = [v for b in args.bases.split(",") for v in variants(b)]
-    rows = run_variants(vs, args.seeds.split(","), Path(args.out), passthrough or PROTOCOL)
-    if isinstance(rows, int):
-        return rows
-    print("\n" + markdown(rows))
-    return 0
+    return run_and_print(vs, args.seeds.split(","), Path(args.out), passthrough or PROTOCOL)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,16 @@ def markdown(rows: list[tuple[str, dict[str, list[float]]]]) -> str:
     return "\n".join(lines)
 
 
+def run_and_print(variants: list[tuple[str, str, list[str]]], seeds: list[str], out: Path,
+                  passthrough: list[str]) -> int:
+    """``run_variants``, then the markdown table on stdout; the exit code."""
+    rows = run_variants(variants, seeds, out, passthrough)
+    if isinstance(rows, int):
+        return rows
+    print("\n" + markdown(rows))
+    return 0
+
+
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """(own arguments, arguments after ``--`` for cilearn run)."""
     return (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -82,12 +92,8 @@ def main() -> int:
     p.add_argument("--seeds", default="1993,1,2")
     p.add_argument("--out", required=True)
     args = p.parse_args(own)
-    rows = run_variants([(m, m, []) for m in args.methods.split(",")], args.seeds.split(","), Path(args.out),
-                        passthrough)
-    if isinstance(rows, int):
-        return rows
-    print("\n" + markdown(rows))
-    return 0
+    return run_and_print([(m, m, []) for m in args.methods.split(",")], args.seeds.split(","), Path(args.out),
+                         passthrough)
 
 
 if __name__ == "__main__":

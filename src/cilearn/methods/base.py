@@ -87,6 +87,11 @@ class Context:
         """Embeddings ``[N, D]`` (eval mode, no augmentation)."""
         return predict(net, x, self.augmenter, self.cfg.train.eval_batch_size, self.autocast_dtype)[1]
 
+    def phase_generator(self, phase: Phase) -> torch.Generator:
+        """A CPU generator seeded by (seed, phase) for a phase's side draws (k-means imprinting,
+        random fine-tuning selection), so that the run's RNG stream is untouched."""
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + phase.index)
+
 
 def over_views(ctx: Context, x: torch.Tensor, fn) -> tuple[torch.Tensor, ...] | None:
     """``fn`` over every deterministic training view of ``x`` (uint8 ``[N, C, H, W]``), in
@@ -119,8 +124,6 @@ class TeacherCache:
     ``NetOutput`` giving ``[B, F]`` more to keep (PODNet's pooled feature maps)."""
 
     def __init__(self, teacher: torch.nn.Module, x: torch.Tensor, ctx: Context, extra=None):
-        self.teacher, self.extra = teacher, extra
-
         @torch.no_grad()
         def outputs(xb: torch.Tensor) -> tuple[torch.Tensor, ...]:
             o = teacher(xb)
@@ -137,6 +140,11 @@ class TeacherCache:
         else:
             got = list(self._outputs(batch.x))
         return TeacherOut(got[0], got[1], got[2] if len(got) > 2 else None)
+
+    def cached_embeddings(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The teacher's cached embeddings ``[len(idx), D]`` of training images ``idx``,
+        unaugmented view; None when nothing is cached (continuous augmentation)."""
+        return self.cached[1][0, idx] if self.cached is not None else None
 
 
 class Method:
@@ -208,10 +216,10 @@ class Method:
         self.gamma: float | None = None       # WA's last gamma
         self.finetune_seconds = 0.0           # this phase's class-balanced fine-tuning stage
         self.ft_subset: dict | None = None    # that stage's selection (checkpointed: exact resume)
-        # (phase, [N_new, D]) embeddings of the phase's new-class images taken by that selection
-        # after the main stage; valid while the backbone is unchanged (head-only fine-tuning), so
-        # the memory update reuses them instead of embedding the same images again
-        self.new_embeddings: tuple[int, torch.Tensor] | None = None
+        # [N_new, D] embeddings of this phase's new-class images taken by that selection after the
+        # main stage; valid while the backbone is unchanged (head-only fine-tuning), so the memory
+        # update reuses them instead of embedding the same images again (reset every phase)
+        self.new_embeddings: torch.Tensor | None = None
         self.freeze = self.freeze_old_head if t.freeze_old_head is None else t.freeze_old_head
         self.frozen_old: list[tuple[torch.Tensor, torch.Tensor]] | None = None   # (parameter, old rows)
 
@@ -256,11 +264,10 @@ class Method:
         when the augmentation has finite views, else one embedding pass."""
         from .imprint import imprint
         new = (y >= phase.start).nonzero().flatten()
-        cache = self.teacher_out
-        emb = cache.cached[1][0, new] if cache is not None and cache.cached is not None else \
-            self.ctx.embed(self.net, x[new])
-        gen = torch.Generator().manual_seed(self.ctx.cfg.seed * 1_000_003 + phase.index)   # run's RNG untouched
-        imprint(self.net.head, emb, y[new], phase.classes, gen)
+        emb = self.teacher_out.cached_embeddings(new) if self.teacher_out is not None else None
+        if emb is None:
+            emb = self.ctx.embed(self.net, x[new])
+        imprint(self.net.head, emb, y[new], phase.classes, self.ctx.phase_generator(phase))
 
     def train_phase(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> FitResult:
         """The main stage, then (unless a resumed run continues a later stage of this phase) the
@@ -331,8 +338,7 @@ class Method:
         cached, self.new_embeddings = self.new_embeddings, None
         if mem is not None:
             x, y = data.train_of(phase.classes)
-            same = cached is not None and cached[0] == phase.index and len(cached[1]) == len(x)
-            emb = cached[1] if same else self.ctx.embed(self.net, x)
+            emb = cached if cached is not None else self.ctx.embed(self.net, x)
             mem.update(x, y, phase.classes, emb, phase.seen, self.ctx.gen)
 
     def state_dict(self) -> dict:

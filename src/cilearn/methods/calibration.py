@@ -68,8 +68,8 @@ def select_balanced(method: "Method", phase: "Phase", x: torch.Tensor, y: torch.
     picks = []
     if m > 0:
         feats = ctx.embed(method.net, x[new_idx])                 # [N_new, D]
-        method.new_embeddings = (phase.index, feats)              # reused by the memory update
-        gen = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + phase.index)
+        method.new_embeddings = feats                             # reused by the memory update
+        gen = ctx.phase_generator(phase)
         for c in phase.classes:
             rows = (y_new == c).nonzero().flatten()
             picks.append(new_idx[rows[mem.select(feats[rows], m, gen).to(rows.device)]])
