@@ -5,6 +5,8 @@ phase, training seconds and the fine-tuning stage's share) for benchmarks/RESULT
 
     python benchmarks/bsce_ablation.py --bases icarl,lucir,podnet --seeds 1993,1,2 --out benchmarks/out/bsce
 
+``--variants ft,bsce`` runs only some of them (own, ft, bsce, bsce-ft).
+
 Default protocol (after ``--``, replaceable): Fashion-MNIST B0-Inc2, resnet32, 10 epochs, batch 64,
 200 exemplars in total, all training images.
 """
@@ -25,26 +27,35 @@ BASES = {"icarl": ("icarl", "icarl-bsce"), "lucir": ("lucir", "lucir-bsce"), "po
          "wa": ("wa", None)}
 
 
-def variants(base: str) -> list[tuple[str, str, list[str]]]:
+KINDS = ("own", "ft", "bsce", "bsce-ft")   # own loss; + fine-tuning; BSCE; BSCE + fine-tuning
+
+
+def variants(base: str, kinds: tuple[str, ...] = KINDS) -> list[tuple[str, str, list[str]]]:
     own, bsce = BASES[base]
-    out = [(f"{base}", own, ["--no-balanced-finetune"]), (f"{base} + FT", own, ["--balanced-finetune"])]
+    out = {"own": (f"{base}", own, ["--no-balanced-finetune"]), "ft": (f"{base} + FT", own, ["--balanced-finetune"])}
     if bsce is None:   # WA: BSCE instead of weight aligning
-        return out + [(f"{base} + BSCE (no WA)", own, ["--loss", "bsce", "--train.weight-align", "false"])]
-    return out + [(f"{base} + BSCE", bsce, ["--no-balanced-finetune"]),
-                  (f"{base} + BSCE + FT", bsce, ["--balanced-finetune"])]
+        out["bsce"] = (f"{base} + BSCE (no WA)", own, ["--loss", "bsce", "--train.weight-align", "false"])
+    else:
+        out["bsce"] = (f"{base} + BSCE", bsce, ["--no-balanced-finetune"])
+        out["bsce-ft"] = (f"{base} + BSCE + FT", bsce, ["--balanced-finetune"])
+    return [out[k] for k in kinds if k in out]
 
 
 def main() -> int:
     own, passthrough = split_argv(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bases", default="icarl,lucir", help=f"comma list of {', '.join(BASES)}")
+    p.add_argument("--variants", default=",".join(KINDS), help=f"comma list of {', '.join(KINDS)}")
     p.add_argument("--seeds", default="1993,1,2")
     p.add_argument("--out", required=True)
     args = p.parse_args(own)
     unknown = [b for b in args.bases.split(",") if b not in BASES]
     if unknown:
         p.error(f"--bases: unknown {', '.join(unknown)}; expected some of {', '.join(BASES)}")
-    vs = [v for b in args.bases.split(",") for v in variants(b)]
+    kinds = tuple(args.variants.split(","))
+    if bad := [k for k in kinds if k not in KINDS]:
+        p.error(f"--variants: unknown {', '.join(bad)}; expected some of {', '.join(KINDS)}")
+    vs = [v for b in args.bases.split(",") for v in variants(b, kinds)]
     return run_and_print(vs, args.seeds.split(","), Path(args.out), passthrough or PROTOCOL)
 
 

@@ -4,6 +4,7 @@ and print a markdown table of mean +- std (sample std, n-1) of the summary metri
     python benchmarks/compare_seeds.py --methods lwf,lwm --seeds 1993,1,2 --out benchmarks/out/lwm \
         -- --dataset fashion-mnist --train-per-class 300 --increment 2 --epochs 10 --batch-size 64
 
+An entry of ``--methods`` may carry flags of its own (``"lwf-mc,lwf-mc --distill attention"``).
 Everything after ``--`` is passed to ``cilearn run`` (each run goes to OUT/<label>-s<seed>; a run
 whose metrics.json exists is read, not run again). ``benchmarks/bsce_ablation.py`` uses
 ``run_variants`` with flags per variant.
@@ -85,15 +86,22 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     return (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
 
 
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """``"lwf-mc --distill attention"`` -> (label = the text, method, its own flags)."""
+    method, *flags = text.split()
+    return text.strip(), method, flags
+
+
 def main() -> int:
     own, passthrough = split_argv(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", required=True)
+    p.add_argument("--methods", required=True,
+                   help='comma list; an entry may carry its own flags: "lwf-mc,lwf-mc --distill attention"')
     p.add_argument("--seeds", default="1993,1,2")
     p.add_argument("--out", required=True)
     args = p.parse_args(own)
-    return run_and_print([(m, m, []) for m in args.methods.split(",")], args.seeds.split(","), Path(args.out),
-                         passthrough)
+    return run_and_print([parse_variant(m) for m in args.methods.split(",")], args.seeds.split(","),
+                         Path(args.out), passthrough)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,14 @@ def test_ablation_variants_toggle_the_finetuning_stage():
                                                 ("lucir + BSCE", "lucir-bsce"), ("lucir + BSCE + FT", "lucir-bsce")]
     assert [f[-1] for _, _, f in v] == ["--no-balanced-finetune", "--balanced-finetune"] * 2
     assert bsce_ablation.variants("wa")[-1][2] == ["--loss", "bsce", "--train.weight-align", "false"]
+    assert [label for label, _, _ in bsce_ablation.variants("icarl", ("ft", "bsce"))] == ["icarl + FT", "icarl + BSCE"]
+    assert [label for label, _, _ in bsce_ablation.variants("wa", ("bsce-ft",))] == []   # WA has no BSCE + FT
+
+
+def test_compare_seeds_entries_carry_their_own_flags():
+    assert compare_seeds.parse_variant("lwf-mc") == ("lwf-mc", "lwf-mc", [])
+    assert compare_seeds.parse_variant(" lwf-mc --distill attention") == \
+        ("lwf-mc --distill attention", "lwf-mc", ["--distill", "attention"])
 
 
 def test_run_variants_reads_existing_runs(tmp_path, monkeypatch):

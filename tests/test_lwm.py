@@ -77,3 +77,34 @@ def test_cached_teacher_maps_equal_per_batch_maps(quick):
 def test_joint_with_memory_is_refused(tmp_path, capsys):
     code = main(["run", "--method", "joint", "--memory", "100", "--out", str(tmp_path / "r")])
     assert code == 2 and "memory budget does not apply" in capsys.readouterr().err
+
+
+def test_lwf_mc_objective_by_hand_and_anchors_old_logits():
+    """LwF-MC's BCE: targets one-hot for the new classes, teacher sigmoids for the old ones;
+    hand value on one sample. Unlike softmax KD it is not invariant to shifting the old logits."""
+    import math
+
+    from cilearn.losses import kd_kl
+    m = object.__new__(METHODS.get("lwf-mc"))
+    t_logits = torch.tensor([[0.0, 2.0]])
+    m.teacher_out = lambda batch: type("T", (), {"logits": t_logits})()
+    out = type("O", (), {"logits": torch.tensor([[0.0, 1.0, 3.0]])})()
+    batch = Batch(torch.zeros(1, 1, 2, 2), torch.tensor([2]), torch.tensor([0]), None)
+    loss, terms = m.objective(batch, out)
+    sig = lambda z: 1 / (1 + math.exp(-z))   # noqa: E731
+    bce = lambda z, t: -(t * math.log(sig(z)) + (1 - t) * math.log(1 - sig(z)))   # noqa: E731
+    want = bce(0.0, 0.5) + bce(1.0, sig(2.0)) + bce(3.0, 1.0)
+    assert loss.item() == pytest.approx(want, rel=1e-5) and set(terms) == {"bce"}
+    shifted = type("O", (), {"logits": out.logits - torch.tensor([[5.0, 5.0, 0.0]])})()
+    assert m.objective(batch, shifted)[0].item() > loss.item() + 1.0
+    assert kd_kl(shifted.logits[:, :2], t_logits, 2.0).item() == pytest.approx(kd_kl(out.logits[:, :2], t_logits, 2.0).item(),
+                                                                            abs=1e-6)
+
+
+def test_lwf_mc_with_attention_end_to_end(quick):
+    """LwM's attention term on the LwF-MC base: both terms act, no exemplars, and the old classes
+    keep a non-zero CNN accuracy (softmax-KD LwF drops them to exactly 0 on this protocol)."""
+    m = cilearn.run(quick(method="lwf-mc", loss={"distill": ["attention"]}), echo=False).metrics
+    assert m["memory"]["total_images"] == 0
+    assert all({"bce", "attention"} <= set(r["loss"]) for r in m["phases"][1:])
+    assert m["phases"][1]["acc_old"] > 20.0

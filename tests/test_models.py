@@ -39,3 +39,10 @@ def test_frozen_copy_is_independent_and_gradient_free():
     assert not torch.equal(t.head.weight, net.head.weight)
     out = net(torch.randn(2, 1, 8, 8))
     assert out.logits.shape == (2, 3) and out.embedding.shape == (2, 128)
+
+
+def test_head_options_are_what_each_head_takes():
+    from cilearn.models.heads import head_options
+    assert head_options("lsc", proxies=4, sigma=2.0) == {"proxies": 4, "sigma": 2.0}
+    assert head_options("cosine", proxies=4, sigma=2.0) == {"sigma": 2.0}
+    assert head_options("linear", proxies=4, sigma=2.0) == {}

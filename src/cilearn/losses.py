@@ -139,6 +139,11 @@ def nca(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = Non
     return (torch.logsumexp(neg, dim=1) - pos).clamp_min(0).mean()
 
 
+# A classification loss with a ``margin`` in unscaled-similarity units names its LossConfig field;
+# ``Method`` binds ``margin = head scale (detached) * that value``.
+nca.margin_option = "nca_margin"
+
+
 def pod_vectors(maps: list[torch.Tensor]) -> list[torch.Tensor]:
     """PODNet's pooled descriptors (Douillard et al. 2020, Sec. 3.1, Eq. 2-3): per stage, ``h``
     ``[B, C, H, W]`` squared elementwise, sum-pooled over the width (``[B, C, H]``) and over the

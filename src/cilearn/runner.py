@@ -31,7 +31,7 @@ from .memory import Budget, Memory
 from .memory.selection import SELECTIONS
 from .methods import METHODS, Context, SplitData
 from .models.backbones import BACKBONES
-from .models.heads import HEADS
+from .models.heads import HEADS, head_options
 from .models.net import build_net
 
 
@@ -268,10 +268,8 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     aug = Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std, cfg.train.channels_last)
     last_relu = method_cls.last_relu if cfg.model.last_relu is None else cfg.model.last_relu
     head = cfg.model.head or method_cls.head
-    opts = {"proxies": cfg.model.proxies} if head == "lsc" else {}
     scale = method_cls.head_scale if cfg.model.scale is None else cfg.model.scale
-    if head in ("cosine", "lsc"):
-        opts["sigma"] = scale
+    opts = head_options(head, proxies=cfg.model.proxies, sigma=scale)
     net = build_net(cfg.model.backbone, head, ds.image_shape[0], last_relu, **opts).to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)

@@ -196,8 +196,8 @@ class Method:
         lc = ctx.cfg.loss
         name = lc.cls or self.cls_loss
         self.cls_fn = CLS_LOSSES.get(name)
-        if name == "nca":   # the margin is on the unscaled similarity: eta * delta in logit units
-            fn, head, delta = self.cls_fn, self.net.head, lc.nca_margin
+        if opt := getattr(self.cls_fn, "margin_option", None):   # NCA: margin eta * delta in logit units
+            fn, head, delta = self.cls_fn, self.net.head, getattr(lc, opt)
             scale = lambda: head.sigma.detach() if hasattr(head, "sigma") else 1.0   # noqa: E731 (see losses.nca)
             self.cls_fn = lambda logits, y, counts=None: fn(logits, y, counts, margin=scale() * delta)
         self.kd_fn = DISTILL.get(self.distill) if self.distill else None
@@ -307,9 +307,10 @@ class Method:
         LUCIR's less-forget and margin ranking. Default: none."""
         return []
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self.constrain()
-        out = self.net(batch.x)
+    def objective(self, batch: Batch, out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The classification loss (weighted, WA) + logit distillation on the old classes, from
+        the student's output ``out``: the part a recipe may replace (``icarl-bce`` / ``lwf-mc``:
+        one sigmoid BCE doing both). Extra teacher terms are added by ``loss``."""
         cls = self.cls_fn(out.logits, batch.y, self.counts)
         terms = {"cls": cls.detach()}
         loss = self.cls_weight * cls
@@ -318,6 +319,14 @@ class Method:
             kd = self.kd_fn(out.logits[:, : t_logits.shape[1]], t_logits, self.T)
             terms["kd"] = kd.detach()
             loss = loss + self.lam * kd
+        return loss, terms
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One student forward serves ``objective``, the extra terms (``--distill attention``, ...)
+        and the method's ``teacher_terms``."""
+        self.constrain()
+        out = self.net(batch.x)
+        loss, terms = self.objective(batch, out)
         if self.teacher is not None:
             for t in self.extra:
                 v = t(batch, out)

@@ -49,11 +49,19 @@ class ICaRLBCE(ICaRL):
     cls_loss = "bce"
     distill = "bce"
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self.net(batch.x)
+    def objective(self, batch: Batch, out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         target = F.one_hot(batch.y, out.logits.shape[1]).float()
         if self.teacher_out is not None:
             t_logits = self.teacher_out(batch).logits
             target[:, : t_logits.shape[1]] = torch.sigmoid(t_logits)
         loss = F.binary_cross_entropy_with_logits(out.logits.float(), target, reduction="sum") / len(target)
         return loss, {"bce": loss.detach()}
+
+
+@METHODS.register("lwf-mc")
+class LwFMC(ICaRLBCE):
+    """LwF-MC, the class-incremental LwF of the iCaRL paper (Rebuffi et al. 2017, Sec. 4): iCaRL's
+    sigmoid BCE with the teacher's sigmoids as old-class targets, without exemplars. Unlike the
+    softmax KD of ``lwf`` it anchors the old logits' absolute values, not only their differences.
+    ``--distill attention`` adds LwM's attention term on top."""
+    uses_memory = False

@@ -1,6 +1,7 @@
 """Classifier heads. Every head grows with ``add_classes(n)`` and keeps the old classes' weights."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -10,6 +11,13 @@ from ..registry import Registry
 
 # A builder is ``fn(in_dim: int, **opts) -> Head`` (``lsc``: ``proxies``).
 HEADS: Registry = Registry("head")
+
+
+def head_options(name: str, **available) -> dict:
+    """The options among ``available`` that head ``name``'s builder takes (``lsc``: proxies and
+    sigma; ``cosine``: sigma; ``linear``: none), so callers need not know each head's options."""
+    params = inspect.signature(HEADS.get(name)).parameters
+    return {k: v for k, v in available.items() if k in params}
 
 
 class Head(nn.Module):
