@@ -54,3 +54,15 @@ def test_kd_bce_by_hand():
     assert kd_bce(s, t).item() == pytest.approx(math.log(2), abs=1e-6)
     s2, t2 = torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 0.0]])
     assert kd_bce(s2, t2).item() == pytest.approx(2 * math.log(2), abs=1e-6)   # sum over classes, mean over batch
+
+
+def test_local_cross_entropy_by_hand():
+    """CE over the classes with training samples: classes 1, 2 here: -log(e^3 / (e^2 + e^3))."""
+    from cilearn.losses import local_cross_entropy
+    z = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+    loss = local_cross_entropy(z, torch.tensor([2]), torch.tensor([0.0, 5.0, 5.0]))
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+    loss.backward()
+    assert z.grad[0, 0] == 0 and torch.isfinite(z.grad).all()     # the absent class gets no push
+    assert local_cross_entropy(z, torch.tensor([2]), torch.ones(3)).item() == pytest.approx(
+        cross_entropy(z, torch.tensor([2])).item())                # every class present: plain CE

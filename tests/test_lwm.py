@@ -18,6 +18,7 @@ from cilearn.train import Batch
 def test_lwm_recipe_is_lwf_plus_attention():
     lwm, lwf = METHODS.get("lwm"), METHODS.get("lwf")
     assert lwm.distill == lwf.distill == "kd" and lwm.terms == ("attention",) and not lwm.uses_memory
+    assert lwm.cls_loss == lwf.cls_loss == "ce-local"     # LwF's L_new: CE over the new classes
 
 
 def test_lwm_end_to_end_exemplar_free_with_attention_png(quick, tmp_path):
@@ -108,3 +109,14 @@ def test_lwf_mc_with_attention_end_to_end(quick):
     assert m["memory"]["total_images"] == 0
     assert all({"bce", "attention"} <= set(r["loss"]) for r in m["phases"][1:])
     assert m["phases"][1]["acc_old"] > 20.0
+
+
+def test_lwf_local_ce_keeps_old_classes_that_all_class_ce_loses(quick):
+    """LwF's CE over the new classes only (``ce-local``, the default) against the softmax over all
+    seen classes (``--loss ce``), exemplar-free: the latter pushes the old logits down on the new
+    images, so far fewer old-class test images are recognised after each phase."""
+    def old_acc(**over):
+        m = cilearn.run(quick(method="lwf", **over), echo=False).metrics
+        return sum(r["acc_old"] for r in m["phases"][1:]) / 4
+    local, full = old_acc(), old_acc(loss={"cls": "ce"}, out=None)
+    assert local > full + 20.0, (local, full)

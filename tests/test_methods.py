@@ -11,8 +11,11 @@ from cilearn.methods import METHODS
 # 23% on the last phase's new classes at 6 epochs, 80% at 10); PODNet needs 15 (NCA) and 20 (BSCE).
 EPOCHS = {"podnet": 15, "podnet-bsce": 20, "lucir-bsce": 10}
 # Known weakness, reported in benchmarks/RESULTS.md: podnet-bsce leans towards the old classes on
-# digits (last phase: old 91%, new 38%).
-NEW_MIN = {"podnet-bsce": 30.0}
+# digits (last phase: old 91%, new 38%). The exemplar-free methods whose classification loss leaves
+# the old logits alone (lwf, lwm: CE over the new classes; lwf-mc: sigmoid BCE) lean the same way:
+# nothing calibrates old against new logits (last phase's new classes at 6 epochs: lwf 44%,
+# lwf-mc 21%, lwm 10%); that they learnt the new classes is checked among the new logits.
+NEW_MIN = {"podnet-bsce": 30.0, "lwf": 30.0, "lwf-mc": 10.0, "lwm": 5.0}
 
 
 @pytest.mark.parametrize("method", METHODS.names())
@@ -23,6 +26,7 @@ def test_every_method_runs_end_to_end(method, quick):
     assert all(0.0 <= a <= 100.0 for row in m["accuracy_matrix"] for a in row)
     assert m["accuracy_matrix"][0][0] > 90.0            # two digit classes are learnt in phase 0
     assert m["phases"][-1]["acc_new"] > NEW_MIN.get(method, 50.0)   # and the last phase's classes too
+    assert m["phases"][-1]["acc_new_among_new"] > 70.0                 # (2 classes: chance is 50)
     cls = METHODS.get(method)
     assert (m["avg_incremental_acc_nme"] is not None) == cls.uses_memory
     assert (m["memory"]["total_images"] > 0) == cls.uses_memory

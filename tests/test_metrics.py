@@ -39,6 +39,9 @@ def test_evaluate_phase_by_hand():
     # among old logits only (columns 0, 1): sample 1 predicted 2 -> now argmax over {0,1}: both -5
     # ties resolve to 0 -> wrong (y=1); samples 0 and 2 right -> 2/3
     assert ev.acc_old_among_old == pytest.approx(100 * 2 / 3)
+    # among new logits only (columns 2, 3): samples 3, 4 right; sample 5 (row max on class 1) ties
+    # at -5 over {2, 3} -> 2, wrong (y=3) -> 2/3
+    assert ev.acc_new_among_new == pytest.approx(100 * 2 / 3)
 
 
 def test_top5_and_first_phase_has_no_old():

@@ -25,7 +25,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "memory": ("memory.total", int, "exemplar budget: fixed total shared by all seen classes"),
     "memory-per-class": ("memory.per_class", int, "exemplar budget: fixed number per class"),
     "selection": ("memory.selection", str, "exemplar selection: herding, random, closest"),
-    "loss": ("loss.cls", str, "classification loss: ce, bce, bsce (default: the method's)"),
+    "loss": ("loss.cls", str, "classification loss: ce, ce-local, bce, bsce, nca (default: the method's)"),
     "distill": ("loss.distill", lambda v: [t for t in v.split(",") if t], "extra distillation terms for any method, e.g. attention"),
     "save-attention": ("report.save_attention", int, "after each phase, PNG of N test images' Grad-CAMs"),
     "epochs": ("train.epochs", int, "epochs per phase"),

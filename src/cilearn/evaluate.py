@@ -8,6 +8,8 @@ j <= i):
 * last accuracy = acc of the final phase;
 * ``acc_old_among_old`` (diagnostic): top-1 of the old classes' test images when only the old
   classes' logits compete: how much old knowledge survives apart from the bias towards new classes;
+* ``acc_new_among_new`` (diagnostic): the same for the new classes' test images among the new
+  classes' logits: whether the new classes were learnt, apart from the balance with the old ones;
 * forgetting = mean over tasks j < T-1 of ``max_{j <= i < T-1} a[i][j] - a[T-1][j]``
   (Chaudhry et al. 2018; FACIL), 0 with a single phase.
 """
@@ -62,6 +64,7 @@ class PhaseEval:
     acc_old: float | None
     acc_new: float
     acc_old_among_old: float | None     # old-class test images, argmax over the old classes' logits only
+    acc_new_among_new: float            # new-class test images, argmax over the new classes' logits only
     task_acc: list[float]             # one per task seen so far (a row of the accuracy matrix)
     task_acc_nme: list[float] | None
 
@@ -82,6 +85,7 @@ def evaluate_phase(logits: torch.Tensor, emb: torch.Tensor, y: torch.Tensor, bou
         acc_old=accuracy(pred, y, old) if new_start > 0 else None,
         acc_new=accuracy(pred, y, ~old),
         acc_old_among_old=accuracy(logits[:, :new_start].argmax(1), y, old) if new_start > 0 else None,
+        acc_new_among_new=accuracy(logits[:, new_start:].argmax(1) + new_start, y, ~old),
         task_acc=[accuracy(pred, y, m) for m in masks],
         task_acc_nme=[accuracy(nme, y, m) for m in masks] if nme is not None else None,
     )

@@ -22,6 +22,19 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | 
     return F.cross_entropy(logits.float(), y)
 
 
+@CLS_LOSSES.register("ce-local")
+def local_cross_entropy(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax CE over the classes that have training samples in this phase (``counts > 0``),
+    mean over the batch. Without exemplars these are the new classes: LwF's new-task loss
+    ``L_new`` on the new classes' outputs (Li & Hoiem 2016, Sec. 3), as PyCIL's and FACIL's
+    class-incremental LwF compute it, so the classification loss does not push the old logits
+    down; with exemplars every seen class has samples and it is plain CE. ``counts`` None: CE."""
+    z = logits.float()
+    if counts is not None:
+        z = z.masked_fill((counts == 0).to(z.device), float("-inf"))    # [B, K]; y always present
+    return F.cross_entropy(z, y)
+
+
 @CLS_LOSSES.register("bce")
 def binary_cross_entropy(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
     """iCaRL's classification loss (Rebuffi et al. 2017, Alg. 3): one sigmoid per class against
@@ -56,7 +69,9 @@ def balanced_softmax_ce(logits: torch.Tensor, y: torch.Tensor, counts: torch.Ten
     if counts is None:
         raise ValueError("bsce needs the per-class training counts")
     prior = torch.log(counts.float().clamp_min(BSCE_MIN_COUNT)).to(logits.device)   # [K]
-    return F.cross_entropy(logits.float() + prior, y)
+    # The softmax ignores a common shift; taking the max out makes the prior exactly 0 when all
+    # counts are equal (a base phase), so BSCE is then bit-identical to CE, not CE up to rounding.
+    return F.cross_entropy(logits.float() + (prior - prior.max()), y)
 
 
 def less_forget(emb: torch.Tensor, emb_old: torch.Tensor) -> torch.Tensor:
