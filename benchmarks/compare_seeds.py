@@ -7,7 +7,7 @@ and print a markdown table of mean +- std (sample std, n-1) of the summary metri
 An entry of ``--methods`` may carry flags of its own (``"lwf-mc,lwf-mc --distill attention"``).
 Everything after ``--`` is passed to ``cilearn run`` (each run goes to OUT/<label>-s<seed>; a run
 whose metrics.json exists is read, not run again). ``benchmarks/bsce_ablation.py`` uses
-``run_variants`` with flags per variant.
+``run_and_print`` with flags per variant.
 """
 from __future__ import annotations
 

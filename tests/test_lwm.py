@@ -104,7 +104,8 @@ def test_lwf_mc_objective_by_hand_and_anchors_old_logits():
 
 def test_lwf_mc_with_attention_end_to_end(quick):
     """LwM's attention term on the LwF-MC base: both terms act, no exemplars, and the old classes
-    keep a non-zero CNN accuracy (softmax-KD LwF drops them to exactly 0 on this protocol)."""
+    keep a non-zero CNN accuracy (LwF with the all-class softmax, ``--loss ce``, drops them to
+    exactly 0 on this protocol)."""
     m = cilearn.run(quick(method="lwf-mc", loss={"distill": ["attention"]}), echo=False).metrics
     assert m["memory"]["total_images"] == 0
     assert all({"bce", "attention"} <= set(r["loss"]) for r in m["phases"][1:])
