@@ -56,11 +56,14 @@ def test_flags_and_dotted_overrides_reach_the_config(tmp_path, capsys):
     out = tmp_path / "r"
     code, _, err = run_cli(capsys, "run", "--method", "lwf", "--base", "4", "--increment", "3", "--epochs", "1",
                            "--train.momentum", "0.5", "--memory.selection=random", "--seed", "7",
+                           "--scenario.class-order", "9,8,7,6,5,4,3,2,1,0", "--train.weight-decay", "1e-3",
                            "--out", str(out), "--no-progress", "--quiet")
     assert code == 0, err
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["train"]["momentum"] == 0.5 and cfg["memory"]["selection"] == "random" and cfg["seed"] == 7
     assert cfg["method"] == "lwf" and cfg["scenario"]["base"] == 4
+    assert cfg["scenario"]["class_order"] == list(range(9, -1, -1))   # a comma list becomes a list option
+    assert cfg["train"]["weight_decay"] == 1e-3                          # YAML 1.1 would read a string
     assert len(json.loads((out / "metrics.json").read_text())["phases"]) == 3
 
 

@@ -49,11 +49,22 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_value(text: str) -> Any:
+    """A dotted override's value, read as YAML (``0.01``, ``true``, ``[6, 4]``); a comma-separated
+    ``6,4,2`` (which YAML reads as one string) becomes a list, for list options such as
+    ``--scenario.class-order``."""
     import yaml
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str) and "," in value and not value.startswith(("{", "[")):
+        return [parse_value(part.strip()) for part in value.split(",") if part.strip()]
+    if isinstance(value, str):
+        try:
+            return float(value)   # YAML 1.1 reads 1e-3 (no dot) as a string
+        except ValueError:
+            pass
+    return value
 
 
 def build_config(args: argparse.Namespace, extra: list[str]):
