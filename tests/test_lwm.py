@@ -31,6 +31,10 @@ def test_lwm_end_to_end_exemplar_free_with_attention_png(quick, tmp_path):
         png = res.out_dir / f"attention-phase{i}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (res.out_dir / "attention-phase0.png").exists()   # no teacher in the first phase
+    # the KD-target diagnostic: null without a teacher, a share of images and a normalised entropy after
+    assert m["phases"][0]["kd_target_entropy"] is None and m["phases"][0]["kd_target_top_share"] is None
+    for r in m["phases"][1:]:
+        assert 0.0 < r["kd_target_entropy"] <= 1.0 and 1 / (r["classes_seen"] - 2) <= r["kd_target_top_share"] <= 1.0
 
 
 def test_lwm_with_exemplars(quick):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cilearn.evaluate import average_incremental_accuracy, evaluate_phase, forgetting, nme_predict
+from cilearn.evaluate import average_incremental_accuracy, evaluate_phase, forgetting, kd_target_stats, nme_predict
 
 
 def test_forgetting_by_hand():
@@ -57,3 +57,16 @@ def test_nme_nearest_normalised_mean():
     protos = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=1)
     emb = torch.tensor([[10.0, 1.0], [0.1, 0.5]])
     assert nme_predict(emb, protos).tolist() == [0, 1]
+
+
+def test_kd_target_stats_by_hand():
+    # 3 images, 2 old classes, T = 2: logits / T = [0, 0], [ln 3, 0], [0, ln 3]
+    ln3 = torch.log(torch.tensor(3.0))
+    logits = torch.tensor([[0.0, 0.0], [2 * ln3, 0.0], [0.0, 2 * ln3]])
+    st = kd_target_stats(logits, T=2.0)
+    h = lambda p: -(p * torch.log(torch.tensor(p)) + (1 - p) * torch.log(torch.tensor(1 - p)))  # noqa: E731
+    expected = (h(0.5) + 2 * h(0.75)) / 3 / torch.log(torch.tensor(2.0))   # p = 1/2, 3/4, 3/4
+    assert st["kd_target_entropy"] == pytest.approx(float(expected), rel=1e-5)
+    assert st["kd_target_top_share"] == pytest.approx(2 / 3)   # argmax 0, 0 (tie), 1
+    one_hot = kd_target_stats(torch.tensor([[50.0, 0.0, 0.0]] * 4), T=2.0)
+    assert one_hot["kd_target_entropy"] < 1e-6 and one_hot["kd_target_top_share"] == 1.0

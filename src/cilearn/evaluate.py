@@ -10,11 +10,15 @@ j <= i):
   classes' logits compete: how much old knowledge survives apart from the bias towards new classes;
 * ``acc_new_among_new`` (diagnostic): the same for the new classes' test images among the new
   classes' logits: whether the new classes were learnt, apart from the balance with the old ones;
+* ``kd_target_entropy`` / ``kd_target_top_share`` (diagnostic, methods with a KD teacher,
+  phases > 0): how spread the teacher's soft targets on the phase's training images are over the
+  old classes (``kd_target_stats``);
 * forgetting = mean over tasks j < T-1 of ``max_{j <= i < T-1} a[i][j] - a[T-1][j]``
   (Chaudhry et al. 2018; FACIL), 0 with a single phase.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +93,20 @@ def evaluate_phase(logits: torch.Tensor, emb: torch.Tensor, y: torch.Tensor, bou
         task_acc=[accuracy(pred, y, m) for m in masks],
         task_acc_nme=[accuracy(nme, y, m) for m in masks] if nme is not None else None,
     )
+
+
+def kd_target_stats(teacher_logits: torch.Tensor, T: float) -> dict[str, float]:
+    """How much the teacher's distillation targets say about the old classes (diagnostic).
+    ``teacher_logits``: ``[N, K_old]`` on the phase's training images. Returns
+    ``kd_target_entropy``: the mean entropy of ``softmax(logits / T)`` divided by ``ln K_old``
+    (1: uniform, 0: one-hot), and ``kd_target_top_share``: the share of images whose teacher
+    argmax is the most frequent old class (1: every image points to the same old class, and
+    distilling on them cannot keep the other old classes apart)."""
+    k = teacher_logits.shape[1]
+    p = torch.softmax(teacher_logits.float() / T, dim=1)
+    ent = -(p * p.clamp_min(1e-12).log()).sum(1).mean() / max(math.log(k), 1e-12)
+    top = torch.bincount(p.argmax(1), minlength=k).max() / max(len(p), 1)
+    return {"kd_target_entropy": float(ent) if k > 1 else 0.0, "kd_target_top_share": float(top)}
 
 
 def average_incremental_accuracy(accs: list[float]) -> float:

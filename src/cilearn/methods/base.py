@@ -207,6 +207,7 @@ class Method:
         self.extra = [TERMS.get(n)(self) for n in dict.fromkeys(self.terms + tuple(lc.distill))]
         self.teacher = None
         self.teacher_out: TeacherCache | None = None
+        self.kd_stats: dict[str, float] | None = None   # this phase's ``teacher_target_stats``
         self.counts: torch.Tensor | None = None
         self.phase: Phase | None = None
         self.cls_weight = 1.0                 # weight of the classification loss (WA: 1 - lambda)
@@ -236,10 +237,13 @@ class Method:
     def before_phase(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> None:
         self.phase = phase
         self.finetune_seconds, self.ft_subset, self.new_embeddings = 0.0, None, None
+        self.kd_stats: dict[str, float] | None = None
         if phase.index > 0 and (self.kd_fn is not None or self.extra or self.needs_teacher):
             self.teacher = self.net.frozen_copy()
             if self.kd_fn is not None or self.needs_teacher:
                 self.teacher_out = TeacherCache(self.teacher, x, self.ctx, self.teacher_extra())
+            if self.kd_fn is not None:
+                self.kd_stats = self.teacher_target_stats(x)
             for t in self.extra:
                 t.before_phase(phase, x)
         self.net.add_classes(phase.num_new)
@@ -252,6 +256,20 @@ class Method:
             per = head.weight.shape[0] // phase.seen          # rows per class (LSC: proxies)
             self.frozen_old = [(p, p[: phase.num_old * per].detach().clone())
                                for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+
+    def teacher_target_stats(self, x: torch.Tensor) -> dict[str, float]:
+        """``evaluate.kd_target_stats`` of the teacher's logits on the unaugmented training images
+        ``x`` (from the cache when there is one)."""
+        from ..evaluate import kd_target_stats
+        cached = self.teacher_out.cached if self.teacher_out is not None else None
+        logits = cached[0][0] if cached is not None else predict(self.teacher, x, self.ctx.augmenter,
+                                                                 self.ctx.cfg.train.eval_batch_size,
+                                                                 self.ctx.autocast_dtype)[0]
+        return kd_target_stats(logits, self.T)
+
+    def diagnostics(self) -> dict[str, float | None]:
+        """Per-phase values for the metrics rows beyond the evaluation (null where not defined)."""
+        return {"kd_target_entropy": None, "kd_target_top_share": None, **(self.kd_stats or {})}
 
     def teacher_extra(self):
         """A function of the teacher's ``NetOutput`` giving ``[B, F]`` more for ``TeacherCache`` to
