@@ -93,11 +93,36 @@ class LossConfig:
     nca_margin: float = 0.6              # PODNet's NCA margin delta (Sec. 4.1), on the unscaled similarity
     pod_spatial_weight: float | None = None  # PODNet's lambda_c; None: 3, 8 on image folders (official configs)
     pod_flat_weight: float | None = None     # PODNet's lambda_f; None: 1, 10 on image folders (official configs)
+    # DT-ID (--distill dual-teacher): KD of the new-class logit block from a new-class teacher
+    dual_teacher_weight: float = 1.0     # weight of that KD (the old block keeps the method's own KD)
+    dual_teacher_init: str = "copy"      # copy: the new teacher starts from the old model; scratch: fresh init
+    dual_teacher_epochs: int | None = None  # its training epochs; None: the phase's
+
+
+@dataclass
+class ReplayConfig:
+    """DF-GR (``--replay dfgr``): a generator trained against the old model alone before each phase
+    > 0; its samples are distilled from the old model in every training step. The paper's values
+    could not be read (METHODS.md); these are cilearn's, measured on digits / Fashion-MNIST."""
+    source: str | None = None            # None: the method's (dfgr recipes: dfgr); "none" turns it off
+    steps: int = 500                     # generator training steps (Adam)
+    batch_size: int = 64                 # latent codes per generator step
+    lr: float = 1e-3
+    z_dim: int = 100
+    width: int = 64                      # generator channels (DAFL's generator: 128)
+    bn_weight: float = 1.0               # BatchNorm-statistics matching
+    bn_loss: str = "kl"                  # kl (Gaussians) | l2
+    entropy_weight: float = 1.0          # per-sample entropy, minimised
+    diversity_weight: float = 1.0        # entropy of the batch-mean prediction, maximised
+    samples_per_batch: int | None = None  # synthetic samples per training step; None: the training batch size
+    kd_weight: float = 1.0               # KD of the old logits on the synthetic samples
+    ce_weight: float = 0.0               # CE over all seen classes, label = the old model's argmax (off: KD only)
 
 
 @dataclass
 class ReportConfig:
     save_attention: int = 0              # after each phase, a PNG of N test images' Grad-CAMs (teacher, student)
+    save_samples: int = 0                # DF-GR: after each generator training, a PNG of N samples per old class
 
 
 @dataclass
@@ -111,6 +136,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
@@ -264,6 +290,22 @@ def validate(cfg: RunConfig) -> None:
     positive("train.finetune-epochs", t.finetune_epochs, zero=True)
     positive("train.finetune-lr", t.finetune_lr)
     positive("save-attention", cfg.report.save_attention, zero=True)
+    positive("save-samples", cfg.report.save_samples, zero=True)
+    positive("loss.dual-teacher-weight", cfg.loss.dual_teacher_weight, zero=True)
+    positive("loss.dual-teacher-epochs", cfg.loss.dual_teacher_epochs, zero=True)
+    if cfg.loss.dual_teacher_init not in ("copy", "scratch"):
+        raise ConfigError(f"--loss.dual-teacher-init must be copy or scratch, got '{cfg.loss.dual_teacher_init}'")
+    r = cfg.replay
+    positive("replay.steps", r.steps)
+    positive("replay.batch-size", r.batch_size)
+    positive("replay.lr", r.lr)
+    positive("replay.z-dim", r.z_dim)
+    positive("replay.width", r.width)
+    positive("replay.samples-per-batch", r.samples_per_batch)
+    for name in ("bn_weight", "entropy_weight", "diversity_weight", "kd_weight", "ce_weight"):
+        positive("replay." + name.replace("_", "-"), getattr(r, name), zero=True)
+    if r.bn_loss not in ("kl", "l2"):
+        raise ConfigError(f"--replay.bn-loss must be kl or l2, got '{r.bn_loss}'")
     positive("base", s.base, zero=True)
     positive("increment", s.increment)
     positive("memory", m.total)

@@ -149,6 +149,9 @@ def prepare(cfg: RunConfig):
     from .methods.terms import TERMS
     for name in cfg.loss.distill:
         TERMS.get(name)
+    if cfg.replay.source not in (None, "none"):
+        from .replay import REPLAY
+        REPLAY.get(cfg.replay.source)
     budget_given = cfg.memory.total is not None or cfg.memory.per_class is not None
     if method_cls.train_on_seen and budget_given:
         raise ConfigError(f"--method {cfg.method} trains on all data seen so far: a memory budget does not apply")

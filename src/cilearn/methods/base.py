@@ -156,6 +156,7 @@ class Method:
     distill: ClassVar[str | None] = None    # key of DISTILL, on the old-class logits
     kd_weight: ClassVar[float] = 1.0
     terms: ClassVar[tuple[str, ...]] = ()   # keys of TERMS (teacher-based terms, e.g. attention)
+    replay_source: ClassVar[str | None] = None   # key of cilearn.replay.REPLAY (dfgr), default of --replay
     uses_memory: ClassVar[bool] = False
     train_on_seen: ClassVar[bool] = False   # joint: all data of the classes seen so far
     head: ClassVar[str] = "linear"
@@ -205,6 +206,8 @@ class Method:
         self.T = lc.temperature
         from .terms import TERMS
         self.extra = [TERMS.get(n)(self) for n in dict.fromkeys(self.terms + tuple(lc.distill))]
+        from ..replay import replay_source
+        self.replay = replay_source(self)
         self.teacher = None
         self.teacher_out: TeacherCache | None = None
         self.kd_stats: dict[str, float] | None = None   # this phase's ``teacher_target_stats``
@@ -238,14 +241,16 @@ class Method:
         self.phase = phase
         self.finetune_seconds, self.ft_subset, self.new_embeddings = 0.0, None, None
         self.kd_stats: dict[str, float] | None = None
-        if phase.index > 0 and (self.kd_fn is not None or self.extra or self.needs_teacher):
+        if phase.index > 0 and (self.kd_fn is not None or self.extra or self.needs_teacher or self.replay):
             self.teacher = self.net.frozen_copy()
             if self.kd_fn is not None or self.needs_teacher:
                 self.teacher_out = TeacherCache(self.teacher, x, self.ctx, self.teacher_extra())
             if self.kd_fn is not None:
                 self.kd_stats = self.teacher_target_stats(x)
             for t in self.extra:
-                t.before_phase(phase, x)
+                t.before_phase(phase, x, y)
+            if self.replay is not None:
+                self.replay.before_phase(phase, tuple(x.shape[1:]))
         self.net.add_classes(phase.num_new)
         self.counts = torch.bincount(y, minlength=phase.seen).float()
         self.frozen_old = None
@@ -269,7 +274,10 @@ class Method:
 
     def diagnostics(self) -> dict[str, float | None]:
         """Per-phase values for the metrics rows beyond the evaluation (null where not defined)."""
-        return {"kd_target_entropy": None, "kd_target_top_share": None, **(self.kd_stats or {})}
+        out = {"kd_target_entropy": None, "kd_target_top_share": None, **(self.kd_stats or {})}
+        for part in self.extra + ([self.replay] if self.replay is not None else []):
+            out.update(part.diagnostics())
+        return out
 
     def teacher_extra(self):
         """A function of the teacher's ``NetOutput`` giving ``[B, F]`` more for ``TeacherCache`` to
@@ -350,7 +358,7 @@ class Method:
                 v = t(batch, out)
                 terms[t.name] = v.detach()
                 loss = loss + t.weight * v
-            for name, w, v in self.teacher_terms(batch, out):
+            for name, w, v in self.teacher_terms(batch, out) + (self.replay.terms(len(batch.x)) if self.replay else []):
                 terms[name] = v.detach()
                 loss = loss + w * v
         return loss, terms
@@ -360,6 +368,8 @@ class Method:
         if self.teacher is not None:
             for t in self.extra:
                 t.after_phase(phase, data)
+            if self.replay is not None:
+                self.replay.after_phase(phase)
         self.teacher = self.teacher_out = None   # free the teacher's memory
         mem = self.ctx.memory
         cached, self.new_embeddings = self.new_embeddings, None

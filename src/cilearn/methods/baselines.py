@@ -70,3 +70,18 @@ class LwFMC(ICaRLBCE):
     softmax KD of ``lwf`` it anchors the old logits' absolute values, not only their differences.
     ``--distill attention`` adds LwM's attention term on top."""
     uses_memory = False
+
+
+@METHODS.register("dfgr")
+class DFGR(LwF):
+    """LwF + DF-GR (Choi et al. 2021), exemplar-free: before each phase > 0 a generator is trained
+    against the old model alone, and its samples are distilled from the old model in every
+    training step (``cilearn.replay``). ``--replay dfgr`` adds the same to any method."""
+    replay_source = "dfgr"
+
+
+@METHODS.register("dfgr-dtid")
+class DFGRDTID(DFGR):
+    """LwF + DF-GR + DT-ID (Choi et al. 2021): the new-class logit block is distilled from a
+    new-class teacher trained on the new data first (``--distill dual-teacher`` on any method)."""
+    terms = ("dual-teacher",)

@@ -32,14 +32,19 @@ class DistillTerm:
     def weight(self) -> float:  # pragma: no cover
         raise NotImplementedError
 
-    def before_phase(self, phase: "Phase", x: torch.Tensor) -> None:
-        """Called once the teacher exists (phases > 0), with the phase's uint8 training set."""
+    def before_phase(self, phase: "Phase", x: torch.Tensor, y: torch.Tensor) -> None:
+        """Called once the teacher exists (phases > 0), with the phase's uint8 training set and
+        its labels, before the head grows."""
 
     def __call__(self, batch: "Batch", out: "NetOutput") -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def after_phase(self, phase: "Phase", data: "SplitData") -> None:
         """Called after training, while the teacher still exists."""
+
+    def diagnostics(self) -> dict[str, float | None]:
+        """Per-phase values for metrics.json (same keys every phase)."""
+        return {}
 
 
 @TERMS.register("attention")
@@ -61,7 +66,7 @@ class AttentionDistill(DistillTerm):
         w = self.m.ctx.cfg.loss.attention_weight
         return 1.0 if w is None else w
 
-    def before_phase(self, phase, x):
+    def before_phase(self, phase, x, y):
         from .base import over_views
         got = over_views(self.m.ctx, x, lambda xb: teacher_gradcam(self.m.teacher, xb, phase.num_old)[:2])
         self.cam, self.b = got if got is not None else (None, None)   # [V, N, h, w], [V, N]
@@ -99,3 +104,91 @@ class AttentionDistill(DistillTerm):
         order = self.m.ctx.cfg.scenario.class_order
         titles = [f"y={order[int(a)]} b={order[int(c)]}" for a, c in zip(y, b)]
         overlay_grid(x.cpu(), cam_t, cam_s, out_dir / f"attention-phase{phase.index}.png", titles)
+
+
+@TERMS.register("dual-teacher")
+class DualTeacherDistill(DistillTerm):
+    """DT-ID's second teacher (Choi et al. 2021): before the phase's main stage, a new-class
+    teacher is trained on the phase's new-class images alone (never on exemplars or generated
+    samples), starting from a copy of the old model (``--loss.dual-teacher-init copy``, default)
+    or from a fresh initialisation (``scratch``), with CE over the new classes, for
+    ``--loss.dual-teacher-epochs`` (default: the phase's). The student then distils the new-class
+    block of its logits from it:
+
+        L = L_cls + beta * KL_T(old block | old teacher) + w * KL_T(new block | new teacher)
+
+    where the old-block term is the method's own KD (LwF, iCaRL: ``kd`` at T) and ``w`` is
+    ``--loss.dual-teacher-weight`` (default 1). Each KL is a softmax at temperature T over its own
+    block only (``losses.kd_kl``), on every training image of the batch. With a finite
+    augmentation the new teacher's logits are computed once per image and view."""
+    name = "dual-teacher"
+
+    def __init__(self, method: "Method"):
+        super().__init__(method)
+        self.new_teacher = self.cache = None
+        self.seconds: float | None = None
+        self.block = (0, 0)
+
+    @property
+    def weight(self) -> float:
+        return self.m.ctx.cfg.loss.dual_teacher_weight
+
+    def before_phase(self, phase, x, y):
+        import copy
+
+        from ..losses import CLS_LOSSES
+        from ..train import fit
+        from .base import over_views
+        ctx, lc = self.m.ctx, self.m.ctx.cfg.loss
+        new = y >= phase.start
+        xn, yn = x[new], y[new]
+        seed = ctx.cfg.seed * 1_000_003 + phase.index * 7919 + 17      # apart from the run's RNG stream
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            model = copy.deepcopy(self.m.net)          # the old model (head not grown yet)
+            if lc.dual_teacher_init == "scratch":
+                for mod in model.modules():
+                    if mod is not model and hasattr(mod, "reset_parameters"):
+                        mod.reset_parameters()
+            model.add_classes(phase.num_new)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        counts = torch.bincount(yn, minlength=phase.seen).float()
+        ce_local = CLS_LOSSES.get("ce-local")
+
+        def loss(batch):
+            v = ce_local(model(batch.x).logits, batch.y, counts)
+            return v, {"ce": v.detach()}
+
+        over = {} if lc.dual_teacher_epochs is None else {"epochs": lc.dual_teacher_epochs}
+        gen = torch.Generator(device=ctx.device).manual_seed(seed)
+        fr = fit(model, xn, yn, loss, ctx.fit_settings(phase, **over), ctx.augmenter, gen,
+                 desc=f"phase {phase.index} new-class teacher")
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.new_teacher, self.seconds, self.block = model, fr.seconds, (phase.start, phase.end)
+
+        @torch.no_grad()
+        def new_logits(xb):
+            return (model(xb).logits[:, phase.start:phase.end].float(),)
+
+        got = over_views(ctx, x, new_logits)
+        self.cache = got[0] if got is not None else None          # [V, N, K_new]
+        self._new_logits = new_logits
+
+    def __call__(self, batch, out):
+        from ..losses import kd_kl
+        if self.cache is not None and batch.view is not None:
+            t = self.cache[batch.view, batch.idx]
+        else:
+            (t,) = self._new_logits(batch.x)
+        a, b = self.block
+        return kd_kl(out.logits[:, a:b], t, self.m.T)
+
+    def after_phase(self, phase, data):
+        self.new_teacher = self.cache = self._new_logits = None
+
+    def diagnostics(self):
+        s, self.seconds = self.seconds, None
+        return {"new_teacher_seconds": s}

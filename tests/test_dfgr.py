@@ -1,0 +1,218 @@
+"""DF-GR (data-free generative replay) and DT-ID (dual-teacher distillation): the generator's
+losses by hand, its training against the old model alone, the dual-teacher term by hand, the
+new-class teacher's data, and the recipes end to end."""
+import inspect
+import json
+import math
+
+import pytest
+import torch
+
+import cilearn
+from cilearn.cli import main
+from cilearn.data.augment import Augmenter
+from cilearn.data.scenario import Phase
+from cilearn.methods import METHODS, Context
+from cilearn.methods.terms import DualTeacherDistill
+from cilearn.models.net import NetOutput, build_net
+from cilearn.replay.dfgr import (GeneratorSettings, _BNStats, batch_mean_entropy, bn_statistics_loss,
+                                 sample_entropy, train_generator)
+from cilearn.train import Batch
+
+
+@pytest.mark.parametrize("kind", ["kl", "l2"])
+def test_bn_statistics_loss_zero_iff_equal(kind):
+    m, v = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.3])
+    assert float(bn_statistics_loss(m, v, m.clone(), v.clone(), kind)) == pytest.approx(0.0, abs=1e-7)
+    assert float(bn_statistics_loss(m + 0.1, v, m, v, kind)) > 0
+    assert float(bn_statistics_loss(m, v * 2, m, v, kind)) > 0
+
+
+def test_bn_statistics_kl_by_hand():
+    # one channel: batch N(1, 1), running N(0, 4): KL = ln(2/1) + (1 + 1) / (2 * 4) - 1/2
+    got = bn_statistics_loss(torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([4.0]),
+                             "kl", eps=0.0)
+    assert float(got) == pytest.approx(math.log(2) + 2 / 8 - 0.5, rel=1e-6)
+    l2 = bn_statistics_loss(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]), torch.zeros(2),
+                            torch.tensor([4.0, 1.0]), "l2")
+    assert float(l2) == pytest.approx(1.0 + 3.0)
+
+
+def test_entropy_terms_by_hand():
+    # p = (3/4, 1/4) and (1/4, 3/4): logits (ln 3, 0) and (0, ln 3)
+    ln3 = math.log(3)
+    logits = torch.tensor([[ln3, 0.0], [0.0, ln3]])
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert float(sample_entropy(logits)) == pytest.approx(h, rel=1e-6)
+    assert float(batch_mean_entropy(logits)) == pytest.approx(math.log(2), rel=1e-6)   # mean p = (1/2, 1/2)
+    same = torch.tensor([[ln3, 0.0], [ln3, 0.0]])
+    assert float(batch_mean_entropy(same)) == pytest.approx(h, rel=1e-6)
+
+
+def _old_model(seed=0):
+    """A convnet whose BN running statistics come from data of mean ~0.3, std ~2 (not the
+    (0, 1) of a fresh layer), frozen like a teacher."""
+    torch.manual_seed(seed)
+    net = build_net("convnet", "linear", 1)
+    net.add_classes(3)
+    net.train()
+    with torch.no_grad():
+        for _ in range(20):
+            net(torch.randn(64, 1, 8, 8) * 2 + 0.3)
+    return net.frozen_copy()
+
+
+def _bn_loss_of(gen_model, old, aug, n=256):
+    hooks = _BNStats(old)
+    with torch.no_grad():
+        old(aug.normalize(gen_model(torch.randn(n, gen_model.z_dim, generator=torch.Generator().manual_seed(5)))))
+    v = float(hooks.loss("kl"))
+    hooks.remove()
+    return v
+
+
+def test_generator_training_improves_bn_matching_from_the_model_alone():
+    old = _old_model()
+    aug = Augmenter("none", 0, (0.5,), (0.5,), channels_last=False)
+    s = GeneratorSettings(steps=60, batch_size=64, progress=False)
+    g0, _ = train_generator(old, aug.normalize, (1, 8, 8), GeneratorSettings(steps=0, progress=False),
+                            torch.Generator().manual_seed(1), torch.device("cpu"))
+    g, summary = train_generator(old, aug.normalize, (1, 8, 8), s, torch.Generator().manual_seed(1),
+                                 torch.device("cpu"))
+    before, after = _bn_loss_of(g0, old, aug), _bn_loss_of(g, old, aug)
+    assert after < 0.5 * before, (before, after)
+    assert summary["bn_end"] < summary["bn_start"] and summary["seconds"] > 0
+    assert all(not p.requires_grad for p in old.parameters()) and not old.training   # teacher untouched
+    x = g(torch.randn(8, s.z_dim))
+    assert x.shape == (8, 1, 8, 8) and float(x.min()) >= 0 and float(x.max()) <= 255
+
+
+def test_generator_training_function_takes_no_data():
+    """The generator's training function receives the old model and settings: no data set, no
+    images. Its parameters are exactly these, and in a run it is called with nothing else."""
+    assert list(inspect.signature(train_generator).parameters) == ["old_model", "normalize", "image_shape", "s",
+                                                                  "gen", "device"]
+
+
+def test_generator_gets_only_the_old_model_in_a_run(quick, monkeypatch):
+    import cilearn.data.datasets as ds
+    import cilearn.replay as rp
+    calls = []
+    real = rp.train_generator
+
+    def spy(old_model, normalize, image_shape, s, gen, device):
+        calls.append((old_model, normalize, image_shape))
+        loaded = ds.load_dataset
+        ds.load_dataset = lambda *a, **k: pytest.fail("the generator's training read a data set")
+        try:
+            return real(old_model, normalize, image_shape, s, gen, device)
+        finally:
+            ds.load_dataset = loaded
+
+    monkeypatch.setattr(rp, "train_generator", spy)
+    res = cilearn.run(quick(method="dfgr", out=None, train__epochs=2, replay__steps=5,
+                            scenario={"base": 0, "increment": 5}), echo=False)
+    assert len(calls) == 1 and len(res.metrics["phases"]) == 2
+    old_model, normalize, shape = calls[0]
+    assert old_model.num_classes == 5 and not old_model.training     # the frozen model of phase 0
+    assert shape == (1, 8, 8) and normalize.__self__.__class__ is Augmenter   # only normalisation constants
+
+
+def _dtid_method(quick, init="copy"):
+    torch.manual_seed(0)
+    net = build_net("convnet", "linear", 1)
+    net.add_classes(2)
+    aug = Augmenter("flip", 0, (0.5,), (0.5,), channels_last=False)
+    cfg = quick(method="dfgr-dtid", out=None, replay__steps=3,
+                loss={"dual_teacher_init": init, "dual_teacher_epochs": 2})
+    ctx = Context(cfg, net, None, aug, torch.device("cpu"), torch.Generator(), None)
+    return METHODS.get("dfgr-dtid")(ctx), aug
+
+
+def test_dual_teacher_term_by_hand(quick):
+    method, _ = _dtid_method(quick)
+    term = next(t for t in method.extra if isinstance(t, DualTeacherDistill))
+    method.T = 2.0
+    term.block = (2, 4)
+    term.cache = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])     # [V=1, N=2, K_new=2]: new teacher's logits
+    logits = torch.tensor([[5.0, -1.0, 0.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
+    out = NetOutput(logits, torch.zeros(2, 3), [])
+    batch = Batch(torch.zeros(2, 1, 8, 8), torch.tensor([2, 3]), torch.tensor([0, 1]), torch.tensor([0, 0]))
+
+    def kl(t, s):   # KL(softmax(t / 2) || softmax(s / 2)) over a 2-logit block
+        p = [math.exp(v / 2) for v in t]
+        q = [math.exp(v / 2) for v in s]
+        p, q = [v / sum(p) for v in p], [v / sum(q) for v in q]
+        return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+    expected = (kl([2.0, 0.0], [0.0, 2.0]) + kl([0.0, 0.0], [1.0, 1.0])) / 2   # old block (5, -1) unused
+    assert float(term(batch, out)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("init", ["copy", "scratch"])
+def test_new_class_teacher_trains_on_new_images_only(quick, monkeypatch, init):
+    import cilearn.train as tr
+    seen = []
+    real_fit = tr.fit
+
+    def spy(model, x, y, *a, **k):
+        first_conv = next(p for n, p in model.named_parameters() if n.startswith("backbone"))
+        seen.append((model, y.clone(), first_conv.detach().clone()))
+        return real_fit(model, x, y, *a, **k)
+
+    monkeypatch.setattr(tr, "fit", spy)
+    method, aug = _dtid_method(quick, init)
+    x = torch.randint(0, 255, (30, 1, 8, 8), dtype=torch.uint8)
+    y = torch.cat([torch.randint(0, 2, (10,)), torch.randint(2, 4, (20,))])   # 10 exemplars of old classes
+    old_rows = method.net.head.weight.detach().clone()
+    old_conv = next(p for n, p in method.net.named_parameters() if n.startswith("backbone")).detach().clone()
+    method.before_phase(Phase(1, 2, 4), x, y)
+    term = next(t for t in method.extra if isinstance(t, DualTeacherDistill))
+    (model, ys, start_conv), = seen
+    assert model is term.new_teacher and model is not method.net and model is not method.teacher
+    assert len(ys) == 20 and bool((ys >= 2).all())                 # new classes only: no exemplar
+    assert term.cache.shape == (2, 30, 2)                          # its new-block logits, per view
+    assert all(not p.requires_grad for p in model.parameters())
+    assert torch.equal(method.net.head.weight[:2], old_rows)       # the student is not touched
+    # copy: the new teacher starts from the old model; scratch: from a fresh initialisation
+    assert torch.equal(start_conv, old_conv) == (init == "copy")
+
+
+@pytest.mark.parametrize("method", ["dfgr", "dfgr-dtid"])
+def test_dfgr_recipes_end_to_end_with_samples_png(method, quick):
+    res = cilearn.run(quick(method=method, replay__steps=10, report={"save_samples": 3}), echo=False)
+    m = res.metrics
+    assert m["memory"]["total_images"] == 0
+    for r in m["phases"][1:]:
+        assert r["generator_seconds"] > 0 and r["generator_bn_end"] < r["generator_bn_start"]
+        assert "replay_kd" in r["loss"] and r["loss"]["replay_kd"] >= 0
+        assert ("dual-teacher" in r["loss"]) == (method == "dfgr-dtid")
+        assert (r.get("new_teacher_seconds") is not None) == (method == "dfgr-dtid")
+    assert m["phases"][0]["generator_seconds"] is None
+    assert m["phases"][-1]["acc_new_among_new"] > 70
+    for i in range(1, 5):
+        assert (res.out_dir / f"samples-phase{i}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_replay_composes_with_icarl_and_dual_teacher_from_cli(tmp_path):
+    out = tmp_path / "r"
+    code = main(["run", "--method", "icarl", "--replay", "dfgr", "--distill", "dual-teacher", "--epochs", "2",
+                 "--replay.steps", "3", "--out", str(out), "--no-progress", "--quiet"])
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    loss = m["phases"][1]["loss"]
+    assert {"kd", "replay_kd", "dual-teacher"} <= set(loss) and m["memory"]["total_images"] > 0
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--replay", "gan"], "replay source 'gan'"),
+    (["--replay.bn-loss", "l1"], "--replay.bn-loss"),
+    (["--loss.dual-teacher-init", "random"], "--loss.dual-teacher-init"),
+    (["--replay.steps", "0"], "--replay.steps"),
+])
+def test_bad_replay_options_one_line_exit_2(args, msg, tmp_path, capsys):
+    out = tmp_path / "x"
+    code = main(["run", "--method", "dfgr", *args, "--out", str(out), "--no-progress", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and msg in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
