@@ -101,6 +101,7 @@ BAD = {
     "bad selection": (["--selection", "best"], "selection 'best'"),
     "missing data dir": (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm"], "/nonexistent/fm"),
     "cifar without data dir": (["--dataset", "cifar100"], "data-dir"),
+    "loss for a bce recipe": (["--method", "lwf-mc", "--loss", "bsce"], "--loss bsce does not apply"),
 }
 
 

@@ -54,6 +54,14 @@ class ICaRLBCE(ICaRL):
     cls_loss = "bce"
     distill = "bce"
 
+    @classmethod
+    def check_config(cls, cfg, has_memory: bool) -> None:
+        super().check_config(cfg, has_memory)
+        if cfg.loss.cls not in (None, "bce"):
+            from ..errors import ConfigError
+            raise ConfigError(f"--method {cfg.method} is one sigmoid BCE doing classification and distillation; "
+                              f"--loss {cfg.loss.cls} does not apply (use --method icarl or lwf for a softmax loss)")
+
     def objective(self, batch: Batch, out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         target = F.one_hot(batch.y, out.logits.shape[1]).float()
         if self.teacher_out is not None:
