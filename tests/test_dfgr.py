@@ -194,14 +194,16 @@ def test_dfgr_recipes_end_to_end_with_samples_png(method, quick):
         assert (res.out_dir / f"samples-phase{i}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_replay_composes_with_icarl_and_dual_teacher_from_cli(tmp_path):
+@pytest.mark.parametrize("base,own", [("icarl", "kd"), ("lucir", "less_forget"), ("podnet", "pod_spatial")])
+def test_replay_and_dual_teacher_compose_with_exemplar_methods_from_cli(base, own, tmp_path):
     out = tmp_path / "r"
-    code = main(["run", "--method", "icarl", "--replay", "dfgr", "--distill", "dual-teacher", "--epochs", "2",
+    code = main(["run", "--method", base, "--replay", "dfgr", "--distill", "dual-teacher", "--epochs", "1",
                  "--replay.steps", "3", "--out", str(out), "--no-progress", "--quiet"])
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())
     loss = m["phases"][1]["loss"]
-    assert {"kd", "replay_kd", "dual-teacher"} <= set(loss) and m["memory"]["total_images"] > 0
+    assert {own, "replay_kd", "dual-teacher"} <= set(loss), loss
+    assert m["memory"]["total_images"] > 0 and m["phases"][1]["generator_seconds"] > 0
 
 
 @pytest.mark.parametrize("args,msg", [
