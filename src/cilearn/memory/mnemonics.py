@@ -6,13 +6,13 @@ selection rule has picked a phase's exemplars, an optimizer may change their pix
   Multi-Class Incremental Learning without Forgetting", CVPR 2020, Sec. 4), a bilevel problem
   solved per phase with the model of the phase fixed:
 
-  - new classes (Sec. 4.2, the "local BOP"): the exemplars E of the new classes become float
+  - new classes (Sec. 4, the exemplar-level problem): the exemplars E of the new classes become float
     pixel parameters, initialised by the selection rule (herding). One iteration copies the model
     (parameters theta), fine-tunes the copy on E for K differentiable SGD steps
     ``theta_k = theta_{k-1} - lambda grad CE(theta_{k-1}; E)`` (unrolled, the graph kept), measures
     the CE of the adapted copy theta_K on a batch of the new classes' training data D, and takes a
     gradient step on the pixels, ``E <- E - beta grad_E CE(theta_K(E); D)``.
-  - old classes (Sec. 4.3, "adjusting old exemplars"): D of the old classes is gone, so their
+  - old classes (Sec. 4, adjusting the old exemplars): D of the old classes is gone, so their
     exemplars are split into two halves A and B (alternate positions within each class, so both
     halves span the selection order); A is optimised with B as the validation data, then B with
     A, by the same bilevel step. Only old-class exemplars change in this step.
@@ -63,7 +63,7 @@ class MnemonicsSettings:
     inner_lr: float          # lambda
     lr: float                # beta, on normalised pixels
     batch_size: int          # new-class images per outer step
-    step: str                # pixel update: sgd (the paper's Eq. 8) | adam
+    step: str                # pixel update: sgd (the paper's plain gradient step) | adam
     adjust_old: bool         # split-halves adjustment of the old classes' exemplars (bilevel only)
     quantize: bool           # store rounded uint8 instead of float32
 
@@ -97,7 +97,7 @@ def unrolled_finetune(net: torch.nn.Module, params: Params, buffers: Params, x: 
 
 def bilevel_loss(net: torch.nn.Module, params: Params, buffers: Params, ex: torch.Tensor, ex_y: torch.Tensor,
                  val_x: torch.Tensor, val_y: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
-    """The exemplar-level objective (Mnemonics Sec. 4.2, Eq. 6-7): CE on the validation data
+    """The exemplar-level objective (Mnemonics Sec. 4): CE on the validation data
     ``(val_x [V, C, H, W], val_y [V])`` of the model fine-tuned for ``steps`` SGD steps on the
     exemplars ``(ex [E, C, H, W], ex_y [E])``; a scalar, differentiable in ``ex``."""
     adapted = unrolled_finetune(net, params, buffers, ex, ex_y, steps, lr)
@@ -204,7 +204,7 @@ class _PixelOptimizer(ExemplarOptimizer):
             memory.exemplars[c] = pixels[labels == c].clone()
 
     def pixel_optimizer(self, z: list[torch.Tensor]) -> torch.optim.Optimizer:
-        """The pixel update: ``sgd``, plain gradient descent ``z <- z - beta g`` (Mnemonics Eq. 8),
+        """The pixel update: ``sgd``, plain gradient descent ``z <- z - beta g`` (as the paper writes the exemplar update),
         or ``adam`` (``memory.mnemonics.step``)."""
         if self.s.step == "sgd":
             return torch.optim.SGD(z, lr=self.s.lr)
@@ -245,7 +245,7 @@ class Mnemonics(_PixelOptimizer):
         def objective(z, z_y, vx, vy):
             return bilevel_loss(net, params, buffers, z, z_y, vx, vy, s.inner_steps, s.inner_lr)
 
-        # new classes (Sec. 4.2): validated on a batch of their training data D per step
+        # new classes (Sec. 4): validated on a batch of their training data D per step
         ex, ex_y = self.gather(memory, [c for c in classes if c in memory.exemplars])
         z = self.leaf(normalize, ex)
         opt = self.pixel_optimizer([z])
@@ -260,7 +260,7 @@ class Mnemonics(_PixelOptimizer):
         self.stats["new_objective_after"] = float(objective(z, ex_y, normalize(x[first]), y[first]).detach())
         self.store(memory, space.to_pixels(z), ex_y)
 
-        # old classes (Sec. 4.3): halves A and B, each the validation data of the other
+        # old classes (Sec. 4): halves A and B, each the validation data of the other
         old_ids = sorted(c for c in memory.exemplars if c < classes.start)
         if not (s.adjust_old and old_ids):
             return
@@ -322,7 +322,7 @@ class MnemonicsSingle(_PixelOptimizer):
 
 
 # ---------------------------------------------------------------- configuration
-# Defaults per form. Bilevel: the paper's Sec. 5 values could not be read here (no access to the
+# Defaults per form. Bilevel: the paper's experimental values could not be read here (no access to the
 # full text); these are cilearn's, chosen on Fashion-MNIST (benchmarks/RESULTS.md) and stated in
 # the README. Single-level: the released code's (one epoch over the new data, lr 1e-5).
 DEFAULTS = {
