@@ -174,3 +174,21 @@ def test_cli_optimizer_flag_on_another_method_single_level(tmp_path):
     assert all(r["exemplar_optimizer"]["new_pixel_change"] > 0 for r in m["phases"])
     assert all(r["exemplar_optimizer"]["old_pixel_change"] == 0 for r in m["phases"][1:])   # new classes only
     assert m["memory"]["total_bytes"] == 50 * 64 * 4
+
+
+def test_benchmark_table_reads_optimizer_seconds_and_nme():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import mnemonics_benchmark as mb
+
+    m = {"avg_incremental_acc": 50.0, "avg_incremental_acc_nme": 60.0, "last_acc": 40.0, "last_acc_nme": 55.0,
+         "wall_seconds": 100.0, "memory": {"total_bytes": 4000},
+         "phases": [{"train_seconds": 10.0, "exemplar_optimizer": {"seconds": 2.0}},
+                    {"train_seconds": 20.0, "exemplar_optimizer": {}}]}
+    s = mb.summary(m)
+    assert s["opt_s"] == 2.0 and s["train_s"] == 30.0 and s["avg_incremental_acc_nme"] == 60.0
+    t = mb.table([("icarl", [s, {**s, "avg_incremental_acc": 52.0}])]).splitlines()
+    assert t[0].startswith("| exemplars | avg inc. acc (CNN) | avg inc. acc (NME)") and "| icarl | 51.00 ± 1.41 | 60.00 ± 0.00" in t[2]
+    labels = [label for label, _, _ in mb.variants("lucir", ("herding", "single"))]
+    assert labels == ["lucir", "lucir --memory.optimizer mnemonics-single"]
