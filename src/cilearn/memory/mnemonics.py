@@ -11,11 +11,13 @@ selection rule has picked a phase's exemplars, an optimizer may change their pix
     (parameters theta), fine-tunes the copy on E for K differentiable SGD steps
     ``theta_k = theta_{k-1} - lambda grad CE(theta_{k-1}; E)`` (unrolled, the graph kept), measures
     the CE of the adapted copy theta_K on a batch of the new classes' training data D, and takes a
-    gradient step on the pixels, ``E <- E - beta grad_E CE(theta_K(E); D)``.
+    step on the pixels along ``-grad_E CE(theta_K(E); D)`` (``step: sgd``: the paper's plain
+    ``E <- E - beta grad``; default ``adam``, see the README for why).
   - old classes (Sec. 4, adjusting the old exemplars): D of the old classes is gone, so their
     exemplars are split into two halves A and B (alternate positions within each class, so both
-    halves span the selection order); A is optimised with B as the validation data, then B with
-    A, by the same bilevel step. Only old-class exemplars change in this step.
+    halves span the selection order); A is optimised with B as the validation data and B with A,
+    by the same bilevel step, each validated on the other half as it was when the adjustment
+    began. Only old-class exemplars change in this step.
 
 * ``mnemonics-single``: the single-level form of the released code (cheaper; not the paper's
   form): the model is frozen, each training image of the new classes is classified by the
@@ -58,7 +60,7 @@ Params = dict[str, torch.Tensor]
 @dataclass(frozen=True)
 class MnemonicsSettings:
     """Resolved options (``memory.mnemonics.*``; None there means the form's default below)."""
-    iterations: int          # outer steps per phase (single: None -> one epoch over the new data)
+    iterations: int | None   # outer steps per phase (single: None -> one epoch over the new data)
     inner_steps: int         # K
     inner_lr: float          # lambda
     lr: float                # beta, on normalised pixels
