@@ -81,6 +81,8 @@ def build_config(args: argparse.Namespace, extra: list[str]):
             set_dotted(over, key, v)
     if args.no_progress:
         set_dotted(over, "train.progress", False)
+    if args.save_tsne:
+        set_dotted(over, "report.save_tsne", True)
     if args.balanced_finetune or args.no_balanced_finetune:
         set_dotted(over, "train.balanced_finetune", bool(args.balanced_finetune))
     i = 0
@@ -108,6 +110,8 @@ def cmd_list() -> None:
     print("methods:   " + ", ".join(METHODS.names()))
     print("data sets: " + ", ".join(DATASETS.names()))
     print("backbones: " + ", ".join(BACKBONES.names()))
+    from .memory.mnemonics import MEMORY_OPTIMIZERS
+    print("memory optimizers: " + ", ".join(MEMORY_OPTIMIZERS.names()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="class-balanced fine-tuning of the head after each phase > 0 [train.balanced_finetune]")
     ft.add_argument("--no-balanced-finetune", action="store_true",
                     help="no class-balanced fine-tuning (default of lucir-bsce, icarl, ...) [train.balanced_finetune]")
+    pr.add_argument("--save-tsne", action="store_true",
+                    help="after each phase, a t-SNE PNG of test embeddings with the exemplars [report.save_tsne]")
     pr.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
     pr.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -73,10 +73,25 @@ class TrainConfig:
 
 
 @dataclass
+class MnemonicsConfig:
+    """Options of the exemplar optimizers ``mnemonics`` / ``mnemonics-single`` (cilearn.memory.mnemonics)."""
+    iterations: int | None = None        # outer (pixel) steps per phase; None: the form's default
+    inner_steps: int = 1                 # K: unrolled SGD steps of the temporary model (bilevel)
+    inner_lr: float = 0.01               # lambda: their learning rate
+    lr: float | None = None              # beta: pixel step, normalised units; None: the form's default
+    batch_size: int = 128                # new-class images per outer step
+    step: str | None = None              # pixel update: sgd (paper, Eq. 8) | adam; None: the form's default
+    adjust_old: bool = True              # split-halves adjustment of old-class exemplars (bilevel)
+    quantize: bool = False               # store rounded uint8 pixels instead of float32
+
+
+@dataclass
 class MemoryConfig:
     total: int | None = None             # fixed total budget, shared by all seen classes
     per_class: int | None = None         # fixed per class, total grows with the classes
     selection: str = "herding"           # herding | random | closest
+    optimizer: str | None = None         # none | mnemonics | mnemonics-single; None: the method's
+    mnemonics: MnemonicsConfig = field(default_factory=MnemonicsConfig)
 
 
 @dataclass
@@ -123,6 +138,7 @@ class ReplayConfig:
 class ReportConfig:
     save_attention: int = 0              # after each phase, a PNG of N test images' Grad-CAMs (teacher, student)
     save_samples: int = 0                # DF-GR: after each generator training, a PNG of N samples per old class
+    save_tsne: bool = False              # after each phase, a t-SNE PNG of test embeddings and exemplars
 
 
 @dataclass

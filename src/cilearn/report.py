@@ -25,3 +25,65 @@ def accuracy_plot(metrics: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def tsne_plot(ctx, phase, data, before: dict | None, per_class: int = 100) -> None:
+    """``--save-tsne``: ``tsne-phase<i>.png`` in the run directory, a t-SNE (scikit-learn) of the
+    embeddings of up to ``per_class`` test images of every seen class (light dots) with the
+    exemplars in memory (large dots, black edge), as Figure 1 of the Mnemonics paper. With an
+    exemplar optimizer, two panels share one t-SNE: the exemplars as selected before this
+    phase's optimisation (new classes: the selection rule's, herding by default) and after it."""
+    import numpy as np
+    import torch
+
+    mem = ctx.memory
+    seen = (data.test_y < phase.end).nonzero().flatten()
+    rng = np.random.RandomState(phase.index)
+    keep = [seen[data.test_y[seen] == c] for c in range(phase.end)]
+    keep = torch.cat([k[torch.from_numpy(rng.permutation(len(k))[:per_class]).to(k.device)] for k in keep])
+    sets = [("exemplars", mem.exemplars)] if before is None else [("selected (before optimisation)", before),
+                                                                 (f"{ctx.cfg.memory.optimizer} (optimised)", mem.exemplars)]
+    xs, ys, panels = [data.test_x[keep]], [data.test_y[keep]], []
+    for name, ex in sets:
+        ids = [c for c in sorted(ex) if c < phase.end]
+        xs += [ex[c].float() for c in ids]
+        ys += [torch.full((len(ex[c]),), c, dtype=torch.long, device=data.test_y.device) for c in ids]
+        panels.append((name, sum(len(ex[c]) for c in ids)))
+    emb = torch.cat([ctx.embed(ctx.net, x) for x in xs]).float().cpu().numpy()          # [N, D]
+    order = ctx.cfg.scenario.class_order
+    tsne_figure(emb, torch.cat(ys).cpu().numpy(), len(keep), panels, [order[c] for c in range(phase.end)],
+                ctx.out / f"tsne-phase{phase.index}.png", f"phase {phase.index}: {phase.end} classes, seed {ctx.cfg.seed}")
+
+
+def tsne_figure(emb, labels, n_test: int, panels: list[tuple[str, int]], names: list[int], path: Path,
+                title: str) -> None:
+    """One t-SNE of ``emb [N, D]`` (rows: ``n_test`` test embeddings, then each panel's exemplars
+    in turn, ``panels``: (title, count)), drawn as one subplot per panel: all test points light,
+    that panel's exemplars dark with a black edge; colour = ``labels [N]`` (incremental ids),
+    legend = ``names`` (original class ids)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30.0, max(2.0, (len(emb) - 1) / 3)))
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0).fit_transform(emb)
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), dpi=110, squeeze=False)
+    start = n_test
+    for ax, (name, count) in zip(axes[0], panels):
+        for c in range(len(names)):
+            t = labels[:n_test] == c
+            ax.scatter(xy[:n_test][t, 0], xy[:n_test][t, 1], s=6, color=cmap(c % cmap.N), alpha=0.25, linewidths=0)
+            e = labels[start:start + count] == c
+            ax.scatter(xy[start:start + count][e, 0], xy[start:start + count][e, 1], s=60, color=cmap(c % cmap.N),
+                       edgecolors="black", linewidths=0.8, label=f"class {names[c]}")
+        start += count
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

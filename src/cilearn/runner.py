@@ -156,6 +156,9 @@ def prepare(cfg: RunConfig):
     if method_cls.train_on_seen and budget_given:
         raise ConfigError(f"--method {cfg.method} trains on all data seen so far: a memory budget does not apply")
     method_cls.check_config(cfg, uses_memory(method_cls, cfg))
+    from .memory import mnemonics
+    cfg.memory.optimizer = cfg.memory.optimizer or method_cls.memory_optimizer
+    mnemonics.check(cfg, cfg.method, uses_memory(method_cls, cfg))
     ds = load_data(cfg)
     cfg = resolve(cfg, ds.num_classes, ds.image_shape[-1])
     BACKBONES.get(cfg.model.backbone)
@@ -276,8 +279,9 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     net = build_net(cfg.model.backbone, head, ds.image_shape[0], last_relu, **opts).to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    memory = Memory(Budget(cfg.memory.total, cfg.memory.per_class), cfg.memory.selection) \
-        if uses_memory(method_cls, cfg) else None
+    from .memory.mnemonics import build as build_memory_optimizer
+    memory = Memory(Budget(cfg.memory.total, cfg.memory.per_class), cfg.memory.selection,
+                    build_memory_optimizer(cfg)) if uses_memory(method_cls, cfg) else None
     ctx = Context(cfg, net, memory, aug, device, gen, amp, ckpt, out)
     method = method_cls(ctx)
     ckpt.method_state = method.state_dict  # type: ignore[method-assign]
@@ -307,7 +311,8 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
         if memory is not None:
             b = memory.budget
             log(f"memory: {'%d exemplars in total' % b.total if b.total is not None else '%d per class' % b.per_class}, "
-                f"selection {cfg.memory.selection}")
+                f"selection {cfg.memory.selection}"
+                + (f", optimizer {cfg.memory.optimizer}" if cfg.memory.optimizer != "none" else ""))
     log(f"{'phase':>5} {'classes':>7} {'acc':>6} {'nme':>6} {'old':>6} {'new':>6} {'top5':>6} {'train s':>8} {'img/s':>7}")
 
     for phase in scenario.phases[first:]:
@@ -331,6 +336,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
                "acc_old": ev.acc_old, "acc_new": ev.acc_new, "acc_old_among_old": ev.acc_old_among_old,
                "acc_new_among_new": ev.acc_new_among_new, "top5": ev.top5, "train_seconds": fr.seconds,
                "finetune_seconds": method.finetune_seconds, "train_images_per_s": fr.images_per_s, "loss": fr.loss,
+               "exemplar_optimizer": dict(getattr(memory.optimizer, "stats", {})) if memory is not None else {},
                **method.diagnostics()}
         phase_rows.append(row)
         f = lambda v: f"{v:6.2f}" if v is not None else f"{'-':>6}"  # noqa: E731

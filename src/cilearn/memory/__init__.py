@@ -1,4 +1,6 @@
-"""Exemplar memory: a budget, a selection rule, and the stored uint8 exemplars per class.
+"""Exemplar memory: a budget, a selection rule, an optimizer (``cilearn.memory.mnemonics``:
+none, mnemonics, mnemonics-single) and the stored exemplars per class (uint8; float32 pixels in
+[0, 255] once an optimizer has changed them).
 
 Budgets (named unambiguously, since PyCIL and Avalanche use "fixed memory" in opposite senses):
 * ``total=M``: M exemplars in all, shared by the seen classes: ``M // seen`` per class, so each
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from .mnemonics import ExemplarOptimizer
 from .selection import SELECTIONS
 
 
@@ -35,11 +38,13 @@ class Budget:
 
 
 class Memory:
-    """Exemplars per class (incremental id -> uint8 ``[n, C, H, W]``) in selection order."""
+    """Exemplars per class (incremental id -> ``[n, C, H, W]``, uint8 or float32 pixels) in
+    selection order."""
 
-    def __init__(self, budget: Budget, selection: str = "herding"):
+    def __init__(self, budget: Budget, selection: str = "herding", optimizer: ExemplarOptimizer | None = None):
         self.budget = budget
         self.select = SELECTIONS.get(selection)
+        self.optimizer = optimizer or ExemplarOptimizer()
         self.exemplars: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -74,6 +79,13 @@ class Memory:
                 continue
             order = self.select(features[idx], per, gen)
             self.exemplars[c] = x[idx[order]].clone()
+
+    def optimize(self, net: torch.nn.Module, normalize, classes: range, x: torch.Tensor, y: torch.Tensor,
+                 gen: torch.Generator) -> dict[int, torch.Tensor] | None:
+        """Run the exemplar optimizer after ``update`` (``x`` uint8, ``y``: the phase's images of
+        ``classes``); returns the exemplars as selected, before optimisation, or None when the
+        optimizer is ``none``."""
+        return self.optimizer(self, net, normalize, classes, x, y, gen)
 
     def state(self) -> dict:
         return {"exemplars": {c: v.cpu() for c, v in self.exemplars.items()}}

@@ -158,6 +158,7 @@ class Method:
     terms: ClassVar[tuple[str, ...]] = ()   # keys of TERMS (teacher-based terms, e.g. attention)
     replay_source: ClassVar[str | None] = None   # key of cilearn.replay.REPLAY (dfgr), default of --replay
     uses_memory: ClassVar[bool] = False
+    memory_optimizer: ClassVar[str] = "none"  # default of memory.optimizer (cilearn.memory.mnemonics)
     train_on_seen: ClassVar[bool] = False   # joint: all data of the classes seen so far
     head: ClassVar[str] = "linear"
     last_relu: ClassVar[bool] = True        # default of model.last_relu (LUCIR, PODNet: False)
@@ -377,6 +378,11 @@ class Method:
             x, y = data.train_of(phase.classes)
             emb = cached if cached is not None else self.ctx.embed(self.net, x)
             mem.update(x, y, phase.classes, emb, phase.seen, self.ctx.gen)
+            selected = mem.optimize(self.net, self.ctx.augmenter.test, phase.classes, x, y,
+                                    self.ctx.phase_generator(phase))
+            if self.ctx.cfg.report.save_tsne and self.ctx.out is not None:
+                from ..report import tsne_plot
+                tsne_plot(self.ctx, phase, data, selected)
 
     def state_dict(self) -> dict:
         """State a method keeps beyond the network and the memory (checkpointed at phase ends and
