@@ -24,6 +24,10 @@ def test_summary_reads_the_last_phase_and_sums_stages():
     assert s["old_last"] == 60.0 and s["new_last"] == 70.0
     assert s["old_among_old"] == pytest.approx(60.0)          # mean over phases > 0
     assert s["train_s"] == 80.0 and s["finetune_s"] == 10.0
+    assert math.isnan(s["params_m"])                          # a run from before the parameter count
+    m = _metrics(75.0)
+    m["phases"][-1]["params"] = 2_500_000
+    assert compare_seeds.summary(m)["params_m"] == 2.5
     assert math.isnan(compare_seeds.summary({**_metrics(1.0), "phases": _metrics(1.0)["phases"][:1]})["old_among_old"])
 
 

@@ -190,11 +190,20 @@ def test_resume_inside_a_stage_gives_the_same_matrix(method, stage, quick, tmp_p
     assert cilearn.resume(tmp_path / "b", echo=False).accuracy_matrix == ref
 
 
-def test_bsce_composes_and_bad_betas_are_config_errors(quick):
-    from cilearn.methods import METHODS
-    from cilearn.methods.base import Context  # noqa: F401
-    for name in ("der", "foster"):
-        assert METHODS.get(name).expandable and METHODS.get(name).uses_memory
+@pytest.mark.parametrize("method", ["der", "foster"])
+def test_bsce_composes(method, quick, monkeypatch):
+    """``--loss bsce`` replaces the classification loss (DER's CE, FOSTER's logit-adjusted CE)."""
+    import cilearn.losses as losses
+    calls = []
+    real = losses.CLS_LOSSES._items["bsce"]
+    monkeypatch.setitem(losses.CLS_LOSSES._items, "bsce", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = cilearn.run(quick(method=method, loss={"cls": "bsce"}, scenario={"base": 4, "increment": 3},
+                          data={"dataset": "digits", "train_per_class": 40},
+                          train={"epochs": 4, "batch_size": 32, "progress": False, "finetune_epochs": 1}), echo=False).metrics
+    assert calls and len(m["accuracy_matrix"]) == 3 and m["phases"][-1]["acc_new_among_new"] > 50
+
+
+def test_bad_betas_are_config_errors(quick):
     with pytest.raises(ConfigError, match="loss.la-beta"):
         cilearn.run(quick(method="foster", loss={"la_beta": 1.0}), echo=False)
     with pytest.raises(ConfigError, match="loss.bkd-beta"):
