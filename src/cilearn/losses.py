@@ -191,7 +191,7 @@ def pod_flat(emb: torch.Tensor, emb_old: torch.Tensor) -> torch.Tensor:
 
 def effective_number_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
     """Class weights from the effective number of samples (Cui et al. 2019), as FOSTER uses them
-    (Wang et al. 2022, Sec. 4.3): ``w_j = (1 - beta) / (1 - beta^{n_j})``, normalised so that
+    (Wang et al. 2022, "calibration for old and new"): ``w_j = (1 - beta) / (1 - beta^{n_j})``, normalised so that
     ``sum_j w_j = K``. ``counts`` ``[K]``: training samples per class in this phase; ``[K]`` out.
     Rare classes (old classes' exemplars) get large weights. A class with ``n_j = 0`` is counted
     as ``n_j = 1`` (``1 - beta^0 = 0`` would give an infinite weight). ``beta = 0`` gives equal
@@ -204,7 +204,7 @@ def effective_number_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
 @CLS_LOSSES.register("la-ce")
 def logit_adjusted_ce(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = None,
                       beta: float = 0.96) -> torch.Tensor:
-    """FOSTER's logit-adjusted CE (Wang et al. 2022, Sec. 4.3 "logits alignment"):
+    """FOSTER's logit-adjusted CE (Wang et al. 2022, "logits alignment"):
     ``CE(z / w, y)``, mean over the batch, with ``w`` the ``effective_number_weights`` of the
     phase's counts: a frequent (new) class's logit is divided by a small weight, i.e. enlarged
     during training, so that the model learns smaller raw logits for it and the bias towards the
@@ -220,7 +220,7 @@ logit_adjusted_ce.beta_option = "la_beta"
 
 
 def balanced_kd(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, T: float) -> torch.Tensor:
-    """FOSTER's class-balanced distillation of the compression stage (Wang et al. 2022, Sec. 4.4):
+    """FOSTER's class-balanced distillation of the compression stage (Wang et al. 2022, "feature compression"):
     the teacher's ``p = softmax(teacher / T)`` is reweighted per class and renormalised,
     ``p'_j = w_j p_j / sum_k w_k p_k`` (``weights`` ``[K]``: ``effective_number_weights`` with
     beta2), and the student ``q = softmax(student / T)`` is pulled towards it:

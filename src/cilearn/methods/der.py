@@ -80,17 +80,17 @@ class DER(Expanding):
 
     * a new extractor per phase, the old ones frozen (parameters and BatchNorm statistics), the
       embeddings concatenated into the super-feature; one linear head over all seen classes on it,
-      trained with CE (Sec. 3.2; ``--loss bsce`` composes);
+      trained with CE ("expandable representation learning"; ``--loss bsce`` composes);
     * the auxiliary classifier on the new extractor's features over the new classes + one bucket
-      for all old classes, ``L = L_H + lambda_a L_Ha``, lambda_a = 1 (Sec. 3.2, Eq. 5;
+      for all old classes, ``L = L_H + lambda_a L_Ha``, lambda_a = 1 (the paper's auxiliary loss;
       ``--loss.aux-weight``);
     * herding exemplars; the classifier-learning stage: the head retrained on class-balanced data
-      after each phase > 0 (Sec. 3.3), the ``balanced_finetune`` component (head only, backbone
+      after each phase > 0 (the paper's classifier-learning stage), the ``balanced_finetune`` component (head only, backbone
       frozen; ``--train.finetune-epochs`` / ``--train.finetune-lr``, defaults 20 epochs at 0.01,
       x0.1 at epoch 10: LUCIR's values, the DER paper's could not be checked here).
 
     Not included: the channel-level masks with sparsity loss and the pruning after each phase
-    (Sec. 3.4): cilearn's DER is the paper's "DER w/o P" (its parameter count grows by one full
+    (the paper's "dynamical expansion"): cilearn's DER is the paper's "DER w/o P" (its parameter count grows by one full
     extractor per phase, reported per phase in ``metrics.json``). The temperature of the
     classifier-learning stage is not applied. CNN and NME (on the super-feature) are reported."""
     balanced_finetune = True

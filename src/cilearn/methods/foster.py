@@ -21,7 +21,7 @@ def _frozen(module):
 class FOSTER(Expanding):
     """FOSTER (Wang et al. 2022), each phase > 0 in two stages of the one training loop:
 
-    1. **Feature boosting** (Sec. 4.2-4.3; stage ``phase i``): the previous (single-extractor)
+    1. **Feature boosting** (sections "feature boosting" and "calibration for old and new"; stage ``phase i``): the previous (single-extractor)
        model frozen + a new extractor, features concatenated, one linear head over all seen
        classes (old classes' weights on the old features initialised from the previous head, all
        of it trained: the official ``oofc = ft``). Loss: logit-adjusted CE ``CE(z / w, y)`` with
@@ -29,7 +29,7 @@ class FOSTER(Expanding):
        composes instead) + feature enhancement, CE of an auxiliary head on the new extractor's
        features over all seen classes (weight 1, ``--loss.aux-weight``) + KD(T = 2) of the old
        logits to the previous model's (weight 1, ``--loss.kd-weight``, ``--loss.temperature``).
-    2. **Feature compression** (Sec. 4.4; stage ``phase i compression``): a single-extractor
+    2. **Feature compression** (section "feature compression"; stage ``phase i compression``): a single-extractor
        student, initialised from the previous model (extractor and head rows of the old classes,
        as the official code), is distilled from the frozen boosted model with the class-balanced
        KD (``balanced_kd``, beta2 = 0.97, ``--loss.bkd-beta``, T = 2) on the same data,
