@@ -7,8 +7,9 @@ Hooks, in phase order (see ``cilearn.runner``):
   ``before_phase(phase, x, y)``  -> grow the head, freeze a teacher, prepare caches
   ``train_phase(phase, x, y)``   -> one or more calls of ``fit`` (default: the main stage, then
                                     ``calibrate`` and, where enabled, class-balanced fine-tuning)
-  ``loss(batch)``                -> (loss, terms) for ``fit``; calls ``constrain`` first and adds
-                                    ``teacher_terms``
+  ``loss(batch)``                -> (loss, terms) for ``fit``; calls ``constrain`` first, the
+                                    student's ``forward(batch)``, then adds ``teacher_terms``
+                                    (``train_parameters()``: what the main stage trains)
   ``after_phase(phase, data)``   -> memory update
   ``prototypes()``               -> class means for NME prediction, or None
 """
