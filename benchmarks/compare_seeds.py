@@ -27,6 +27,8 @@ KEYS = [("avg_incremental_acc", "avg inc. acc"), ("last_acc", "last acc"), ("for
 
 
 def fmt(vals: list[float]) -> str:
+    if any(v != v for v in vals):          # nan: not recorded by that run
+        return "-"
     if len(vals) == 1:
         return f"{vals[0]:.2f}"
     return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"

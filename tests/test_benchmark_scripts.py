@@ -36,6 +36,7 @@ def test_markdown_mean_and_sample_std():
     table = compare_seeds.markdown(rows).splitlines()
     assert table[0].startswith("| method | avg inc. acc") and len(table) == 4
     assert "| a | 2.00 ± 1.41 |" in table[2] and table[3].startswith("| b | 2.00 | 2.00")
+    assert compare_seeds.fmt([1.0, float("nan")]) == "-"
 
 
 def test_ablation_variants_toggle_the_finetuning_stage():
