@@ -23,10 +23,12 @@ from cilearn.cli import main as cli_main
 KEYS = [("avg_incremental_acc", "avg inc. acc"), ("last_acc", "last acc"), ("forgetting", "forgetting"),
         ("old_last", "old acc (last phase)"), ("new_last", "new acc (last phase)"),
         ("old_among_old", "old among old (mean of phases > 0)"), ("train_s", "train s (all stages)"),
-        ("finetune_s", "of which fine-tuning s"), ("wall_seconds", "wall s")]
+        ("finetune_s", "of which fine-tuning s"), ("wall_seconds", "wall s"), ("params_m", "params (M, last phase)")]
 
 
 def fmt(vals: list[float]) -> str:
+    if any(v != v for v in vals):          # nan: not recorded by that run
+        return "-"
     if len(vals) == 1:
         return f"{vals[0]:.2f}"
     return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
@@ -39,7 +41,8 @@ def summary(m: dict) -> dict:
             "old_last": m["phases"][-1]["acc_old"] or 0.0, "new_last": m["phases"][-1]["acc_new"],
             "old_among_old": sum(later) / len(later) if later and None not in later else float("nan"),
             "train_s": sum(r["train_seconds"] for r in m["phases"]),
-            "finetune_s": sum(r.get("finetune_seconds", 0.0) for r in m["phases"])}
+            "finetune_s": sum(r.get("finetune_seconds", 0.0) for r in m["phases"]),
+            "params_m": m["phases"][-1].get("params", float("nan")) / 1e6}   # nan: a run from before the count
 
 
 def run_variants(variants: list[tuple[str, str, list[str]]], seeds: list[str], out: Path,

@@ -24,6 +24,10 @@ def test_summary_reads_the_last_phase_and_sums_stages():
     assert s["old_last"] == 60.0 and s["new_last"] == 70.0
     assert s["old_among_old"] == pytest.approx(60.0)          # mean over phases > 0
     assert s["train_s"] == 80.0 and s["finetune_s"] == 10.0
+    assert math.isnan(s["params_m"])                          # a run from before the parameter count
+    m = _metrics(75.0)
+    m["phases"][-1]["params"] = 2_500_000
+    assert compare_seeds.summary(m)["params_m"] == 2.5
     assert math.isnan(compare_seeds.summary({**_metrics(1.0), "phases": _metrics(1.0)["phases"][:1]})["old_among_old"])
 
 
@@ -32,6 +36,7 @@ def test_markdown_mean_and_sample_std():
     table = compare_seeds.markdown(rows).splitlines()
     assert table[0].startswith("| method | avg inc. acc") and len(table) == 4
     assert "| a | 2.00 ± 1.41 |" in table[2] and table[3].startswith("| b | 2.00 | 2.00")
+    assert compare_seeds.fmt([1.0, float("nan")]) == "-"
 
 
 def test_ablation_variants_toggle_the_finetuning_stage():

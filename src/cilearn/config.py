@@ -70,6 +70,8 @@ class TrainConfig:
     weight_align: bool | None = None     # WA's weight aligning after phases > 0 (wa: on)
     weight_clip: bool | None = None      # WA's non-negative head weights (wa: on)
     freeze_old_head: bool | None = None  # old classes' head rows fixed in the main stage (lucir: on)
+    compression_epochs: int | None = None  # FOSTER's compression stage (phases > 0); None: the phase's epochs
+    compression_lr: float | None = None    # ... and its lr; None: the phase's lr
 
 
 @dataclass
@@ -108,6 +110,9 @@ class LossConfig:
     nca_margin: float = 0.6              # PODNet's NCA margin delta (Sec. 4.1), on the unscaled similarity
     pod_spatial_weight: float | None = None  # PODNet's lambda_c; None: 3, 8 on image folders (official configs)
     pod_flat_weight: float | None = None     # PODNet's lambda_f; None: 1, 10 on image folders (official configs)
+    aux_weight: float | None = None      # DER's auxiliary loss lambda_a / FOSTER's feature-enhancement CE; None: 1
+    la_beta: float = 0.96                # FOSTER: effective-number beta of the logit-adjusted CE (boosting)
+    bkd_beta: float = 0.97               # FOSTER: effective-number beta of the balanced KD (compression)
     # DT-ID (--distill dual-teacher): KD of the new-class logit block from a new-class teacher
     dual_teacher_weight: float = 1.0     # weight of that KD (the old block keeps the method's own KD)
     dual_teacher_init: str = "copy"      # copy: the new teacher starts from the old model; scratch: fresh init
@@ -301,6 +306,13 @@ def validate(cfg: RunConfig) -> None:
     positive("loss.nca-margin", cfg.loss.nca_margin, zero=True)
     positive("loss.pod-spatial-weight", cfg.loss.pod_spatial_weight, zero=True)
     positive("loss.pod-flat-weight", cfg.loss.pod_flat_weight, zero=True)
+    positive("loss.aux-weight", cfg.loss.aux_weight, zero=True)
+    positive("train.compression-epochs", t.compression_epochs, zero=True)
+    positive("train.compression-lr", t.compression_lr)
+    for name in ("la_beta", "bkd_beta"):
+        b = getattr(cfg.loss, name)
+        if not 0 <= b < 1:
+            raise ConfigError(f"--loss.{name.replace('_', '-')} must be in [0, 1), got {b}")
     positive("model.proxies", cfg.model.proxies)
     positive("model.scale", cfg.model.scale)
     positive("train.finetune-epochs", t.finetune_epochs, zero=True)

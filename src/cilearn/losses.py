@@ -187,3 +187,47 @@ def pod_flat(emb: torch.Tensor, emb_old: torch.Tensor) -> torch.Tensor:
     """PODNet's POD-flat (Sec. 3.1): Euclidean distance between the student's and the teacher's
     embeddings ``[B, D]``, mean over the batch. The weight is applied by the caller."""
     return (emb.float() - emb_old.float()).norm(dim=1).mean()
+
+
+def effective_number_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """Class weights from the effective number of samples (Cui et al. 2019), as FOSTER uses them
+    (Wang et al. 2022, "calibration for old and new"): ``w_j = (1 - beta) / (1 - beta^{n_j})``, normalised so that
+    ``sum_j w_j = K``. ``counts`` ``[K]``: training samples per class in this phase; ``[K]`` out.
+    Rare classes (old classes' exemplars) get large weights. A class with ``n_j = 0`` is counted
+    as ``n_j = 1`` (``1 - beta^0 = 0`` would give an infinite weight). ``beta = 0`` gives equal
+    weights."""
+    n = counts.float().clamp_min(1.0)
+    w = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=n.dtype, device=n.device), n))   # [K]
+    return w / w.sum() * len(w)
+
+
+@CLS_LOSSES.register("la-ce")
+def logit_adjusted_ce(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = None,
+                      beta: float = 0.96) -> torch.Tensor:
+    """FOSTER's logit-adjusted CE (Wang et al. 2022, "logits alignment"):
+    ``CE(z / w, y)``, mean over the batch, with ``w`` the ``effective_number_weights`` of the
+    phase's counts: a frequent (new) class's logit is divided by a small weight, i.e. enlarged
+    during training, so that the model learns smaller raw logits for it and the bias towards the
+    new classes shrinks at inference (raw logits). ``beta``: ``--loss.la-beta`` (0.96, the
+    official CIFAR-100 configuration). ``counts`` None: plain CE."""
+    z = logits.float()                                                   # [B, K]
+    if counts is not None:
+        z = z / effective_number_weights(counts, beta).to(z.device)
+    return F.cross_entropy(z, y)
+
+
+logit_adjusted_ce.beta_option = "la_beta"
+
+
+def balanced_kd(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, T: float) -> torch.Tensor:
+    """FOSTER's class-balanced distillation of the compression stage (Wang et al. 2022, "feature compression"):
+    the teacher's ``p = softmax(teacher / T)`` is reweighted per class and renormalised,
+    ``p'_j = w_j p_j / sum_k w_k p_k`` (``weights`` ``[K]``: ``effective_number_weights`` with
+    beta2), and the student ``q = softmax(student / T)`` is pulled towards it:
+    ``mean_b KL(p' || q) = mean_b sum_j p'_j (log p'_j - log q_j)`` (the cross-entropy of the
+    paper up to the entropy of ``p'``, which has no gradient). ``student``, ``teacher``: ``[B, K]``
+    over all seen classes. No T^2 factor. Zero when the student's softmax equals ``p'``."""
+    log_q = F.log_softmax(student.float() / T, dim=1)                    # [B, K]
+    p = F.softmax(teacher.float() / T, dim=1) * weights.to(student.device)[None]
+    p = p / p.sum(1, keepdim=True)                                       # [B, K]
+    return (p * (torch.log(p.clamp_min(1e-12)) - log_q)).sum(1).mean()

@@ -276,7 +276,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     head = cfg.model.head or method_cls.head
     scale = method_cls.head_scale if cfg.model.scale is None else cfg.model.scale
     opts = head_options(head, proxies=cfg.model.proxies, sigma=scale)
-    net = build_net(cfg.model.backbone, head, ds.image_shape[0], last_relu, **opts).to(device)
+    net = build_net(cfg.model.backbone, head, ds.image_shape[0], last_relu, method_cls.expandable, **opts).to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     from .memory.mnemonics import build as build_memory_optimizer
@@ -337,7 +337,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
                "acc_new_among_new": ev.acc_new_among_new, "top5": ev.top5, "train_seconds": fr.seconds,
                "finetune_seconds": method.finetune_seconds, "train_images_per_s": fr.images_per_s, "loss": fr.loss,
                "exemplar_optimizer": dict(getattr(memory.optimizer, "stats", {})) if memory is not None else {},
-               **method.diagnostics()}
+               "params": sum(p.numel() for p in net.parameters()), **method.diagnostics()}
         phase_rows.append(row)
         f = lambda v: f"{v:6.2f}" if v is not None else f"{'-':>6}"  # noqa: E731
         log(f"{phase.index:>5} {phase.seen:>7} {f(ev.acc)} {f(ev.acc_nme)} {f(ev.acc_old)} {f(ev.acc_new)} "

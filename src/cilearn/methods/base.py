@@ -7,8 +7,9 @@ Hooks, in phase order (see ``cilearn.runner``):
   ``before_phase(phase, x, y)``  -> grow the head, freeze a teacher, prepare caches
   ``train_phase(phase, x, y)``   -> one or more calls of ``fit`` (default: the main stage, then
                                     ``calibrate`` and, where enabled, class-balanced fine-tuning)
-  ``loss(batch)``                -> (loss, terms) for ``fit``; calls ``constrain`` first and adds
-                                    ``teacher_terms``
+  ``loss(batch)``                -> (loss, terms) for ``fit``; calls ``constrain`` first, the
+                                    student's ``forward(batch)``, then adds ``teacher_terms``
+                                    (``train_parameters()``: what the main stage trains)
   ``after_phase(phase, data)``   -> memory update
   ``prototypes()``               -> class means for NME prediction, or None
 """
@@ -172,6 +173,7 @@ class Method:
     finetune_epochs: ClassVar[int] = 20         # class-balanced fine-tuning defaults (LUCIR's code)
     finetune_lr: ClassVar[float] = 0.01
     finetune_decay: ClassVar[bool] = True       # x0.1 at half the fine-tuning epochs (PODNet: constant)
+    expandable: ClassVar[bool] = False          # an ExpandableNet: one extractor per phase (DER, FOSTER)
 
     @classmethod
     def check_config(cls, cfg: "RunConfig", has_memory: bool) -> None:
@@ -202,6 +204,9 @@ class Method:
             fn, head, delta = self.cls_fn, self.net.head, getattr(lc, opt)
             scale = lambda: head.sigma.detach() if hasattr(head, "sigma") else 1.0   # noqa: E731 (see losses.nca)
             self.cls_fn = lambda logits, y, counts=None: fn(logits, y, counts, margin=scale() * delta)
+        elif opt := getattr(self.cls_fn, "beta_option", None):    # FOSTER's la-ce: --loss.la-beta
+            fn, beta = self.cls_fn, getattr(lc, opt)
+            self.cls_fn = lambda logits, y, counts=None: fn(logits, y, counts, beta=beta)
         self.kd_fn = DISTILL.get(self.distill) if self.distill else None
         self.lam = self.kd_weight if lc.kd_weight is None else lc.kd_weight
         self.T = lc.temperature
@@ -303,7 +308,7 @@ class Method:
         desc = f"phase {phase.index}"
         ckpt = self.ctx.ckpt
         later_stage = ckpt is not None and ckpt.skip_stage(desc)   # resuming e.g. the fine-tuning
-        fr = self.ctx.fit(x, y, self.loss, self.ctx.fit_settings(phase), desc=desc)
+        fr = self.ctx.fit(x, y, self.loss, self.ctx.fit_settings(phase), desc=desc, params=self.train_parameters())
         if not later_stage:
             self.constrain()        # the projection after the stage's last optimizer step
             self.calibrate(phase)
@@ -311,6 +316,11 @@ class Method:
             ft, self.finetune_seconds = balanced_finetune(self, phase, x, y)
             fr = FitResult(fr.seconds + ft.seconds, fr.images + ft.images, fr.loss)
         return fr
+
+    def train_parameters(self):
+        """What the main stage trains: None = all of the net's parameters that have a gradient
+        (DER, FOSTER: plus their auxiliary head)."""
+        return None
 
     def constrain(self) -> None:
         """Projection of the parameters onto the method's constraints (``--train.weight-clip``:
@@ -348,11 +358,16 @@ class Method:
             loss = loss + self.lam * kd
         return loss, terms
 
+    def forward(self, batch: Batch):
+        """The student's training forward (``NetOutput``); DER/FOSTER take the frozen extractors'
+        embedding from the teacher cache instead of running them."""
+        return self.net(batch.x)
+
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One student forward serves ``objective``, the extra terms (``--distill attention``, ...)
         and the method's ``teacher_terms``."""
         self.constrain()
-        out = self.net(batch.x)
+        out = self.forward(batch)
         loss, terms = self.objective(batch, out)
         if self.teacher is not None:
             for t in self.extra:

@@ -85,7 +85,9 @@ def balanced_finetune(method: "Method", phase: "Phase", x: torch.Tensor, y: torc
     20 epochs at 0.01, x0.1 at epoch 10; PODNet's 20 at a constant 0.05). By default only the head is trained
     (``--train.finetune-head-only``, as LUCIR; all its rows and sigma) with the backbone frozen in
     eval mode (BatchNorm statistics do not move either), so the embeddings, the exemplar
-    selection and the NME prototypes are those of the main stage. With BSCE the balanced counts
+    selection and the NME prototypes are those of the main stage; with a finite augmentation
+    (none, flip) the backbone's embeddings are computed once per image and view and looked up
+    (exact: the frozen backbone is in eval mode), which matters for DER's growing backbone. With BSCE the balanced counts
     make the loss plain CE. A stage of the one training loop (``desc`` "phase i balanced-ft"):
     checkpointed and resumable; its selection is kept in the method state so that a resumed run
     fine-tunes on the same set. Returns the stage's FitResult and its seconds (selection
@@ -106,12 +108,21 @@ def balanced_finetune(method: "Method", phase: "Phase", x: torch.Tensor, y: torc
     xb, yb = torch.cat(xs), torch.cat(ys)
     counts = torch.bincount(yb, minlength=phase.seen).float()    # all equal to m
     head_only = t.finetune_head_only
+    cached = None
+    if head_only:   # the frozen backbone's embeddings once per image and view (finite views), exact
+        from .base import over_views
+        net.backbone.eval()
+        with torch.no_grad():
+            cached = over_views(ctx, xb, lambda b: (net.backbone(b)[1].float(),))   # ([V, N, D],) or None
 
     def loss(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if head_only:
             net.backbone.eval()                 # fit() put the whole net in train mode
-            with torch.no_grad():
-                emb = net.backbone(batch.x)[1]
+            if cached is not None and batch.view is not None:
+                emb = cached[0][batch.view, batch.idx]
+            else:
+                with torch.no_grad():
+                    emb = net.backbone(batch.x)[1]
             logits = net.head(emb)
         else:
             logits = net(batch.x).logits

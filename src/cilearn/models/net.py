@@ -41,7 +41,13 @@ class IncrementalNet(nn.Module):
         return teacher
 
 
-def build_net(backbone: str, head: str, in_channels: int, last_relu: bool = True, **head_opts) -> IncrementalNet:
-    """``head_opts``: options of the head's builder (``lsc``: ``proxies``)."""
+def build_net(backbone: str, head: str, in_channels: int, last_relu: bool = True, expandable: bool = False,
+              **head_opts) -> IncrementalNet:
+    """``head_opts``: options of the head's builder (``lsc``: ``proxies``). ``expandable``: an
+    ``ExpandableNet`` of ``backbone`` extractors (DER, FOSTER), starting with one."""
+    if expandable:
+        from .expandable import ExpandableBackbone, ExpandableNet
+        eb = ExpandableBackbone(lambda: BACKBONES.get(backbone)(in_channels, last_relu=last_relu))
+        return ExpandableNet(eb, HEADS.get(head)(eb.out_dim, **head_opts))
     bb = BACKBONES.get(backbone)(in_channels, last_relu=last_relu)
     return IncrementalNet(bb, HEADS.get(head)(bb.out_dim, **head_opts))
