@@ -13,6 +13,7 @@ from cilearn.cli import main
 from cilearn.data.augment import Augmenter
 from cilearn.data.scenario import Phase
 from cilearn.methods import METHODS, Context
+from cilearn.methods.base import TeacherOut
 from cilearn.methods.terms import DualTeacherDistill
 from cilearn.models.net import NetOutput, build_net
 from cilearn.replay.dfgr import (GeneratorSettings, _BNStats, batch_mean_entropy, bn_statistics_loss,
@@ -134,7 +135,9 @@ def test_dual_teacher_term_by_hand(quick):
     term = next(t for t in method.extra if isinstance(t, DualTeacherDistill))
     method.T = 2.0
     term.block = (2, 4)
-    term.cache = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])     # [V=1, N=2, K_new=2]: new teacher's logits
+    # the new teacher's logits [B, 4]; its new-class block (ids 2, 3) is (2, 0) and (0, 0)
+    t_logits = torch.tensor([[7.0, -3.0, 2.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    term.cache = lambda batch: TeacherOut(t_logits[batch.idx], None, None)
     logits = torch.tensor([[5.0, -1.0, 0.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
     out = NetOutput(logits, torch.zeros(2, 3), [])
     batch = Batch(torch.zeros(2, 1, 8, 8), torch.tensor([2, 3]), torch.tensor([0, 1]), torch.tensor([0, 0]))
@@ -171,7 +174,7 @@ def test_new_class_teacher_trains_on_new_images_only(quick, monkeypatch, init):
     (model, ys, start_conv), = seen
     assert model is term.new_teacher and model is not method.net and model is not method.teacher
     assert len(ys) == 20 and bool((ys >= 2).all())                 # new classes only: no exemplar
-    assert term.cache.shape == (2, 30, 2)                          # its new-block logits, per view
+    assert term.cache.cached[0][:, :, 2:4].shape == (2, 30, 2)     # its new-block logits, per view
     assert all(not p.requires_grad for p in model.parameters())
     assert torch.equal(method.net.head.weight[:2], old_rows)       # the student is not touched
     # copy: the new teacher starts from the old model; scratch: from a fresh initialisation

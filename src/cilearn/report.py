@@ -49,7 +49,7 @@ def tsne_plot(ctx, phase, data, before: dict | None, per_class: int = 100) -> No
         xs += [ex[c].float() for c in ids]
         ys += [torch.full((len(ex[c]),), c, dtype=torch.long, device=data.test_y.device) for c in ids]
         panels.append((name, sum(len(ex[c]) for c in ids)))
-    emb = torch.cat([ctx.embed(ctx.net, x) for x in xs]).float().cpu().numpy()          # [N, D]
+    emb = ctx.embed(ctx.net, torch.cat([x.float() for x in xs])).cpu().numpy()          # [N, D], one pass
     order = ctx.cfg.scenario.class_order
     tsne_figure(emb, torch.cat(ys).cpu().numpy(), len(keep), panels, [order[c] for c in range(phase.end)],
                 ctx.out / f"tsne-phase{phase.index}.png", f"phase {phase.index}: {phase.end} classes, seed {ctx.cfg.seed}")

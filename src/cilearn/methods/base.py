@@ -246,7 +246,7 @@ class Method:
     def before_phase(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> None:
         self.phase = phase
         self.finetune_seconds, self.ft_subset, self.new_embeddings = 0.0, None, None
-        self.kd_stats: dict[str, float] | None = None
+        self.kd_stats = None
         if phase.index > 0 and (self.kd_fn is not None or self.extra or self.needs_teacher or self.replay):
             self.teacher = self.net.frozen_copy()
             if self.kd_fn is not None or self.needs_teacher:

@@ -5,16 +5,10 @@ from __future__ import annotations
 import copy
 
 from ..losses import balanced_kd, effective_number_weights
+from ..models.net import freeze
 from ..train import FitResult
 from .base import METHODS, TeacherCache
 from .der import Expanding
-
-
-def _frozen(module):
-    module = module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
 
 
 @METHODS.register("foster")
@@ -100,4 +94,4 @@ class FOSTER(Expanding):
         if "boosted" in state:                 # resumed inside the compression stage
             b = copy.deepcopy(self.net)
             b.load_state_dict(state["boosted"])
-            self.boosted = _frozen(b)
+            self.boosted = freeze(b)                  # after the load, which resets requires_grad

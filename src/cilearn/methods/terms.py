@@ -137,8 +137,9 @@ class DualTeacherDistill(DistillTerm):
         import copy
 
         from ..losses import CLS_LOSSES
+        from ..models.net import freeze
         from ..train import fit
-        from .base import over_views
+        from .base import TeacherCache
         ctx, lc = self.m.ctx, self.m.ctx.cfg.loss
         new = y >= phase.start
         xn, yn = x[new], y[new]
@@ -164,30 +165,16 @@ class DualTeacherDistill(DistillTerm):
         gen = torch.Generator(device=ctx.device).manual_seed(seed)
         fr = fit(model, xn, yn, loss, ctx.fit_settings(phase, **over), ctx.augmenter, gen,
                  desc=f"phase {phase.index} new-class teacher")
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.new_teacher, self.seconds, self.block = model, fr.seconds, (phase.start, phase.end)
-
-        @torch.no_grad()
-        def new_logits(xb):
-            return (model(xb).logits[:, phase.start:phase.end].float(),)
-
-        got = over_views(ctx, x, new_logits)
-        self.cache = got[0] if got is not None else None          # [V, N, K_new]
-        self._new_logits = new_logits
+        self.new_teacher, self.seconds, self.block = freeze(model), fr.seconds, (phase.start, phase.end)
+        self.cache = TeacherCache(model, x, ctx)     # its outputs once per image and view (finite views)
 
     def __call__(self, batch, out):
         from ..losses import kd_kl
-        if self.cache is not None and batch.view is not None:
-            t = self.cache[batch.view, batch.idx]
-        else:
-            (t,) = self._new_logits(batch.x)
         a, b = self.block
-        return kd_kl(out.logits[:, a:b], t, self.m.T)
+        return kd_kl(out.logits[:, a:b], self.cache(batch).logits[:, a:b], self.m.T)
 
     def after_phase(self, phase, data):
-        self.new_teacher = self.cache = self._new_logits = None
+        self.new_teacher = self.cache = None
 
     def diagnostics(self):
         s, self.seconds = self.seconds, None

@@ -17,6 +17,14 @@ class NetOutput(NamedTuple):
     maps: list[torch.Tensor]        # per stage [B, C_s, H_s, W_s]
 
 
+def freeze(module: nn.Module) -> nn.Module:
+    """``module`` in eval mode with no parameter requiring a gradient (in place); returns it."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
 class IncrementalNet(nn.Module):
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
@@ -35,10 +43,7 @@ class IncrementalNet(nn.Module):
 
     def frozen_copy(self) -> "IncrementalNet":
         """A deep copy in eval mode with no gradients: the teacher of the next phase."""
-        teacher = copy.deepcopy(self).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        return teacher
+        return freeze(copy.deepcopy(self))
 
 
 def build_net(backbone: str, head: str, in_channels: int, last_relu: bool = True, expandable: bool = False,

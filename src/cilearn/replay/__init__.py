@@ -87,13 +87,14 @@ class DFGRReplay:
     def save_samples(self, phase: "Phase", n: int) -> None:
         """``samples-phase<i>.png``: for each old class, the ``n`` samples (of a pool of
         ``max(512, 8 n K_old)``) that the old model gives the highest probability of that class."""
+        from ..evaluate import predict
         from .plots import sample_grid
         ctx, k = self.m.ctx, phase.num_old
         pool = max(512, 8 * n * k)
         z = torch.randn(pool, self.settings.z_dim, generator=ctx.gen, device=ctx.gen.device).to(ctx.device)
-        imgs = torch.cat([self.generator(z[i:i + 256]) for i in range(0, pool, 256)])
-        prob = torch.cat([F.softmax(self.m.teacher(ctx.augmenter.normalize(imgs[i:i + 256])).logits.float(), 1)
-                          for i in range(0, pool, 256)])
+        imgs = torch.cat([self.generator(z[i:i + 256]) for i in range(0, pool, 256)])   # [pool, C, H, W] pixels
+        prob = F.softmax(predict(self.m.teacher, imgs, ctx.augmenter, ctx.cfg.train.eval_batch_size,
+                                 ctx.autocast_dtype)[0], 1)                               # [pool, K_old]
         top = prob.topk(min(n, pool), dim=0).indices.T                       # [K_old, n]
         order = ctx.cfg.scenario.class_order
         sample_grid(imgs[top.flatten()].round().clamp(0, 255).to(torch.uint8).cpu(), k, min(n, pool),

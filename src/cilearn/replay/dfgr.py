@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.net import freeze
+
 
 # ---------------------------------------------------------------- losses (pure functions)
 def bn_statistics_loss(mean: torch.Tensor, var: torch.Tensor, run_mean: torch.Tensor, run_var: torch.Tensor,
@@ -174,9 +176,7 @@ def train_generator(old_model: nn.Module, normalize, image_shape: tuple[int, int
         old_model.train(was)
         if bar is not None:
             bar.close()
-    g.eval()
-    for p in g.parameters():
-        p.requires_grad_(False)
+    freeze(g)
     summary = {"seconds": time.perf_counter() - start,
                "bn_start": float(first.get("bn", float("nan"))), "bn_end": float(last.get("bn", float("nan"))),
                "entropy_end": float(last.get("entropy", float("nan"))),
