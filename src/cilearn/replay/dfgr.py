@@ -170,7 +170,7 @@ def train_generator(old_model: nn.Module, normalize, image_shape: tuple[int, int
             if bar is not None:
                 bar.update(1)
                 if step % 50 == 0:
-                    bar.set_postfix(bn=f"{float(bn):.3f}", ent=f"{float(ent):.3f}", div=f"{float(div):.3f}")
+                    bar.set_postfix({k: f"{float(v):.3f}" for k, v in last.items()})
     finally:
         hooks.remove()
         old_model.train(was)
