@@ -221,3 +221,24 @@ def test_bad_replay_options_one_line_exit_2(args, msg, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and msg in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_bn_running_stats_frozen_keeps_running_stats_and_counter():
+    import copy
+
+    from cilearn.replay import bn_running_stats_frozen
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(), torch.nn.Linear(48, 2))
+    net.train()
+    net(torch.randn(4, 1, 6, 6))                     # one real batch: stats move, counter 1
+    bn = net[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    x = torch.randn(8, 1, 6, 6) * 5 + 3
+    ref = copy.deepcopy(net)(x)                      # an ordinary train-mode forward (batch statistics)
+    with bn_running_stats_frozen(net):
+        out = net(x)
+    assert torch.allclose(out, ref)                  # same normalisation inside
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2] and bn.momentum == 0.1
+    net(x)                                           # outside: a real batch moves them again
+    assert not torch.equal(bn.running_mean, before[0]) and int(bn.num_batches_tracked) == before[2] + 1

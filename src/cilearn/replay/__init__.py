@@ -10,6 +10,7 @@ A source is built per run with the method (``source(method)``) and has hooks:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,7 +35,10 @@ class DFGRReplay:
     forward, which serves the method's losses, is unchanged), and are distilled from the old model:
     ``kd_weight * KD_T(student old logits, teacher logits)`` with the method's KD (LwF's softmax KD
     at T when the method has none), ``+ ce_weight * CE(all seen logits, teacher argmax)`` (off by
-    default). ``--save-samples N``: a PNG of N samples per old class after each generator training."""
+    default). The synthetic forward updates the student's BatchNorm running statistics like a real
+    batch (``--replay.update-bn true``, default); ``false`` keeps them to the real batches'
+    (``bn_running_stats_frozen``). ``--save-samples N``: a PNG of N samples per old class after each
+    generator training."""
 
     def __init__(self, method: "Method"):
         self.m = method
@@ -67,7 +71,8 @@ class DFGRReplay:
         xs = self.sample(r.samples_per_batch or batch_size)
         with torch.no_grad():
             t_logits = self.m.teacher(xs).logits.float()
-        logits = self.m.net(xs).logits
+        with contextlib.nullcontext() if r.update_bn else bn_running_stats_frozen(self.m.net):
+            logits = self.m.net(xs).logits
         kd_fn = self.m.kd_fn or kd_kl
         out = [("replay_kd", r.kd_weight, kd_fn(logits[:, : t_logits.shape[1]], t_logits, self.m.T))]
         if r.ce_weight > 0:
@@ -99,6 +104,24 @@ class DFGRReplay:
         order = ctx.cfg.scenario.class_order
         sample_grid(imgs[top.flatten()].round().clamp(0, 255).to(torch.uint8).cpu(), k, min(n, pool),
                     [f"class {order[c]}" for c in range(k)], ctx.out / f"samples-phase{phase.index}.png")
+
+
+@contextlib.contextmanager
+def bn_running_stats_frozen(net: torch.nn.Module):
+    """BatchNorm layers of ``net`` normalise with their batch statistics as usual (train mode) but
+    leave their running statistics, the ones used at test time, unchanged: momentum 0 inside, and
+    the batch counter restored on exit (``--replay.update-bn false``)."""
+    layers = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (mom, n) in zip(layers, saved):
+            m.momentum = mom
+            if n is not None:
+                m.num_batches_tracked.copy_(n)
 
 
 def replay_source(method: "Method"):
