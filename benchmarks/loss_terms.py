@@ -15,8 +15,8 @@ def rows(run: Path) -> list[str]:
     m = json.loads((run / "metrics.json").read_text())
     names = sorted({k for r in m["phases"] for k in r["loss"]})
     out = [f"| {run} | " + " | ".join(names) + " | old acc | new acc |", "|---" * (len(names) + 3) + "|"]
+    acc = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for r in m["phases"]:
-        acc = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         terms = " | ".join(f"{r['loss'][n]:.3f}" if n in r["loss"] else "-" for n in names)
         out.append(f"| phase {r['phase']} | {terms} | {acc(r['acc_old'])} | {acc(r['acc_new'])} |")
     return out

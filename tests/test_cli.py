@@ -102,6 +102,7 @@ BAD = {
     "missing data dir": (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm"], "/nonexistent/fm"),
     "cifar without data dir": (["--dataset", "cifar100"], "data-dir"),
     "loss for a bce recipe": (["--method", "lwf-mc", "--loss", "bsce"], "--loss bsce does not apply"),
+    "nan learning rate": (["--lr", "nan"], "--lr must be a positive number, got nan"),
 }
 
 

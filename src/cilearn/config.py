@@ -7,6 +7,7 @@ to the results is exactly what ran.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -284,7 +285,7 @@ def validate(cfg: RunConfig) -> None:
     def positive(name: str, v: Any, allow_none: bool = True, zero: bool = False) -> None:
         if v is None and allow_none:
             return
-        if v is None or v < 0 or (v == 0 and not zero):
+        if v is None or v < 0 or (v == 0 and not zero) or not math.isfinite(v):
             raise ConfigError(f"--{name} must be a {'non-negative' if zero else 'positive'} number, got {v}")
 
     t, s, m = cfg.train, cfg.scenario, cfg.memory
@@ -335,6 +336,10 @@ def validate(cfg: RunConfig) -> None:
         positive("replay." + name.replace("_", "-"), getattr(r, name), zero=True)
     if r.bn_loss not in ("kl", "l2"):
         raise ConfigError(f"--replay.bn-loss must be kl or l2, got '{r.bn_loss}'")
+    mn = m.mnemonics
+    for key, zero in (("iterations", True), ("inner_steps", True), ("inner_lr", False), ("lr", False),
+                      ("batch_size", False)):
+        positive("memory.mnemonics." + key.replace("_", "-"), getattr(mn, key), zero=zero)
     positive("base", s.base, zero=True)
     positive("increment", s.increment)
     positive("memory", m.total)

@@ -229,6 +229,26 @@ class _PixelOptimizer(ExemplarOptimizer):
     def leaf(self, normalize, pixels: torch.Tensor) -> torch.Tensor:
         return normalize(pixels).contiguous().clone().requires_grad_(True)       # [E, C, H, W]
 
+    def fit_new(self, memory, normalize, classes, x, y, gen, space: "PixelSpace", steps: int,
+                objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """``steps`` pixel steps on the new classes' exemplars ``z``, each on
+        ``objective(z, z labels, normalised batch of the new data, its labels)``, then stored;
+        ``stats``: the objective on the first batch before and after."""
+        ex, ex_y = self.gather(memory, [c for c in classes if c in memory.exemplars])
+        z = self.leaf(normalize, ex)
+        opt = self.pixel_optimizer([z])
+        batches = self.batches(len(x), gen, x.device)
+        first = None
+        for _ in range(steps):
+            idx = next(batches)
+            first = idx if first is None else first
+            loss = objective(z, ex_y, normalize(x[idx]), y[idx])
+            self.stats.setdefault("new_objective_before", float(loss.detach()))
+            self.descend(opt, z, loss, space)
+        if first is not None:
+            self.stats["new_objective_after"] = float(objective(z, ex_y, normalize(x[first]), y[first]).detach())
+        self.store(memory, space.to_pixels(z), ex_y)
+
 
 @MEMORY_OPTIMIZERS.register("mnemonics")
 class Mnemonics(_PixelOptimizer):
@@ -248,19 +268,7 @@ class Mnemonics(_PixelOptimizer):
             return bilevel_loss(net, params, buffers, z, z_y, vx, vy, s.inner_steps, s.inner_lr)
 
         # new classes (Sec. 4): validated on a batch of their training data D per step
-        ex, ex_y = self.gather(memory, [c for c in classes if c in memory.exemplars])
-        z = self.leaf(normalize, ex)
-        opt = self.pixel_optimizer([z])
-        batches = self.batches(len(x), gen, x.device)
-        first = None
-        for _ in range(s.iterations):
-            idx = next(batches)
-            first = idx if first is None else first
-            loss = objective(z, ex_y, normalize(x[idx]), y[idx])
-            self.stats.setdefault("new_objective_before", float(loss.detach()))
-            self.descend(opt, z, loss, space)
-        self.stats["new_objective_after"] = float(objective(z, ex_y, normalize(x[first]), y[first]).detach())
-        self.store(memory, space.to_pixels(z), ex_y)
+        self.fit_new(memory, normalize, classes, x, y, gen, space, s.iterations, objective)
 
         # old classes (Sec. 4): halves A and B, each the validation data of the other
         old_ids = sorted(c for c in memory.exemplars if c < classes.start)
@@ -302,22 +310,9 @@ class MnemonicsSingle(_PixelOptimizer):
         for p in frozen:
             p.requires_grad_(False)
         try:
-            ex, ex_y = self.gather(memory, [c for c in classes if c in memory.exemplars])
-            z = self.leaf(normalize, ex)
-            opt = self.pixel_optimizer([z])
-            batches = self.batches(len(x), gen, x.device)
             steps = s.iterations if s.iterations is not None else math.ceil(len(x) / min(s.batch_size, len(x)))
-            first = None
-            for _ in range(steps):
-                idx = next(batches)
-                first = idx if first is None else first
-                loss = single_level_loss(net, z, ex_y, normalize(x[idx]), y[idx], classes)
-                self.stats.setdefault("new_objective_before", float(loss.detach()))
-                self.descend(opt, z, loss, space)
-            if first is not None:
-                self.stats["new_objective_after"] = float(
-                    single_level_loss(net, z, ex_y, normalize(x[first]), y[first], classes).detach())
-            self.store(memory, space.to_pixels(z), ex_y)
+            self.fit_new(memory, normalize, classes, x, y, gen, space, steps,
+                         lambda z, z_y, vx, vy: single_level_loss(net, z, z_y, vx, vy, classes))
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -352,19 +347,14 @@ def build(cfg: "RunConfig") -> ExemplarOptimizer:
 
 
 def check(cfg: "RunConfig", method: str, has_memory: bool) -> None:
-    """Config checks, before anything is written: the name, the numbers, and that the method
-    keeps exemplars to optimise."""
+    """Config checks, before anything is written: the name, the pixel update, and that the method
+    keeps exemplars to optimise (the numbers: ``config.validate``)."""
     name = cfg.memory.optimizer
     if name not in MEMORY_OPTIMIZERS:
         raise ConfigError(f"--memory.optimizer must be one of {', '.join(MEMORY_OPTIMIZERS.names())}, got '{name}'")
     m = cfg.memory.mnemonics
     if m.step not in (None, "sgd", "adam"):
         raise ConfigError(f"--memory.mnemonics.step must be sgd or adam, got '{m.step}'")
-    for key, v, zero in (("iterations", m.iterations, True), ("inner-steps", m.inner_steps, True),
-                         ("inner-lr", m.inner_lr, False), ("lr", m.lr, False), ("batch-size", m.batch_size, False)):
-        if v is not None and (v < 0 or (v == 0 and not zero) or not math.isfinite(v)):
-            raise ConfigError(f"--memory.mnemonics.{key} must be a {'non-negative' if zero else 'positive'} "
-                              f"number, got {v}")
     if name != "none" and not has_memory:
         raise ConfigError(f"--memory.optimizer {name} optimises exemplars and --method {method} keeps none here: "
                           "give --memory N or --memory-per-class N, or use a method with exemplars")
