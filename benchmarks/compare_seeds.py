@@ -7,42 +7,34 @@ and print a markdown table of mean +- std (sample std, n-1) of the summary metri
 An entry of ``--methods`` may carry flags of its own (``"lwf-mc,lwf-mc --distill attention"``).
 Everything after ``--`` is passed to ``cilearn run`` (each run goes to OUT/<label>-s<seed>; a run
 whose metrics.json exists is read, not run again). ``benchmarks/bsce_ablation.py`` uses
-``run_and_print`` with flags per variant.
+``run_and_print`` with flags per variant. The metrics and the mean ± std are ``cilearn.results``'s
+(the same as ``cilearn run --seeds`` and ``cilearn compare``); this script adds the variants with
+flags of their own and the reuse of finished runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
-import statistics
 import sys
 from pathlib import Path
 
 from cilearn.cli import main as cli_main
+from cilearn.results import METRIC, format_stat, mean_std, run_summary
 
-KEYS = [("avg_incremental_acc", "avg inc. acc"), ("last_acc", "last acc"), ("forgetting", "forgetting"),
-        ("old_last", "old acc (last phase)"), ("new_last", "new acc (last phase)"),
-        ("old_among_old", "old among old (mean of phases > 0)"), ("train_s", "train s (all stages)"),
-        ("finetune_s", "of which fine-tuning s"), ("wall_seconds", "wall s"), ("params_m", "params (M, last phase)")]
+KEYS = [(k, METRIC[k].label) for k in ("avg_incremental_acc", "last_acc", "forgetting", "old_last", "new_last",
+                                       "old_among_old", "train_seconds", "finetune_seconds", "wall_seconds",
+                                       "params_m")]
 
 
 def fmt(vals: list[float]) -> str:
-    if any(v != v for v in vals):          # nan: not recorded by that run
-        return "-"
-    if len(vals) == 1:
-        return f"{vals[0]:.2f}"
-    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+    """``mean ± sample std``; one value as it is; ``-`` when a run lacks it (nan)."""
+    return format_stat(mean_std(vals))
 
 
 def summary(m: dict) -> dict:
-    """The table's metrics from a run's metrics.json."""
-    later = [r.get("acc_old_among_old") for r in m["phases"][1:]]
-    return {**{k: m[k] for k in ("avg_incremental_acc", "last_acc", "forgetting", "wall_seconds")},
-            "old_last": m["phases"][-1]["acc_old"] or 0.0, "new_last": m["phases"][-1]["acc_new"],
-            "old_among_old": sum(later) / len(later) if later and None not in later else float("nan"),
-            "train_s": sum(r["train_seconds"] for r in m["phases"]),
-            "finetune_s": sum(r.get("finetune_seconds", 0.0) for r in m["phases"]),
-            "params_m": m["phases"][-1].get("params", float("nan")) / 1e6}   # nan: a run from before the count
+    """The metrics of a run's metrics.json (``cilearn.results.run_summary``), nan where not recorded."""
+    return {k: float("nan") if v is None else v for k, v in run_summary(m).items()}
 
 
 def run_variants(variants: list[tuple[str, str, list[str]]], seeds: list[str], out: Path,

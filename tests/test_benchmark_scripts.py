@@ -23,7 +23,7 @@ def test_summary_reads_the_last_phase_and_sums_stages():
     s = compare_seeds.summary(_metrics(75.0, ft=(4.0, 6.0)))
     assert s["old_last"] == 60.0 and s["new_last"] == 70.0
     assert s["old_among_old"] == pytest.approx(60.0)          # mean over phases > 0
-    assert s["train_s"] == 80.0 and s["finetune_s"] == 10.0
+    assert s["train_seconds"] == 80.0 and s["finetune_seconds"] == 10.0
     assert math.isnan(s["params_m"])                          # a run from before the parameter count
     m = _metrics(75.0)
     m["phases"][-1]["params"] = 2_500_000

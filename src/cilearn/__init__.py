@@ -1,8 +1,12 @@
-"""cilearn: class-incremental learning in PyTorch. ``cilearn.run(config) -> Results``."""
+"""cilearn: class-incremental learning in PyTorch. ``cilearn.run(config) -> Results``;
+``run_seeds``, ``compare_methods`` / ``compare_dirs`` and ``html_report`` for several runs."""
 __version__ = "0.1.0"
 
 from .config import RunConfig  # noqa: E402
-from .errors import CilearnError, ConfigError, DataError  # noqa: E402
+from .errors import CilearnError, ConfigError, DataError, ResultsError  # noqa: E402
+from .report import html_report  # noqa: E402
+from .results import compare_dirs, compare_methods, load_run, run_seeds  # noqa: E402
 from .runner import Results, resume, run  # noqa: E402
 
-__all__ = ["RunConfig", "Results", "run", "resume", "CilearnError", "ConfigError", "DataError", "__version__"]
+__all__ = ["RunConfig", "Results", "run", "resume", "run_seeds", "compare_methods", "compare_dirs", "load_run",
+           "html_report", "CilearnError", "ConfigError", "DataError", "ResultsError", "__version__"]

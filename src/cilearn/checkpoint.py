@@ -22,7 +22,7 @@ import os
 import signal
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -115,12 +115,15 @@ def set_rng_state(gen: torch.Generator, st: dict[str, Any]) -> None:
 
 
 class Checkpointer:
-    """What the training loop sees: where to save, how often, whether a stop was requested, and
-    (when resuming mid-phase) where to continue. ``out=None`` disables checkpoints."""
+    """What the training loop sees: where to save, how often, whether a stop was requested,
+    (when resuming mid-phase) where to continue, and who is told each epoch's losses
+    (``on_epoch``, e.g. ``--tensorboard``). ``out=None`` disables checkpoints."""
 
     def __init__(self, out: Path | None, every: int, gen: torch.Generator):
         self.out, self.every, self.gen = out, every, gen
         self.phase = 0
+        # on_epoch(phase, stage, epoch (0-based), stage's epochs, {"loss": mean, term: mean, "lr": last})
+        self.on_epoch: Callable[[int, str, int, int, dict[str, float]], None] | None = None
         self.resume_fit: dict[str, Any] | None = None   # fit state of the stage to continue
         self.stop_signal: int | None = None
         self._old_handlers: dict[int, Any] = {}
@@ -144,6 +147,11 @@ class Checkpointer:
             except ValueError:
                 pass
         self._old_handlers = {}
+
+    def end_epoch(self, stage: str, epoch: int, epochs: int, scalars: dict[str, float]) -> None:
+        """Called by ``fit`` once per finished epoch of the stage ``stage``."""
+        if self.on_epoch is not None:
+            self.on_epoch(self.phase, stage, epoch, epochs, scalars)
 
     @property
     def stop_requested(self) -> bool:

@@ -1,5 +1,5 @@
-"""``cilearn run | list``. Flags override the config file; any config key can also be set with a
-dotted flag, e.g. ``--train.momentum 0.9`` or ``--memory.selection random``.
+"""``cilearn run | compare | report | list``. Flags override the config file; any config key can
+also be set with a dotted flag, e.g. ``--train.momentum 0.9`` or ``--memory.selection random``.
 Errors the user can fix are printed as one line and exit with code 2."""
 from __future__ import annotations
 
@@ -69,6 +69,32 @@ def parse_value(text: str) -> Any:
     return value
 
 
+def split_extra(extra: list[str], command: str = "run") -> tuple[list[tuple[str, str]], list[str]]:
+    """Arguments argparse did not know: dotted overrides (``--section.key value`` or
+    ``--section.key=value``) as (key, text) pairs, and the positional arguments. Any other
+    ``--flag`` is an error."""
+    overrides, positional = [], []
+    i = 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--"):
+            positional.append(tok)
+            i += 1
+            continue
+        if "." not in tok:
+            raise ConfigError(f"unrecognized argument '{tok}' (see `cilearn {command} --help`)")
+        if "=" in tok:
+            key, text = tok[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(extra):
+                raise ConfigError(f"{tok} expects a value")
+            key, text = tok[2:], extra[i + 1]
+            i += 2
+        overrides.append((key, text))
+    return overrides, positional
+
+
 def build_config(args: argparse.Namespace, extra: list[str]):
     from .config import load_yaml, merge, set_dotted
     from .runner import config_from_dict
@@ -83,26 +109,39 @@ def build_config(args: argparse.Namespace, extra: list[str]):
         set_dotted(over, "train.progress", False)
     if args.save_tsne:
         set_dotted(over, "report.save_tsne", True)
+    if args.tensorboard:
+        set_dotted(over, "report.tensorboard", True)
     if args.balanced_finetune or args.no_balanced_finetune:
         set_dotted(over, "train.balanced_finetune", bool(args.balanced_finetune))
-    i = 0
-    while i < len(extra):   # dotted overrides: --section.key value | --section.key=value
-        tok = extra[i]
-        if not tok.startswith("--") or "." not in tok:
-            raise ConfigError(f"unrecognized argument '{tok}' (see `cilearn run --help`)")
-        if "=" in tok:
-            key, text = tok[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(extra):
-                raise ConfigError(f"{tok} expects a value")
-            key, text = tok[2:], extra[i + 1]
-            i += 2
+    overrides, positional = split_extra(extra, args.command)
+    if positional:
+        raise ConfigError(f"unrecognized argument '{positional[0]}' (see `cilearn {args.command} --help`)")
+    for key, text in overrides:
         set_dotted(over, key, parse_value(text))
     return config_from_dict(merge(d, over))
 
 
-def cmd_list() -> None:
+def seeds_of(args: argparse.Namespace, cfg) -> list[int] | None:
+    """``--seeds`` / ``--num-seeds`` as a list of seeds, or None for a single run."""
+    from .results import default_seeds, parse_seeds
+
+    if args.seeds is not None and args.num_seeds is not None:
+        raise ConfigError("--seeds and --num-seeds: give one of them")
+    if args.seeds is not None:
+        if args.seed is not None:
+            raise ConfigError("--seed and --seeds: give one of them (--seeds lists every seed)")
+        return parse_seeds(args.seeds)
+    if args.num_seeds is not None:
+        return default_seeds(cfg.seed, args.num_seeds)
+    return None
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    if args.configs is not None:
+        from .references import load_references, references_markdown, references_text
+        refs = load_references(args.configs or None)
+        print(references_markdown(refs) if args.markdown else references_text(refs))
+        return
     from .data.datasets import DATASETS
     from .methods import METHODS
     from .models.backbones import BACKBONES
@@ -114,30 +153,106 @@ def cmd_list() -> None:
     print("memory optimizers: " + ", ".join(MEMORY_OPTIMIZERS.names()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="cilearn", description="Class-incremental learning in PyTorch.", allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command")
-    pr = sub.add_parser("run", help="run a class-incremental experiment", allow_abbrev=False)
-    pr.error = parser.error  # type: ignore[method-assign]
-    pr.add_argument("--config", help="YAML config file (flags override it)")
+def add_run_flags(p: argparse.ArgumentParser, out_help: str | None = None) -> None:
+    """The flags of ``cilearn run`` (shared by ``cilearn compare --methods``)."""
+    p.add_argument("--config", help="YAML config file (flags override it)")
     for flag, (key, tp, help_) in FLAGS.items():
-        pr.add_argument(f"--{flag}", type=tp, help=f"{help_} [{key}]")
-    ft = pr.add_mutually_exclusive_group()
+        p.add_argument(f"--{flag}", type=tp, help=(out_help if flag == "out" and out_help else f"{help_} [{key}]"))
+    ft = p.add_mutually_exclusive_group()
     ft.add_argument("--balanced-finetune", action="store_true",
                     help="class-balanced fine-tuning of the head after each phase > 0 [train.balanced_finetune]")
     ft.add_argument("--no-balanced-finetune", action="store_true",
                     help="no class-balanced fine-tuning (default of lucir-bsce, icarl, ...) [train.balanced_finetune]")
-    pr.add_argument("--save-tsne", action="store_true",
-                    help="after each phase, a t-SNE PNG of test embeddings with the exemplars [report.save_tsne]")
+    p.add_argument("--save-tsne", action="store_true",
+                   help="after each phase, a t-SNE PNG of test embeddings with the exemplars [report.save_tsne]")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="TensorBoard scalars per epoch and phase in OUT/tensorboard (needs the tensorboard package) "
+                        "[report.tensorboard]")
+    p.add_argument("--seeds", metavar="S1,S2,...",
+                   help="run once per seed (class order, init, data order) into OUT/seed-<s>/, then "
+                        "OUT/summary.{json,md} with mean ± std of every metric")
+    p.add_argument("--num-seeds", type=int, metavar="K",
+                   help="as --seeds with the run's seed (default 1993) then 1, 2, ...: K seeds")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="print nothing (log.txt is still written)")
+
+
+def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
+    from .results import compare_dirs, compare_methods
+
+    overrides, dirs = split_extra(extra, "compare")
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    if args.methods is None:
+        if not dirs:
+            raise ConfigError("cilearn compare needs run directories (cilearn compare RUN_DIR...) or --methods a,b,c")
+        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                 if v not in (None, False) and k not in {"command", "out", "labels", "quiet"}]
+        if given or overrides:
+            raise ConfigError(f"{(given or ['--' + overrides[0][0]])[0]} is a run flag: it goes with --methods, "
+                              "not with run directories")
+        import time
+        out = args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"
+        comp = compare_dirs(dirs, out, labels)
+        if not args.quiet:
+            print(f"{comp.markdown}\n\n-> {out}/compare.md, compare.csv, compare.png")
+        return
+    if dirs:
+        raise ConfigError(f"cilearn compare: give run directories or --methods, not both ('{dirs[0]}')")
+    if args.method is not None:
+        raise ConfigError("cilearn compare takes --methods a,b,c (not --method)")
+    if labels is not None:
+        raise ConfigError("--labels goes with run directories; with --methods each row is named by its method")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("--methods expects a comma-separated list of methods, e.g. finetune,lwf,icarl")
+    from .methods import METHODS
+    for m in methods:
+        METHODS.get(m)                 # an unknown name fails before anything runs
+    out, args.out = args.out, None
+    cfgs = []
+    for m in methods:
+        args.method = m
+        cfgs.append(build_config(args, extra))
+    compare_methods(cfgs, out, seeds_of(args, cfgs[0]), echo=not args.quiet, overwrite=args.overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="cilearn", description="Class-incremental learning in PyTorch.", allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command")
+    pr = sub.add_parser("run", help="run a class-incremental experiment", allow_abbrev=False)
+    add_run_flags(pr)
     pr.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
-    pr.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
-    pr.add_argument("--quiet", action="store_true", help="print nothing (log.txt is still written)")
-    sub.add_parser("list", help="list methods, data sets and backbones")
+    pc = sub.add_parser("compare", allow_abbrev=False, usage="cilearn compare RUN_DIR... [--labels a,b] [--out DIR] | "
+                        "cilearn compare --methods a,b,c [run flags]",
+                        help="table (markdown, CSV) and overlaid accuracy curves of runs or methods")
+    pc.add_argument("--methods", help="run each of these methods with the run flags, then compare them")
+    pc.add_argument("--labels", help="with run directories: one row label per directory (default: the method)")
+    add_run_flags(pc, out_help="where compare.md, compare.csv, compare.png (and with --methods the runs, "
+                               "OUT/<method>/) go; default runs/compare-...")
+    pp = sub.add_parser("report", allow_abbrev=False, help="a self-contained HTML report of runs")
+    pp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or seed directories)")
+    pp.add_argument("--html", metavar="OUT.html", help="output file (default RUN_DIR/report.html for one directory)")
+    pl = sub.add_parser("list", allow_abbrev=False, help="list methods, data sets and backbones, or the reference configs")
+    pl.add_argument("--configs", nargs="?", const="", metavar="DIR",
+                    help="the shipped reference configs (configs/, or DIR) with the paper's number and protocol")
+    pl.add_argument("--markdown", action="store_true", help="with --configs: a markdown table")
+    for p in (pr, pc, pp, pl):
+        p.error = parser.error  # type: ignore[method-assign]
     try:
         args, extra = parser.parse_known_args(argv)
+        if args.command in ("list", "report") and extra:
+            raise ConfigError(f"unrecognized argument '{extra[0]}' (see `cilearn {args.command} --help`)")
         if args.command == "list":
-            cmd_list()
+            cmd_list(args)
+            return 0
+        if args.command == "report":
+            from .report import html_report
+            path = html_report(args.run_dirs, args.html)
+            print(f"report -> {path}")
+            return 0
+        if args.command == "compare":
+            cmd_compare(args, extra)
             return 0
         if args.command != "run":
             parser.print_help()
@@ -153,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
             resume(args.resume, echo=not args.quiet, device=args.device, progress=False if args.no_progress else None)
             return 0
         cfg = build_config(args, extra)
+        seeds = seeds_of(args, cfg)
+        if seeds is not None:
+            from .results import run_seeds
+            run_seeds(cfg, seeds, echo=not args.quiet, overwrite=args.overwrite)
+            return 0
         from .runner import run
         run(cfg, echo=not args.quiet, overwrite=args.overwrite)
         return 0

@@ -146,6 +146,7 @@ class ReportConfig:
     save_attention: int = 0              # after each phase, a PNG of N test images' Grad-CAMs (teacher, student)
     save_samples: int = 0                # DF-GR: after each generator training, a PNG of N samples per old class
     save_tsne: bool = False              # after each phase, a t-SNE PNG of test embeddings and exemplars
+    tensorboard: bool = False            # scalars per epoch and phase in RUN_DIR/tensorboard (cilearn.tblog)
 
 
 @dataclass

@@ -9,6 +9,11 @@ class ConfigError(CilearnError):
     """An option or config value is invalid; the message names the option."""
 
 
+class ResultsError(CilearnError):
+    """A run directory given to ``compare`` / ``report`` is missing, unfinished or corrupt; the
+    message names the file."""
+
+
 class DataError(CilearnError):
     """A data set file or folder is missing, corrupt or in the wrong layout; the message names it."""
 

@@ -14,7 +14,10 @@ j <= i):
   phases > 0): how spread the teacher's soft targets on the phase's training images are over the
   old classes (``kd_target_stats``);
 * forgetting = mean over tasks j < T-1 of ``max_{j <= i < T-1} a[i][j] - a[T-1][j]``
-  (Chaudhry et al. 2018; FACIL), 0 with a single phase.
+  (Chaudhry et al. 2018; FACIL), 0 with a single phase;
+* per-class accuracy ``c[i][k]`` (class k after phase i) and per-class forgetting
+  ``max_{t_k <= i < T-1} c[i][k] - c[T-1][k]`` (t_k: the phase that brought class k), the same
+  definition one class at a time (the HTML report's per-class view).
 """
 from __future__ import annotations
 
@@ -71,6 +74,7 @@ class PhaseEval:
     acc_new_among_new: float            # new-class test images, argmax over the new classes' logits only
     task_acc: list[float]             # one per task seen so far (a row of the accuracy matrix)
     task_acc_nme: list[float] | None
+    class_acc: list[float | None] | None = None   # one per seen class (incremental id); None: no test image
 
 
 def evaluate_phase(logits: torch.Tensor, emb: torch.Tensor, y: torch.Tensor, bounds: list[tuple[int, int]],
@@ -92,7 +96,35 @@ def evaluate_phase(logits: torch.Tensor, emb: torch.Tensor, y: torch.Tensor, bou
         acc_new_among_new=accuracy(logits[:, new_start:].argmax(1) + new_start, y, ~old),
         task_acc=[accuracy(pred, y, m) for m in masks],
         task_acc_nme=[accuracy(nme, y, m) for m in masks] if nme is not None else None,
+        class_acc=per_class_accuracy(pred, y, bounds[-1][1]),
     )
+
+
+def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Top-1 (%) of each class id ``0..num_classes-1`` on its own test images (``pred``, ``y``:
+    ``[N]`` ids); None for a class without test images."""
+    hits = torch.bincount(y[pred == y], minlength=num_classes).tolist()
+    count = torch.bincount(y, minlength=num_classes).tolist()
+    return [100.0 * h / n if n else None for h, n in zip(hits, count)]
+
+
+def confusion_matrix(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """Counts ``[true id][predicted id]``, ``num_classes x num_classes``."""
+    flat = torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
+    return flat.view(num_classes, num_classes).tolist()
+
+
+def class_forgetting(per_class: list[list[float | None]]) -> list[float | None]:
+    """Forgetting of each class: ``per_class[i][k]`` is class k's accuracy after phase i (rows
+    grow with the seen classes). For a class first seen before the last phase,
+    ``max_{t_k <= i < T-1} per_class[i][k] - per_class[T-1][k]``; None for the last phase's
+    classes (and for a class without test images)."""
+    last = per_class[-1]
+    out: list[float | None] = []
+    for k, final in enumerate(last):
+        before = [row[k] for row in per_class[:-1] if k < len(row) and row[k] is not None]
+        out.append(max(before) - final if before and final is not None else None)
+    return out
 
 
 def kd_target_stats(teacher_logits: torch.Tensor, T: float) -> dict[str, float]:

@@ -25,7 +25,7 @@ from .data.base import DataOptions
 from .data.scenario import Scenario, class_order
 from .checkpoint import EPOCH_FILE, PHASE_FILE, Checkpointer, load_checkpoint, set_rng_state
 from .errors import CilearnError, ConfigError
-from .evaluate import PhaseEval, average_incremental_accuracy, evaluate_phase, forgetting, predict
+from .evaluate import PhaseEval, average_incremental_accuracy, confusion_matrix, evaluate_phase, forgetting, predict
 from .losses import CLS_LOSSES
 from .memory import Budget, Memory
 from .memory.selection import SELECTIONS
@@ -152,6 +152,9 @@ def prepare(cfg: RunConfig):
     if cfg.replay.source not in (None, "none"):
         from .replay import REPLAY
         REPLAY.get(cfg.replay.source)
+    if cfg.report.tensorboard:
+        from .tblog import summary_writer_class
+        summary_writer_class()                 # a ConfigError naming the package when it is missing
     budget_given = cfg.memory.total is not None or cfg.memory.per_class is not None
     if method_cls.train_on_seen and budget_given:
         raise ConfigError(f"--method {cfg.method} trains on all data seen so far: a memory budget does not apply")
@@ -241,24 +244,30 @@ def resume(run_dir: str | Path, echo: bool = True, device: str | None = None,
 def _execute(cfg, ds, method_cls, device, amp, out: Path, echo: bool, wall0: float,
              phase_state: dict | None, epoch_state: dict | None) -> Results:
     log = Log(out / "log.txt", echo)
-    ckpt = None
+    ckpt = tb = None
     try:
         torch.manual_seed(cfg.seed)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         ckpt = Checkpointer(out, cfg.train.checkpoint_every, gen)
+        if cfg.report.tensorboard:
+            from .tblog import TensorBoardLog
+            tb = TensorBoardLog(out, cfg.train.base_epochs or cfg.train.epochs or 0)
+            ckpt.on_epoch = tb.on_epoch
         ckpt.install_signal_handlers()
-        return _phases(cfg, ds, method_cls, device, amp, out, log, wall0, gen, ckpt, phase_state, epoch_state)
+        return _phases(cfg, ds, method_cls, device, amp, out, log, wall0, gen, ckpt, phase_state, epoch_state, tb)
     except CilearnError as e:
         log.record(f"stopped: {e}")
         raise
     finally:
         if ckpt is not None:
             ckpt.restore_signal_handlers()
+        if tb is not None:
+            tb.close()
         log.close()
 
 
 def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float, gen: torch.Generator,
-            ckpt: Checkpointer, phase_state: dict | None, epoch_state: dict | None) -> Results:
+            ckpt: Checkpointer, phase_state: dict | None, epoch_state: dict | None, tb=None) -> Results:
     import yaml
 
     meta = {"cilearn_version": __version__, "git_commit": git_commit(), "torch_version": str(torch.__version__),
@@ -337,8 +346,13 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
                "acc_new_among_new": ev.acc_new_among_new, "top5": ev.top5, "train_seconds": fr.seconds,
                "finetune_seconds": method.finetune_seconds, "train_images_per_s": fr.images_per_s, "loss": fr.loss,
                "exemplar_optimizer": dict(getattr(memory.optimizer, "stats", {})) if memory is not None else {},
-               "params": sum(p.numel() for p in net.parameters()), **method.diagnostics()}
+               "params": sum(p.numel() for p in net.parameters()), **method.diagnostics(),
+               "per_class_acc": ev.class_acc}
+        if phase.index == len(scenario.phases) - 1:   # the report's confusion matrix: true x predicted ids
+            row["confusion"] = confusion_matrix(logits.argmax(1), data.test_y[seen], logits.shape[1])
         phase_rows.append(row)
+        if tb is not None:
+            tb.on_phase(row)
         f = lambda v: f"{v:6.2f}" if v is not None else f"{'-':>6}"  # noqa: E731
         log(f"{phase.index:>5} {phase.seen:>7} {f(ev.acc)} {f(ev.acc_nme)} {f(ev.acc_old)} {f(ev.acc_new)} "
             f"{f(ev.top5)} {fr.seconds:8.1f} {fr.images_per_s:7.0f}")
@@ -349,7 +363,8 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
         if ckpt.stop_requested and phase.index + 1 < len(scenario.phases):
             raise ckpt.interrupted(f"phase {phase.index} (finished)")
 
-    metrics = summarize(evals, phase_rows, memory, wall_before + time.perf_counter() - wall0)
+    metrics = summarize(evals, phase_rows, memory, wall_before + time.perf_counter() - wall0,
+                        cfg.scenario.class_order)
     write_outputs(out, metrics)
     log(f"average incremental accuracy {metrics['avg_incremental_acc']:.2f}"
         + (f" (NME {metrics['avg_incremental_acc_nme']:.2f})" if metrics["avg_incremental_acc_nme"] is not None else "")
@@ -358,13 +373,20 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     return Results(metrics, out, cfg)
 
 
-def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, wall: float) -> dict[str, Any]:
+def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, wall: float,
+              class_order: list[int] | None = None) -> dict[str, Any]:
+    """metrics.json. Besides the summary: ``confusion`` (the last phase's ``[true][predicted]``
+    counts, incremental ids), ``class_order`` (incremental id -> data set label) and, in
+    ``memory``, ``class_images`` / ``class_bytes`` (exemplars and bytes of each class id)."""
     matrix = [e.task_acc for e in evals]
     nme = [e.acc_nme for e in evals]
     has_nme = all(v is not None for v in nme)
     per_class = 0
     if memory is not None and memory.exemplars:
         per_class = max(len(v) for v in memory.exemplars.values())
+    seen, stored = rows[-1]["classes_seen"], (memory.exemplars if memory is not None else {})
+    confusion = rows[-1].get("confusion")
+    rows = [{k: v for k, v in r.items() if k != "confusion"} for r in rows]
     return {
         "avg_incremental_acc": average_incremental_accuracy([e.acc for e in evals]),
         "last_acc": evals[-1].acc,
@@ -375,8 +397,13 @@ def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, w
         "accuracy_matrix_nme": [e.task_acc_nme for e in evals] if has_nme else None,
         "phases": rows,
         "memory": {"per_class": per_class, "total_images": len(memory) if memory else 0,
-                   "total_bytes": memory.nbytes if memory else 0},
+                   "total_bytes": memory.nbytes if memory else 0,
+                   "class_images": [len(stored[c]) if c in stored else 0 for c in range(seen)],
+                   "class_bytes": [stored[c].numel() * stored[c].element_size() if c in stored else 0
+                                   for c in range(seen)]},
         "wall_seconds": wall,
+        "confusion": confusion,
+        "class_order": list(class_order) if class_order is not None else None,
     }
 
 

@@ -147,6 +147,9 @@ def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossF
             raise DivergenceError(f"{desc}: the loss became {total_f} in epoch {epoch + 1}; "
                                   "lower --lr or check the data" + (ckpt.kept_note() if ckpt else ""))
         terms_mean = {k: float(v) / steps for k, v in sums.items()}
+        if ckpt is not None:
+            ckpt.end_epoch(desc, epoch, s.epochs, {"loss": total_f / steps, **terms_mean,
+                                                   "lr": opt.param_groups[0]["lr"]})
         if bar is not None:
             el = time.perf_counter() - start
             bar.set_postfix(loss=f"{total_f / steps:.3f}", img_s=f"{(seen_images - done_images) / max(el, 1e-9):.0f}")
