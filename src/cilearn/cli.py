@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report -> {path}")
             return 0
         if args.command == "compare":
+            from . import distributed
+            if distributed.launched():
+                raise ConfigError("cilearn compare does not run under torchrun; launch one `cilearn run` per method")
             cmd_compare(args, extra)
             return 0
         if args.command != "run":
@@ -270,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(args, extra)
         seeds = seeds_of(args, cfg)
         if seeds is not None:
+            from . import distributed
+            if distributed.launched():
+                raise ConfigError(f"--{'seeds' if args.seeds is not None else 'num-seeds'} does not run under "
+                                  "torchrun; launch one `cilearn run --seed S` per seed")
             from .results import run_seeds
             run_seeds(cfg, seeds, echo=not args.quiet, overwrite=args.overwrite)
             return 0
@@ -277,14 +284,27 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, echo=not args.quiet, overwrite=args.overwrite)
         return 0
     except Interrupted as e:
-        print(f"cilearn: {e}", file=sys.stderr)
+        if _reports():
+            print(f"cilearn: {e}", file=sys.stderr)
         return 128 + int(e.signum)
     except CilearnError as e:
-        print(f"cilearn: error: {e}", file=sys.stderr)
+        if _reports():
+            print(f"cilearn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cilearn: interrupted", file=sys.stderr)
+        if _reports():
+            print("cilearn: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from . import distributed
+        distributed.shutdown()
+
+
+def _reports() -> bool:
+    """Under torchrun only rank 0 prints errors: every user-facing error is raised on all ranks
+    (``cilearn.distributed.on_main`` / ``main_first``), so the other ranks stay quiet."""
+    from . import distributed
+    return distributed.is_main()
 
 
 def entry() -> None:

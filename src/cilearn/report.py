@@ -72,7 +72,9 @@ def tsne_plot(ctx, phase, data, before: dict | None, per_class: int = 100) -> No
         xs += [ex[c].float() for c in ids]
         ys += [torch.full((len(ex[c]),), c, dtype=torch.long, device=data.test_y.device) for c in ids]
         panels.append((name, sum(len(ex[c]) for c in ids)))
-    emb = ctx.embed(ctx.net, torch.cat([x.float() for x in xs])).cpu().numpy()          # [N, D], one pass
+    from .evaluate import predict    # not ctx.embed, a collective under torchrun: this runs on rank 0 alone
+    emb = predict(ctx.net, torch.cat([x.float() for x in xs]), ctx.augmenter, ctx.cfg.train.eval_batch_size,
+                  ctx.autocast_dtype)[1].cpu().numpy()                                  # [N, D], one pass
     order = ctx.cfg.scenario.class_order
     tsne_figure(emb, torch.cat(ys).cpu().numpy(), len(keep), panels, [order[c] for c in range(phase.end)],
                 ctx.out / f"tsne-phase{phase.index}.png", f"phase {phase.index}: {phase.end} classes, seed {ctx.cfg.seed}")

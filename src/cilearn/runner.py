@@ -3,6 +3,7 @@ memory, evaluate -> metrics. ``run(cfg)`` is the Python API behind ``cilearn run
 
 Nothing is written before the configuration and the data set have been validated; the run's
 ``metrics.json`` is written last (atomically), so a directory without it is not a finished run.
+Under torchrun every process runs this code; rank 0 alone writes (``cilearn.distributed``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any, TextIO
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .config import RunConfig, resolve, to_dict, validate
 from .data.augment import Augmenter
 from .data.base import DataOptions
@@ -55,10 +56,16 @@ class Results:
 
 
 def resolve_device(name: str) -> torch.device:
+    """Under torchrun, ``cuda`` (or ``auto`` with CUDA) is this process's ``cuda:LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
+    if distributed.launched() and name.startswith("cuda"):
+        if name != "cuda":
+            raise ConfigError(f"--device {name}: under torchrun each process uses cuda:LOCAL_RANK; "
+                              "give --device cuda (or auto)")
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 
@@ -159,6 +166,7 @@ def prepare(cfg: RunConfig):
     if method_cls.train_on_seen and budget_given:
         raise ConfigError(f"--method {cfg.method} trains on all data seen so far: a memory budget does not apply")
     method_cls.check_config(cfg, uses_memory(method_cls, cfg))
+    distributed.check_config(cfg, method_cls)
     from .memory import mnemonics
     cfg.memory.optimizer = cfg.memory.optimizer or method_cls.memory_optimizer
     mnemonics.check(cfg, cfg.method, uses_memory(method_cls, cfg))
@@ -207,10 +215,11 @@ def make_out_dir(cfg: RunConfig, overwrite: bool = False) -> Path:
 def run(cfg: RunConfig, echo: bool = True, overwrite: bool = False) -> Results:
     """Run a class-incremental experiment and write its outputs; returns the metrics."""
     wall0 = time.perf_counter()
-    cfg, ds, method_cls = prepare(cfg)
+    distributed.init()
+    cfg, ds, method_cls = distributed.main_first(lambda: prepare(cfg))
     device = resolve_device(cfg.train.device)
     amp = resolve_precision(cfg.train.precision, device)
-    out = make_out_dir(cfg, overwrite)
+    out = distributed.on_main(lambda: make_out_dir(cfg, overwrite))
     return _execute(cfg, ds, method_cls, device, amp, out, echo, wall0, None, None)
 
 
@@ -219,37 +228,43 @@ def resume(run_dir: str | Path, echo: bool = True, device: str | None = None,
     """Continue an interrupted run from its last complete checkpoint (``cilearn run --resume``)."""
     wall0 = time.perf_counter()
     out = Path(run_dir)
-    if not (out / "config.yaml").is_file():
-        raise ConfigError(f"--resume {out}: no config.yaml there, not a cilearn run directory")
-    if (out / "metrics.json").exists():
-        raise ConfigError(f"--resume {out}: this run is already complete (metrics.json exists)")
-    from .config import load_yaml
-    cfg = config_from_dict(load_yaml(str(out / "config.yaml")))
+    distributed.init()
+    cfg = config_from_dict(distributed.on_main(lambda: _resume_config(out)))
     cfg.out = str(out)
     if device is not None:
         cfg.train.device = device
     if progress is not None:
         cfg.train.progress = progress
-    cfg, ds, method_cls = prepare(cfg)
+    cfg, ds, method_cls = distributed.main_first(lambda: prepare(cfg))
     dev = resolve_device(cfg.train.device)
     amp = resolve_precision(cfg.train.precision, dev)
-    phase_state = load_checkpoint(out / PHASE_FILE) if (out / PHASE_FILE).exists() else None
-    epoch_state = load_checkpoint(out / EPOCH_FILE) if (out / EPOCH_FILE).exists() else None
+    phase_state, epoch_state = distributed.on_main(lambda: tuple(
+        load_checkpoint(out / f) if (out / f).exists() else None for f in (PHASE_FILE, EPOCH_FILE)))
     next_phase = phase_state["next_phase"] if phase_state else 0
     if epoch_state is not None and epoch_state["phase"] != next_phase:
         epoch_state = None   # stale: its phase was finished and checkpointed after it
     return _execute(cfg, ds, method_cls, dev, amp, out, echo, wall0, phase_state, epoch_state)
 
 
+def _resume_config(out: Path) -> dict:
+    if not (out / "config.yaml").is_file():
+        raise ConfigError(f"--resume {out}: no config.yaml there, not a cilearn run directory")
+    if (out / "metrics.json").exists():
+        raise ConfigError(f"--resume {out}: this run is already complete (metrics.json exists)")
+    from .config import load_yaml
+    return load_yaml(str(out / "config.yaml"))
+
+
 def _execute(cfg, ds, method_cls, device, amp, out: Path, echo: bool, wall0: float,
              phase_state: dict | None, epoch_state: dict | None) -> Results:
-    log = Log(out / "log.txt", echo)
+    writes = distributed.is_main()       # under torchrun: rank 0 writes, the others compute
+    log = Log(out / "log.txt" if writes else None, echo and writes)
     ckpt = tb = None
     try:
         torch.manual_seed(cfg.seed)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        ckpt = Checkpointer(out, cfg.train.checkpoint_every, gen)
-        if cfg.report.tensorboard:
+        ckpt = Checkpointer(out if writes else None, cfg.train.checkpoint_every, gen)
+        if cfg.report.tensorboard and writes:
             from .tblog import TensorBoardLog
             tb = TensorBoardLog(out, cfg.train.base_epochs or cfg.train.epochs or 0)
             ckpt.on_epoch = tb.on_epoch
@@ -274,7 +289,10 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
             "device": str(device), "precision": "bf16" if amp is not None else "fp32",
             "python": sys.version.split()[0], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     resuming = phase_state is not None or epoch_state is not None
-    if not (out / "config.yaml").exists():
+    writes, world = distributed.is_main(), distributed.world_size()
+    if world > 1:
+        meta["distributed"] = {"world_size": world, "backend": distributed.backend()}
+    if writes and not (out / "config.yaml").exists():
         atomic_write(out / "config.yaml", yaml.safe_dump({**to_dict(cfg), "meta": meta}, sort_keys=False))
 
     scenario = Scenario.make(ds.num_classes, cfg.scenario.base, cfg.scenario.increment, cfg.scenario.class_order)
@@ -291,7 +309,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     from .memory.mnemonics import build as build_memory_optimizer
     memory = Memory(Budget(cfg.memory.total, cfg.memory.per_class), cfg.memory.selection,
                     build_memory_optimizer(cfg)) if uses_memory(method_cls, cfg) else None
-    ctx = Context(cfg, net, memory, aug, device, gen, amp, ckpt, out)
+    ctx = Context(cfg, net, memory, aug, device, gen, amp, ckpt, out if writes else None)
     method = method_cls(ctx)
     ckpt.method_state = method.state_dict  # type: ignore[method-assign]
 
@@ -317,6 +335,9 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
             f"{ds.num_classes} classes, {'x'.join(map(str, ds.image_shape))}), backbone {cfg.model.backbone}, "
             f"{device} {meta['precision']}, seed {cfg.seed}")
         log(scenario.describe())
+        if world > 1:
+            log(f"distributed: {world} processes ({meta['distributed']['backend']}), global batch "
+                f"{cfg.train.batch_size} = about {cfg.train.batch_size // world} per process")
         if memory is not None:
             b = memory.budget
             log(f"memory: {'%d exemplars in total' % b.total if b.total is not None else '%d per class' % b.per_class}, "
@@ -336,8 +357,10 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
             epoch_state = None
         fr = method.train_phase(phase, x, y)
         method.after_phase(phase, data)
+        ranks = sync_ranks(net, memory, gen, device) if world > 1 else None
         seen = data.test_y < phase.end
-        logits, emb = predict(net, data.test_x[seen], aug, cfg.train.eval_batch_size, amp)
+        logits, emb = distributed.gather_rows(lambda xs: predict(net, xs, aug, cfg.train.eval_batch_size, amp),
+                                              data.test_x[seen])
         ev = evaluate_phase(logits, emb, data.test_y[seen], [(p.start, p.end) for p in scenario.phases[:phase.index + 1]],
                             method.prototypes())
         evals.append(ev)
@@ -348,6 +371,8 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
                "exemplar_optimizer": dict(getattr(memory.optimizer, "stats", {})) if memory is not None else {},
                "params": sum(p.numel() for p in net.parameters()), **method.diagnostics(),
                "per_class_acc": ev.class_acc}
+        if ranks is not None:
+            row["ranks"] = ranks
         if phase.index == len(scenario.phases) - 1:   # the report's confusion matrix: true x predicted ids
             row["confusion"] = confusion_matrix(logits.argmax(1), data.test_y[seen], logits.shape[1])
         phase_rows.append(row)
@@ -360,17 +385,39 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
                          "memory": memory.state() if memory is not None else None, "method": method.state_dict(),
                          "evals": [dataclasses.asdict(e) for e in evals], "rows": phase_rows,
                          "wall_seconds": wall_before + time.perf_counter() - wall0})
-        if ckpt.stop_requested and phase.index + 1 < len(scenario.phases):
+        if distributed.any_rank(ckpt.stop_requested) and phase.index + 1 < len(scenario.phases):
             raise ckpt.interrupted(f"phase {phase.index} (finished)")
 
     metrics = summarize(evals, phase_rows, memory, wall_before + time.perf_counter() - wall0,
                         cfg.scenario.class_order)
-    write_outputs(out, metrics)
+    if world > 1:
+        metrics["distributed"] = meta["distributed"]
+    if writes:
+        write_outputs(out, metrics)
     log(f"average incremental accuracy {metrics['avg_incremental_acc']:.2f}"
         + (f" (NME {metrics['avg_incremental_acc_nme']:.2f})" if metrics["avg_incremental_acc_nme"] is not None else "")
         + f", last {metrics['last_acc']:.2f}, forgetting {metrics['forgetting']:.2f}, "
         f"wall {metrics['wall_seconds']:.1f} s -> {out}")
     return Results(metrics, out, cfg)
+
+
+def sync_ranks(net: torch.nn.Module, memory: Memory | None, gen: torch.Generator,
+               device: torch.device) -> dict[str, list[str]]:
+    """Under torchrun, after a phase's memory update: rank 0's model, exemplar memory and RNG state
+    on every rank. Returns, per rank, the digest (``distributed.digest``) of the memory each rank
+    computed itself (``memory_own``: ranks select from the same gathered embeddings, so these agree
+    unless a computation differed between ranks) and of the memory and model each rank holds after
+    the broadcast (``memory``, ``model``: identical by construction; recorded in metrics.json's
+    phase rows as ``ranks``)."""
+    mem_digest = lambda: distributed.digest(  # noqa: E731
+        [t for c in sorted(memory.exemplars) for t in (torch.tensor(c), memory.exemplars[c])] if memory else [])
+    own = mem_digest()
+    distributed.broadcast_module_(net)
+    if memory is not None:
+        memory.exemplars = distributed.broadcast_tensors(memory.exemplars, device)
+    distributed.broadcast_generator_(gen)
+    got = distributed.all_gather_object((own, mem_digest(), distributed.digest(net.state_dict().values())))
+    return {"memory_own": [g[0] for g in got], "memory": [g[1] for g in got], "model": [g[2] for g in got]}
 
 
 def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, wall: float,

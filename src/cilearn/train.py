@@ -6,6 +6,11 @@ Per step: a slice of a seeded permutation of the (device-resident, uint8) traini
 batched augmentation on the device, autocast (bf16) where enabled, one optimizer step.
 No host sync inside an epoch: the loss is accumulated on the device and checked for NaN/inf
 once per epoch.
+
+Under torchrun (``cilearn.distributed``) the loop is the same: every rank draws the same
+permutation and augmentation parameters for each global batch of ``batch_size`` and trains on its
+contiguous part of it, through DistributedDataParallel; the stage starts from rank 0's model and
+RNG state and ends with rank 0's model (BatchNorm statistics included) on every rank.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
 
 import torch
 
+from . import distributed
 from .data.augment import Augmenter
 from .errors import CilearnError
 
@@ -88,9 +94,17 @@ def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossF
     n = x.shape[0]
     if s.epochs == 0 or n == 0 or (ckpt is not None and ckpt.skip_stage(desc)):
         return FitResult(0.0, 0, {})
-    opt = make_optimizer(model.parameters() if params is None else params, s)
+    params = list(model.parameters() if params is None else params)
+    opt = make_optimizer(params, s)
     bs = min(s.batch_size, n)
     steps = n // bs if s.drop_last else math.ceil(n / bs)
+    world = distributed.world_size()
+    if world > 1:
+        if 0 < n % bs < world and steps > 1:   # a last batch too small to give every rank a sample
+            steps = n // bs
+        distributed.broadcast_module_(model)    # the stage starts from rank 0's model and RNG
+        distributed.broadcast_generator_(gen)
+    step_fn = distributed.data_parallel(loss_fn, [p for p in params if p.requires_grad])
     # position: epoch, step, this epoch's permutation, running sums; carried over on resume
     epoch0, step0, perm, done_images, done_seconds = 0, 0, None, 0, 0.0
     total = torch.zeros((), device=x.device)
@@ -102,17 +116,20 @@ def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossF
         perm = resume["perm"].to(x.device) if resume["perm"] is not None else None
         total = resume["total"].to(x.device)
         sums = {k: v.to(x.device) for k, v in resume["sums"].items()}
+        if distributed.rank() > 0:              # the saved sums are the global ones: counted once
+            total, sums = torch.zeros_like(total), {k: torch.zeros_like(v) for k, v in sums.items()}
 
     def position(epoch: int, step: int) -> dict:
         end = step >= steps
+        t, sm = (total, sums) if end or world == 1 else reduced(total, sums)
         return {"desc": desc, "epoch": epoch + 1 if end else epoch, "step": 0 if end else step,
-                "perm": None if end else perm.cpu(), "total": (torch.zeros(()) if end else total.cpu()),
-                "sums": {} if end else {k: v.cpu() for k, v in sums.items()}, "opt": opt.state_dict(),
+                "perm": None if end else perm.cpu(), "total": (torch.zeros(()) if end else t.cpu()),
+                "sums": {} if end else {k: v.cpu() for k, v in sm.items()}, "opt": opt.state_dict(),
                 "images": seen_images, "seconds": done_seconds + time.perf_counter() - start}
 
     model.train()
     bar = None
-    if s.progress:
+    if s.progress and distributed.is_main():
         from tqdm.auto import tqdm
         bar = tqdm(total=s.epochs, initial=epoch0, desc=desc, unit="ep", leave=False, dynamic_ncols=True)
     start = time.perf_counter()
@@ -122,26 +139,35 @@ def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossF
         if perm is None:
             perm = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
         for step in range(step0, steps):
-            idx = perm[step * bs:(step + 1) * bs]
-            xb, view = augmenter.train(x[idx], gen)
+            idx = perm[step * bs:(step + 1) * bs]            # the global batch
+            span = distributed.shard_span(len(idx))          # this rank's part (all of it alone)
+            mine = idx[span]
+            xb, view = augmenter.train(x[mine], gen, span, len(idx))
             for g in opt.param_groups:
                 g["lr"] = lr_at(s, epoch, step, steps)
             with torch.autocast(device_type=x.device.type, dtype=s.autocast_dtype or torch.bfloat16,
                                 enabled=s.autocast_dtype is not None):
-                loss, terms = loss_fn(Batch(xb, y[idx], idx, view))
+                loss, terms = step_fn(Batch(xb, y[mine], mine, view))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if world > 1:   # weight by this rank's share of the batch: DDP's mean is the global mean's gradient
+                share = len(mine) / len(idx)
+                loss, terms = loss * share, {k: v * share for k, v in terms.items()}
+                (loss * world).backward()
+            else:
+                loss.backward()
             opt.step()
             total += loss.detach()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach()
             seen_images += len(idx)
-            if ckpt is not None and ckpt.stop_requested:
+            if ckpt is not None and distributed.any_rank(ckpt.stop_requested):
                 ckpt.save_fit(model, position(epoch, step + 1))
                 if bar is not None:
                     bar.close()
                 raise ckpt.interrupted(f"{desc}, epoch {epoch + 1}, step {step + 1} of {steps}")
         step0 = 0
+        if world > 1:
+            total, sums = reduced(total, sums)
         total_f = float(total)  # one host sync per epoch
         if not math.isfinite(total_f):
             raise DivergenceError(f"{desc}: the loss became {total_f} in epoch {epoch + 1}; "
@@ -161,4 +187,15 @@ def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossF
         sums = {}
     if bar is not None:
         bar.close()
+    distributed.broadcast_module_(model)          # rank 0's BatchNorm statistics everywhere
     return FitResult(done_seconds + time.perf_counter() - start, seen_images, terms_mean)
+
+
+def reduced(total: torch.Tensor, sums: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The running loss ``total`` (scalar) and per-term ``sums`` summed over the ranks (each rank's
+    are weighted by its share of every batch, so the sums are those of the global batches); one
+    all-reduce."""
+    keys = sorted(sums)
+    flat = torch.stack([total.float()] + [sums[k].float() for k in keys])
+    distributed.all_reduce_sum_(flat)
+    return flat[0], {k: flat[i + 1] for i, k in enumerate(keys)}

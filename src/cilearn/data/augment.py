@@ -47,26 +47,34 @@ class Augmenter:
         """Deterministic view ``v`` (0: identity, 1: flipped) of a finite policy."""
         return self.normalize(x.flip(3) if v == 1 else x)
 
-    def train(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (augmented normalised batch, view ids [B] or None)."""
+    def train(self, x: torch.Tensor, gen: torch.Generator, span: slice | None = None,
+              batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (augmented normalised batch, view ids [B] or None). ``x`` may be the rows ``span``
+        of a batch of ``batch`` images (one rank's part under torchrun): the random parameters are
+        drawn for the whole batch, as one process would, and the part's rows used, so the generator
+        advances identically on every rank."""
         B = x.shape[0]
         dev = x.device
+        span, batch = (slice(0, B), B) if span is None else (span, batch)
         if self.policy == "none":
             return self.normalize(x), torch.zeros(B, dtype=torch.long, device=dev)
-        flip = torch.rand(B, generator=gen, device=gen.device).to(dev) < 0.5
+        flip = (torch.rand(batch, generator=gen, device=gen.device).to(dev) < 0.5)[span]
         if self.policy == "crop-flip" and self.pad > 0:
-            x = random_crop(x, self.pad, gen)
+            x = random_crop(x, self.pad, gen, span, batch)
         elif self.policy == "rrc-flip":
-            x = random_resized_crop(x, gen)
+            x = random_resized_crop(x, gen, span=span, batch=batch)
         x = torch.where(flip.view(B, 1, 1, 1), x.flip(3), x)
         return self.normalize(x), (flip.long() if self.policy == "flip" else None)
 
 
-def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero-pad by ``pad`` and take a random HxW window per sample (one gather)."""
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator, span: slice | None = None,
+                batch: int | None = None) -> torch.Tensor:
+    """Zero-pad by ``pad`` and take a random HxW window per sample (one gather). ``span``/``batch``:
+    see ``Augmenter.train``."""
     B, C, H, W = x.shape
+    span, batch = (slice(0, B), B) if span is None else (span, batch)
     xp = F.pad(x, (pad, pad, pad, pad))
-    off = torch.randint(0, 2 * pad + 1, (2, B), generator=gen, device=gen.device).to(x.device)
+    off = torch.randint(0, 2 * pad + 1, (2, batch), generator=gen, device=gen.device).to(x.device)[:, span]
     rows = (off[0, :, None] + torch.arange(H, device=x.device))[:, :, None]   # [B, H, 1]
     cols = (off[1, :, None] + torch.arange(W, device=x.device))[:, None, :]   # [B, 1, W]
     b = torch.arange(B, device=x.device)[:, None, None]
@@ -74,17 +82,19 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor
 
 
 def random_resized_crop(x: torch.Tensor, gen: torch.Generator, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """Random-resized-crop back to the input size, batched with one ``grid_sample``."""
+                        ratio=(3 / 4, 4 / 3), span: slice | None = None, batch: int | None = None) -> torch.Tensor:
+    """Random-resized-crop back to the input size, batched with one ``grid_sample``. ``span``/``batch``:
+    see ``Augmenter.train``."""
     B, C, H, W = x.shape
-    g = lambda n: torch.rand(n, generator=gen, device=gen.device).to(x.device)  # noqa: E731
-    area = scale[0] + (scale[1] - scale[0]) * g(B)                               # fraction of image
-    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * g(B)
+    span, batch = (slice(0, B), B) if span is None else (span, batch)
+    g = lambda: torch.rand(batch, generator=gen, device=gen.device).to(x.device)[span]  # noqa: E731
+    area = scale[0] + (scale[1] - scale[0]) * g()                               # fraction of image
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * g()
     r = torch.exp(logr)
     w = torch.sqrt(area * r).clamp(max=1.0)                                      # fraction of width
     h = torch.sqrt(area / r).clamp(max=1.0)
-    cx = (g(B) * 2 - 1) * (1 - w)                                                # centre in [-1, 1]
-    cy = (g(B) * 2 - 1) * (1 - h)
+    cx = (g() * 2 - 1) * (1 - w)                                                # centre in [-1, 1]
+    cy = (g() * 2 - 1) * (1 - h)
     theta = torch.zeros(B, 2, 3, device=x.device)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
     grid = F.affine_grid(theta, (B, C, H, W), align_corners=False)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..data.augment import Augmenter
 from ..data.scenario import Phase
 from ..evaluate import predict
@@ -85,8 +86,11 @@ class Context:
                    ckpt=self.ckpt)
 
     def embed(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``[N, D]`` (eval mode, no augmentation)."""
-        return predict(net, x, self.augmenter, self.cfg.train.eval_batch_size, self.autocast_dtype)[1]
+        """Embeddings ``[N, D]`` (eval mode, no augmentation). Under torchrun a collective: each rank
+        embeds its part of ``x`` and every rank gets all of them (``distributed.gather_rows``), so
+        all ranks must call it together."""
+        bs, amp = self.cfg.train.eval_batch_size, self.autocast_dtype
+        return distributed.gather_rows(lambda xs: predict(net, xs, self.augmenter, bs, amp), x)[1]
 
     def phase_generator(self, phase: Phase) -> torch.Generator:
         """A CPU generator seeded by (seed, phase) for a phase's side draws (k-means imprinting,
