@@ -51,15 +51,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tiny_fit(perturb: bool) -> dict:
+    """A BatchNorm-free model, crop-flip augmentation, 2 epochs of 100 images in batches of 32 (an
+    uneven last batch of 4). ``perturb``: start from other weights (fit must begin from rank 0's)."""
+    from cilearn.data.augment import Augmenter
+    from cilearn.train import FitSettings, fit
+    torch.manual_seed(0)
+    data = torch.randint(0, 256, (100, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 3, (100,))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    if perturb:
+        torch.nn.init.zeros_(net[1].weight)
+
+    def loss(b):
+        v = torch.nn.functional.cross_entropy(net(b.x), b.y)
+        return v, {"ce": v.detach()}
+
+    fr = fit(net, data, labels, loss, FitSettings(epochs=2, lr=0.1, batch_size=32, progress=False),
+             Augmenter("crop-flip", 2, [0.5], [0.25], channels_last=False), torch.Generator().manual_seed(5))
+    return {"fit_weight": net[1].weight.detach().clone(), "fit_loss": fr.loss, "images": fr.images}
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     """Runs in each spawned process: every helper, results written to ``out/rank<r>.pt``."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from cilearn import distributed as d
-    from cilearn.data.augment import Augmenter
     from cilearn.errors import ConfigError
-    from cilearn.train import FitSettings, fit
     d.init()
     res = {"world": d.world_size(), "rank": d.rank(), "backend": d.backend()}
     # gather_rows: 7 rows over 2 ranks, each rank computes its part only
@@ -78,26 +97,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     res["any"] = d.any_rank(d.rank() == 1)
     res["tensors"] = d.broadcast_tensors({3: torch.full((2, 2), d.rank(), dtype=torch.uint8)} if d.rank() == 0 else {},
                                          torch.device("cpu"))
-    # fit: a BatchNorm-free model, crop-flip augmentation, 1 epoch of 100 images in global batches of
-    # 32 (uneven last batch of 4): the same weights as one process (checked against rank-0's own
-    # single-process fit on the same data, which runs without collectives)
-    torch.manual_seed(0)
-    data = torch.randint(0, 256, (100, 1, 8, 8), dtype=torch.uint8)
-    labels = torch.randint(0, 3, (100,))
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
-    if d.rank() == 1:                   # different start: fit must begin from rank 0's weights
-        torch.nn.init.zeros_(net[1].weight)
-    aug = Augmenter("crop-flip", 2, [0.5], [0.25], channels_last=False)
-
-    def loss(b):
-        v = torch.nn.functional.cross_entropy(net(b.x), b.y)
-        return v, {"ce": v.detach()}
-
-    fr = fit(net, data, labels, loss, FitSettings(epochs=2, lr=0.1, batch_size=32, progress=False), aug,
-             torch.Generator().manual_seed(5))
-    res["fit_weight"] = net[1].weight.detach().clone()
-    res["fit_loss"] = fr.loss
-    res["images"] = fr.images
+    res.update(_tiny_fit(perturb=d.rank() == 1))
     torch.save(res, Path(out) / f"rank{rank}.pt")
     d.shutdown()
 
@@ -120,22 +120,11 @@ def test_helpers_and_fit_in_two_gloo_processes(tmp_path):
     assert r0["fit_weight"].equal(r1["fit_weight"])             # identical weights on both ranks
     assert r0["fit_loss"] == r1["fit_loss"]                     # the global loss, reduced
 
-    # the same fit in one process: the same weights up to float rounding (sum order of the gradient)
-    from cilearn.data.augment import Augmenter
-    from cilearn.train import FitSettings, fit
-    torch.manual_seed(0)
-    data = torch.randint(0, 256, (100, 1, 8, 8), dtype=torch.uint8)
-    labels = torch.randint(0, 3, (100,))
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
-
-    def loss(b):
-        v = torch.nn.functional.cross_entropy(net(b.x), b.y)
-        return v, {"ce": v.detach()}
-
-    fr = fit(net, data, labels, loss, FitSettings(epochs=2, lr=0.1, batch_size=32, progress=False),
-             Augmenter("crop-flip", 2, [0.5], [0.25], channels_last=False), torch.Generator().manual_seed(5))
-    assert torch.allclose(net[1].weight, r0["fit_weight"], atol=1e-5)
-    assert fr.loss["ce"] == pytest.approx(r0["fit_loss"]["ce"], rel=1e-5)
+    # the same fit in one process: the same weights up to float rounding (the gradient's sum order)
+    one = _tiny_fit(perturb=False)
+    assert torch.allclose(one["fit_weight"], r0["fit_weight"], atol=1e-5)
+    assert one["fit_loss"]["ce"] == pytest.approx(r0["fit_loss"]["ce"], rel=1e-5)
+    assert one["images"] == 200
 
 
 # ---------------------------------------------------------------- whole runs under torchrun
@@ -144,7 +133,7 @@ def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
 
 
-def torchrun(*args: str, **kw) -> list[str]:
+def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
             "-m", "cilearn", "run", *args]
 
@@ -228,9 +217,8 @@ def test_interrupted_torchrun_run_resumes_under_torchrun(runs, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and not (out / "metrics.json").exists()
     assert "resume with: cilearn run --resume" in err
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          "-m", "cilearn", "run", "--resume", str(out), "--no-progress", "--quiet"],
-                         env=env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(torchrun("--resume", str(out), "--no-progress", "--quiet"), env=env(), capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["accuracy_matrix"] == ref
     assert "resumed" in (out / "log.txt").read_text()
