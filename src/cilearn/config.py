@@ -25,6 +25,8 @@ class DataConfig:
     train_list: str | None = None
     test_list: str | None = None
     cache_dir: str | None = None
+    workers: int | None = None           # image folders: decoding processes; None: the CPUs, at most 32
+    resident: str = "auto"               # auto | device | host: where the uint8 images live (cilearn.data.rows)
     augment: str | None = None           # None: the data set's default (crop-flip, flip, none, rrc-flip)
 
 
@@ -59,6 +61,7 @@ class TrainConfig:
     gamma: float = 0.1
     precision: str = "auto"              # auto | bf16 | fp32
     channels_last: bool = True
+    compile: bool = False                # torch.compile the backbone(s) on the first training step (train.py)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 512
     progress: bool = True
@@ -346,6 +349,10 @@ def validate(cfg: RunConfig) -> None:
     positive("memory", m.total)
     positive("memory-per-class", m.per_class)
     positive("train-per-class", cfg.data.train_per_class)
+    positive("data.workers", cfg.data.workers)
+    from .data.rows import RESIDENT_MODES
+    if cfg.data.resident not in RESIDENT_MODES:
+        raise ConfigError(f"--data.resident must be one of {', '.join(RESIDENT_MODES)}, got '{cfg.data.resident}'")
     positive("seed", cfg.seed, zero=True)
     if m.total is not None and m.per_class is not None:
         raise ConfigError("--memory and --memory-per-class are exclusive: give a fixed total or a per-class budget")

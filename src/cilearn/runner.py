@@ -23,6 +23,7 @@ from . import __version__, distributed
 from .config import RunConfig, resolve, to_dict, validate
 from .data.augment import Augmenter
 from .data.base import DataOptions
+from .data.rows import HostRows, choose_resident
 from .data.scenario import Scenario, class_order
 from .checkpoint import EPOCH_FILE, PHASE_FILE, Checkpointer, load_checkpoint, set_rng_state
 from .errors import CilearnError, ConfigError
@@ -137,7 +138,8 @@ def load_data(cfg: RunConfig):
 
     d = cfg.data
     ds = load_dataset(d.dataset, DataOptions(data_dir=d.data_dir, image_size=d.image_size, train_list=d.train_list,
-                                             test_list=d.test_list, cache_dir=d.cache_dir))
+                                             test_list=d.test_list, cache_dir=d.cache_dir,
+                                             workers=d.workers))
     if d.train_per_class is not None:
         ds.train_x, ds.train_y = subsample_per_class(ds.train_x, ds.train_y, d.train_per_class, cfg.seed)
     return ds
@@ -292,12 +294,15 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     writes, world = distributed.is_main(), distributed.world_size()
     if world > 1:
         meta["distributed"] = {"world_size": world, "backend": distributed.backend()}
+    resident = choose_resident(cfg.data.resident, ds.train_x.nbytes + ds.test_x.nbytes, device)
+    meta["resident"] = resident          # where the uint8 images live: device, or host (batches moved)
     if writes and not (out / "config.yaml").exists():
         atomic_write(out / "config.yaml", yaml.safe_dump({**to_dict(cfg), "meta": meta}, sort_keys=False))
 
     scenario = Scenario.make(ds.num_classes, cfg.scenario.base, cfg.scenario.increment, cfg.scenario.class_order)
-    data = SplitData(ds.train_x.to(device), scenario.relabel(ds.train_y).to(device),
-                     ds.test_x.to(device), scenario.relabel(ds.test_y).to(device))
+    place = (lambda t: HostRows(t, device)) if resident == "host" else (lambda t: t.to(device))  # noqa: E731
+    data = SplitData(place(ds.train_x), scenario.relabel(ds.train_y).to(device),
+                     place(ds.test_x), scenario.relabel(ds.test_y).to(device))
     aug = Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std, cfg.train.channels_last)
     last_relu = method_cls.last_relu if cfg.model.last_relu is None else cfg.model.last_relu
     head = cfg.model.head or method_cls.head
@@ -335,6 +340,9 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
             f"{ds.num_classes} classes, {'x'.join(map(str, ds.image_shape))}), backbone {cfg.model.backbone}, "
             f"{device} {meta['precision']}, seed {cfg.seed}")
         log(scenario.describe())
+        if resident == "host":
+            log(f"images stay on the host ({(ds.train_x.nbytes + ds.test_x.nbytes) / 2**30:.1f} GiB"
+                + (", memory-mapped cache" if ds.info.get("cache") else "") + f"), batches moved to {device}")
         if world > 1:
             log(f"distributed: {world} processes ({meta['distributed']['backend']}), global batch "
                 f"{cfg.train.batch_size} = about {cfg.train.batch_size // world} per process")

@@ -2,8 +2,9 @@
 function and the parameters to train; extra stages (balanced fine-tuning, teachers,
 compression) call ``fit`` again.
 
-Per step: a slice of a seeded permutation of the (device-resident, uint8) training set,
-batched augmentation on the device, autocast (bf16) where enabled, one optimizer step.
+Per step: a slice of a seeded permutation of the (uint8) training set, on the device or, for data
+sets kept on the host (``cilearn.data.rows.HostRows``), that batch's rows fetched and moved to the
+device; batched augmentation on the device, autocast (bf16) where enabled, one optimizer step.
 No host sync inside an epoch: the loss is accumulated on the device and checked for NaN/inf
 once per epoch.
 
@@ -23,6 +24,7 @@ import torch
 
 from . import distributed
 from .data.augment import Augmenter
+from .data.rows import HostRows
 from .errors import CilearnError
 
 if TYPE_CHECKING:
@@ -92,6 +94,7 @@ def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossF
     (checkpoint + ``Interrupted``) when a SIGINT/SIGTERM was received, and continues from a saved
     position when the run is resumed in the middle of this stage (``desc`` names the stage)."""
     n = x.shape[0]
+    host = isinstance(x, HostRows)    # images on the host: each step fetches its rows (perm on the CPU, once per epoch)
     if s.epochs == 0 or n == 0 or (ckpt is not None and ckpt.skip_stage(desc)):
         return FitResult(0.0, 0, {})
     params = list(model.parameters() if params is None else params)
@@ -106,7 +109,7 @@ def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossF
         distributed.broadcast_generator_(gen)
     step_fn = distributed.data_parallel(loss_fn, [p for p in params if p.requires_grad])
     # position: epoch, step, this epoch's permutation, running sums; carried over on resume
-    epoch0, step0, perm, done_images, done_seconds = 0, 0, None, 0, 0.0
+    epoch0, step0, perm, perm_host, done_images, done_seconds = 0, 0, None, None, 0, 0.0
     total = torch.zeros((), device=x.device)
     sums: dict[str, torch.Tensor] = {}
     resume = ckpt.take_resume(desc) if ckpt is not None else None
@@ -114,6 +117,7 @@ def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossF
         opt.load_state_dict(resume["opt"])
         epoch0, step0, done_images, done_seconds = resume["epoch"], resume["step"], resume["images"], resume["seconds"]
         perm = resume["perm"].to(x.device) if resume["perm"] is not None else None
+        perm_host = perm.cpu() if host and perm is not None else None
         total = resume["total"].to(x.device)
         sums = {k: v.to(x.device) for k, v in resume["sums"].items()}
         if distributed.rank() > 0:              # the saved sums are the global ones: counted once
@@ -138,11 +142,13 @@ def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossF
     for epoch in range(epoch0, s.epochs):
         if perm is None:
             perm = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
+            perm_host = perm.cpu() if host else None
         for step in range(step0, steps):
             idx = perm[step * bs:(step + 1) * bs]            # the global batch
             span = distributed.shard_span(len(idx))          # this rank's part (all of it alone)
             mine = idx[span]
-            xb, view = augmenter.train(x[mine], gen, span, len(idx))
+            xu8 = x.fetch(perm_host[step * bs:(step + 1) * bs][span]) if host else x[mine]
+            xb, view = augmenter.train(xu8, gen, span, len(idx))
             for g in opt.param_groups:
                 g["lr"] = lr_at(s, epoch, step, steps)
             with torch.autocast(device_type=x.device.type, dtype=s.autocast_dtype or torch.bfloat16,

@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .rows import as_tensor
+
 POLICIES = ("none", "flip", "crop-flip", "rrc-flip")
 
 
@@ -34,7 +36,9 @@ class Augmenter:
         return {"none": 1, "flip": 2}.get(self.policy)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 or float pixels in [0, 255] -> normalised float32."""
+        """uint8 or float pixels in [0, 255] -> normalised float32. ``x`` may be a host-resident
+        view (``cilearn.data.rows.HostRows``) of a batch: its rows are moved to the device here."""
+        x = as_tensor(x)
         if self._scale.device != x.device:
             self._scale, self._shift = self._scale.to(x.device), self._shift.to(x.device)
         out = torch.addcmul(self._shift, x.float(), self._scale)
@@ -45,6 +49,7 @@ class Augmenter:
 
     def view(self, x: torch.Tensor, v: int) -> torch.Tensor:
         """Deterministic view ``v`` (0: identity, 1: flipped) of a finite policy."""
+        x = as_tensor(x)
         return self.normalize(x.flip(3) if v == 1 else x)
 
     def train(self, x: torch.Tensor, gen: torch.Generator, span: slice | None = None,
@@ -53,6 +58,7 @@ class Augmenter:
         of a batch of ``batch`` images (one rank's part under torchrun): the random parameters are
         drawn for the whole batch, as one process would, and the part's rows used, so the generator
         advances identically on every rank."""
+        x = as_tensor(x)
         B = x.shape[0]
         dev = x.device
         span, batch = (slice(0, B), B) if span is None else (span, batch)

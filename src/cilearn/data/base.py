@@ -50,3 +50,4 @@ class DataOptions:
     train_list: str | None = None      # image folders: "relative/path.jpg label" lines
     test_list: str | None = None
     cache_dir: str | None = None       # image folders: where decoded uint8 arrays are cached
+    workers: int | None = None         # image folders: decoding processes; None: the CPUs, at most 32

@@ -26,15 +26,28 @@ antialiased) so that the SHORT side is ``image_size`` and center-cropped to a sq
 ``image_size x image_size``. JPEGs are decoded with Pillow's draft mode (DCT-domain downscaling to
 no less than ``image_size``) for speed. ``image_size`` defaults to 64 (``--image-size 224`` etc.).
 
-The decoded uint8 arrays are cached as ``imagefolder-<layout>-<size>px-<key>.npz`` in
-``cache_dir`` (default ``<data_dir>/.cilearn-cache``, or ``$XDG_CACHE_HOME/cilearn`` i.e.
-``~/.cache/cilearn`` when ``data_dir`` is not writable). The key is a sha1 of the layout,
-the image size, the data directory's real path, the class names, and, per split, the ordered list
-of (relative path, label, file size, mtime); any change of the file list, a label or a file
-re-decodes. Cache files are written atomically (temp file + ``os.replace``); an unreadable cache
-file is ignored and rebuilt. Old cache files are not deleted automatically.
+Decoding runs in ``workers`` processes (``--data.workers``, default: the CPUs this process may
+use, at most ``MAX_DEFAULT_WORKERS``; 1 decodes in this process), chunks of rows each, with a
+progress bar, straight into the cache file. The cache is two files in ``cache_dir`` (default
+``<data_dir>/.cilearn-cache``, or ``$XDG_CACHE_HOME/cilearn`` i.e. ``~/.cache/cilearn`` when
+``data_dir`` is not writable), named ``imagefolder-<layout>-<size>px-<where>`` where ``<where>``
+hashes the data directory's real path (and the list files' paths):
 
-The whole data set is held in memory (ImageNet at 64 px is about 15 GB of uint8).
+* ``.u8``: raw uint8 pixels, ``[N_train + N_test, 3, size, size]`` in C order (training images
+  first, each split in listing order), no header; opened with ``numpy.memmap``, so images are read
+  from disk only when used and the data set may be larger than RAM;
+* ``.json``: the index: ``format``, ``version`` (``CACHE_VERSION``), ``layout``, ``image_size``,
+  ``order`` ("NCHW"), ``train``/``test`` counts, ``classes``, the labels of both splits and
+  ``key``: a sha1 of the layout, the image size, the data directory's real path, the class names
+  and, per split, the ordered list of (relative path, label, file size, mtime).
+
+A cache is used when its index has the current version and key and the ``.u8`` file has the
+expected size; otherwise it is rebuilt: any change of the file list, a label, a file, the layout
+or the size re-decodes. Both files are written under temporary names (``.tmp-*``) and renamed into
+place, the ``.u8`` first and the index last, so an interrupted or failed build (an unreadable
+image: one-line ``DataError`` naming the file) leaves no cache that could be used. Caches of other
+sizes are kept; the ``.npz`` caches of cilearn <= 0.1 (version 1) are ignored, not deleted.
+
 Default augmentation ``"rrc-flip"``; mean/std are ImageNet's.
 """
 from __future__ import annotations
@@ -44,7 +57,6 @@ import json
 import os
 import sys
 import tempfile
-import zipfile
 
 import numpy as np
 import torch
@@ -58,7 +70,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_IMAGE_SIZE = 64
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CACHE_VERSION = 1
+CACHE_VERSION = 2                  # 1: the .npz caches of cilearn <= 0.1
+CACHE_FORMAT = "cilearn-imagefolder-cache"
+CHUNK_ROWS = 256                   # images per decoding task, at most
+MAX_DEFAULT_WORKERS = 32
 WHO = "imagefolder"
 _LAYOUTS_HELP = ("expected train/<class>/ + val/<class>/ folders, or Food-101's images/ + "
                  "meta/train.txt + meta/test.txt, or an image root with --train-list/--test-list")
@@ -127,14 +142,73 @@ def decode_image(path: str, size: int) -> np.ndarray:
     return arr.transpose(2, 0, 1)
 
 
-def _decode_all(items: list[Item], size: int, desc: str) -> np.ndarray:
+def _decode_rows(paths: list[str], size: int, out: str | None, start: int) -> np.ndarray | None:
+    """Decode ``paths`` (one chunk, in a worker process or in this one) to uint8
+    ``[len(paths), 3, size, size]``: written at row ``start`` of the raw file ``out`` (rows of
+    ``3 * size * size`` bytes), or returned when ``out`` is None."""
+    rows = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        rows[i] = decode_image(path, size)
+    if out is None:
+        return rows
+    with open(out, "r+b") as f:
+        f.seek(start * rows[0].nbytes)
+        f.write(rows.tobytes())
+    return None
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on, at most ``MAX_DEFAULT_WORKERS``."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:               # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_DEFAULT_WORKERS))
+
+
+def _decode_all(paths: list[str], size: int, workers: int, out: str | None) -> np.ndarray | None:
+    """Decode every image of ``paths`` into the raw file ``out`` (already ``len(paths)`` rows long),
+    or into an array that is returned when ``out`` is None. ``workers`` > 1: a process pool over
+    chunks of rows; the same bytes as ``workers`` = 1. A ``DataError`` (an unreadable image) stops
+    the pool and is raised here."""
     from tqdm import tqdm
 
-    out = np.empty((len(items), 3, size, size), dtype=np.uint8)
-    for i, it in enumerate(tqdm(items, desc=f"{WHO}: decoding {desc}", unit="img",
-                                disable=len(items) < 100, file=sys.stderr, leave=False)):
-        out[i] = decode_image(it[0], size)
-    return out
+    n = len(paths)
+    chunk = max(1, min(CHUNK_ROWS, -(-n // (4 * max(1, workers)))))
+    spans = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
+    arr = np.empty((n, 3, size, size), dtype=np.uint8) if out is None else None
+    bar = tqdm(total=n, desc=f"{WHO}: decoding {n} images to {size}px ({workers} process"
+               f"{'es' if workers > 1 else ''})", unit="img", disable=n < 100, file=sys.stderr, leave=False)
+    try:
+        if workers <= 1 or len(spans) == 1:
+            for a, b in spans:
+                got = _decode_rows(paths[a:b], size, out, a)
+                if arr is not None:
+                    arr[a:b] = got
+                bar.update(b - a)
+            return arr
+        import multiprocessing
+        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_decode_rows, paths[a:b], size, out, a): (a, b) for a, b in spans}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    if f.exception() is not None:
+                        for p in pending:
+                            p.cancel()
+                        raise f.exception()
+                    a, b = futures[f]
+                    if arr is not None:
+                        arr[a:b] = f.result()
+                    bar.update(b - a)
+        return arr
+    finally:
+        bar.close()
 
 
 # -------------------------------------------------------------------------------------- layouts
@@ -337,40 +411,78 @@ def _warn(msg: str) -> None:
     print(f"{WHO}: warning: {msg}", file=sys.stderr)
 
 
-def _read_cache(path: str, n_train: int, n_test: int, size: int):
-    if not os.path.isfile(path):
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        _warn(f"ignoring unreadable cache file {path} ({one_line(e)})")
-        return None
-    ok = (arrays["train_x"].shape == (n_train, 3, size, size) and arrays["train_x"].dtype == np.uint8
-          and arrays["test_x"].shape == (n_test, 3, size, size) and arrays["test_x"].dtype == np.uint8
-          and arrays["train_y"].shape == (n_train,) and arrays["test_y"].shape == (n_test,))
-    if not ok:
-        _warn(f"ignoring cache file {path} with unexpected contents")
-        return None
-    return arrays
+def _cache_name(layout: str, size: int, data_dir: str, extra: dict) -> str:
+    """``imagefolder-<layout>-<size>px-<where>``: one cache per data directory (and list files),
+    layout and size; a changed listing rebuilds it in place."""
+    where = json.dumps([os.path.realpath(data_dir), layout,
+                        {k: os.path.realpath(v) for k, v in sorted(extra.items()) if k.endswith("_list")}])
+    return f"imagefolder-{layout}-{size}px-{hashlib.sha1(where.encode()).hexdigest()[:16]}"
 
 
-def _write_cache(path: str, arrays: dict[str, np.ndarray]) -> bool:
-    tmp = None
+def _read_cache(base: str, key: str, n: int, size: int) -> tuple[np.ndarray, dict] | None:
+    """The memory-mapped rows ``[n, 3, size, size]`` of cache ``base`` (``.u8`` + ``.json``) and
+    its index, or None when it is absent, stale or damaged (a warning for the last)."""
+    index_path, data_path = base + ".json", base + ".u8"
+    if not os.path.isfile(index_path):
+        return None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=os.path.dirname(path))
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-        return True
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT \
+                or index.get("version") != CACHE_VERSION or index.get("key") != key:
+            return None                   # another listing or version: rebuilt without a warning
+        expected = n * 3 * size * size
+        if os.path.getsize(data_path) != expected or \
+                [index.get("train"), index.get("test"), index.get("image_size")] != \
+                [len(index["train_labels"]), len(index["test_labels"]), size] or \
+                index["train"] + index["test"] != n:
+            raise ValueError(f"{data_path} does not hold {n} images of 3x{size}x{size}")
+        rows = np.memmap(data_path, dtype=np.uint8, mode="c", shape=(n, 3, size, size))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        _warn(f"ignoring damaged cache {base}.* ({one_line(e)}); rebuilding it")
+        return None
+    return rows, index
+
+
+def _unlink_quietly(path: str | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _build_cache(base: str, paths: list[str], size: int, workers: int, index: dict) -> np.ndarray | None:
+    """Decode ``paths`` into cache ``base``: ``.u8`` then ``.json``, each written under a ``.tmp-``
+    name and renamed into place. Returns the memory-mapped rows, or None (with a warning) when the
+    cache directory cannot be written; a ``DataError`` while decoding removes the temporary file."""
+    folder, name = os.path.split(base)
+    n, tmp = len(paths), None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{name}-", suffix=".u8", dir=folder)
+        try:
+            os.ftruncate(fd, n * 3 * size * size)
+        finally:
+            os.close(fd)
+        _decode_all(paths, size, workers, tmp)
+        with open(tmp, "r+b") as f:
+            os.fsync(f.fileno())
+        _unlink_quietly(base + ".json")   # the old index first: never a new .u8 under an old index
+        os.replace(tmp, base + ".u8")
+        tmp = None
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{name}-", suffix=".json", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(index, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, base + ".json")
+        tmp = None
     except OSError as e:
-        _warn(f"could not write cache file {path} ({one_line(e)}); continuing without it")
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        return False
+        _warn(f"could not write cache {base}.* ({one_line(e)}); continuing without it")
+        return None
+    finally:
+        _unlink_quietly(tmp)
+    return np.memmap(base + ".u8", dtype=np.uint8, mode="c", shape=(n, 3, size, size))
 
 
 # --------------------------------------------------------------------------------------- loader
@@ -399,33 +511,43 @@ def load_imagefolder(opts: DataOptions) -> ImageDataset:
     else:
         raise DataError(f"{WHO}: no known layout in {data_dir}; {_LAYOUTS_HELP}")
 
+    workers = default_workers() if opts.workers is None else opts.workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"--data.workers must be an integer >= 1, got {workers!r}")
     key = _cache_key(layout, size, data_dir, classes, {"train": train, "test": test})
+    paths = [it[0] for it in train] + [it[0] for it in test]
+    labels = {"train_labels": [it[2] for it in train], "test_labels": [it[2] for it in test]}
     cdir = _cache_dir(opts, data_dir)
-    cache_path = (os.path.join(cdir, f"imagefolder-{layout}-{size}px-{key[:20]}.npz")
-                  if cdir else None)
-    arrays = _read_cache(cache_path, len(train), len(test), size) if cache_path else None
-    cache_hit = arrays is not None
-    if arrays is None:
-        arrays = {
-            "train_x": _decode_all(train, size, "train"),
-            "train_y": np.array([it[2] for it in train], dtype=np.int64),
-            "test_x": _decode_all(test, size, "test"),
-            "test_y": np.array([it[2] for it in test], dtype=np.int64),
-        }
-        if cache_path is None:
-            _warn(f"no writable cache directory (tried {', '.join(_cache_candidates(data_dir))}); "
-                  "images will be decoded again next time")
-        elif not _write_cache(cache_path, arrays):
-            cache_path = None
+    base = os.path.join(cdir, _cache_name(layout, size, data_dir, extra)) if cdir else None
+    got = _read_cache(base, key, len(paths), size) if base else None
+    cache_hit = got is not None
+    if got is not None:
+        rows, index = got
+        labels = {k: index[k] for k in labels}
+    else:
+        index = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "layout": layout, "image_size": size,
+                 "order": "NCHW", "train": len(train), "test": len(test), "classes": list(classes),
+                 "key": key, **labels}
+        rows = _build_cache(base, paths, size, workers, index) if base else None
+        if rows is None:
+            if base is None:
+                _warn(f"no writable cache directory (tried {', '.join(_cache_candidates(data_dir))}); "
+                      "images will be decoded again next time")
+            base = None
+            rows = _decode_all(paths, size, workers, None)
+    x = torch.from_numpy(rows)           # over the memory map: nothing is read yet
+    n_train = len(train)
+    arrays = {"train_x": x[:n_train], "test_x": x[n_train:],
+              "train_y": np.asarray(labels["train_labels"], dtype=np.int64),
+              "test_y": np.asarray(labels["test_labels"], dtype=np.int64)}
 
     return ImageDataset(
         name="imagefolder",
-        train_x=torch.from_numpy(np.ascontiguousarray(arrays["train_x"])),
-        train_y=torch.from_numpy(arrays["train_y"].astype(np.int64)),
-        test_x=torch.from_numpy(np.ascontiguousarray(arrays["test_x"])),
-        test_y=torch.from_numpy(arrays["test_y"].astype(np.int64)),
+        train_x=arrays["train_x"], train_y=torch.from_numpy(arrays["train_y"]),
+        test_x=arrays["test_x"], test_y=torch.from_numpy(arrays["test_y"]),
         num_classes=len(classes), class_names=list(classes),
         mean=IMAGENET_MEAN, std=IMAGENET_STD, augment="rrc-flip", pad=0,
         info={"layout": layout, "data_dir": data_dir, "image_size": size,
-              "cache": cache_path, "cache_hit": cache_hit, "cache_key": key, **extra},
+              "cache": base + ".u8" if base else None, "cache_index": base + ".json" if base else None,
+              "cache_hit": cache_hit, "cache_key": key, "workers": workers, **extra},
     )
