@@ -62,3 +62,44 @@ def test_teacher_cache_equals_running_the_teacher(quick):
     with torch.no_grad():
         ref = teacher(xb)
     assert torch.allclose(logits, ref.logits, atol=1e-5) and torch.allclose(emb, ref.embedding, atol=1e-5)
+
+
+def test_compile_option_plumbing():
+    import argparse
+
+    from cilearn.cli import add_run_flags, build_config
+    p = argparse.ArgumentParser()
+    add_run_flags(p)
+    for argv, want in ((["--compile"], True), ([], False), (["--train.compile", "true"], True)):
+        args, extra = p.parse_known_args(argv)
+        args.command = "run"
+        assert build_config(args, extra).train.compile is want
+
+
+def test_compiled_fit_matches_eager_and_is_undone():
+    """One tiny torch.compile on the CPU (about 15-30 s): the compiled training steps give the eager
+    steps' parameters up to float rounding, and the backbone is eager again after the stage."""
+    results = []
+    for compiled in (False, True):
+        net, x, y, aug = _setup()
+        ce = lambda b: (torch.nn.functional.cross_entropy(net(b.x).logits, b.y), {})  # noqa: E731
+        fit(net, x, y, ce, FitSettings(epochs=2, lr=0.05, batch_size=8, progress=False, compile=compiled), aug,
+            torch.Generator().manual_seed(0))
+        assert net.backbone._compiled_call_impl is None
+        results.append(torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+    assert torch.allclose(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_failure_is_one_line_config_error(monkeypatch):
+    from torch._dynamo.exc import TorchDynamoException
+
+    from cilearn.errors import ConfigError
+    net, x, y, aug = _setup()
+
+    def fails(b):
+        raise TorchDynamoException("backend failed: no C++ compiler\nfound")
+    with pytest.raises(ConfigError, match="^--train.compile: torch.compile failed") as e:
+        fit(net, x, y, fails, FitSettings(epochs=1, lr=0.1, progress=False, compile=True), aug, torch.Generator())
+    assert "\n" not in str(e.value) and net.backbone._compiled_call_impl is None
+    with pytest.raises(ConfigError, match="no backbone"):
+        fit(torch.nn.Linear(2, 2), x, y, fails, FitSettings(epochs=1, lr=0.1, compile=True), aug, torch.Generator())

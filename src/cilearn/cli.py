@@ -111,6 +111,8 @@ def build_config(args: argparse.Namespace, extra: list[str]):
         set_dotted(over, "report.save_tsne", True)
     if args.tensorboard:
         set_dotted(over, "report.tensorboard", True)
+    if args.compile:
+        set_dotted(over, "train.compile", True)
     if args.balanced_finetune or args.no_balanced_finetune:
         set_dotted(over, "train.balanced_finetune", bool(args.balanced_finetune))
     overrides, positional = split_extra(extra, args.command)
@@ -168,6 +170,8 @@ def add_run_flags(p: argparse.ArgumentParser, out_help: str | None = None) -> No
     p.add_argument("--tensorboard", action="store_true",
                    help="TensorBoard scalars per epoch and phase in OUT/tensorboard (needs the tensorboard package) "
                         "[report.tensorboard]")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone for the training steps (first step compiles) [train.compile]")
     p.add_argument("--seeds", metavar="S1,S2,...",
                    help="run once per seed (class order, init, data order) into OUT/seed-<s>/, then "
                         "OUT/summary.{json,md} with mean ± std of every metric")

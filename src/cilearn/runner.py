@@ -145,6 +145,14 @@ def load_data(cfg: RunConfig):
     return ds
 
 
+def _compile_supported() -> bool:
+    try:
+        import torch._dynamo
+        return torch._dynamo.is_dynamo_supported()
+    except Exception:   # an old or partial PyTorch: any failure means no
+        return False
+
+
 def prepare(cfg: RunConfig):
     """Validate everything that can be validated before any output is written."""
     validate(cfg)
@@ -161,6 +169,9 @@ def prepare(cfg: RunConfig):
     if cfg.replay.source not in (None, "none"):
         from .replay import REPLAY
         REPLAY.get(cfg.replay.source)
+    if cfg.train.compile and not _compile_supported():
+        raise ConfigError(f"--train.compile: torch.compile is not supported by this PyTorch ({torch.__version__}) "
+                          "and Python; run without --compile")
     if cfg.report.tensorboard:
         from .tblog import summary_writer_class
         summary_writer_class()                 # a ConfigError naming the package when it is missing

@@ -15,6 +15,7 @@ RNG state and ends with rank 0's model (BatchNorm statistics included) on every 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch
 from . import distributed
 from .data.augment import Augmenter
 from .data.rows import HostRows
-from .errors import CilearnError
+from .errors import CilearnError, ConfigError, one_line
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpointer
@@ -59,6 +60,7 @@ class FitSettings:
     autocast_dtype: torch.dtype | None = None   # torch.bfloat16 or None (fp32)
     progress: bool = True
     drop_last: bool = False
+    compile: bool = False                       # torch.compile the model's backbone for this stage (compiled)
 
 
 @dataclass
@@ -90,9 +92,44 @@ def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossF
         desc: str = "train", ckpt: "Checkpointer | None" = None) -> FitResult:
     """Train ``params`` (default: all of ``model``'s) on ``(x uint8, y)`` for ``s.epochs``.
 
-    With a ``ckpt``: saves the position every ``ckpt.every`` epochs, stops after the current step
-    (checkpoint + ``Interrupted``) when a SIGINT/SIGTERM was received, and continues from a saved
-    position when the run is resumed in the middle of this stage (``desc`` names the stage)."""
+    ``x``: uint8 ``[N, C, H, W]`` on the training device, or a ``HostRows`` view whose rows are
+    fetched a batch at a time. With a ``ckpt``: saves the position every ``ckpt.every`` epochs, stops
+    after the current step (checkpoint + ``Interrupted``) when a SIGINT/SIGTERM was received, and
+    continues from a saved position when the run is resumed in the middle of this stage (``desc``
+    names the stage). ``s.compile``: see ``compiled_backbone``."""
+    if not s.compile:
+        return _fit(model, x, y, loss_fn, s, augmenter, gen, params, desc, ckpt)
+    with compiled_backbone(model):
+        return _fit(model, x, y, loss_fn, s, augmenter, gen, params, desc, ckpt)
+
+
+@contextlib.contextmanager
+def compiled_backbone(model: torch.nn.Module):
+    """``--compile``: for one training stage, ``model.backbone`` (the convolutional feature extractor,
+    nearly all of the FLOPs; for DER/FOSTER the expandable backbone with all its extractors) runs
+    through ``torch.compile`` (``nn.Module.compile``, in place: parameters, state_dict and
+    checkpoints unchanged), forward and backward. The head, the loss terms, teachers and evaluation
+    stay eager. Compilation happens on the first step (again when shapes change, e.g. a smaller last
+    batch, or an extractor is added). Undone when the stage ends, so that teachers deep-copied from
+    the model later do not call the compiled student. A compiler failure (no C++ compiler on a CPU
+    machine, no Triton for the GPU, ...) stops the run with one line naming the option."""
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, torch.nn.Module):
+        raise ConfigError(f"--train.compile: {type(model).__name__} has no backbone module to compile")
+    from torch._dynamo.exc import TorchDynamoException
+    backbone.compile()
+    try:
+        yield
+    except TorchDynamoException as e:
+        raise ConfigError(f"--train.compile: torch.compile failed here ({one_line(e)[:300]}); "
+                          "run without --compile") from None
+    finally:
+        backbone._compiled_call_impl = None     # nn.Module's own switch back to the eager forward
+
+
+def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, s: FitSettings,
+         augmenter: Augmenter, gen: torch.Generator, params: Iterable[torch.nn.Parameter] | None,
+         desc: str, ckpt: "Checkpointer | None") -> FitResult:
     n = x.shape[0]
     host = isinstance(x, HostRows)    # images on the host: each step fetches its rows (perm on the CPU, once per epoch)
     if s.epochs == 0 or n == 0 or (ckpt is not None and ckpt.skip_stage(desc)):

@@ -73,7 +73,7 @@ class Context:
                         batch_size=t.batch_size, momentum=t.momentum, weight_decay=t.weight_decay,
                         schedule=t.schedule, milestones=tuple(t.base_milestones if first else t.milestones),
                         gamma=t.gamma,
-                        autocast_dtype=self.autocast_dtype, progress=t.progress)
+                        autocast_dtype=self.autocast_dtype, progress=t.progress, compile=t.compile)
         for k, v in over.items():
             setattr(s, k, v)
         return s
