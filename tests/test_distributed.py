@@ -222,3 +222,32 @@ def test_interrupted_torchrun_run_resumes_under_torchrun(runs, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["accuracy_matrix"] == ref
     assert "resumed" in (out / "log.txt").read_text()
+
+
+def test_torchrun_image_folder_cache_built_once_and_host_rows(tmp_path):
+    """Two processes on a tiny image folder: rank 0 builds the cache (2 decoding workers), rank 1
+    reads it; the run with the images on the host (rows fetched per batch from the memory map)
+    gives the device-resident run's accuracy matrix exactly, with identical memories on both ranks."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for c in ("a", "b", "c", "d"):
+            (tmp_path / "in" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / "in" / split / c / f"{i}.png")
+    common = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "in"), "--image-size", "8",
+              "--data.cache-dir", str(tmp_path / "cache"), "--data.workers", "2", "--increment", "2",
+              "--epochs", "2", "--batch-size", "8", "--memory", "8", "--no-progress", "--quiet"]
+    metrics = {}
+    for mode in ("host", "device"):
+        res = subprocess.run(torchrun(*common, "--data.resident", mode, "--out", str(tmp_path / mode)), env=env(),
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        metrics[mode] = json.loads((tmp_path / mode / "metrics.json").read_text())
+        assert f"resident: {mode}" in (tmp_path / mode / "config.yaml").read_text()
+        for row in metrics[mode]["phases"]:
+            assert len(set(row["ranks"]["memory"])) == 1 and len(set(row["ranks"]["model"])) == 1
+    assert len(os.listdir(tmp_path / "cache")) == 2          # one .u8 + one .json, no .tmp-*
+    assert metrics["host"]["accuracy_matrix"] == metrics["device"]["accuracy_matrix"]
