@@ -305,7 +305,9 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     writes, world = distributed.is_main(), distributed.world_size()
     if world > 1:
         meta["distributed"] = {"world_size": world, "backend": distributed.backend()}
-    resident = choose_resident(cfg.data.resident, ds.train_x.nbytes + ds.test_x.nbytes, device)
+    # rank 0's choice everywhere (auto looks at free memory, which may differ a little between GPUs)
+    resident = distributed.broadcast_object(choose_resident(cfg.data.resident, ds.train_x.nbytes + ds.test_x.nbytes,
+                                                            device))
     meta["resident"] = resident          # where the uint8 images live: device, or host (batches moved)
     if writes and not (out / "config.yaml").exists():
         atomic_write(out / "config.yaml", yaml.safe_dump({**to_dict(cfg), "meta": meta}, sort_keys=False))

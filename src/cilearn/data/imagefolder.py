@@ -46,7 +46,11 @@ expected size; otherwise it is rebuilt: any change of the file list, a label, a 
 or the size re-decodes. Both files are written under temporary names (``.tmp-*``) and renamed into
 place, the ``.u8`` first and the index last, so an interrupted or failed build (an unreadable
 image: one-line ``DataError`` naming the file) leaves no cache that could be used. Caches of other
-sizes are kept; the ``.npz`` caches of cilearn <= 0.1 (version 1) are ignored, not deleted.
+sizes are kept; the ``.npz`` caches of cilearn <= 0.1 (version 1) are ignored, not deleted. With
+no writable cache directory the images are decoded into RAM (a warning), again at every run.
+
+``ImageDataset.train_x``/``test_x`` are tensors over the memory map (no copy); the runner moves
+them to the training device or keeps them on the host (``--data.resident``, ``cilearn.data.rows``).
 
 Default augmentation ``"rrc-flip"``; mean/std are ImageNet's.
 """
