@@ -218,8 +218,7 @@ def mean_std(values: Iterable[float | None]) -> Stat:
     vals = tuple(None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in values)
     if not vals or None in vals:
         return Stat(None, None, vals)
-    present = [v for v in vals if v is not None]
-    return Stat(statistics.mean(present), statistics.stdev(present) if len(present) > 1 else None, vals)
+    return Stat(statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else None, vals)
 
 
 def format_stat(s: Stat, digits: int = 2) -> str:
