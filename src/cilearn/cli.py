@@ -25,6 +25,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "memory": ("memory.total", int, "exemplar budget: fixed total shared by all seen classes"),
     "memory-per-class": ("memory.per_class", int, "exemplar budget: fixed number per class"),
     "selection": ("memory.selection", str, "exemplar selection: herding, random, closest"),
+    "compressor": ("memory.compressor", str, "exemplar compressor: none, full, cam-threshold, cim (budget in image units)"),
+    "save-exemplars": ("report.save_exemplars", int, "after each phase, PNG of N exemplars, original vs stored, and exemplars per class"),
     "loss": ("loss.cls", str, "classification loss: ce, ce-local, bce, bsce, nca (default: the method's)"),
     "distill": ("loss.distill", lambda v: [t for t in v.split(",") if t], "extra distillation terms for any method: attention, dual-teacher"),
     "save-attention": ("report.save_attention", int, "after each phase, PNG of N test images' Grad-CAMs"),

@@ -92,12 +92,30 @@ class MnemonicsConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """Options of the exemplar compressors ``full`` / ``cam-threshold`` / ``cim``
+    (cilearn.memory.compress). Defaults: CIM (Luo et al. 2023) Sec. 5 and its official configs."""
+    eta: int = 4                         # compression ratio of the non-box pixels: downsampled sqrt(eta) per side
+    tau: float = 0.6                     # CAM threshold of the mask (cam-threshold, cim)
+    artifact_prob: float = 0.1           # phases > 0: probability of compressing a new-class training image around a random box
+    iterations: int = 20                 # cim: bilevel (outer) steps on the CIM model at each phase end
+    batch_size: int = 16                 # cim: new images (and as many exemplars) per step (official meta_batch_size)
+    inner_lr: float | None = None        # cim: lr of the inner SGD step of the CIL model; None: --lr
+    lr: float = 0.01                     # cim: Adam lr of the CIM parameters (official phi_lr)
+    reg_weight: float = 0.1              # cim: mu, weight of the memory regulariser (mean mask)^2
+    cls_weight: float = 0.2              # cim: mu', weight of the CIM model's CE
+    grad_clip: float = 1.0               # cim: gradient-norm clip of the CIM parameters (official max_phi_grad_norm)
+
+
+@dataclass
 class MemoryConfig:
     total: int | None = None             # fixed total budget, shared by all seen classes
     per_class: int | None = None         # fixed per class, total grows with the classes
     selection: str = "herding"           # herding | random | closest
     optimizer: str | None = None         # none | mnemonics | mnemonics-single; None: the method's
     mnemonics: MnemonicsConfig = field(default_factory=MnemonicsConfig)
+    compressor: str | None = None        # none | full | cam-threshold | cim; None: the method's (foster-cim, der-cim: cim)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
 
 @dataclass
@@ -149,6 +167,7 @@ class ReportConfig:
     save_attention: int = 0              # after each phase, a PNG of N test images' Grad-CAMs (teacher, student)
     save_samples: int = 0                # DF-GR: after each generator training, a PNG of N samples per old class
     save_tsne: bool = False              # after each phase, a t-SNE PNG of test embeddings and exemplars
+    save_exemplars: int = 0              # after each phase, compressed-phase<i>.png: N exemplars, original vs stored
     tensorboard: bool = False            # scalars per epoch and phase in RUN_DIR/tensorboard (cilearn.tblog)
 
 
@@ -344,6 +363,18 @@ def validate(cfg: RunConfig) -> None:
     for key, zero in (("iterations", True), ("inner_steps", True), ("inner_lr", False), ("lr", False),
                       ("batch_size", False)):
         positive("memory.mnemonics." + key.replace("_", "-"), getattr(mn, key), zero=zero)
+    cc = m.compression
+    if cc.eta < 1 or math.isqrt(cc.eta) ** 2 != cc.eta:
+        raise ConfigError(f"--memory.compression.eta must be a square number >= 1 (the image is downsampled "
+                          f"sqrt(eta) per side), got {cc.eta}")
+    if not 0 < cc.tau <= 1:
+        raise ConfigError(f"--memory.compression.tau must be in (0, 1], got {cc.tau}")
+    if not 0 <= cc.artifact_prob <= 1:
+        raise ConfigError(f"--memory.compression.artifact-prob must be in [0, 1], got {cc.artifact_prob}")
+    for key, zero in (("iterations", True), ("batch_size", False), ("inner_lr", False), ("lr", False),
+                      ("reg_weight", True), ("cls_weight", True), ("grad_clip", False)):
+        positive("memory.compression." + key.replace("_", "-"), getattr(cc, key), zero=zero)
+    positive("save-exemplars", cfg.report.save_exemplars, zero=True)
     positive("base", s.base, zero=True)
     positive("increment", s.increment)
     positive("memory", m.total)

@@ -109,6 +109,10 @@ def check_config(cfg, method_cls) -> None:
         raise ConfigError(f"--replay {replay} (method {cfg.method}) does not run under torchrun yet ({n} processes): "
                           "its generator is trained outside the training loop and its samples are not sharded; "
                           "run it in one process")
+    comp = cfg.memory.compressor or method_cls.memory_compressor
+    if comp not in (None, "none"):
+        raise ConfigError(f"--memory.compressor {comp} does not run under torchrun yet ({n} processes): its codes "
+                          "are not broadcast between ranks; run it in one process")
 
 
 # ---------------------------------------------------------------- sharding

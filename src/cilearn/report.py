@@ -80,6 +80,74 @@ def tsne_plot(ctx, phase, data, before: dict | None, per_class: int = 100) -> No
                 ctx.out / f"tsne-phase{phase.index}.png", f"phase {phase.index}: {phase.end} classes, seed {ctx.cfg.seed}")
 
 
+def exemplar_figure(ctx, phase, originals: dict) -> Path:
+    """``--save-exemplars N``: ``compressed-phase<i>.png`` in the run directory. Top rows: up to N
+    of this phase's new exemplars (taken in turn from each new class, selection order), as selected
+    (box of the compressor drawn in red) and as stored (decoded); bottom: exemplars per class in
+    memory against the uncompressed baseline's (the budget share in whole images)."""
+    mem, n = ctx.memory, ctx.cfg.report.save_exemplars
+    picks = []                                        # (class, index within the class)
+    depth = max((len(v) for v in originals.values()), default=0)
+    for i in range(depth):
+        picks += [(c, i) for c in sorted(originals) if i < len(originals[c])]
+    picks = picks[:n]
+    orig = [originals[c][i] for c, i in picks]
+    stored = [mem.exemplars[c][i] for c, i in picks]
+    boxes = [mem.codes[c].boxes[i].tolist() if c in mem.codes and mem.codes[c].with_boxes else None for c, i in picks]
+    counts = [len(mem.exemplars.get(c, ())) for c in range(phase.end)]
+    path = ctx.out / f"compressed-phase{phase.index}.png"
+    order = ctx.cfg.scenario.class_order
+    name = ctx.cfg.memory.compressor
+    exemplar_plot(orig, stored, boxes, [order[c] for c, _ in picks], counts, mem.budget.share(phase.seen),
+                  [order[c] for c in range(phase.end)], path,
+                  f"phase {phase.index}: compressor {name}, {len(mem)} exemplars, {mem.nbytes} bytes")
+    return path
+
+
+def exemplar_plot(orig: list, stored: list, boxes: list, labels: list, counts: list[int], baseline: int,
+                  names: list, path: Path, title: str) -> None:
+    """The figure of ``exemplar_figure``: images ``[C, H, W]`` (uint8 or float in [0, 255]), boxes
+    ``(y0, x0, y1, x1)`` or None, exemplars per class ``counts`` against ``baseline``."""
+    plt = _pyplot()
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    k = max(len(orig), 1)
+    fig = plt.figure(figsize=(max(6.0, 1.1 * k), 5.2), dpi=110)
+    grid = fig.add_gridspec(3, k, height_ratios=[1, 1, 1.6])
+
+    def show(ax, img, box=None):
+        a = np.asarray(img.detach().float().cpu().clamp(0, 255)).astype(np.uint8)
+        ax.imshow(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0), cmap="gray" if a.shape[0] == 1 else None,
+                  vmin=0, vmax=255)
+        if box is not None and box[2] > box[0] and box[3] > box[1]:
+            ax.add_patch(Rectangle((box[1] - 0.5, box[0] - 0.5), box[3] - box[1], box[2] - box[0], fill=False,
+                                   edgecolor="red", linewidth=1.2))
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    for j, (o, st, b, lab) in enumerate(zip(orig, stored, boxes, labels)):
+        show(fig.add_subplot(grid[0, j]), o, b)
+        show(fig.add_subplot(grid[1, j]), st)
+        fig.axes[-2].set_title(f"class {lab}", fontsize=7)
+    if orig:
+        fig.axes[0].set_ylabel("selected", fontsize=8)
+        fig.axes[1].set_ylabel("stored", fontsize=8)
+    ax = fig.add_subplot(grid[2, :])
+    xs = np.arange(len(counts))
+    ax.bar(xs - 0.2, counts, 0.4, label="stored (this memory)")
+    ax.bar(xs + 0.2, [baseline] * len(counts), 0.4, label="uncompressed, same bytes")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(n) for n in names], fontsize=7)
+    ax.set_xlabel("class")
+    ax.set_ylabel("exemplars")
+    ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def tsne_figure(emb, labels, n_test: int, panels: list[tuple[str, int]], names: list[int], path: Path,
                 title: str) -> None:
     """One t-SNE of ``emb [N, D]`` (rows: ``n_test`` test embeddings, then each panel's exemplars

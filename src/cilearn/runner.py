@@ -183,6 +183,12 @@ def prepare(cfg: RunConfig):
     from .memory import mnemonics
     cfg.memory.optimizer = cfg.memory.optimizer or method_cls.memory_optimizer
     mnemonics.check(cfg, cfg.method, uses_memory(method_cls, cfg))
+    cfg.memory.compressor = cfg.memory.compressor or method_cls.memory_compressor
+    from .memory.compress import COMPRESSORS
+    COMPRESSORS.get(cfg.memory.compressor)          # a ConfigError naming the choices
+    if cfg.memory.compressor != "none" and not uses_memory(method_cls, cfg):
+        raise ConfigError(f"--memory.compressor {cfg.memory.compressor} compresses exemplars and --method "
+                          f"{cfg.method} keeps none here: give --memory N or --memory-per-class N")
     ds = load_data(cfg)
     cfg = resolve(cfg, ds.num_classes, ds.image_shape[-1])
     BACKBONES.get(cfg.model.backbone)
@@ -324,9 +330,10 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     net = build_net(cfg.model.backbone, head, ds.image_shape[0], last_relu, method_cls.expandable, **opts).to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
+    from .memory.compress import build as build_compressor
     from .memory.mnemonics import build as build_memory_optimizer
     memory = Memory(Budget(cfg.memory.total, cfg.memory.per_class), cfg.memory.selection,
-                    build_memory_optimizer(cfg)) if uses_memory(method_cls, cfg) else None
+                    build_memory_optimizer(cfg), build_compressor(cfg)) if uses_memory(method_cls, cfg) else None
     ctx = Context(cfg, net, memory, aug, device, gen, amp, ckpt, out if writes else None)
     method = method_cls(ctx)
     ckpt.method_state = method.state_dict  # type: ignore[method-assign]
@@ -361,8 +368,11 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
                 f"{cfg.train.batch_size} = about {cfg.train.batch_size // world} per process")
         if memory is not None:
             b = memory.budget
-            log(f"memory: {'%d exemplars in total' % b.total if b.total is not None else '%d per class' % b.per_class}, "
+            unit = "image units" if memory.compressor is not None else "exemplars"
+            log(f"memory: {f'%d {unit} in total' % b.total if b.total is not None else f'%d {unit} per class' % b.per_class}, "
                 f"selection {cfg.memory.selection}"
+                + (f", compressor {cfg.memory.compressor} (eta {cfg.memory.compression.eta})"
+                   if memory.compressor is not None else "")
                 + (f", optimizer {cfg.memory.optimizer}" if cfg.memory.optimizer != "none" else ""))
     log(f"{'phase':>5} {'classes':>7} {'acc':>6} {'nme':>6} {'old':>6} {'new':>6} {'top5':>6} {'train s':>8} {'img/s':>7}")
 
@@ -391,6 +401,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
                "finetune_seconds": method.finetune_seconds, "train_images_per_s": fr.images_per_s, "loss": fr.loss,
                "exemplar_optimizer": dict(getattr(memory.optimizer, "stats", {})) if memory is not None else {},
                "params": sum(p.numel() for p in net.parameters()), **method.diagnostics(),
+               **memory_row(memory),
                "per_class_acc": ev.class_acc}
         if ranks is not None:
             row["ranks"] = ranks
@@ -441,6 +452,17 @@ def sync_ranks(net: torch.nn.Module, memory: Memory | None, gen: torch.Generator
     return {"memory_own": [g[0] for g in got], "memory": [g[1] for g in got], "model": [g[2] for g in got]}
 
 
+def memory_row(memory: Memory | None) -> dict[str, Any]:
+    """Per-phase memory figures for the metrics rows: exemplars and bytes stored, with a compressor
+    its statistics (CIM's bilevel losses and mask means)."""
+    if memory is None:
+        return {}
+    row = {"memory_images": len(memory), "memory_bytes": memory.nbytes}
+    if memory.compressor is not None:
+        row["compressor"] = dict(memory.compressor.stats)
+    return row
+
+
 def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, wall: float,
               class_order: list[int] | None = None) -> dict[str, Any]:
     """metrics.json. Besides the summary: ``confusion`` (the last phase's ``[true][predicted]``
@@ -467,12 +489,23 @@ def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, w
         "memory": {"per_class": per_class, "total_images": len(memory) if memory else 0,
                    "total_bytes": memory.nbytes if memory else 0,
                    "class_images": [len(stored[c]) if c in stored else 0 for c in range(seen)],
-                   "class_bytes": [stored[c].numel() * stored[c].element_size() if c in stored else 0
-                                   for c in range(seen)]},
+                   "class_bytes": [memory.class_bytes(c) if c in stored else 0 for c in range(seen)],
+                   **memory_units(memory, seen)},
         "wall_seconds": wall,
         "confusion": confusion,
         "class_order": list(class_order) if class_order is not None else None,
     }
+
+
+def memory_units(memory: Memory | None, seen: int) -> dict[str, Any]:
+    """The budget in full-image units (one unit: one uncompressed image's bytes): each class's
+    stored bytes in units and the share per class, with the compressor's name."""
+    unit = memory.unit_bytes() if memory is not None else None
+    if unit is None:
+        return {}
+    return {"compressor": "none" if memory.compressor is None else memory.compressor.name,
+            "unit_bytes": unit, "share_units": memory.budget.share(seen),
+            "class_units": [round(memory.class_bytes(c) / unit, 4) for c in range(seen)]}
 
 
 def write_outputs(out: Path, metrics: dict[str, Any]) -> None:

@@ -1,6 +1,10 @@
 """Exemplar memory: a budget, a selection rule, an optimizer (``cilearn.memory.mnemonics``:
-none, mnemonics, mnemonics-single) and the stored exemplars per class (uint8; float32 pixels in
-[0, 255] once an optimizer has changed them).
+none, mnemonics, mnemonics-single), a compressor (``cilearn.memory.compress``: none, full,
+cam-threshold, cim) and the stored exemplars per class (uint8; float32 pixels in [0, 255] once an
+optimizer has changed them).
+
+With a compressor the budget is in full-image units (one unit = ``C * H * W`` pixel bytes) and a
+class's share holds as many compressed exemplars as fit, in selection order (``compress``).
 
 Budgets (named unambiguously, since PyCIL and Avalanche use "fixed memory" in opposite senses):
 * ``total=M``: M exemplars in all, shared by the seen classes: ``M // seen`` per class, so each
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from .compress import Codes, Compressor, decode, encode, fit_prefix
 from .mnemonics import ExemplarOptimizer
 from .selection import SELECTIONS
 
@@ -24,7 +29,8 @@ class Budget:
     per_class: int | None = None
 
     def share(self, seen: int) -> int:
-        """Exemplars per class when ``seen`` classes are stored."""
+        """Exemplars per class when ``seen`` classes are stored (with a compressor: full-image
+        units per class)."""
         if self.per_class is not None:
             return self.per_class
         if self.total is not None:
@@ -39,20 +45,37 @@ class Budget:
 
 class Memory:
     """Exemplars per class (incremental id -> ``[n, C, H, W]``, uint8 or float32 pixels) in
-    selection order."""
+    selection order. With a compressor, ``codes`` (class -> ``Codes``) is what is stored and
+    counted; ``exemplars`` holds their decoded images, the working copy the training reads."""
 
-    def __init__(self, budget: Budget, selection: str = "herding", optimizer: ExemplarOptimizer | None = None):
+    def __init__(self, budget: Budget, selection: str = "herding", optimizer: ExemplarOptimizer | None = None,
+                 compressor: Compressor | None = None):
         self.budget = budget
         self.select = SELECTIONS.get(selection)
         self.optimizer = optimizer or ExemplarOptimizer()
+        self.compressor = compressor
         self.exemplars: dict[int, torch.Tensor] = {}
+        self.codes: dict[int, Codes] = {}
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.exemplars.values())
 
+    def class_bytes(self, c: int) -> int:
+        """Bytes stored for class ``c``: its codes with a compressor, else its images."""
+        if self.compressor is not None:
+            return self.codes[c].nbytes if c in self.codes else 0
+        v = self.exemplars.get(c)
+        return v.numel() * v.element_size() if v is not None else 0
+
     @property
     def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.exemplars.values())
+        return sum(self.class_bytes(c) for c in self.exemplars)
+
+    def unit_bytes(self) -> int | None:
+        """Bytes of one full image (``C * H * W`` uint8), None while empty."""
+        for v in self.exemplars.values():
+            return v[0].numel() if len(v) else None
+        return None
 
     def data(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """All exemplars and their labels, or None when empty."""
@@ -64,31 +87,70 @@ class Memory:
         return x, y
 
     def shrink(self, per_class: int) -> None:
+        """Each class cut to its first exemplars that fit ``per_class`` (exemplars; with a
+        compressor, full-image units)."""
         for c in self.exemplars:
-            self.exemplars[c] = self.exemplars[c][:per_class]
+            n = per_class
+            if self.compressor is not None:
+                n = fit_prefix(self.codes[c].sizes(), per_class * self.exemplars[c][0].numel())
+                self.codes[c] = self.codes[c].head(n)
+            self.exemplars[c] = self.exemplars[c][:n]
 
     def update(self, x: torch.Tensor, y: torch.Tensor, classes: range, features: torch.Tensor,
-               seen: int, gen: torch.Generator | None = None) -> None:
+               seen: int, gen: torch.Generator | None = None, net: torch.nn.Module | None = None,
+               normalize=None) -> dict[int, torch.Tensor]:
         """Shrink old classes to the new share, then select exemplars of ``classes`` from
-        ``x`` (uint8), using ``features`` ``[N, D]`` of ``x`` for the selection rule."""
+        ``x`` (uint8), using ``features`` ``[N, D]`` of ``x`` for the selection rule; with a
+        compressor, fit it (CIM) and compress them (``net``, ``normalize``: the model and its input
+        normalisation). Returns the kept exemplars as they were before compression."""
         per = self.budget.share(seen)
+        if self.compressor is not None:
+            self.compressor.fit(net, normalize, x, y, classes, self.data(), gen)
         self.shrink(per)
+        originals = {}
         for c in classes:
             idx = (y == c).nonzero().flatten()
             if len(idx) == 0:
                 continue
-            order = self.select(features[idx], per, gen)
-            self.exemplars[c] = x[idx[order]].clone()
+            if self.compressor is None:
+                order = self.select(features[idx], per, gen)
+                self.exemplars[c] = originals[c] = x[idx[order]].clone()
+                continue
+            unit = x[0].numel()
+            s = self.compressor.s
+            low = x[0, 0].numel() // (s * s) or 1          # a code is at least C * h * w bytes
+            order = self.select(features[idx], max(per * unit // (x.shape[1] * low), per), gen)
+            cand = x[idx[order]]
+            codes = encode(cand, self.compressor.boxes(net, normalize, cand, c), s, self.compressor.with_boxes)
+            n = fit_prefix(codes.sizes(), per * unit)
+            self.codes[c] = codes.head(n)
+            self.exemplars[c] = decode(self.codes[c])
+            originals[c] = cand[:n]
+        return originals
 
     def optimize(self, net: torch.nn.Module, normalize, classes: range, x: torch.Tensor, y: torch.Tensor,
                  gen: torch.Generator) -> dict[int, torch.Tensor] | None:
         """Run the exemplar optimizer after ``update`` (``x`` uint8, ``y``: the phase's images of
         ``classes``); returns the exemplars as selected, before optimisation, or None when the
-        optimizer is ``none``."""
-        return self.optimizer(self, net, normalize, classes, x, y, gen)
+        optimizer is ``none``. With a compressor, the optimised images are encoded again in their
+        boxes (float32 codes unless ``quantize``)."""
+        before = self.optimizer(self, net, normalize, classes, x, y, gen)
+        if before is not None and self.compressor is not None:
+            for c, codes in self.codes.items():
+                self.codes[c] = encode(self.exemplars[c], codes.boxes, codes.s, codes.with_boxes)
+                self.exemplars[c] = decode(self.codes[c])
+        return before
 
     def state(self) -> dict:
+        if self.compressor is not None:       # the codes are what is stored
+            return {"codes": {c: v.state() for c, v in self.codes.items()}, "compressor": self.compressor.state()}
         return {"exemplars": {c: v.cpu() for c, v in self.exemplars.items()}}
 
     def load_state(self, state: dict, device: torch.device) -> None:
-        self.exemplars = {int(c): v.to(device) for c, v in state["exemplars"].items()}
+        if "codes" in state:
+            self.codes = {int(c): Codes.from_state(v, device) for c, v in state["codes"].items()}
+            self.exemplars = {c: decode(v) for c, v in self.codes.items()}
+            if self.compressor is not None:
+                self.compressor.load_state(state.get("compressor", {}), device)
+        else:
+            self.exemplars = {int(c): v.to(device) for c, v in state["exemplars"].items()}

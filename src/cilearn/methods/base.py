@@ -164,6 +164,7 @@ class Method:
     replay_source: ClassVar[str | None] = None   # key of cilearn.replay.REPLAY (dfgr), default of --replay
     uses_memory: ClassVar[bool] = False
     memory_optimizer: ClassVar[str] = "none"  # default of memory.optimizer (cilearn.memory.mnemonics)
+    memory_compressor: ClassVar[str] = "none"  # default of memory.compressor (cilearn.memory.compress)
     train_on_seen: ClassVar[bool] = False   # joint: all data of the classes seen so far
     head: ClassVar[str] = "linear"
     last_relu: ClassVar[bool] = True        # default of model.last_relu (LUCIR, PODNet: False)
@@ -263,6 +264,9 @@ class Method:
                 self.replay.before_phase(phase, tuple(x.shape[1:]))
         self.net.add_classes(phase.num_new)
         self.counts = torch.bincount(y, minlength=phase.seen).float()
+        mem = self.ctx.memory
+        comp = mem.compressor if mem is not None else None
+        self.artifact_prob = comp.cfg.artifact_prob if comp is not None and phase.index > 0 else 0.0
         self.frozen_old = None
         if phase.index > 0 and self.imprint:
             self.imprint_new(phase, x, y)
@@ -371,6 +375,8 @@ class Method:
         """One student forward serves ``objective``, the extra terms (``--distill attention``, ...)
         and the method's ``teacher_terms``."""
         self.constrain()
+        if self.artifact_prob > 0:
+            batch = self.with_artifacts(batch)
         out = self.forward(batch)
         loss, terms = self.objective(batch, out)
         if self.teacher is not None:
@@ -382,6 +388,16 @@ class Method:
                 terms[name] = v.detach()
                 loss = loss + w * v
         return loss, terms
+
+    def with_artifacts(self, batch: Batch) -> Batch:
+        """CIM's artifact augmentation (``--memory.compression.artifact-prob``, phases > 0): new-class
+        images compressed around a random box, so that compression artifacts do not tell the old
+        classes (the compressed exemplars) from the new. A changed batch is no longer one of the
+        teacher cache's views (``view=None``): the teacher then runs on the changed images."""
+        from ..memory.compress import random_box_artifacts
+        x, changed = random_box_artifacts(batch.x, self.artifact_prob, self.ctx.memory.compressor.s, self.ctx.gen,
+                                          rows=batch.y >= self.phase.start)
+        return batch._replace(x=x, view=None) if bool(changed.any()) else batch
 
     def after_phase(self, phase: Phase, data: SplitData) -> None:
         self.frozen_old = None
@@ -396,9 +412,13 @@ class Method:
         if mem is not None:
             x, y = data.train_of(phase.classes)
             emb = cached if cached is not None else self.ctx.embed(self.net, x)
-            mem.update(x, y, phase.classes, emb, phase.seen, self.ctx.gen)
+            originals = mem.update(x, y, phase.classes, emb, phase.seen, self.ctx.gen, self.net,
+                                   self.ctx.augmenter.test)
             selected = mem.optimize(self.net, self.ctx.augmenter.test, phase.classes, x, y,
                                     self.ctx.phase_generator(phase))
+            if self.ctx.cfg.report.save_exemplars and self.ctx.out is not None:
+                from ..report import exemplar_figure
+                exemplar_figure(self.ctx, phase, originals)
             if self.ctx.cfg.report.save_tsne and self.ctx.out is not None:
                 from ..report import tsne_plot
                 tsne_plot(self.ctx, phase, data, selected)

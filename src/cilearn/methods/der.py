@@ -102,3 +102,10 @@ class DER(Expanding):
         """0 for every old class, 1..num_new for the new classes."""
         return (y - self.phase.num_old + 1).clamp_min(0)
 
+
+
+@METHODS.register("der-cim")
+class DERCIM(DER):
+    """DER with CIM's compressed exemplars (Luo et al. 2023): ``der --memory.compressor cim``; the
+    budget is in full-image units."""
+    memory_compressor = "cim"

@@ -95,3 +95,10 @@ class FOSTER(Expanding):
             b = copy.deepcopy(self.net)
             b.load_state_dict(state["boosted"])
             self.boosted = freeze(b)                  # after the load, which resets requires_grad
+
+
+@METHODS.register("foster-cim")
+class FOSTERCIM(FOSTER):
+    """FOSTER with CIM's compressed exemplars (Luo et al. 2023, the paper's main base):
+    ``foster --memory.compressor cim``; the budget is in full-image units."""
+    memory_compressor = "cim"

@@ -1,0 +1,474 @@
+"""Exemplar compression (registry ``COMPRESSORS``, ``--memory.compressor``), after CIM: Luo, Liu,
+Schiele & Sun, "Class-Incremental Exemplar Compression for Class-Incremental Learning", CVPR 2023.
+
+An exemplar keeps a tight bounding box B of its discriminative pixels at full resolution; the rest
+is downsampled by ``s = sqrt(eta)`` per side (area average) and upsampled back (bilinear):
+``x~ = M_B * x + (1 - M_B) * up(down(x))`` (paper Sec. 3, Fig. 2).
+
+* ``none``: exemplars stored as they are (cost 1 image each).
+* ``full``: the whole image downsampled, no box (the paper's ablation baseline): cost ``1 / eta``.
+* ``cam-threshold``: B from the CAM of the label class (the head's class vector dotted with the
+  last-stage maps), upsampled to the image, min-max normalised, thresholded at ``tau`` (0.6).
+* ``cim``: the same box rule on the CAM of the CIM model (``CIMModel``): the CIL model's
+  convolutions shared, with learnable activation parameters phi of its own, trained at each phase
+  end by the paper's bilevel step (``cim_outer_loss``).
+
+**What is stored is what is counted** (``Codes``): the box is snapped outwards to the ``s``-grid,
+so the downsampled cells under it are exactly redundant (they are the average of box pixels) and
+are not stored. One exemplar is its box pixels (``C * area``), the downsampled cells outside the
+box (``C * (HW - area) / eta`` when ``s`` divides H and W) and, for box compressors, 4 int16
+coordinates: ``C * HW * (a + (1 - a) / eta) + 8`` bytes, the paper's cost ``a + (1 - a) / eta`` in
+full-image units plus the coordinates. The budget (image units: ``units * C * H * W`` bytes per
+class) is met in these bytes; the herding order decides which exemplars are kept (the longest
+prefix that fits), also when a class's share shrinks. The decoded images the training reads are a
+working copy; checkpoints hold the codes only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..config import CompressionConfig
+
+COMPRESSORS: Registry = Registry("exemplar compressor")
+BOX_BYTES = 8            # (y0, x0, y1, x1) as int16
+
+
+# ---------------------------------------------------------------- pure functions
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 at least (half precision widened; float64 kept for gradient checks)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def downsample(x: torch.Tensor, s: int) -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N, C, ceil(H/s), ceil(W/s)]`` float: the mean of each s x s cell."""
+    return F.avg_pool2d(_wide(x), s, s, ceil_mode=True, count_include_pad=False) if s > 1 else _wide(x)
+
+
+def upsample(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(low, size=size, mode="bilinear", align_corners=False) if low.shape[-2:] != size else low
+
+
+def blur(x: torch.Tensor, s: int) -> torch.Tensor:
+    """``up(down(x))``: the downsampled image at full size (float)."""
+    return upsample(downsample(x, s), tuple(x.shape[-2:]))
+
+
+def class_vectors(head: nn.Module) -> torch.Tensor:
+    """``[K, D]``: the vector whose dot product with the embedding gives class k's score, up to a
+    per-image factor that min-max normalisation removes (linear: its rows; cosine: normalised rows;
+    LSC: the mean of a class's normalised proxies)."""
+    w = head.weight
+    if hasattr(head, "proxies"):
+        return F.normalize(w, dim=1).view(-1, head.proxies, w.shape[1]).mean(1)
+    return F.normalize(w, dim=1) if hasattr(head, "sigma") else w
+
+
+def cam(maps: torch.Tensor, vectors: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Class activation maps ``[B, H, W]`` in [0, 1]: ``sum_d vectors[b, d] * maps[b, d]``
+    (``maps [B, D, h, w]``, ``vectors [B, D]``: each image's class), upsampled (bilinear) to
+    ``size`` and min-max normalised per image (a constant map gives all ones)."""
+    m = _wide(torch.einsum("bd,bdhw->bhw", vectors.to(maps.dtype), maps))
+    m = F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    lo = m.flatten(1).min(1).values.view(-1, 1, 1)
+    hi = m.flatten(1).max(1).values.view(-1, 1, 1)
+    span = hi - lo
+    return torch.where(span > 0, (m - lo) / span.clamp_min(1e-12), torch.ones_like(m))
+
+
+def boxes_from_cam(c: torch.Tensor, tau: float) -> torch.Tensor:
+    """Tight bounding boxes ``[B, 4]`` (y0, x0, y1, x1; ends exclusive) of ``c >= tau``
+    (``c [B, H, W]`` in [0, 1]; its maximum is 1, so no mask is empty)."""
+    mask = c >= tau
+    rows, cols = mask.any(2), mask.any(1)                                     # [B, H], [B, W]
+    H, W = c.shape[1:]
+    ar_h = torch.arange(H, device=c.device)
+    ar_w = torch.arange(W, device=c.device)
+    y0 = torch.where(rows, ar_h, H).min(1).values
+    y1 = torch.where(rows, ar_h + 1, 0).max(1).values
+    x0 = torch.where(cols, ar_w, W).min(1).values
+    x1 = torch.where(cols, ar_w + 1, 0).max(1).values
+    return torch.stack([y0, x0, y1, x1], 1).long()
+
+
+def snap(boxes: torch.Tensor, s: int, H: int, W: int) -> torch.Tensor:
+    """Boxes widened to the ``s``-grid (starts down, ends up to multiples of s, clipped to H, W), so
+    that each downsampled cell is wholly inside or wholly outside the box. Empty boxes stay empty."""
+    y0, x0, y1, x1 = boxes.unbind(1)
+    empty = (y1 <= y0) | (x1 <= x0)
+    out = torch.stack([y0 // s * s, x0 // s * s, ((y1 + s - 1) // s * s).clamp(max=H),
+                       ((x1 + s - 1) // s * s).clamp(max=W)], 1)
+    return torch.where(empty[:, None], torch.zeros_like(out), out)
+
+
+def inside_cells(boxes: torch.Tensor, s: int, h: int, w: int) -> torch.Tensor:
+    """``[N, h, w]`` bool: the downsampled cells covered by each (snapped) box."""
+    i = torch.arange(h, device=boxes.device).view(1, h, 1)
+    j = torch.arange(w, device=boxes.device).view(1, 1, w)
+    y0, x0, y1, x1 = (b.view(-1, 1, 1) for b in boxes.unbind(1))
+    return (i * s >= y0) & (i * s < y1) & (j * s >= x0) & (j * s < x1)
+
+
+def code_bytes(boxes: torch.Tensor, shape: tuple[int, int, int], s: int, element_size: int = 1,
+               with_boxes: bool = True) -> torch.Tensor:
+    """``[N]`` bytes of each exemplar's code: ``C * (box area + cells outside the box) *
+    element_size`` (+ ``BOX_BYTES`` when boxes are stored)."""
+    C, H, W = shape
+    h, w = math.ceil(H / s), math.ceil(W / s)
+    area = (boxes[:, 2] - boxes[:, 0]).clamp_min(0) * (boxes[:, 3] - boxes[:, 1]).clamp_min(0)
+    outside = h * w - inside_cells(boxes, s, h, w).flatten(1).sum(1)
+    return C * (area + outside) * element_size + (BOX_BYTES if with_boxes else 0)
+
+
+def paper_cost(boxes: torch.Tensor, H: int, W: int, eta: int) -> torch.Tensor:
+    """``[N]`` the paper's cost in full images: ``a + (1 - a) / eta``, a = box area / image area."""
+    a = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).float() / (H * W)
+    return a + (1 - a) / eta
+
+
+@dataclass
+class Codes:
+    """One class's compressed exemplars, in selection order: what the memory stores."""
+    boxes: torch.Tensor          # [n, 4] int64 (y0, x0, y1, x1), snapped to the s-grid; empty: (0, 0, 0, 0)
+    sharp: torch.Tensor          # [sum of C * area] box pixels at full resolution (the images' dtype)
+    coarse: torch.Tensor         # [sum of C * cells outside the box] downsampled cells
+    shape: tuple[int, int, int]  # (C, H, W)
+    s: int                       # downsampling per side, sqrt(eta)
+    with_boxes: bool             # box coordinates are part of the code (full: no box)
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def sizes(self) -> torch.Tensor:
+        return code_bytes(self.boxes, self.shape, self.s, self.sharp.element_size(), self.with_boxes)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.sizes().sum()) if len(self) else 0
+
+    def _offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        C, H, W = self.shape
+        h, w = math.ceil(H / self.s), math.ceil(W / self.s)
+        b = self.boxes
+        sharp = C * (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        coarse = C * (h * w - inside_cells(b, self.s, h, w).flatten(1).sum(1))
+        return sharp, coarse
+
+    def head(self, n: int) -> "Codes":
+        """The first ``n`` exemplars."""
+        sharp, coarse = self._offsets()
+        return Codes(self.boxes[:n], self.sharp[: int(sharp[:n].sum())], self.coarse[: int(coarse[:n].sum())],
+                     self.shape, self.s, self.with_boxes)
+
+    def state(self) -> dict:
+        return {"boxes": self.boxes.cpu(), "sharp": self.sharp.cpu(), "coarse": self.coarse.cpu(),
+                "shape": list(self.shape), "s": self.s, "with_boxes": self.with_boxes}
+
+    @classmethod
+    def from_state(cls, st: dict, device) -> "Codes":
+        return cls(st["boxes"].to(device), st["sharp"].to(device), st["coarse"].to(device), tuple(st["shape"]),
+                   int(st["s"]), bool(st["with_boxes"]))
+
+
+def _store_dtype(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return v.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else v.to(x.dtype)
+
+
+def encode(x: torch.Tensor, boxes: torch.Tensor, s: int, with_boxes: bool = True) -> Codes:
+    """Codes of images ``x [N, C, H, W]`` (uint8, or float pixels in [0, 255]) with boxes
+    ``[N, 4]`` (snapped here to the s-grid)."""
+    N, C, H, W = x.shape
+    boxes = snap(boxes.to(x.device).long(), s, H, W)
+    low = _store_dtype(x, downsample(x, s))                                   # [N, C, h, w]
+    h, w = low.shape[-2:]
+    inside = inside_cells(boxes, s, h, w)                                     # [N, h, w]
+    sharp = [x[i, :, y0:y1, x0:x1].reshape(-1) for i, (y0, x0, y1, x1) in enumerate(boxes.tolist())]
+    coarse = low.permute(0, 2, 3, 1)[~inside]                                 # [cells, C], exemplar-major
+    empty = x.new_zeros(0)
+    return Codes(boxes, torch.cat(sharp) if sharp else empty, coarse.reshape(-1), (C, H, W), s, with_boxes)
+
+
+def decode(codes: Codes) -> torch.Tensor:
+    """``[n, C, H, W]`` images (the codes' dtype): the stored cells, those under the box recomputed
+    from the box pixels (the average encode would have stored), upsampled, the box pasted."""
+    C, H, W = codes.shape
+    n, s = len(codes), codes.s
+    dev, dtype = codes.sharp.device, codes.sharp.dtype
+    if n == 0:
+        return torch.zeros(0, C, H, W, dtype=dtype, device=dev)
+    h, w = math.ceil(H / s), math.ceil(W / s)
+    inside = inside_cells(codes.boxes, s, h, w)
+    cells = torch.zeros(n, h, w, C, dtype=dtype, device=dev)
+    cells[~inside] = codes.coarse.view(-1, C)
+    sharp_sizes, _ = codes._offsets()
+    crops = torch.split(codes.sharp, sharp_sizes.tolist())
+    low = cells.permute(0, 3, 1, 2).float()                                   # [n, C, h, w]
+    for i, ((y0, x0, y1, x1), crop) in enumerate(zip(codes.boxes.tolist(), crops)):
+        if y1 > y0 and x1 > x0:
+            patch = _store_dtype(codes.sharp, downsample(crop.view(1, C, y1 - y0, x1 - x0), s))[0]
+            low[i, :, y0 // s: y0 // s + patch.shape[1], x0 // s: x0 // s + patch.shape[2]] = patch.float()
+    out = _store_dtype(codes.sharp, upsample(low, (H, W)))
+    for i, ((y0, x0, y1, x1), crop) in enumerate(zip(codes.boxes.tolist(), crops)):
+        if y1 > y0 and x1 > x0:
+            out[i, :, y0:y1, x0:x1] = crop.view(C, y1 - y0, x1 - x0)
+    return out
+
+
+def fit_prefix(sizes: torch.Tensor, budget_bytes: float) -> int:
+    """How many of the first exemplars (bytes ``sizes [N]``, in selection order) fit the budget."""
+    return int((sizes.cumsum(0) <= budget_bytes).sum()) if len(sizes) else 0
+
+
+def random_box_artifacts(x: torch.Tensor, prob: float, s: int, gen: torch.Generator,
+                         rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's artifact augmentation of new-class images: each row of ``x [B, C, H, W]``
+    (normalised float; ``rows [B]`` bool: the eligible ones) is, with probability ``prob``,
+    compressed around a random box (side 25-100% of the image's, uniform position): outside it
+    ``up(down(x))``. Returns (images, changed [B] bool). Down/upsampling are linear and the
+    normalisation is a per-channel affine map, so this equals compressing the raw pixels."""
+    B, _, H, W = x.shape
+    dev = gen.device
+    u = torch.rand(B, 5, generator=gen, device=dev).to(x.device)
+    changed = u[:, 0] < prob
+    if rows is not None:
+        changed &= rows
+    if not bool(changed.any()):
+        return x, changed
+    bh = (H * (0.25 + 0.75 * u[:, 1])).long().clamp(1, H)
+    bw = (W * (0.25 + 0.75 * u[:, 2])).long().clamp(1, W)
+    y0 = ((H - bh + 1) * u[:, 3]).long().clamp(max=H - 1)
+    x0 = ((W - bw + 1) * u[:, 4]).long().clamp(max=W - 1)
+    ii = torch.arange(H, device=x.device).view(1, H, 1)
+    jj = torch.arange(W, device=x.device).view(1, 1, W)
+    inbox = (ii >= y0.view(-1, 1, 1)) & (ii < (y0 + bh).view(-1, 1, 1)) & (jj >= x0.view(-1, 1, 1)) \
+        & (jj < (x0 + bw).view(-1, 1, 1))
+    keep = inbox | ~changed.view(-1, 1, 1)                                    # [B, H, W]
+    out = torch.where(keep[:, None], x, blur(x, s).to(x.dtype))
+    return out, changed
+
+
+# ---------------------------------------------------------------- the CIM model
+class CIMModel(nn.Module):
+    """The mask model: the CIL net's convolutions (shared, not trained here) and phi, a learnable
+    activation of the last-stage maps, one slope and one offset per channel:
+    ``maps' = relu(gamma * maps + beta)`` (gamma = 1, beta = 0 at the start: the CIL model's own
+    CAM for its post-ReLU maps). Its CAM ``class_vector . maps'`` gives the masks; its logits
+    ``head(mean(maps'))`` the CIM model's CE (cilearn's reading of the paper's "learnable
+    activation functions", see the README)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return F.relu(_wide(maps) * self.gamma.view(1, -1, 1, 1) + self.beta.view(1, -1, 1, 1))
+
+    def cam_and_logits(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       params: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(soft masks ``[B, H, W]`` in [0, 1], CIM logits ``[B, K]``) of normalised ``x`` for the
+        labels ``y``; the CIL net's parameters are constants here (``params``: overrides)."""
+        with torch.no_grad():
+            out = functional_call(net, params, (x,)) if params is not None else net(x)
+        m = self(out.maps[-1])                                                # [B, D, h, w]
+        head = {k: v.detach() for k, v in net.head.named_parameters()}       # no gradient into the CIL head
+        logits = functional_call(net.head, head, (m.mean((2, 3)),))
+        return cam(m, class_vectors(net.head)[y].detach(), tuple(x.shape[-2:])), logits
+
+
+def soft_compress(x: torch.Tensor, c: torch.Tensor, s: int) -> torch.Tensor:
+    """``c * x + (1 - c) * up(down(x))`` (``c [B, H, W]``), differentiable in ``c``."""
+    return c[:, None] * x + (1 - c[:, None]) * blur(x, s)
+
+
+def cim_outer_loss(net: nn.Module, cim: CIMModel, trainable: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
+                   new_x: torch.Tensor, new_y: torch.Tensor, ex_x: torch.Tensor | None, ex_y: torch.Tensor | None,
+                   val_x: torch.Tensor, val_y: torch.Tensor, s: int, inner_lr: float, mu: float, mu_cls: float
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The CIM bilevel objective (paper Sec. 4) for one outer step, a scalar differentiable in phi:
+
+    * inner: one SGD step of the CIL parameters ``trainable`` (``fixed``: the frozen ones and the
+      buffers) on CE over the exemplars ``(ex_x, ex_y)`` and the new images softly compressed by
+      the CIM masks ``c``: ``theta' = theta - inner_lr * grad`` (the graph kept back to phi);
+    * outer: CE of ``theta'`` on a fresh real batch ``(val_x, val_y)`` + ``mu * mean(c)^2`` (the
+      memory regulariser: a larger mask costs memory) + ``mu_cls * CE`` of the CIM model.
+    All images normalised ``[B, C, H, W]``."""
+    c, cim_logits = cim.cam_and_logits(net, new_x, new_y)
+    soft = soft_compress(new_x, c, s)
+    xs = soft if ex_x is None else torch.cat([ex_x, soft])
+    ys = new_y if ex_y is None else torch.cat([ex_y, new_y])
+    inner = F.cross_entropy(_wide(functional_call(net, {**fixed, **trainable}, (xs,)).logits), ys)
+    names = list(trainable)
+    grads = torch.autograd.grad(inner, [trainable[k] for k in names], create_graph=True, allow_unused=True)
+    updated = {k: trainable[k] if g is None else trainable[k] - inner_lr * g for k, g in zip(names, grads)}
+    val = F.cross_entropy(_wide(functional_call(net, {**fixed, **updated}, (val_x,)).logits), val_y)
+    reg = c.mean() ** 2
+    ce_cim = F.cross_entropy(_wide(cim_logits), new_y)
+    loss = val + mu * reg + mu_cls * ce_cim
+    return loss, {k: float(v.detach()) for k, v in (("val", val), ("reg", reg), ("ce_cim", ce_cim), ("mask", c.mean()))}
+
+
+# ---------------------------------------------------------------- compressors
+class Compressor:
+    """Turns a class's candidate exemplars (uint8 ``[N, C, H, W]``, selection order) into boxes.
+    ``fit`` runs once per phase before the boxes are taken (CIM: the bilevel training)."""
+    with_boxes = True
+    name = "?"
+
+    def __init__(self, cfg: "CompressionConfig"):
+        self.cfg = cfg
+        self.s = math.isqrt(cfg.eta)
+        self.stats: dict[str, float] = {}
+
+    def fit(self, net, normalize, x, y, classes, memory_data, gen) -> None:
+        pass
+
+    def boxes(self, net, normalize, x: torch.Tensor, c: int) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict, device) -> None:
+        pass
+
+
+@COMPRESSORS.register("full")
+class FullCompressor(Compressor):
+    """The whole image downsampled (no box): cost 1 / eta."""
+    with_boxes = False
+
+    def boxes(self, net, normalize, x, c):
+        return torch.zeros(len(x), 4, dtype=torch.long, device=x.device)
+
+
+def _batched_boxes(fn, x: torch.Tensor, bs: int = 256) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + bs]) for i in range(0, len(x), bs)]) if len(x) else \
+        torch.zeros(0, 4, dtype=torch.long, device=x.device)
+
+
+@COMPRESSORS.register("cam-threshold")
+class CAMCompressor(Compressor):
+    """Boxes of the CIL model's CAM of the label class at threshold tau (the paper's baseline)."""
+
+    @torch.no_grad()
+    def boxes(self, net, normalize, x, c):
+        def one(xb):
+            out = net(normalize(xb))
+            v = class_vectors(net.head).float()[c].expand(len(xb), -1)
+            return boxes_from_cam(cam(out.maps[-1].float(), v, tuple(xb.shape[-2:])), self.cfg.tau)
+        was = net.training
+        net.eval()
+        try:
+            return _batched_boxes(one, x)
+        finally:
+            net.train(was)
+
+
+@COMPRESSORS.register("cim")
+class CIMCompressor(Compressor):
+    """Boxes of the CIM model's CAM at threshold tau, the CIM model trained at each phase end by the
+    bilevel step (``cim_outer_loss``): ``iterations`` Adam steps (lr 0.01, gradient norm clipped
+    at 1: the official configuration's ``phi_lr`` / ``max_phi_grad_norm``) on batches of
+    ``batch_size`` new images and as many exemplars."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.model: CIMModel | None = None
+
+    def _ensure(self, channels: int, device) -> CIMModel:
+        if self.model is None or self.model.gamma.numel() != channels:   # DER: the maps widen each phase
+            self.model = CIMModel(channels).to(device)
+        return self.model
+
+    def fit(self, net, normalize, x, y, classes, memory_data, gen) -> None:
+        cfg = self.cfg
+        was = net.training
+        net.eval()                        # BatchNorm with running statistics, as the Mnemonics step
+        try:
+            with torch.no_grad():
+                channels = net(normalize(x[:1])).maps[-1].shape[1]
+            model = self._ensure(channels, x.device)
+            if cfg.iterations == 0 or len(x) == 0:
+                return
+            trainable = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters()
+                         if p.requires_grad}
+            fixed = {k: p.detach() for k, p in net.named_parameters() if not p.requires_grad}
+            fixed.update({k: b.detach() for k, b in net.named_buffers()})
+            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            bs = cfg.batch_size
+            first = last = None
+            for _ in range(cfg.iterations):
+                pick = torch.randint(len(x), (2 * bs,), generator=gen, device=gen.device).to(x.device)
+                new, val = pick[:bs], pick[bs:]
+                ex_x = ex_y = None
+                val_x, val_y = x[val], y[val]
+                if memory_data is not None:
+                    mx, my = memory_data
+                    e = torch.randint(len(mx), (2 * bs,), generator=gen, device=gen.device).to(mx.device)
+                    ex_x, ex_y = normalize(mx[e[:bs]]), my[e[:bs]]
+                    val_x, val_y = torch.cat([val_x, mx[e[bs:]]]), torch.cat([val_y, my[e[bs:]]])
+                loss, terms = cim_outer_loss(net, model, trainable, fixed, normalize(x[new]), y[new], ex_x, ex_y,
+                                             normalize(val_x), val_y, self.s, self.inner_lr(), cfg.reg_weight,
+                                             cfg.cls_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                last = {**terms, "loss": float(loss.detach())}
+                first = first or last
+            self.stats = {"cim_loss_first": first["loss"], "cim_loss_last": last["loss"],
+                          "cim_mask_first": first["mask"], "cim_mask_last": last["mask"]}
+        finally:
+            net.train(was)
+
+    def inner_lr(self) -> float:
+        return self.cfg.inner_lr if self.cfg.inner_lr is not None else self.default_inner_lr
+
+    default_inner_lr = 0.1      # the CIL model's learning rate in the official configurations (theta_lr)
+
+    @torch.no_grad()
+    def boxes(self, net, normalize, x, c):
+        was = net.training
+        net.eval()
+        try:
+            def one(xb):
+                xn = normalize(xb)
+                model = self._ensure(net(xn[:1]).maps[-1].shape[1], xb.device)
+                m, _ = model.cam_and_logits(net, xn, torch.full((len(xb),), c, dtype=torch.long, device=xb.device))
+                return boxes_from_cam(m, self.cfg.tau)
+            return _batched_boxes(one, x)
+        finally:
+            net.train(was)
+
+    def state(self) -> dict:
+        return {"cim": {k: v.cpu() for k, v in self.model.state_dict().items()}} if self.model is not None else {}
+
+    def load_state(self, state: dict, device) -> None:
+        if "cim" in state:
+            self.model = CIMModel(state["cim"]["gamma"].numel()).to(device)
+            self.model.load_state_dict(state["cim"])
+
+
+def build(cfg) -> Compressor | None:
+    """The run's compressor (``cfg``: the RunConfig), or None for ``none``."""
+    name = cfg.memory.compressor or "none"
+    if name == "none":
+        return None
+    comp = COMPRESSORS.get(name)(cfg.memory.compression)
+    comp.name = name
+    if isinstance(comp, CIMCompressor):
+        comp.default_inner_lr = cfg.train.lr
+    return comp
+
+
+COMPRESSORS.register("none")(lambda cfg: None)

@@ -1,0 +1,282 @@
+"""CIM's exemplar compression (cilearn.memory.compress): boxes from a hand-made CAM, exact box
+pixels, the cost accounting by hand, the budget as a property over random boxes and budgets, the
+outer gradient through the inner step (finite differences), and end-to-end runs of every
+compressor on iCaRL and FOSTER."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cilearn
+from cilearn.config import CompressionConfig
+from cilearn.errors import ConfigError
+from cilearn.memory import Budget, Memory
+from cilearn.memory.compress import (BOX_BYTES, CIMModel, Compressor, blur, boxes_from_cam, cam, cim_outer_loss,
+                                     code_bytes, decode, downsample, encode, fit_prefix, paper_cost,
+                                     random_box_artifacts, snap)
+from cilearn.models.net import build_net
+
+
+# ---------------------------------------------------------------- boxes and CAMs by hand
+def test_box_of_a_hand_made_cam():
+    c = torch.zeros(1, 6, 7)
+    c[0, 1, 2] = 1.0
+    c[0, 3, 4] = 0.7          # above tau 0.6: inside the mask
+    c[0, 2, 5] = 0.59         # just below: outside
+    c[0, 5, 0] = 0.3
+    assert boxes_from_cam(c, 0.6).tolist() == [[1, 2, 4, 5]]        # rows 1..3, cols 2..4 (ends exclusive)
+    assert boxes_from_cam(c, 0.25).tolist() == [[1, 0, 6, 6]]       # now (5, 0) and (2, 5) are in: cols 0..5
+    c2 = torch.ones(1, 4, 4)                                          # constant map: the whole image
+    assert boxes_from_cam(c2, 0.6).tolist() == [[0, 0, 4, 4]]
+
+
+def test_cam_is_the_class_vector_dot_the_maps_min_max_normalised():
+    maps = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[0.0, 1.0], [0.0, 2.0]]]])    # [1, D=2, 2, 2]
+    v = torch.tensor([[1.0, -1.0]])
+    raw = torch.tensor([[1.0, 1.0], [3.0, 2.0]])                                    # 1*m0 - 1*m1
+    want = (raw - 1.0) / 2.0
+    assert torch.allclose(cam(maps, v, (2, 2))[0], want)
+    assert torch.equal(cam(torch.ones(1, 2, 2, 2), v, (2, 2)), torch.ones(1, 2, 2))   # constant -> ones
+
+
+def test_snap_widens_boxes_to_the_grid():
+    b = torch.tensor([[1, 3, 5, 6], [0, 0, 0, 0], [2, 2, 7, 7]])
+    assert snap(b, 2, 7, 8).tolist() == [[0, 2, 6, 6], [0, 0, 0, 0], [2, 2, 7, 8]]   # ends clipped to H=7, W=8
+
+
+# ---------------------------------------------------------------- encoding
+def _images(n=3, C=2, H=8, W=8, seed=0):
+    return torch.randint(0, 256, (n, C, H, W), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_compression_keeps_the_box_exactly_and_downsamples_the_rest():
+    x = _images()
+    boxes = torch.tensor([[2, 2, 6, 6], [0, 0, 0, 0], [1, 3, 7, 8]])      # the last is snapped to (0, 2, 8, 8)
+    codes = encode(x, boxes, 2)
+    out = decode(codes)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    want = F.interpolate(torch.round(downsample(x, 2)), size=(8, 8), mode="bilinear", align_corners=False)
+    want = want.round().clamp(0, 255).to(torch.uint8)
+    for i, (y0, x0, y1, x1) in enumerate(codes.boxes.tolist()):
+        inside = torch.zeros(8, 8, dtype=torch.bool)
+        inside[y0:y1, x0:x1] = True
+        assert torch.equal(out[i][:, inside], x[i][:, inside])            # box pixels exact
+        assert torch.equal(out[i][:, ~inside], want[i][:, ~inside])       # the rest: down 2x2, up bilinear
+    assert codes.boxes.tolist() == [[2, 2, 6, 6], [0, 0, 0, 0], [0, 2, 8, 8]]
+
+
+def test_codes_of_float_pixels_keep_their_dtype_and_head_truncates():
+    x = _images().float() + 0.25
+    codes = encode(x, torch.tensor([[0, 0, 4, 4]] * 3), 2)
+    assert codes.sharp.dtype == torch.float32
+    out = decode(codes)
+    assert torch.equal(out[:, :, :4, :4], x[:, :, :4, :4])
+    two = codes.head(2)
+    assert len(two) == 2 and torch.equal(decode(two), out[:2])
+
+
+# ---------------------------------------------------------------- cost accounting by hand
+def test_cost_accounting_by_hand():
+    # 1 x 8 x 8 image, eta 4 (2 x 2 cells): a 4 x 4 box = 16 sharp pixels; 16 cells - 4 under the box
+    # = 12 coarse cells; + 8 bytes of coordinates = 36 bytes. Paper: a = 1/4, a + (1 - a)/4 = 0.4375
+    # images = 28 bytes, the code without its coordinates.
+    boxes = torch.tensor([[2, 2, 6, 6], [0, 0, 0, 0], [0, 0, 8, 8], [0, 0, 2, 8]])
+    assert code_bytes(boxes, (1, 8, 8), 2).tolist() == [36, 16 + 8, 64 + 8, 16 + 12 + 8]
+    assert code_bytes(boxes[:2], (3, 8, 8), 2, with_boxes=False).tolist() == [3 * 28, 3 * 16]
+    assert torch.allclose(paper_cost(boxes, 8, 8, 4) * 64, torch.tensor([28.0, 16.0, 64.0, 28.0]))
+    # what is stored is what is counted: the code's tensors hold exactly these bytes
+    x = _images(4, C=1)
+    codes = encode(x, boxes, 2)
+    stored = codes.sharp.numel() + codes.coarse.numel() + BOX_BYTES * len(codes)
+    assert codes.nbytes == stored == 36 + 24 + 72 + 36
+    assert fit_prefix(codes.sizes(), 60) == 2 and fit_prefix(codes.sizes(), 59) == 1
+
+
+class RandomBoxes(Compressor):
+    """Random boxes (any size, any place), for the budget property."""
+
+    def __init__(self, seed):
+        super().__init__(CompressionConfig(eta=4))
+        self.g = torch.Generator().manual_seed(seed)
+
+    def boxes(self, net, normalize, x, c):
+        n, _, H, W = x.shape
+        y0 = torch.randint(0, H, (n,), generator=self.g)
+        x0 = torch.randint(0, W, (n,), generator=self.g)
+        return torch.stack([y0, x0, y0 + torch.randint(0, H + 1, (n,), generator=self.g),
+                            x0 + torch.randint(0, W + 1, (n,), generator=self.g)], 1).clamp(max=H)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_budget_in_units_and_bytes_is_never_exceeded(seed):
+    g = torch.Generator().manual_seed(seed)
+    C, H = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(4, 13, (1,), generator=g))
+    unit = C * H * H
+    per_class = bool(torch.randint(0, 2, (1,), generator=g))
+    budget = Budget(per_class=int(torch.randint(1, 5, (1,), generator=g))) if per_class else \
+        Budget(total=int(torch.randint(8, 40, (1,), generator=g)))
+    mem = Memory(budget, "herding", compressor=RandomBoxes(seed))
+    seen = 0
+    for phase in range(4):
+        new = range(seen, seen + 2)
+        seen += 2
+        y = torch.arange(seen - 2, seen).repeat_interleave(30)
+        x = torch.randint(0, 256, (len(y), C, H, H), generator=g, dtype=torch.uint8)
+        mem.update(x, y, new, torch.randn(len(y), 5, generator=g), seen)
+        share = budget.share(seen)
+        for c in range(seen):
+            assert mem.class_bytes(c) <= share * unit                          # per class, in bytes
+            assert mem.codes[c].nbytes == mem.class_bytes(c)
+            assert len(mem.exemplars[c]) == len(mem.codes[c])
+            assert torch.equal(mem.exemplars[c], decode(mem.codes[c]))
+        assert mem.nbytes <= seen * share * unit                               # in total
+        if budget.total is not None:
+            assert mem.nbytes <= budget.total * unit
+    # herding order decides what is kept: a class's stored boxes are a prefix of what it had
+    before = {c: v.boxes.clone() for c, v in mem.codes.items()}
+    mem.shrink(max(budget.share(seen) - 1, 0))
+    for c, v in mem.codes.items():
+        assert torch.equal(v.boxes, before[c][: len(v)])
+
+
+# ---------------------------------------------------------------- the CIM model's bilevel gradient
+def test_outer_gradient_reaches_the_cim_parameters_through_the_inner_step():
+    torch.manual_seed(0)
+    net = build_net("convnet", "linear", 1).double().eval()
+    net.add_classes(3)
+    net = net.double()
+    cim = CIMModel(128).double()
+    with torch.no_grad():
+        cim.gamma.uniform_(0.5, 1.5)
+        cim.beta.uniform_(-0.1, 0.1)
+    trainable = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters()}
+    fixed = {k: b.detach() for k, b in net.named_buffers()}
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    ex = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    ey = torch.tensor([2, 0, 1])
+    vx = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    vy = torch.tensor([0, 1, 2, 0, 1])
+
+    def objective(with_reg=True):
+        return cim_outer_loss(net, cim, trainable, fixed, x, y, ex, ey, vx, vy, 2, 0.5,
+                              0.1 if with_reg else 0.0, 0.0)[0]
+
+    loss = objective(with_reg=False)          # validation CE only: reaches phi through the inner step alone
+    g_gamma, g_beta = torch.autograd.grad(loss, [cim.gamma, cim.beta])
+    assert g_gamma.abs().sum() > 0 and torch.isfinite(g_gamma).all()
+    eps = 1e-6
+    def shifted(i, d):           # the objective at gamma + d e_i (it needs autograd: its inner step)
+        with torch.no_grad():
+            cim.gamma[i] += d
+        v = objective(False).item()
+        with torch.no_grad():
+            cim.gamma[i] -= d
+        return v
+
+    for i in torch.topk(g_gamma.abs(), 5).indices.tolist():
+        up, down = shifted(i, eps), shifted(i, -eps)
+        assert math.isclose((up - down) / (2 * eps), g_gamma[i].item(), rel_tol=1e-4, abs_tol=1e-9)
+    # the memory regulariser reaches phi directly (no inner step involved)
+    g_reg = torch.autograd.grad(objective(with_reg=True) - objective(with_reg=False), cim.gamma)[0]
+    assert g_reg.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- artifact augmentation
+def test_artifacts_compress_chosen_new_rows_around_a_box():
+    x = torch.randn(6, 1, 8, 8)
+    rows = torch.tensor([True, True, True, False, True, False])
+    out, changed = random_box_artifacts(x, 1.0, 2, torch.Generator().manual_seed(1), rows)
+    assert changed.tolist() == rows.tolist()
+    b = blur(x, 2)
+    for i in range(6):
+        same = out[i] == x[i]
+        if not changed[i]:
+            assert same.all()
+        else:
+            assert same.sum() >= 4                         # a box of at least 2 x 2 pixels kept
+            assert torch.allclose(out[i][~same], b[i][~same])   # and the rest is the blurred image
+    out0, changed0 = random_box_artifacts(x, 0.0, 2, torch.Generator().manual_seed(1), rows)
+    assert not changed0.any() and torch.equal(out0, x)
+
+
+# ---------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from conftest import quick_config
+    tmp = tmp_path_factory.mktemp("cim")
+    out = {}
+    for method, comps in (("icarl", ("none", "full", "cam-threshold", "cim")), ("foster", ("full", "cam-threshold", "cim"))):
+        for comp in comps:
+            cfg = quick_config(tmp, method=method, out=str(tmp / f"{method}-{comp}"), train__epochs=4,
+                               memory={"per_class": 2, "compressor": comp, "compression": {"iterations": 3}},
+                               report={"save_exemplars": 6})
+            res = cilearn.run(cfg, echo=False)
+            out[method, comp] = (res.metrics, Path(cfg.out))
+    return out
+
+
+@pytest.mark.parametrize("method", ["icarl", "foster"])
+@pytest.mark.parametrize("comp", ["full", "cam-threshold", "cim"])
+def test_compressors_end_to_end(runs, method, comp):
+    m, out = runs[method, comp]
+    base, _ = runs["icarl", "none"]
+    mem = m["memory"]
+    assert mem["compressor"] == comp and mem["unit_bytes"] == 64 and mem["share_units"] == 2
+    assert all(b <= 2 * 64 for b in mem["class_bytes"])                   # the budget, per class, in bytes
+    assert all(u <= 2 for u in mem["class_units"])
+    assert base["memory"]["class_images"] == [2] * 10
+    # digits' 8 x 8 images leave CAM boxes little room: a box over the whole image costs the image plus
+    # its 8 bytes of coordinates, so a class may keep one exemplar fewer than the uncompressed base
+    # (Fashion-MNIST's benchmark shows the gain; test_real_data checks it on 28 x 28 images)
+    assert min(mem["class_images"]) >= 1 and sum(mem["class_images"]) >= 15
+    if comp == "full":
+        assert mem["class_images"] == [8] * 10          # 2 images of 64 bytes = 8 codes of 16
+    assert m["phases"][-1]["memory_images"] == sum(mem["class_images"])
+    assert m["phases"][-1]["memory_bytes"] == sum(mem["class_bytes"]) <= 10 * 2 * 64
+    acc = torch.tensor(m["accuracy_matrix"][-1])
+    # 2 exemplars per class and 4 epochs: the CNN forgets (the uncompressed base too: ~45); NME keeps more
+    assert torch.isfinite(acc).all() and m["phases"][0]["acc"] > 80 and m["avg_incremental_acc"] > 30
+    assert m["avg_incremental_acc_nme"] > 40
+    for i in range(5):
+        assert (out / f"compressed-phase{i}.png").stat().st_size > 5000
+    if comp == "cim":
+        st = m["phases"][-1]["compressor"]
+        assert st["cim_mask_first"] > 0 and math.isfinite(st["cim_loss_last"])
+
+
+def test_checkpoint_holds_the_codes_and_they_load(runs):
+    _, out = runs["icarl", "cim"]
+    from cilearn.checkpoint import load_checkpoint
+    st = load_checkpoint(out / "checkpoint-phase.pt")["memory"]
+    assert set(st) == {"codes", "compressor"} and "gamma" in st["compressor"]["cim"]
+    from cilearn.config import RunConfig, from_dict
+    from cilearn.memory.compress import build
+    mem = Memory(Budget(per_class=2), compressor=build(from_dict(RunConfig, {"memory": {"compressor": "cim"}})))
+    mem.load_state(st, torch.device("cpu"))
+    assert sum(len(v) for v in mem.codes.values()) == len(mem) == runs["icarl", "cim"][0]["memory"]["total_images"]
+    assert mem.nbytes == runs["icarl", "cim"][0]["memory"]["total_bytes"]
+    assert mem.compressor.model.gamma.numel() == 128
+
+
+def test_recipes_default_to_cim(quick, monkeypatch):
+    from cilearn.runner import prepare
+    for name in ("foster-cim", "der-cim"):
+        cfg, _, cls = prepare(quick(method=name))
+        assert cfg.memory.compressor == "cim"
+    cfg, _, _ = prepare(quick(method="foster"))
+    assert cfg.memory.compressor == "none"
+
+
+@pytest.mark.parametrize("over,msg", [
+    ({"method": "lwf", "memory": {"compressor": "cim"}}, "keeps none"),
+    ({"memory": {"compressor": "jpeg"}}, "unknown exemplar compressor 'jpeg'"),
+    ({"memory": {"compressor": "full", "compression": {"eta": 3}}}, "eta must be a square"),
+    ({"memory": {"compressor": "cim", "compression": {"tau": 0}}}, "tau must be in"),
+])
+def test_bad_compression_options_are_config_errors(quick, tmp_path, over, msg):
+    with pytest.raises(ConfigError, match=msg):
+        cilearn.run(quick(**over), echo=False)
+    assert not (tmp_path / "run").exists()                    # nothing written
