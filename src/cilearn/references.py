@@ -58,7 +58,8 @@ def paper_claim(head: str) -> tuple[str, str, float | None]:
 
 
 # image-folder data sets, named by the config file's name
-FOLDERS = {"imagenet-subset": "ImageNet-subset", "food101": "Food-101", "ilsvrc-small": "iILSVRC-small"}
+FOLDERS = {"imagenet-subset": "ImageNet-subset", "food101": "Food-101", "ilsvrc-small": "iILSVRC-small",
+           "imagenet-b": "ImageNet-1000"}
 
 
 def protocol(d: dict[str, Any], name: str = "") -> str:
@@ -69,10 +70,11 @@ def protocol(d: dict[str, Any], name: str = "") -> str:
     if dataset == "imagefolder":
         dataset = next((v for k, v in FOLDERS.items() if k in name), dataset)
     text = f"{dataset} B{sc.get('base', 0)}-Inc{sc.get('increment', 2)}"
+    unit = "exemplars" if mem.get("compressor") in (None, "none") else f"image units ({mem['compressor']})"
     if mem.get("per_class") is not None:
-        text += f", {mem['per_class']} exemplars per class"
+        text += f", {mem['per_class']} {unit} per class"
     elif mem.get("total") is not None:
-        text += f", {mem['total']} exemplars"
+        text += f", {mem['total']} {unit}"
     return text
 
 
