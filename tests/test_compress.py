@@ -131,6 +131,8 @@ def test_budget_in_units_and_bytes_is_never_exceeded(seed):
             assert mem.codes[c].nbytes == mem.class_bytes(c)
             assert len(mem.exemplars[c]) == len(mem.codes[c])
             assert torch.equal(mem.exemplars[c], decode(mem.codes[c]))
+            if c in new or budget.per_class is not None:    # a boxed class may lose one to a later shrink
+                assert len(mem.exemplars[c]) >= min(share, 30)                  # never fewer than whole images
         assert mem.nbytes <= seen * share * unit                               # in total
         if budget.total is not None:
             assert mem.nbytes <= budget.total * unit
@@ -228,10 +230,9 @@ def test_compressors_end_to_end(runs, method, comp):
     assert all(b <= 2 * 64 for b in mem["class_bytes"])                   # the budget, per class, in bytes
     assert all(u <= 2 for u in mem["class_units"])
     assert base["memory"]["class_images"] == [2] * 10
-    # digits' 8 x 8 images leave CAM boxes little room: a box over the whole image costs the image plus
-    # its 8 bytes of coordinates, so a class may keep one exemplar fewer than the uncompressed base
-    # (Fashion-MNIST's benchmark shows the gain; test_real_data checks it on 28 x 28 images)
-    assert min(mem["class_images"]) >= 1 and sum(mem["class_images"]) >= 15
+    # never fewer exemplars than whole images in the same bytes: where boxes would keep no more (digits'
+    # 8 x 8 images leave CAM boxes little room), the class stores whole images
+    assert min(mem["class_images"]) >= 2
     if comp == "full":
         assert mem["class_images"] == [8] * 10          # 2 images of 64 bytes = 8 codes of 16
     assert m["phases"][-1]["memory_images"] == sum(mem["class_images"])

@@ -27,6 +27,8 @@ def test_every_method_runs_end_to_end(method, quick):
     # extra-stage costs kept small: an exemplar optimizer (Mnemonics) solves a bilevel problem per
     # phase (3 pixel steps here); DF-GR trains a generator (20 steps here)
     opt = {"memory__mnemonics": {"iterations": 3}} if METHODS.get(method).memory_optimizer != "none" else {}
+    if METHODS.get(method).memory_compressor != "none":          # CIM's bilevel steps (20 by default)
+        opt["memory__compression"] = {"iterations": 3}
     res = cilearn.run(quick(method=method, train__epochs=EPOCHS.get(method, 6), **OVER.get(method, {}), **opt),
                       echo=False)
     m = res.metrics

@@ -123,6 +123,10 @@ class Memory:
             cand = x[idx[order]]
             codes = encode(cand, self.compressor.boxes(net, normalize, cand, c), s, self.compressor.with_boxes)
             n = fit_prefix(codes.sizes(), per * unit)
+            whole = min(per, len(cand))
+            if n <= whole:      # boxes keep no more than whole images would (near-whole boxes + coordinates):
+                H, W = cand.shape[-2:]        # store whole images, the class's box implied (no coordinates)
+                codes, n = encode(cand[:whole], torch.tensor([[0, 0, H, W]] * whole), s, with_boxes=False), whole
             self.codes[c] = codes.head(n)
             self.exemplars[c] = decode(self.codes[c])
             originals[c] = cand[:n]

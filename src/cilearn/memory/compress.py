@@ -20,8 +20,10 @@ box (``C * (HW - area) / eta`` when ``s`` divides H and W) and, for box compress
 coordinates: ``C * HW * (a + (1 - a) / eta) + 8`` bytes, the paper's cost ``a + (1 - a) / eta`` in
 full-image units plus the coordinates. The budget (image units: ``units * C * H * W`` bytes per
 class) is met in these bytes; the herding order decides which exemplars are kept (the longest
-prefix that fits), also when a class's share shrinks. The decoded images the training reads are a
-working copy; checkpoints hold the codes only.
+prefix that fits), also when a class's share shrinks. Where a new class's boxes would keep no more
+exemplars than whole images (boxes near the whole image cost it plus the coordinates), the class
+stores whole images (``Memory.update``). The decoded images the training reads are a working copy;
+checkpoints hold the codes only.
 """
 from __future__ import annotations
 
