@@ -281,3 +281,34 @@ def test_bad_compression_options_are_config_errors(quick, tmp_path, over, msg):
     with pytest.raises(ConfigError, match=msg):
         cilearn.run(quick(**over), echo=False)
     assert not (tmp_path / "run").exists()                    # nothing written
+
+
+def test_class_vectors_of_each_head_by_hand():
+    from cilearn.memory.compress import class_vectors
+    from cilearn.models.heads import HEADS
+    lin = HEADS.get("linear")(2)
+    lin.add_classes(2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
+    assert torch.equal(class_vectors(lin), lin.weight)                       # linear: its rows
+    cos = HEADS.get("cosine")(2)
+    cos.add_classes(2)
+    with torch.no_grad():
+        cos.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, -2.0]]))
+    assert torch.allclose(class_vectors(cos), torch.tensor([[0.6, 0.8], [0.0, -1.0]]))   # normalised rows
+    lsc = HEADS.get("lsc")(2, proxies=2)
+    lsc.add_classes(1)
+    with torch.no_grad():
+        lsc.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
+    assert torch.allclose(class_vectors(lsc), torch.tensor([[0.3, 0.9]]))   # mean of normalised proxies
+
+
+@pytest.mark.parametrize("method", ["replay", "lucir", "podnet", "wa", "der"])
+def test_every_exemplar_method_takes_a_compressor(method, quick):
+    """Cosine (LUCIR), LSC (PODNet) and expandable (DER) nets give CAM boxes too; 2 phases."""
+    m = cilearn.run(quick(method=method, train__epochs=2, scenario={"base": 0, "increment": 5},
+                          memory={"per_class": 3, "compressor": "cam-threshold"}), echo=False).metrics
+    mem = m["memory"]
+    assert mem["compressor"] == "cam-threshold" and min(mem["class_images"]) >= 3
+    assert all(b <= 3 * 64 for b in mem["class_bytes"])
+    assert all(math.isfinite(a) for row in m["accuracy_matrix"] for a in row)   # 2 epochs: not an accuracy test
