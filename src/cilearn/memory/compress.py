@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..models.net import eval_mode
 from ..registry import Registry
 
 if TYPE_CHECKING:
@@ -368,12 +369,8 @@ class CAMCompressor(Compressor):
             out = net(normalize(xb))
             v = class_vectors(net.head).float()[c].expand(len(xb), -1)
             return boxes_from_cam(cam(out.maps[-1].float(), v, tuple(xb.shape[-2:])), self.cfg.tau)
-        was = net.training
-        net.eval()
-        try:
+        with eval_mode(net):
             return _batched_boxes(one, x)
-        finally:
-            net.train(was)
 
 
 @COMPRESSORS.register("cim")
@@ -394,9 +391,7 @@ class CIMCompressor(Compressor):
 
     def fit(self, net, normalize, x, y, classes, memory_data, gen) -> None:
         cfg = self.cfg
-        was = net.training
-        net.eval()                        # BatchNorm with running statistics, as the Mnemonics step
-        try:
+        with eval_mode(net):              # BatchNorm with running statistics, as the Mnemonics step
             with torch.no_grad():
                 channels = net(normalize(x[:1])).maps[-1].shape[1]
             model = self._ensure(channels, x.device)
@@ -422,16 +417,15 @@ class CIMCompressor(Compressor):
                 loss, terms = cim_outer_loss(net, model, trainable, fixed, normalize(x[new]), y[new], ex_x, ex_y,
                                              normalize(val_x), val_y, self.s, self.inner_lr(), cfg.reg_weight,
                                              cfg.cls_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                params = list(model.parameters())       # phi only: no gradient for the CIL copies' leaves
+                for p, g in zip(params, torch.autograd.grad(loss, params)):
+                    p.grad = g
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 last = {**terms, "loss": float(loss.detach())}
                 first = first or last
             self.stats = {"cim_loss_first": first["loss"], "cim_loss_last": last["loss"],
                           "cim_mask_first": first["mask"], "cim_mask_last": last["mask"]}
-        finally:
-            net.train(was)
 
     def inner_lr(self) -> float:
         return self.cfg.inner_lr if self.cfg.inner_lr is not None else self.default_inner_lr
@@ -440,17 +434,13 @@ class CIMCompressor(Compressor):
 
     @torch.no_grad()
     def boxes(self, net, normalize, x, c):
-        was = net.training
-        net.eval()
-        try:
-            def one(xb):
-                xn = normalize(xb)
-                model = self._ensure(net(xn[:1]).maps[-1].shape[1], xb.device)
-                m, _ = model.cam_and_logits(net, xn, torch.full((len(xb),), c, dtype=torch.long, device=xb.device))
-                return boxes_from_cam(m, self.cfg.tau)
+        def one(xb):
+            xn = normalize(xb)
+            model = self._ensure(net(xn[:1]).maps[-1].shape[1], xb.device)
+            m, _ = model.cam_and_logits(net, xn, torch.full((len(xb),), c, dtype=torch.long, device=xb.device))
+            return boxes_from_cam(m, self.cfg.tau)
+        with eval_mode(net):
             return _batched_boxes(one, x)
-        finally:
-            net.train(was)
 
     def state(self) -> dict:
         return {"cim": {k: v.cpu() for k, v in self.model.state_dict().items()}} if self.model is not None else {}
