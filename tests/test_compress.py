@@ -303,9 +303,10 @@ def test_class_vectors_of_each_head_by_hand():
     assert torch.allclose(class_vectors(lsc), torch.tensor([[0.3, 0.9]]))   # mean of normalised proxies
 
 
-@pytest.mark.parametrize("method", ["replay", "lucir", "podnet", "wa", "der"])
+@pytest.mark.parametrize("method", ["lucir", "podnet", "der"])   # the cosine, LSC and expandable nets
 def test_every_exemplar_method_takes_a_compressor(method, quick):
-    """Cosine (LUCIR), LSC (PODNet) and expandable (DER) nets give CAM boxes too; 2 phases."""
+    """Cosine (LUCIR), LSC (PODNet) and expandable (DER) nets give CAM boxes too (the linear head:
+    the icarl / foster runs above; replay and wa share it); 2 phases."""
     m = cilearn.run(quick(method=method, train__epochs=2, scenario={"base": 0, "increment": 5},
                           memory={"per_class": 3, "compressor": "cam-threshold"}), echo=False).metrics
     mem = m["memory"]
