@@ -313,3 +313,15 @@ def test_every_exemplar_method_takes_a_compressor(method, quick):
     assert mem["compressor"] == "cam-threshold" and min(mem["class_images"]) >= 3
     assert all(b <= 3 * 64 for b in mem["class_bytes"])
     assert all(math.isfinite(a) for row in m["accuracy_matrix"] for a in row)   # 2 epochs: not an accuracy test
+
+
+def test_a_class_shrunk_to_no_exemplar_shrinks_again():
+    # a box over the whole image costs the image + 8 bytes: more than one unit, so share 1 keeps none
+    mem = Memory(Budget(per_class=1), compressor=RandomBoxes(0))
+    x = _images(2, C=1)
+    mem.codes[0] = encode(x, torch.tensor([[0, 0, 8, 8]] * 2), 2)
+    mem.exemplars[0] = decode(mem.codes[0])
+    mem.shrink(1)
+    assert len(mem.exemplars[0]) == 0 and mem.class_bytes(0) == 0
+    mem.shrink(1)                                     # the unit comes from the codes, not from an exemplar
+    assert len(mem.codes[0]) == 0

@@ -92,7 +92,7 @@ class Memory:
         for c in self.exemplars:
             n = per_class
             if self.compressor is not None:
-                n = fit_prefix(self.codes[c].sizes(), per_class * self.exemplars[c][0].numel())
+                n = fit_prefix(self.codes[c].sizes(), per_class * self.codes[c].image_bytes)
                 self.codes[c] = self.codes[c].head(n)
             self.exemplars[c] = self.exemplars[c][:n]
 
@@ -118,8 +118,8 @@ class Memory:
                 continue
             unit = x[0].numel()
             s = self.compressor.s
-            low = x[0, 0].numel() // (s * s) or 1          # a code is at least C * h * w bytes
-            order = self.select(features[idx], max(per * unit // (x.shape[1] * low), per), gen)
+            # a code holds at least the C * ceil(H/s) * ceil(W/s) >= C*H*W / s^2 cells: at most per * s^2 fit
+            order = self.select(features[idx], per * s * s, gen)
             cand = x[idx[order]]
             codes = encode(cand, self.compressor.boxes(net, normalize, cand, c), s, self.compressor.with_boxes)
             n = fit_prefix(codes.sizes(), per * unit)
