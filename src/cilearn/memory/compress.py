@@ -121,15 +121,22 @@ def inside_cells(boxes: torch.Tensor, s: int, h: int, w: int) -> torch.Tensor:
     return (i * s >= y0) & (i * s < y1) & (j * s >= x0) & (j * s < x1)
 
 
-def code_bytes(boxes: torch.Tensor, shape: tuple[int, int, int], s: int, element_size: int = 1,
-               with_boxes: bool = True) -> torch.Tensor:
-    """``[N]`` bytes of each exemplar's code: ``C * (box area + cells outside the box) *
-    element_size`` (+ ``BOX_BYTES`` when boxes are stored)."""
+def code_values(boxes: torch.Tensor, shape: tuple[int, int, int], s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([N], [N])``: the values each exemplar's code stores, box pixels ``C * area`` and
+    downsampled cells outside the box ``C * cells``."""
     C, H, W = shape
     h, w = math.ceil(H / s), math.ceil(W / s)
     area = (boxes[:, 2] - boxes[:, 0]).clamp_min(0) * (boxes[:, 3] - boxes[:, 1]).clamp_min(0)
     outside = h * w - inside_cells(boxes, s, h, w).flatten(1).sum(1)
-    return C * (area + outside) * element_size + (BOX_BYTES if with_boxes else 0)
+    return C * area, C * outside
+
+
+def code_bytes(boxes: torch.Tensor, shape: tuple[int, int, int], s: int, element_size: int = 1,
+               with_boxes: bool = True) -> torch.Tensor:
+    """``[N]`` bytes of each exemplar's code: ``C * (box area + cells outside the box) *
+    element_size`` (+ ``BOX_BYTES`` when boxes are stored)."""
+    sharp, coarse = code_values(boxes, shape, s)
+    return (sharp + coarse) * element_size + (BOX_BYTES if with_boxes else 0)
 
 
 def paper_cost(boxes: torch.Tensor, H: int, W: int, eta: int) -> torch.Tensor:
@@ -158,17 +165,14 @@ class Codes:
     def nbytes(self) -> int:
         return int(self.sizes().sum()) if len(self) else 0
 
-    def _offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
-        C, H, W = self.shape
-        h, w = math.ceil(H / self.s), math.ceil(W / self.s)
-        b = self.boxes
-        sharp = C * (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-        coarse = C * (h * w - inside_cells(b, self.s, h, w).flatten(1).sum(1))
-        return sharp, coarse
+    @property
+    def image_bytes(self) -> int:
+        """Bytes of one whole uint8 image, ``C * H * W``: one full-image unit of the budget."""
+        return math.prod(self.shape)
 
     def head(self, n: int) -> "Codes":
         """The first ``n`` exemplars."""
-        sharp, coarse = self._offsets()
+        sharp, coarse = code_values(self.boxes, self.shape, self.s)
         return Codes(self.boxes[:n], self.sharp[: int(sharp[:n].sum())], self.coarse[: int(coarse[:n].sum())],
                      self.shape, self.s, self.with_boxes)
 
@@ -212,7 +216,7 @@ def decode(codes: Codes) -> torch.Tensor:
     inside = inside_cells(codes.boxes, s, h, w)
     cells = torch.zeros(n, h, w, C, dtype=dtype, device=dev)
     cells[~inside] = codes.coarse.view(-1, C)
-    sharp_sizes, _ = codes._offsets()
+    sharp_sizes, _ = code_values(codes.boxes, codes.shape, s)
     crops = torch.split(codes.sharp, sharp_sizes.tolist())
     low = cells.permute(0, 3, 1, 2).float()                                   # [n, C, h, w]
     for i, ((y0, x0, y1, x1), crop) in enumerate(zip(codes.boxes.tolist(), crops)):
@@ -276,16 +280,19 @@ class CIMModel(nn.Module):
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         return F.relu(_wide(maps) * self.gamma.view(1, -1, 1, 1) + self.beta.view(1, -1, 1, 1))
 
-    def cam_and_logits(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                       params: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def cam_and_logits(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(soft masks ``[B, H, W]`` in [0, 1], CIM logits ``[B, K]``) of normalised ``x`` for the
-        labels ``y``; the CIL net's parameters are constants here (``params``: overrides)."""
+        labels ``y``; the CIL net's parameters are constants here."""
         with torch.no_grad():
-            out = functional_call(net, params, (x,)) if params is not None else net(x)
-        m = self(out.maps[-1])                                                # [B, D, h, w]
+            maps = net(x).maps[-1]                                            # [B, D, h, w]
+        m = self(maps)
         head = {k: v.detach() for k, v in net.head.named_parameters()}       # no gradient into the CIL head
         logits = functional_call(net.head, head, (m.mean((2, 3)),))
-        return cam(m, class_vectors(net.head)[y].detach(), tuple(x.shape[-2:])), logits
+        return self.masks(net.head, m, y, tuple(x.shape[-2:])), logits
+
+    def masks(self, head: nn.Module, activated: torch.Tensor, y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The CAM ``[B, H, W]`` of classes ``y`` on the activated maps ``self(maps)``."""
+        return cam(activated, class_vectors(head)[y].detach(), size)
 
 
 def soft_compress(x: torch.Tensor, c: torch.Tensor, s: int) -> torch.Tensor:
@@ -325,7 +332,7 @@ class Compressor:
     """Turns a class's candidate exemplars (uint8 ``[N, C, H, W]``, selection order) into boxes.
     ``fit`` runs once per phase before the boxes are taken (CIM: the bilevel training)."""
     with_boxes = True
-    name = "?"
+    name: str                     # the registry name (--memory.compressor)
 
     def __init__(self, cfg: "CompressionConfig"):
         self.cfg = cfg
@@ -348,6 +355,7 @@ class Compressor:
 @COMPRESSORS.register("full")
 class FullCompressor(Compressor):
     """The whole image downsampled (no box): cost 1 / eta."""
+    name = "full"
     with_boxes = False
 
     def boxes(self, net, normalize, x, c):
@@ -362,6 +370,7 @@ def _batched_boxes(fn, x: torch.Tensor, bs: int = 256) -> torch.Tensor:
 @COMPRESSORS.register("cam-threshold")
 class CAMCompressor(Compressor):
     """Boxes of the CIL model's CAM of the label class at threshold tau (the paper's baseline)."""
+    name = "cam-threshold"
 
     @torch.no_grad()
     def boxes(self, net, normalize, x, c):
@@ -379,6 +388,7 @@ class CIMCompressor(Compressor):
     bilevel step (``cim_outer_loss``): ``iterations`` Adam steps (lr 0.01, gradient norm clipped
     at 1: the official configuration's ``phi_lr`` / ``max_phi_grad_norm``) on batches of
     ``batch_size`` new images and as many exemplars."""
+    name = "cim"
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -435,10 +445,10 @@ class CIMCompressor(Compressor):
     @torch.no_grad()
     def boxes(self, net, normalize, x, c):
         def one(xb):
-            xn = normalize(xb)
-            model = self._ensure(net(xn[:1]).maps[-1].shape[1], xb.device)
-            m, _ = model.cam_and_logits(net, xn, torch.full((len(xb),), c, dtype=torch.long, device=xb.device))
-            return boxes_from_cam(m, self.cfg.tau)
+            maps = net(normalize(xb)).maps[-1]
+            model = self._ensure(maps.shape[1], xb.device)
+            y = torch.full((len(xb),), c, dtype=torch.long, device=xb.device)
+            return boxes_from_cam(model.masks(net.head, model(maps), y, tuple(xb.shape[-2:])), self.cfg.tau)
         with eval_mode(net):
             return _batched_boxes(one, x)
 
@@ -457,7 +467,6 @@ def build(cfg) -> Compressor | None:
     if name == "none":
         return None
     comp = COMPRESSORS.get(name)(cfg.memory.compression)
-    comp.name = name
     if isinstance(comp, CIMCompressor):
         comp.default_inner_lr = cfg.train.lr
     return comp
