@@ -13,12 +13,22 @@ File format: 8-byte magic, 8-byte payload length, 32-byte SHA-256 of the payload
 (``torch.save`` bytes). Written to a temporary file, fsynced, renamed over the old one and the
 directory fsynced: a crash at any moment leaves either the old or the new file, never a torn one;
 a truncated or corrupted file is detected on load.
+
+Loading never runs code from the file: a checkpoint may come from someone else (a shared run
+directory), and the checksum proves integrity, not origin. The payload is read with
+``torch.load(weights_only=True)``, PyTorch's restricted unpickler, which builds only tensors and
+plain containers (dict, list, tuple, str, numbers, None) and refuses any other global before it is
+called; cilearn's checkpoints hold nothing else. The structure is then checked against what
+cilearn writes (``SCHEMA``: keys and their types), so a file with a missing or wrong-typed key is a
+one-line ``CheckpointError`` naming the file and the key, not a traceback later.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import re
 import signal
 import struct
 from pathlib import Path
@@ -26,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import CilearnError
+from .errors import CilearnError, one_line
 
 MAGIC = b"CILCKPT1"
 PHASE_FILE = "checkpoint-phase.pt"
@@ -80,7 +90,9 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, kind: str | None = None) -> dict[str, Any]:
+    """The state saved in ``path``, unpickled with ``weights_only=True`` (no code runs). ``kind``
+    ("phase" or "epoch"): also check the structure against ``SCHEMA[kind]``."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -95,9 +107,68 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if hashlib.sha256(payload).digest() != data[16:head]:
         raise CheckpointError(f"checkpoint {path} is corrupt: checksum mismatch")
     try:
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001  (any unpickling failure is a corrupt file)
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {str(e).splitlines()[0]}") from None
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (any unpickling failure is a corrupt or foreign file)
+        text = str(e)
+        if (m := re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text)) is not None:
+            raise CheckpointError(f"checkpoint {path} holds a pickle that calls {m.group(1)}, which cilearn never "
+                                  "writes; refused without running it") from None
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {text.splitlines()[0] if text else type(e).__name__}") from None
+    if kind is not None:
+        check_structure(state, SCHEMA[kind], path, kind)
+    return state
+
+
+_Number = (int, float)
+_NoneType = type(None)
+# What cilearn writes: key -> accepted type(s), or a nested schema for a dict; ``kind`` must match.
+_RNG = {"gen": torch.Tensor, "torch": torch.Tensor}
+SCHEMA: dict[str, dict[str, Any]] = {
+    "phase": {"kind": str, "rng": _RNG, "next_phase": int, "num_classes": int, "net": dict,
+              "memory": (dict, _NoneType), "method": dict, "evals": list, "rows": list, "wall_seconds": _Number},
+    "epoch": {"kind": str, "phase": int, "net": dict, "rng": _RNG, "method": dict,
+              "fit": {"desc": str, "epoch": int, "step": int, "perm": (torch.Tensor, _NoneType),
+                      "total": torch.Tensor, "sums": dict, "opt": dict, "images": int, "seconds": _Number}},
+}
+
+
+def check_structure(state: Any, schema: dict[str, Any], path: Path, kind: str, where: str = "") -> None:
+    """``CheckpointError`` (one line: file and key) unless ``state`` has every key of ``schema`` with
+    a value of the listed type; the network's state must map names to tensors."""
+    def fail(what: str) -> None:
+        raise CheckpointError(f"checkpoint {path} is not a cilearn {kind} checkpoint: {what}; "
+                              "it was not written by this version of cilearn or was edited")
+    if not isinstance(state, dict):
+        fail(f"{where or 'the payload'} is a {type(state).__name__}, expected a dict")
+    for key, tp in schema.items():
+        name = f"{where}{key}"
+        if key not in state:
+            fail(f"key '{name}' is missing")
+        value = state[key]
+        if isinstance(tp, dict):
+            check_structure(value, tp, path, kind, name + ".")
+        elif not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            fail(f"key '{name}' is a {type(value).__name__}")
+    if not where:
+        if state["kind"] != kind:
+            fail(f"its kind is '{state['kind']}'")
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["net"].items()):
+            fail("key 'net' does not map parameter names to tensors")
+
+
+@contextlib.contextmanager
+def restoring(path: Path):
+    """Around the code that puts a loaded checkpoint's state back into the model, memory, method or
+    optimizer: a state that passed ``check_structure`` but does not fit what this run builds (a
+    shape, a missing entry deeper down, an edited ``config.yaml``) is a one-line ``CheckpointError``
+    naming the file, not a traceback."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this run ({type(e).__name__}: {one_line(e)[:300]}); "
+                              "it was not written by this run's configuration or was edited") from None
 
 
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
@@ -164,6 +235,10 @@ class Checkpointer:
             st, self.resume_fit = self.resume_fit, None
             return st
         return None
+
+    def restoring(self):
+        """``restoring`` for the epoch checkpoint whose stage ``fit`` continues."""
+        return restoring(self.out / EPOCH_FILE if self.out is not None else Path(EPOCH_FILE))
 
     def skip_stage(self, desc: str) -> bool:
         """While resuming a later stage of this phase, earlier stages are already done."""

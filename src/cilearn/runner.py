@@ -25,7 +25,7 @@ from .data.augment import Augmenter
 from .data.base import DataOptions
 from .data.rows import HostRows, choose_resident
 from .data.scenario import Scenario, class_order
-from .checkpoint import EPOCH_FILE, PHASE_FILE, Checkpointer, load_checkpoint, set_rng_state
+from .checkpoint import EPOCH_FILE, PHASE_FILE, Checkpointer, load_checkpoint, restoring, set_rng_state
 from .errors import CilearnError, ConfigError
 from .evaluate import PhaseEval, average_incremental_accuracy, confusion_matrix, evaluate_phase, forgetting, predict
 from .losses import CLS_LOSSES
@@ -258,7 +258,8 @@ def resume(run_dir: str | Path, echo: bool = True, device: str | None = None,
     dev = resolve_device(cfg.train.device)
     amp = resolve_precision(cfg.train.precision, dev)
     phase_state, epoch_state = distributed.on_main(lambda: tuple(
-        load_checkpoint(out / f) if (out / f).exists() else None for f in (PHASE_FILE, EPOCH_FILE)))
+        load_checkpoint(out / f, kind) if (out / f).exists() else None
+        for f, kind in ((PHASE_FILE, "phase"), (EPOCH_FILE, "epoch"))))
     next_phase = phase_state["next_phase"] if phase_state else 0
     if epoch_state is not None and epoch_state["phase"] != next_phase:
         epoch_state = None   # stale: its phase was finished and checkpointed after it
@@ -342,15 +343,16 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     phase_rows: list[dict] = []
     first, wall_before = 0, 0.0
     if phase_state is not None:
-        net.add_classes(phase_state["num_classes"])
-        net.load_state_dict(phase_state["net"])
-        if memory is not None:
-            memory.load_state(phase_state["memory"], device)
-        method.load_state_dict(phase_state["method"])
-        evals = [PhaseEval(**e) for e in phase_state["evals"]]
-        phase_rows = phase_state["rows"]
-        set_rng_state(gen, phase_state["rng"])
-        first, wall_before = phase_state["next_phase"], phase_state["wall_seconds"]
+        with restoring(out / PHASE_FILE):
+            net.add_classes(phase_state["num_classes"])
+            net.load_state_dict(phase_state["net"])
+            if memory is not None:
+                memory.load_state(phase_state["memory"], device)
+            method.load_state_dict(phase_state["method"])
+            evals = [PhaseEval(**e) for e in phase_state["evals"]]
+            phase_rows = phase_state["rows"]
+            set_rng_state(gen, phase_state["rng"])
+            first, wall_before = phase_state["next_phase"], phase_state["wall_seconds"]
 
     if resuming:
         where = f"phase {first}" + (f", epoch {epoch_state['fit']['epoch'] + 1}" if epoch_state else "")
@@ -381,9 +383,10 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
         x, y = method.training_set(phase, data)
         method.before_phase(phase, x, y)
         if epoch_state is not None:   # continue inside this phase: model, RNG, optimizer position
-            net.load_state_dict(epoch_state["net"])
-            method.load_state_dict(epoch_state["method"])
-            set_rng_state(gen, epoch_state["rng"])
+            with restoring(out / EPOCH_FILE):
+                net.load_state_dict(epoch_state["net"])
+                method.load_state_dict(epoch_state["method"])
+                set_rng_state(gen, epoch_state["rng"])
             ckpt.resume_fit = epoch_state["fit"]
             epoch_state = None
         fr = method.train_phase(phase, x, y)

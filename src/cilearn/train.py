@@ -151,12 +151,13 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
     sums: dict[str, torch.Tensor] = {}
     resume = ckpt.take_resume(desc) if ckpt is not None else None
     if resume is not None:
-        opt.load_state_dict(resume["opt"])
-        epoch0, step0, done_images, done_seconds = resume["epoch"], resume["step"], resume["images"], resume["seconds"]
-        perm = resume["perm"].to(x.device) if resume["perm"] is not None else None
-        perm_host = perm.cpu() if host and perm is not None else None
-        total = resume["total"].to(x.device)
-        sums = {k: v.to(x.device) for k, v in resume["sums"].items()}
+        with ckpt.restoring():
+            opt.load_state_dict(resume["opt"])
+            epoch0, step0, done_images, done_seconds = resume["epoch"], resume["step"], resume["images"], resume["seconds"]
+            perm = resume["perm"].to(x.device) if resume["perm"] is not None else None
+            perm_host = perm.cpu() if host and perm is not None else None
+            total = resume["total"].to(x.device)
+            sums = {k: v.to(x.device) for k, v in resume["sums"].items()}
         if distributed.rank() > 0:              # the saved sums are the global ones: counted once
             total, sums = torch.zeros_like(total), {k: torch.zeros_like(v) for k, v in sums.items()}
 

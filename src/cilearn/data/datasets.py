@@ -26,14 +26,16 @@ the file or folder and what was expected.
     ``test_batch``, ``batches.meta``) and ``data_dir/cifar-100-python/`` (``train``, ``test``,
     ``meta``); ``data_dir`` may also be that inner directory itself. ``--data-dir`` is required.
     Default augmentation ``"crop-flip"`` with ``pad=4``; the usual published mean/std.
-    These files are Python pickles: only load files from a source you trust.
+    These files are Python pickles; they are read with a restricted unpickler
+    (:mod:`cilearn.data.safe_pickle`) that builds dicts, lists, bytes, ints and plain numeric numpy
+    arrays and refuses any other global before it runs: a file that tries to run code is a
+    ``DataError`` naming the file and the refused global.
 """
 from __future__ import annotations
 
 import gzip
 import math
 import os
-import pickle
 import struct
 import zlib
 
@@ -42,6 +44,7 @@ import torch
 
 from ..errors import ConfigError, DataError, one_line
 from . import imagefolder  # noqa: F401  (registers the "imagefolder" loader)
+from . import safe_pickle
 from .base import DATASETS, DataOptions, ImageDataset
 
 __all__ = [
@@ -297,9 +300,13 @@ def _cifar_dir(spec: _CifarSpec, opts: DataOptions) -> str:
 
 
 def _load_pickle(path: str, who: str):
+    """The file's object, unpickled with ``safe_pickle`` (no code runs: other globals are refused)."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return safe_pickle.load(f)
+    except safe_pickle.RefusedGlobal as e:
+        raise DataError(f"{who}: file {path} is not a CIFAR release file: its pickle calls {e}, which the "
+                        "release files never do; refused without running it") from None
     except FileNotFoundError:
         raise DataError(f"{who}: file {path} not found") from None
     except EOFError:

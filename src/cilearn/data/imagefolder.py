@@ -111,34 +111,44 @@ def _images_under(folder: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------- decoding
 
+def _fit_square(img, size: int, Image) -> np.ndarray:
+    """An open Pillow image as uint8 ``[size, size, 3]``: RGB, short side resized (bilinear) to
+    ``size``, center crop."""
+    if img.format == "JPEG":
+        img.draft("RGB", (size, size))
+    if img.mode == "P":
+        img = img.convert("RGBA")   # palette (+ transparency) -> colours, then drop alpha
+    img = img.convert("RGB")
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ValueError(f"empty image {w}x{h}")
+    if w <= h:
+        nw, nh = size, max(size, int(round(h * size / w)))
+    else:
+        nw, nh = max(size, int(round(w * size / h))), size
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), getattr(Image, "Resampling", Image).BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    if (nw, nh) != (size, size):
+        img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)
+
+
 def decode_image(path: str, size: int) -> np.ndarray:
     """Decode one image to uint8 ``[3, size, size]``: RGB, short side resized to ``size``,
     center crop. Raises DataError naming the file when Pillow cannot read it."""
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            if img.format == "JPEG":
-                img.draft("RGB", (size, size))
-            if img.mode == "P":
-                img = img.convert("RGBA")   # palette (+ transparency) -> colours, then drop alpha
-            img = img.convert("RGB")
-            w, h = img.size
-            if w < 1 or h < 1:
-                raise ValueError(f"empty image {w}x{h}")
-            if w <= h:
-                nw, nh = size, max(size, int(round(h * size / w)))
-            else:
-                nw, nh = max(size, int(round(w * size / h))), size
-            if (nw, nh) != (w, h):
-                img = img.resize((nw, nh), getattr(Image, "Resampling", Image).BILINEAR)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            if (nw, nh) != (size, size):
-                img = img.crop((left, top, left + size, top + size))
-            arr = np.asarray(img, dtype=np.uint8)
-    except DataError:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            # Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) is an error, not a warning
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                arr = _fit_square(img, size, Image)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
         raise DataError(f"{WHO}: cannot decode image {path}: {one_line(e)}") from None
     if arr.shape != (size, size, 3):
         raise DataError(f"{WHO}: image {path} decoded to shape {arr.shape}, expected "
@@ -525,9 +535,8 @@ def load_imagefolder(opts: DataOptions) -> ImageDataset:
     base = os.path.join(cdir, _cache_name(layout, size, data_dir, extra)) if cdir else None
     got = _read_cache(base, key, len(paths), size) if base else None
     cache_hit = got is not None
-    if got is not None:
-        rows, index = got
-        labels = {k: index[k] for k in labels}
+    if got is not None:   # labels stay the listing's: never taken from the index (its key covers them)
+        rows = got[0]
     else:
         index = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "layout": layout, "image_size": size,
                  "order": "NCHW", "train": len(train), "test": len(test), "classes": list(classes),
