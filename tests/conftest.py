@@ -1,20 +1,34 @@
+import os
+
 import pytest
 
-from cilearn.config import RunConfig, from_dict
+# Every run of the suite, in this process and in the subprocesses it starts (CLI, torchrun), is fp32
+# where it says --precision auto: accuracy thresholds must hold on every CPU, and auto picks bf16 on
+# CPUs with AVX512-BF16/AMX (numbers differ) and fp32 elsewhere. The bf16 path has its own tests
+# (tests/test_precision.py), which ask for bf16 explicitly or unset this.
+os.environ["CILEARN_PRECISION"] = "fp32"
+
+from cilearn.config import RunConfig, from_dict, resolve
+from cilearn.methods import METHODS
 
 
 def quick_config(tmp_path, **over) -> RunConfig:
-    """A small digits run: the embedded data set, few epochs, no progress bars."""
+    """A small digits run: the embedded data set, few epochs, no progress bars. The lr anneals to 0
+    (cosine) whatever the recipe's schedule, so that 6 epochs end on a converged model: the tests
+    check what components do, not the recipes' training defaults (tests/test_schedules.py does)."""
     d = {"method": "icarl", "out": str(tmp_path / "run"),
          "data": {"dataset": "digits"}, "scenario": {"base": 0, "increment": 2},
-         "train": {"epochs": 6, "progress": False}}
+         "train": {"epochs": 6, "progress": False, "schedule": "cosine"}}
     for k, v in over.items():
         sect, _, key = k.partition("__")
         if key:
             d.setdefault(sect, {})[key] = v
         else:
             d[sect] = v
-    return from_dict(RunConfig, d)
+    cfg = from_dict(RunConfig, d)
+    if cfg.data.dataset == "digits":   # resolved as cilearn.run resolves it (10 classes, 8x8): tests build
+        cfg = resolve(cfg, 10, 8, METHODS.get(cfg.method).training)   # a Context from it directly too
+    return cfg
 
 
 @pytest.fixture

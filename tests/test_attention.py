@@ -293,7 +293,7 @@ def test_b_is_the_teachers_top_old_class_even_when_the_student_prefers_a_new_one
     net, teacher = student_teacher()
     with torch.no_grad():
         net.head.bias[NUM_OLD:] += 100.0
-        net.head.bias[NUM_OLD + 1] += 1.0          # the student's top class: new class 5
+        net.head.bias[NUM_OLD + 1] += 10.0         # the student's top class: new class 5
         teacher.head.bias.copy_(torch.tensor([0.0, 0.5, 0.0, 0.2]))
     net.train()
     x = torch.randn(6, 1, 8, 8)

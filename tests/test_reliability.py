@@ -25,9 +25,11 @@ def cli(capsys, *args):
     return code, err
 
 
-def reference_matrix(tmp_path, capsys):
-    out = tmp_path / "ref"
-    assert cli(capsys, "run", *ARGS, "--out", str(out))[0] == 0
+@pytest.fixture(scope="module")
+def reference_matrix(tmp_path_factory):
+    """The uninterrupted run's accuracy matrix (one run for the module's resume tests)."""
+    out = tmp_path_factory.mktemp("ref") / "ref"
+    assert main(["run", *ARGS, "--out", str(out)]) == 0
     return json.loads((out / "metrics.json").read_text())["accuracy_matrix"]
 
 
@@ -52,8 +54,8 @@ def wait_inside_phase(out: Path, phase: int, proc: subprocess.Popen, timeout: fl
     raise AssertionError("the run never reached the phase")
 
 
-def test_sigkill_mid_phase_then_resume_gives_the_same_matrix(tmp_path, capsys):
-    ref = reference_matrix(tmp_path, capsys)
+def test_sigkill_mid_phase_then_resume_gives_the_same_matrix(tmp_path, capsys, reference_matrix):
+    ref = reference_matrix
     out = tmp_path / "killed"
     proc = start(out)
     wait_inside_phase(out, 1, proc)   # phase 2 of 4
@@ -69,8 +71,8 @@ def test_sigkill_mid_phase_then_resume_gives_the_same_matrix(tmp_path, capsys):
     assert "resumed" in (out / "log.txt").read_text()
 
 
-def test_sigint_writes_checkpoint_says_how_to_resume_and_resumes_exactly(tmp_path, capsys):
-    ref = reference_matrix(tmp_path, capsys)
+def test_sigint_writes_checkpoint_says_how_to_resume_and_resumes_exactly(tmp_path, capsys, reference_matrix):
+    ref = reference_matrix
     out = tmp_path / "int"
     proc = start(out)
     wait_inside_phase(out, 2, proc)

@@ -4,6 +4,7 @@ Errors the user can fix are printed as one line and exit with code 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -141,6 +142,10 @@ def seeds_of(args: argparse.Namespace, cfg) -> list[int] | None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
+    if args.training:
+        from .methods.schedules import training_table
+        print(training_table(markdown=args.markdown))
+        return
     if args.configs is not None:
         from .references import load_references, references_markdown, references_text
         refs = load_references(args.configs or None)
@@ -242,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     pl = sub.add_parser("list", allow_abbrev=False, help="list methods, data sets and backbones, or the reference configs")
     pl.add_argument("--configs", nargs="?", const="", metavar="DIR",
                     help="the shipped reference configs (configs/, or DIR) with the paper's number and protocol")
-    pl.add_argument("--markdown", action="store_true", help="with --configs: a markdown table")
+    pl.add_argument("--training", action="store_true",
+                    help="every recipe's training defaults (epochs, lr, schedule, weight decay, batch) and their source")
+    pl.add_argument("--markdown", action="store_true", help="with --configs or --training: a markdown table")
     for p in (pr, pc, pp, pl):
         p.error = parser.error  # type: ignore[method-assign]
     try:
@@ -297,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         if _reports():
             print(f"cilearn: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:              # `cilearn list ... | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         if _reports():
             print("cilearn: interrupted", file=sys.stderr)
@@ -314,7 +324,10 @@ def _reports() -> bool:
 
 
 def entry() -> None:
-    sys.exit(main())
+    """The console script (and ``python -m cilearn``): ``main``'s exit code, ending the process
+    through ``distributed.exit_process`` (under torchrun: without finalizing the interpreter)."""
+    from . import distributed
+    distributed.exit_process(main())
 
 
 if __name__ == "__main__":

@@ -48,16 +48,20 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int | None = None            # None: the data set's default (DATASET_DEFAULTS)
-    base_epochs: int | None = None       # first phase; None: same as epochs
-    lr: float = 0.1
-    base_lr: float | None = None         # None: same as lr
-    batch_size: int = 128
+    # None: the recipe's default for the data set (its ``Schedule``, cilearn.methods.schedules),
+    # filled in by ``resolve``: config.yaml holds the values that ran.
+    epochs: int | None = None            # phases > 0 (quick data sets: QUICK_EPOCHS, every phase)
+    base_epochs: int | None = None       # first phase; None: --epochs when given, else the recipe's
+    lr: float | None = None
+    base_lr: float | None = None         # None: --lr when given, else the recipe's
+    batch_size: int | None = None
     momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"             # cosine (per step, to 0) | step (x gamma at milestones)
-    milestones: list[int] = field(default_factory=list)  # epochs, for schedule=step
-    base_milestones: list[int] | None = None  # first phase; None: same as milestones
+    weight_decay: float | None = None
+    base_weight_decay: float | None = None  # first phase; None: --train.weight-decay when given, else the recipe's
+    schedule: str | None = None          # cosine (per step, to 0) | step (x gamma at milestones)
+    milestones: list[int] | None = None  # epochs, for schedule=step (see ``resolve`` for --epochs overrides)
+    base_milestones: list[int] | None = None  # first phase
+    warmup_epochs: int | None = None     # linear warm-up of the lr over the first epochs of every stage (DER)
     gamma: float = 0.1
     precision: str = "auto"              # auto | bf16 | fp32
     channels_last: bool = True
@@ -186,16 +190,47 @@ class RunConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
-# Defaults that depend on the data set, applied by ``resolve`` when the user left them unset.
-# epochs: digits and Fashion-MNIST are for quick runs; CIFAR follows PyCIL's iCaRL schedule
-# (200 base / 170 incremental epochs); image folders follow the ImageNet-subset protocol (90).
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"epochs": 30},
-    "fashion-mnist": {"epochs": 10},
-    "cifar10": {"epochs": 170, "base_epochs": 200},
-    "cifar100": {"epochs": 170, "base_epochs": 200},
-    "imagefolder": {"epochs": 90},
-}
+# The small data sets for quick runs train every phase for this many epochs (no reference code
+# exists for them); the recipe's milestones then follow ``effective_milestones``.
+QUICK_EPOCHS: dict[str, int] = {"digits": 30, "fashion-mnist": 10}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A recipe's training defaults on one family of data sets, as its paper or reference code
+    sets them (``source`` says which file). Recipes (cilearn.methods) hold one for small images
+    (CIFAR, and with QUICK_EPOCHS Fashion-MNIST and digits) and one for image folders (ImageNet)."""
+    source: str
+    epochs: int                          # phases > 0
+    base_epochs: int                     # the first phase
+    milestones: tuple[int, ...] = ()     # step schedule, epochs (phases > 0)
+    base_milestones: tuple[int, ...] = ()
+    schedule: str = "step"               # step | cosine
+    lr: float = 0.1
+    base_lr: float = 0.1
+    weight_decay: float = 5e-4           # phases > 0
+    base_weight_decay: float = 5e-4
+    batch_size: int = 128
+    warmup_epochs: int = 0
+    compression_epochs: int | None = None  # FOSTER's compression stage; None: the phase's epochs
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    small: Schedule                      # CIFAR-10/100, Fashion-MNIST, digits
+    imagenet: Schedule | None = None     # image folders; None: the same as ``small``
+
+    def for_dataset(self, dataset: str) -> Schedule:
+        return self.imagenet if dataset == "imagefolder" and self.imagenet is not None else self.small
+
+
+def effective_milestones(milestones, epochs: int, reference_epochs: int) -> list[int]:
+    """The recipe's milestones for a stage of ``epochs`` epochs when the reference schedule has
+    ``reference_epochs``: kept as absolute epochs, as PyCIL does when its epochs are changed, and
+    only those that fire (``m < epochs``; on Fashion-MNIST at 10 epochs none does: the lr stays
+    constant). Chosen by measurement over scaling them by epochs / reference_epochs
+    (benchmarks/RESULTS.md, "Baselines against the reference")."""
+    return [int(m) for m in milestones if m < epochs]
 
 
 # ---------------------------------------------------------------- dict <-> dataclass
@@ -321,6 +356,7 @@ def validate(cfg: RunConfig) -> None:
     positive("checkpoint-every", t.checkpoint_every, zero=True)
     positive("train.momentum", t.momentum, zero=True)
     positive("train.weight-decay", t.weight_decay, zero=True)
+    positive("train.base-weight-decay", t.base_weight_decay, zero=True)
     positive("loss.temperature", cfg.loss.temperature)
     positive("loss.kd-weight", cfg.loss.kd_weight, zero=True)
     positive("loss.attention-weight", cfg.loss.attention_weight, zero=True)
@@ -387,13 +423,14 @@ def validate(cfg: RunConfig) -> None:
     positive("seed", cfg.seed, zero=True)
     if m.total is not None and m.per_class is not None:
         raise ConfigError("--memory and --memory-per-class are exclusive: give a fixed total or a per-class budget")
-    if t.schedule not in ("cosine", "step"):
+    if t.schedule not in (None, "cosine", "step"):
         raise ConfigError(f"--train.schedule must be cosine or step, got '{t.schedule}'")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"--precision must be auto, bf16 or fp32, got '{t.precision}'")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got '{t.device}'")
-    for name, ms in (("milestones", t.milestones), ("base-milestones", t.base_milestones or [])):
+    positive("train.warmup-epochs", t.warmup_epochs, zero=True)
+    for name, ms in (("milestones", t.milestones or []), ("base-milestones", t.base_milestones or [])):
         if any(e < 0 for e in ms):
             raise ConfigError(f"--train.{name} must be non-negative epochs, got {ms}")
 
@@ -407,21 +444,44 @@ def pod_weights(cfg: RunConfig) -> tuple[float, float]:
             f if lc.pod_flat_weight is None else lc.pod_flat_weight)
 
 
-def resolve(cfg: RunConfig, num_classes: int, image_size: int) -> RunConfig:
-    """Fill data-set dependent defaults and check the scenario against the data set."""
+def resolve(cfg: RunConfig, num_classes: int, image_size: int, training: TrainingDefaults) -> RunConfig:
+    """Fill data-set and recipe dependent defaults (``training``: the recipe's) and check the
+    scenario against the data set. Training options left unset take the recipe's ``Schedule`` for
+    the data set; a first-phase option left unset takes the user's value for the later phases when
+    one was given (``--epochs 5`` trains every phase 5 epochs), else the schedule's."""
     from .models.backbones import auto_backbone
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), scenario=dataclasses.replace(cfg.scenario),
                               model=dataclasses.replace(cfg.model), loss=dataclasses.replace(cfg.loss))
-    defaults = DATASET_DEFAULTS.get(cfg.data.dataset, {"epochs": 30})
-    if cfg.train.epochs is None:
-        cfg.train.epochs = defaults["epochs"]
-    if cfg.train.base_epochs is None:
-        cfg.train.base_epochs = defaults.get("base_epochs", cfg.train.epochs)
-    if cfg.train.base_lr is None:
-        cfg.train.base_lr = cfg.train.lr
-    if cfg.train.base_milestones is None:
-        cfg.train.base_milestones = list(cfg.train.milestones)
+    t, ref = cfg.train, training.for_dataset(cfg.data.dataset)
+    quick = QUICK_EPOCHS.get(cfg.data.dataset)
+    given = {k: getattr(t, k) is not None for k in ("epochs", "lr", "weight_decay", "milestones")}
+    if t.epochs is None:
+        t.epochs = quick if quick is not None else ref.epochs
+    if t.base_epochs is None:
+        t.base_epochs = t.epochs if given["epochs"] or quick is not None else ref.base_epochs
+    if t.lr is None:
+        t.lr = ref.lr
+    if t.base_lr is None:
+        t.base_lr = t.lr if given["lr"] else ref.base_lr
+    if t.weight_decay is None:
+        t.weight_decay = ref.weight_decay
+    if t.base_weight_decay is None:
+        t.base_weight_decay = t.weight_decay if given["weight_decay"] else ref.base_weight_decay
+    if t.batch_size is None:
+        t.batch_size = ref.batch_size
+    if t.schedule is None:
+        t.schedule = ref.schedule
+    if t.milestones is None:
+        t.milestones = effective_milestones(ref.milestones, t.epochs, ref.epochs) if t.schedule == ref.schedule else []
+    if t.base_milestones is None:
+        t.base_milestones = (list(t.milestones) if given["milestones"] else
+                             effective_milestones(ref.base_milestones, t.base_epochs, ref.base_epochs)
+                             if t.schedule == ref.schedule else [])
+    if t.warmup_epochs is None:
+        t.warmup_epochs = ref.warmup_epochs
+    if t.compression_epochs is None and ref.compression_epochs is not None and quick is None and not given["epochs"]:
+        t.compression_epochs = ref.compression_epochs
     if cfg.loss.less_forget_weight is None:   # LUCIR Sec. 4: 5 on CIFAR, 10 on ImageNet
         cfg.loss.less_forget_weight = 10.0 if cfg.data.dataset == "imagefolder" else 5.0
     cfg.loss.pod_spatial_weight, cfg.loss.pod_flat_weight = pod_weights(cfg)

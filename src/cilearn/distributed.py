@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Callable, Iterable, TypeVar
+import sys
+from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
 import torch
 
@@ -92,9 +93,33 @@ def backend() -> str | None:
 
 
 def shutdown() -> None:
+    """Leave the process group in order: a barrier (no rank tears down while another still
+    communicates), then ``destroy_process_group``. A no-op without one."""
     if initialized():
         import torch.distributed as dist
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with exit code ``code``, after ``shutdown``.
+
+    Under torchrun the interpreter is not finalized (``os._exit`` after flushing stdout/stderr):
+    DistributedDataParallel keeps references to the gloo process group that ``destroy_process_group``
+    cannot drop, so the group's worker threads (``pt_gloo_runloop``) outlive it; a worker that
+    releases the tensors of a finished collective needs the GIL, and if that happens while the
+    interpreter finalizes, it is killed inside a C++ destructor and the process aborts with SIGABRT
+    ("terminate called without an active exception"; pytorch/pytorch#190489). Seen at exit of a
+    torchrun rank about one run in three on 2 busy cores (benchmarks/RESULTS.md, "torchrun exit").
+    Every output is written, fsynced and closed before this point. Without torchrun: ``sys.exit``."""
+    if launched():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 # ---------------------------------------------------------------- config

@@ -70,19 +70,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: there bf16 autocast is much faster than fp32. On other CPUs (e.g. AVX2
-    only) PyTorch falls back to slow bf16 kernels (measured ~10x slower, benchmarks/RESULTS.md)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """AMX or AVX512-BF16 among the CPU flags (``cpuinfo``: the text of /proc/cpuinfo, read when
+    None): there bf16 autocast is faster than fp32. On other CPUs (e.g. AVX2 only) PyTorch falls
+    back to slow bf16 kernels (measured ~10x slower, benchmarks/RESULTS.md)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+# Pins what ``--precision auto`` means (fp32 or bf16) for every run of this process and its children,
+# e.g. a test suite whose accuracy thresholds must not depend on the CPU (tests/conftest.py).
+PRECISION_ENV = "CILEARN_PRECISION"
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """None means fp32. ``auto``: bf16 on CUDA devices that support it and on CPUs with AMX or
-    AVX512-BF16, else fp32."""
+    """None means fp32. ``auto``: ``$CILEARN_PRECISION`` when set, else bf16 on CUDA devices that
+    support it and on CPUs with AMX or AVX512-BF16, else fp32."""
+    if name == "auto" and (pinned := os.environ.get(PRECISION_ENV, "").strip()):
+        if pinned not in ("fp32", "bf16"):
+            raise ConfigError(f"environment variable {PRECISION_ENV} must be fp32 or bf16, got {pinned!r}")
+        name = pinned
     if name == "fp32":
         return None
     if name == "bf16":
@@ -190,7 +202,7 @@ def prepare(cfg: RunConfig):
         raise ConfigError(f"--memory.compressor {cfg.memory.compressor} compresses exemplars and --method "
                           f"{cfg.method} keeps none here: give --memory N or --memory-per-class N")
     ds = load_data(cfg)
-    cfg = resolve(cfg, ds.num_classes, ds.image_shape[-1])
+    cfg = resolve(cfg, ds.num_classes, ds.image_shape[-1], method_cls.training)
     BACKBONES.get(cfg.model.backbone)
     Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std)  # validates the policy name
     if uses_memory(method_cls, cfg):
@@ -362,6 +374,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
             f"{ds.num_classes} classes, {'x'.join(map(str, ds.image_shape))}), backbone {cfg.model.backbone}, "
             f"{device} {meta['precision']}, seed {cfg.seed}")
         log(scenario.describe())
+        log(describe_training(cfg, method_cls))
         if resident == "host":
             log(f"images stay on the host ({(ds.train_x.nbytes + ds.test_x.nbytes) / 2**30:.1f} GiB"
                 + (", memory-mapped cache" if ds.info.get("cache") else "") + f"), batches moved to {device}")
@@ -434,6 +447,28 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
         + f", last {metrics['last_acc']:.2f}, forgetting {metrics['forgetting']:.2f}, "
         f"wall {metrics['wall_seconds']:.1f} s -> {out}")
     return Results(metrics, out, cfg)
+
+
+def describe_training(cfg: RunConfig, method_cls) -> str:
+    """The phase banner's training lines: what each phase trains with (the effective milestones
+    included) and where the recipe's defaults come from."""
+    t = cfg.train
+    ref = method_cls.training.for_dataset(cfg.data.dataset)
+
+    def stage(epochs: int, lr: float, milestones: list[int], wd: float) -> str:
+        if t.schedule == "cosine":
+            sched = "cosine to 0"
+        elif milestones:
+            sched = f"x{t.gamma:g} at epochs {', '.join(map(str, milestones))}"
+        else:
+            sched = "constant"
+        return f"{epochs} epochs, lr {lr:g} {sched}, weight decay {wd:g}"
+    warm = f", {t.warmup_epochs} warm-up epochs" if t.warmup_epochs else ""
+    return (f"training: batch {t.batch_size}, SGD momentum {t.momentum:g}{warm}; "
+            f"phase 0: {stage(t.base_epochs, t.base_lr, t.base_milestones, t.base_weight_decay)}; "
+            f"later phases: {stage(t.epochs, t.lr, t.milestones, t.weight_decay)}\n"
+            f"  (defaults of {cfg.method}: {ref.source}; options given override them, milestones past a "
+            f"phase's epochs do not fire)")
 
 
 def sync_ranks(net: torch.nn.Module, memory: Memory | None, gen: torch.Generator,

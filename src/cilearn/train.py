@@ -57,6 +57,7 @@ class FitSettings:
     schedule: str = "cosine"
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
+    warmup_epochs: int = 0                      # linear warm-up of the lr over the first epochs (DER)
     autocast_dtype: torch.dtype | None = None   # torch.bfloat16 or None (fp32)
     progress: bool = True
     drop_last: bool = False
@@ -80,11 +81,17 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], s: FitSettings) -> torc
 
 
 def lr_at(s: FitSettings, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """Cosine: per step from lr to 0 over all epochs. Step: lr * gamma^(milestones passed)."""
+    """Cosine: per step from lr to 0 over all epochs. Step: lr * gamma^(milestones passed). With
+    ``warmup_epochs`` W, the first W epochs' steps are scaled linearly from 1/(W * steps) to 1 (DER's
+    official code warms up per epoch; per step is cilearn's)."""
     if s.schedule == "cosine":
         t = (epoch * steps_per_epoch + step) / max(1, s.epochs * steps_per_epoch)
-        return 0.5 * s.lr * (1 + math.cos(math.pi * t))
-    return s.lr * s.gamma ** sum(epoch >= m for m in s.milestones)
+        lr = 0.5 * s.lr * (1 + math.cos(math.pi * t))
+    else:
+        lr = s.lr * s.gamma ** sum(epoch >= m for m in s.milestones)
+    if epoch < s.warmup_epochs:
+        lr *= (epoch * steps_per_epoch + step + 1) / (s.warmup_epochs * steps_per_epoch)
+    return lr
 
 
 def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, s: FitSettings,

@@ -33,7 +33,7 @@ from .calibration import balanced_finetune, clip_nonnegative, weight_align
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpointer
-    from ..config import RunConfig
+    from ..config import RunConfig, TrainingDefaults
     from ..memory import Memory
     from ..models.net import IncrementalNet
 
@@ -70,9 +70,10 @@ class Context:
         t = self.cfg.train
         first = phase.index == 0
         s = FitSettings(epochs=t.base_epochs if first else t.epochs, lr=t.base_lr if first else t.lr,
-                        batch_size=t.batch_size, momentum=t.momentum, weight_decay=t.weight_decay,
+                        batch_size=t.batch_size, momentum=t.momentum,
+                        weight_decay=t.base_weight_decay if first else t.weight_decay,
                         schedule=t.schedule, milestones=tuple(t.base_milestones if first else t.milestones),
-                        gamma=t.gamma,
+                        gamma=t.gamma, warmup_epochs=t.warmup_epochs,
                         autocast_dtype=self.autocast_dtype, progress=t.progress, compile=t.compile)
         for k, v in over.items():
             setattr(s, k, v)
@@ -157,6 +158,7 @@ class Method:
     keeps memory) + optional logit distillation from the previous model on the old classes."""
 
     name: ClassVar[str]
+    training: ClassVar["TrainingDefaults"]  # lr, schedule, epochs, ... per data-set family (cilearn.methods.schedules)
     cls_loss: ClassVar[str] = "ce"          # key of CLS_LOSSES
     distill: ClassVar[str | None] = None    # key of DISTILL, on the old-class logits
     kd_weight: ClassVar[float] = 1.0

@@ -5,24 +5,28 @@ import torch
 import torch.nn.functional as F
 
 from ..train import Batch
+from . import schedules
 from .base import METHODS, Method
 
 
 @METHODS.register("finetune")
 class Finetune(Method):
     """CE on the current phase's data only: the lower bound."""
+    training = schedules.FINETUNE
 
 
 @METHODS.register("joint")
 class Joint(Method):
-    """CE on all training data of the classes seen so far: the upper bound."""
+    """CE on all training data of the classes seen so far: the upper bound (finetune's schedule)."""
     train_on_seen = True
+    training = schedules.FINETUNE
 
 
 @METHODS.register("replay")
 class Replay(Method):
     """Finetune + exemplars (herding by default); reports CNN and NME."""
     uses_memory = True
+    training = schedules.REPLAY
 
 
 @METHODS.register("lwf")
@@ -35,6 +39,7 @@ class LwF(Method):
     it sends every old-class test image to a new class (benchmarks/RESULTS.md)."""
     cls_loss = "ce-local"
     distill = "kd"
+    training = schedules.LWF
 
 
 @METHODS.register("icarl")
@@ -45,6 +50,7 @@ class ICaRL(Method):
     numbers; ``icarl-bce`` is the paper's sigmoid form (Alg. 3)."""
     distill = "kd"
     uses_memory = True
+    training = schedules.ICARL
 
 
 @METHODS.register("icarl-bce")

@@ -129,7 +129,7 @@ def balanced_finetune(method: "Method", phase: "Phase", x: torch.Tensor, y: torc
         cls = method.cls_fn(logits, batch.y, counts)
         return cls, {"cls": cls.detach()}
 
-    settings = ctx.fit_settings(phase, epochs=epochs, lr=lr, schedule="step", gamma=0.1,
+    settings = ctx.fit_settings(phase, epochs=epochs, lr=lr, schedule="step", gamma=0.1, warmup_epochs=0,
                                 milestones=(max(1, epochs // 2),) if method.finetune_decay else ())
     select_s = time.perf_counter() - t0
     if not head_only:

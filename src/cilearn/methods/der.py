@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.heads import LinearHead
+from . import schedules
 from .base import METHODS, Method
 
 
@@ -86,14 +87,17 @@ class DER(Expanding):
       ``--loss.aux-weight``);
     * herding exemplars; the classifier-learning stage: the head retrained on class-balanced data
       after each phase > 0 (the paper's classifier-learning stage), the ``balanced_finetune`` component (head only, backbone
-      frozen; ``--train.finetune-epochs`` / ``--train.finetune-lr``, defaults 20 epochs at 0.01,
-      x0.1 at epoch 10: LUCIR's values, the DER paper's could not be checked here).
+      frozen; ``--train.finetune-epochs`` / ``--train.finetune-lr``, defaults 30 epochs at 0.1,
+      x0.1 at epoch 15: the official code's "decouple" stage).
 
     Not included: the channel-level masks with sparsity loss and the pruning after each phase
     (the paper's "dynamical expansion"): cilearn's DER is the paper's "DER w/o P" (its parameter count grows by one full
     extractor per phase, reported per phase in ``metrics.json``). The temperature of the
     classifier-learning stage is not applied. CNN and NME (on the super-feature) are reported."""
     balanced_finetune = True
+    training = schedules.DER
+    finetune_epochs = 30      # DER's official classifier-learning stage ("decouple"): 30 epochs, lr 0.1,
+    finetune_lr = 0.1         # x0.1 at epoch 15, weight decay 5e-4 (exps/der_womask/*/configs/1.yaml)
 
     def aux_outputs(self, phase) -> int:
         return phase.num_new + 1

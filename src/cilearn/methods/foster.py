@@ -7,6 +7,7 @@ import copy
 from ..losses import balanced_kd, effective_number_weights
 from ..models.net import freeze
 from ..train import FitResult
+from . import schedules
 from .base import METHODS, TeacherCache
 from .der import Expanding
 
@@ -27,7 +28,8 @@ class FOSTER(Expanding):
        student, initialised from the previous model (extractor and head rows of the old classes,
        as the official code), is distilled from the frozen boosted model with the class-balanced
        KD (``balanced_kd``, beta2 = 0.97, ``--loss.bkd-beta``, T = 2) on the same data,
-       ``--train.compression-epochs`` (default: the phase's epochs) at ``--train.compression-lr``
+       ``--train.compression-epochs`` (default: the official 130 on CIFAR and image folders, the
+       phase's epochs on the quick data sets or with ``--epochs``) at ``--train.compression-lr``
        (default: the phase's lr). The student replaces the net: every phase ends with one
        extractor.
 
@@ -37,6 +39,7 @@ class FOSTER(Expanding):
     (off in the official configurations)."""
     cls_loss = "la-ce"
     distill = "kd"
+    training = schedules.FOSTER
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -100,5 +103,7 @@ class FOSTER(Expanding):
 @METHODS.register("foster-cim")
 class FOSTERCIM(FOSTER):
     """FOSTER with CIM's compressed exemplars (Luo et al. 2023, the paper's main base):
-    ``foster --memory.compressor cim``; the budget is in full-image units."""
+    ``foster --memory.compressor cim``; the budget is in full-image units. On image folders batch
+    256, as the official CIM configurations."""
     memory_compressor = "cim"
+    training = schedules.FOSTER_CIM

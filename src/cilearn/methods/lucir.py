@@ -3,6 +3,7 @@ and the Balanced Softmax CE recipes (Jodelet, Liu & Murata 2021) built on LUCIR 
 from __future__ import annotations
 
 from ..losses import less_forget, lucir_lambda, margin_ranking
+from . import schedules
 from .base import METHODS, Method
 from .baselines import ICaRL
 
@@ -29,6 +30,7 @@ class LUCIR(Method):
     freeze_old_head = True
     imprint = True
     margin_weight = 1.0      # default of loss.margin_weight
+    training = schedules.LUCIR
 
     def __init__(self, ctx):
         super().__init__(ctx)

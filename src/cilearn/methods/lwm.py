@@ -1,6 +1,7 @@
 """LwM: Learning without Memorizing (Dhar et al., CVPR 2019)."""
 from __future__ import annotations
 
+from . import schedules
 from .base import METHODS, Method
 
 
@@ -16,3 +17,4 @@ class LwM(Method):
     cls_loss = "ce-local"
     distill = "kd"
     terms = ("attention",)
+    training = schedules.LWM

@@ -5,6 +5,7 @@ these recipes are the paper's two strongest combinations (Tables 1-2: iCaRL and 
 mnemonics exemplars)."""
 from __future__ import annotations
 
+from . import schedules
 from .base import METHODS
 from .baselines import ICaRL
 from .lucir import LUCIR
@@ -12,8 +13,10 @@ from .lucir import LUCIR
 
 @METHODS.register("icarl-mnemonics")
 class ICaRLMnemonics(ICaRL):
-    """``icarl`` (CE + KD, herding, NME) with mnemonics exemplars."""
+    """``icarl`` (CE + KD, herding, NME) with mnemonics exemplars, on the LUCIR code base's schedule
+    as the paper (``schedules.MNEMONICS``)."""
     memory_optimizer = "mnemonics"
+    training = schedules.MNEMONICS
 
 
 @METHODS.register("lucir-mnemonics")
@@ -21,3 +24,4 @@ class LUCIRMnemonics(LUCIR):
     """``lucir`` (cosine head, less-forget, margin ranking, class-balanced fine-tuning) with
     mnemonics exemplars."""
     memory_optimizer = "mnemonics"
+    training = schedules.MNEMONICS

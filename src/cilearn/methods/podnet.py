@@ -8,6 +8,7 @@ import torch
 
 from ..config import pod_weights
 from ..losses import pod_distance, pod_flat, pod_vectors
+from . import schedules
 from .base import METHODS, Method
 
 
@@ -43,6 +44,7 @@ class PODNet(Method):
     freeze_old_head = True
     imprint = True
     finetune_lr = 0.05
+    training = schedules.PODNET
     finetune_decay = False
 
     def __init__(self, ctx):

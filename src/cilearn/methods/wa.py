@@ -1,6 +1,7 @@
 """WA: Maintaining Discrimination and Fairness in Class Incremental Learning (Zhao et al., CVPR 2020)."""
 from __future__ import annotations
 
+from . import schedules
 from .base import METHODS
 from .baselines import ICaRL
 
@@ -19,6 +20,7 @@ class WA(ICaRL):
     ``--train.weight-align false`` turns aligning off). Reports CNN and NME."""
     weight_align = True
     weight_clip = True
+    training = schedules.WA
 
     def before_phase(self, phase, x, y):
         super().before_phase(phase, x, y)

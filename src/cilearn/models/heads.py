@@ -47,10 +47,12 @@ class LinearHead(Head):
         return self.weight.shape[0]
 
     def add_classes(self, n: int) -> None:
+        """New rows as the reference implementation of the baselines initialises its linear head
+        (PyCIL convs/linears.py ``SimpleLinear``): weights U(-sqrt(3 / in_dim), sqrt(3 / in_dim))
+        (Kaiming uniform, gain 1), biases 0; the old rows are kept."""
         w = torch.empty(n, self.in_dim, device=self.weight.device, dtype=self.weight.dtype)
-        bound = 1 / math.sqrt(self.in_dim)  # nn.Linear's default init
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-        b = torch.empty(n, device=self.bias.device, dtype=self.bias.dtype).uniform_(-bound, bound)
+        nn.init.kaiming_uniform_(w, nonlinearity="linear")
+        b = torch.zeros(n, device=self.bias.device, dtype=self.bias.dtype)
         self.weight = nn.Parameter(torch.cat([self.weight.data, w]))
         self.bias = nn.Parameter(torch.cat([self.bias.data, b]))
 

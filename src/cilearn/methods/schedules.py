@@ -1,0 +1,113 @@
+"""The recipes' training defaults, from their papers where the papers say and otherwise from
+their reference code (the file named in each ``source``). Every value is SGD with momentum 0.9
+and gamma 0.1 at each milestone. ``docs/training-defaults.md`` has the same as a table.
+
+PyCIL (G-U-N/PyCIL) sets its baselines' schedules as module globals of ``models/<method>.py``
+and uses them on every data set (CIFAR-100 and ImageNet alike); its first phase is always 200
+epochs at lr 0.1, x0.1 at epochs 60/120/170, weight decay 5e-4, and the later phases use weight
+decay 2e-4. Where cilearn's image-folder schedule differs from the CIFAR one, the recipe's own
+reference code has a separate ImageNet configuration.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..config import Schedule, TrainingDefaults
+
+_PYCIL_FIRST = {"base_epochs": 200, "base_milestones": (60, 120, 170), "base_weight_decay": 5e-4,
+                "weight_decay": 2e-4}
+
+FINETUNE = TrainingDefaults(Schedule(
+    "PyCIL models/finetune.py (module globals)", epochs=80, milestones=(40, 70), **_PYCIL_FIRST))
+
+REPLAY = TrainingDefaults(Schedule(
+    "PyCIL models/replay.py (module globals)", epochs=70, milestones=(30, 50), **_PYCIL_FIRST))
+
+LWF = TrainingDefaults(Schedule(
+    "PyCIL models/lwf.py (module globals)", epochs=250, milestones=(60, 120, 180, 220),
+    **{**_PYCIL_FIRST, "base_milestones": (60, 120, 160)}))
+
+ICARL = TrainingDefaults(Schedule(
+    "PyCIL models/icarl.py (module globals)", epochs=170, milestones=(80, 120), **_PYCIL_FIRST))
+
+WA = TrainingDefaults(Schedule(
+    "PyCIL models/wa.py (module globals)", epochs=170, milestones=(60, 100, 140), **_PYCIL_FIRST))
+
+# DER's official code (Rhyssiyan/DER-ClassIL.pytorch, exps/der_womask/*/configs/1.yaml): the first
+# phase ("pretrain") 200 epochs x0.1 at 60/120/160; CIFAR-100 later phases 170 epochs x0.1 at
+# 100/120 with 10 warm-up epochs, batch 128; ImageNet-100 200 epochs at 60/120/160 with 20 warm-up
+# epochs, batch 256; weight decay 5e-4 throughout.
+DER = TrainingDefaults(
+    Schedule("DER official exps/der_womask/cifar100/b0/10steps/configs/1.yaml", epochs=170, milestones=(100, 120),
+             base_epochs=200, base_milestones=(60, 120, 160), warmup_epochs=10),
+    Schedule("DER official exps/der_womask/imagenet-100/b0_10s/configs/1.yaml", epochs=200,
+             milestones=(60, 120, 160), base_epochs=200, base_milestones=(60, 120, 160), warmup_epochs=20,
+             batch_size=256))
+
+# FOSTER's official code is PyCIL's models/foster.py with exps/foster.json: cosine annealing in every
+# stage, 200 epochs in the first phase, 170 boosting and 130 compression epochs later, weight decay
+# 5e-4 throughout.
+FOSTER = TrainingDefaults(Schedule(
+    "FOSTER official (PyCIL) exps/foster.json + models/foster.py", epochs=170, base_epochs=200, schedule="cosine",
+    compression_epochs=130))
+
+# LUCIR's official code (hshustc/CVPR19_Incremental_Learning): CIFAR-100 160 epochs x0.1 at 80/120,
+# weight decay 5e-4; ImageNet 90 epochs x0.1 at 30/60, weight decay 1e-4; batch 128, every phase.
+LUCIR = TrainingDefaults(
+    Schedule("LUCIR official cifar100-class-incremental/class_incremental_cosine_cifar100.py", epochs=160,
+             milestones=(80, 120), base_epochs=160, base_milestones=(80, 120)),
+    Schedule("LUCIR official imagenet-class-incremental/class_incremental_cosine_imagenet.py", epochs=90,
+             milestones=(30, 60), base_epochs=90, base_milestones=(30, 60), weight_decay=1e-4,
+             base_weight_decay=1e-4))
+
+# PODNet's official configs (arthurdouillard/incremental_learning.pytorch, options/podnet/): cosine
+# annealing; CIFAR-100 160 epochs, lr 0.1, batch 128; ImageNet-100 90 epochs, lr 0.05, batch 64;
+# weight decay 5e-4.
+PODNET = TrainingDefaults(
+    Schedule("PODNet official options/podnet/podnet_cnn_cifar100.yaml", epochs=160, base_epochs=160,
+             schedule="cosine"),
+    Schedule("PODNet official options/podnet/podnet_cnn_imagenet100.yaml", epochs=90, base_epochs=90,
+             schedule="cosine", lr=0.05, base_lr=0.05, batch_size=64))
+
+# CIM's official configurations (xfflzl/CIM-CIL, cim-*.json) run FOSTER on Food-101 and ImageNet with
+# batch 256; otherwise FOSTER's values.
+FOSTER_CIM = TrainingDefaults(FOSTER.small, replace(FOSTER.small, batch_size=256,
+                                                    source="CIM official cim-*.json (FOSTER's schedule, batch 256)"))
+
+# Mnemonics' experiments are built on LUCIR's official code and protocol (configs/*mnemonics*.yaml):
+# LUCIR's schedule for every Mnemonics recipe, icarl-mnemonics included.
+MNEMONICS = TrainingDefaults(replace(LUCIR.small, source="LUCIR official code, which Mnemonics builds on"),
+                             replace(LUCIR.imagenet, source="LUCIR official ImageNet code, which Mnemonics builds on"))
+
+# LwM: the paper's schedules could not be read here (cilearn's choice): PyCIL's iCaRL schedule on
+# CIFAR (configs/lwm-cifar100-inc10.yaml) and 90 epochs x0.1 at 30/60 on iILSVRC-small (ImageNet).
+LWM = TrainingDefaults(
+    replace(ICARL.small, source="PyCIL models/icarl.py (cilearn's choice: the LwM paper's could not be read)"),
+    Schedule("cilearn's choice for iILSVRC-small (the LwM paper's could not be read)", epochs=90, base_epochs=90,
+             milestones=(30, 60), base_milestones=(30, 60)))
+
+
+def _stage(epochs: int, lr: float, milestones, schedule: str, wd: float) -> str:
+    sched = "cosine" if schedule == "cosine" else ("x0.1 at " + "/".join(map(str, milestones)) if milestones else "constant")
+    return f"{epochs} ep, lr {lr:g} {sched}, wd {wd:g}"
+
+
+def training_table(markdown: bool = False) -> str:
+    """Every registered recipe's training defaults on small images (CIFAR) and image folders, with
+    the source of the values (``cilearn list --training [--markdown]``; docs/training-defaults.md)."""
+    from . import METHODS
+    rows = []
+    for name in METHODS.names():
+        td = METHODS.get(name).training
+        families = [("all", td.small)] if td.imagenet is None else \
+            [("CIFAR, F-MNIST, digits", td.small), ("image folders", td.imagenet)]
+        for family, s in families:
+            extra = [f"batch {s.batch_size}"] + ([f"{s.warmup_epochs} warm-up ep"] if s.warmup_epochs else []) \
+                + ([f"compression {s.compression_epochs} ep"] if s.compression_epochs else [])
+            rows.append((name, family, _stage(s.base_epochs, s.base_lr, s.base_milestones, s.schedule, s.base_weight_decay),
+                         _stage(s.epochs, s.lr, s.milestones, s.schedule, s.weight_decay), ", ".join(extra), s.source))
+    if markdown:
+        head = ["| recipe | data sets | first phase | later phases | other | source |", "|---|---|---|---|---|---|"]
+        return "\n".join(head + [f"| `{r[0]}` | " + " | ".join(r[1:]) + " |" for r in rows])
+    return "\n".join(f"{r[0]:<16} {r[1]:<22} first: {r[2]}; later: {r[3]}; {r[4]}\n{'':<16} source: {r[5]}"
+                     for r in rows)
