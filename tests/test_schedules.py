@@ -67,7 +67,7 @@ def test_quick_data_sets_keep_milestones_absolute(dataset):
     assert (t.weight_decay, t.base_weight_decay) == (2e-4, 5e-4)       # the per-phase decay stays
     long = resolved({"method": "icarl", "data": {"dataset": dataset}, "train": {"epochs": 100}}, num_classes=10).train
     assert long.milestones == [80] and long.base_milestones == [60] and long.base_epochs == 100
-    assert effective_milestones((30, 60), 10, 90) == [] and effective_milestones((3, 10, 12), 10, 90) == [3]
+    assert effective_milestones((30, 60), 10) == [] and effective_milestones((3, 10, 12), 10) == [3]
 
 
 def test_given_options_win_and_carry_to_the_first_phase():
