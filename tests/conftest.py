@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 
@@ -25,6 +26,8 @@ def quick_config(tmp_path, **over) -> RunConfig:
             d.setdefault(sect, {})[key] = v
         else:
             d[sect] = v
+    if d.get("out", "") is None:   # out=None: a fresh directory of its own (not runs/ under the working
+        d["out"] = tempfile.mkdtemp(prefix="run-", dir=tmp_path)   # directory, where two runs started in the same second collide)
     cfg = from_dict(RunConfig, d)
     if cfg.data.dataset == "digits":   # resolved as cilearn.run resolves it (10 classes, 8x8): tests build
         cfg = resolve(cfg, 10, 8, METHODS.get(cfg.method).training)   # a Context from it directly too
