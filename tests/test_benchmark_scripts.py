@@ -64,3 +64,17 @@ def test_run_variants_reads_existing_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(compare_seeds, "cli_main", lambda argv: pytest.fail(f"ran {argv}"))
     rows = compare_seeds.run_variants([("lucir + BSCE", "lucir-bsce", [])], ["1"], tmp_path, [])
     assert rows[0][0] == "lucir + BSCE" and rows[0][1]["avg_incremental_acc"] == [70.0]
+
+
+def test_behaviour_matrices_record_then_compare(tmp_path, monkeypatch, capsys):
+    """record writes each run's matrices; compare is 0 when re-runs give them bit for bit and 1 when
+    one differs (the runs are replaced by a stand-in: the real ones are the benchmark)."""
+    import behaviour_matrices as bm
+    result = {"cnn": [[100.0], [90.0, 80.0]], "nme": None}
+    monkeypatch.setattr(bm, "matrices", lambda method, seed: result)
+    f = tmp_path / "m.json"
+    assert bm.main(["record", str(f), "--methods", "icarl"]) == 0
+    assert set(__import__("json").loads(f.read_text())) == {f"icarl@{s}" for s in bm.SEEDS}
+    assert bm.main(["compare", str(f)]) == 0
+    result = {"cnn": [[100.0], [90.0, 80.00001]], "nme": None}
+    assert bm.main(["compare", str(f)]) == 1 and "DIFFERS" in capsys.readouterr().out
