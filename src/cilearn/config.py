@@ -224,6 +224,17 @@ class TrainingDefaults:
         return self.imagenet if dataset == "imagefolder" and self.imagenet is not None else self.small
 
 
+def describe_stage(epochs: int, lr: float, schedule: str, milestones, weight_decay: float, gamma: float = 0.1) -> str:
+    """One training stage in words (the phase banner, ``cilearn list --training``)."""
+    if schedule == "cosine":
+        how = "cosine to 0"
+    elif milestones:
+        how = f"x{gamma:g} at epochs {', '.join(map(str, milestones))}"
+    else:
+        how = "constant"
+    return f"{epochs} epochs, lr {lr:g} {how}, weight decay {weight_decay:g}"
+
+
 def effective_milestones(milestones, epochs: int) -> list[int]:
     """The recipe's milestones for a stage of ``epochs`` epochs (whatever its reference epochs): kept
     as absolute epochs, as PyCIL does when its epochs are changed, and only those that fire

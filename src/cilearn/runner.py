@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import torch
 
 from . import __version__, distributed
-from .config import RunConfig, resolve, to_dict, validate
+from .config import RunConfig, describe_stage, resolve, to_dict, validate
 from .data.augment import Augmenter
 from .data.base import DataOptions
 from .data.rows import HostRows, choose_resident
@@ -454,19 +454,11 @@ def describe_training(cfg: RunConfig, method_cls) -> str:
     included) and where the recipe's defaults come from."""
     t = cfg.train
     ref = method_cls.training.for_dataset(cfg.data.dataset)
-
-    def stage(epochs: int, lr: float, milestones: list[int], wd: float) -> str:
-        if t.schedule == "cosine":
-            sched = "cosine to 0"
-        elif milestones:
-            sched = f"x{t.gamma:g} at epochs {', '.join(map(str, milestones))}"
-        else:
-            sched = "constant"
-        return f"{epochs} epochs, lr {lr:g} {sched}, weight decay {wd:g}"
     warm = f", {t.warmup_epochs} warm-up epochs" if t.warmup_epochs else ""
+    first = describe_stage(t.base_epochs, t.base_lr, t.schedule, t.base_milestones, t.base_weight_decay, t.gamma)
+    later = describe_stage(t.epochs, t.lr, t.schedule, t.milestones, t.weight_decay, t.gamma)
     return (f"training: batch {t.batch_size}, SGD momentum {t.momentum:g}{warm}; "
-            f"phase 0: {stage(t.base_epochs, t.base_lr, t.base_milestones, t.base_weight_decay)}; "
-            f"later phases: {stage(t.epochs, t.lr, t.milestones, t.weight_decay)}\n"
+            f"phase 0: {first}; later phases: {later}\n"
             f"  (defaults of {cfg.method}: {ref.source}; options given override them, milestones past a "
             f"phase's epochs do not fire)")
 

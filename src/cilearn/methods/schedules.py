@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..config import Schedule, TrainingDefaults
+from ..config import Schedule, TrainingDefaults, describe_stage
 
 _PYCIL_FIRST = {"base_epochs": 200, "base_milestones": (60, 120, 170), "base_weight_decay": 5e-4,
                 "weight_decay": 2e-4}
@@ -87,11 +87,6 @@ LWM = TrainingDefaults(
              milestones=(30, 60), base_milestones=(30, 60)))
 
 
-def _stage(epochs: int, lr: float, milestones, schedule: str, wd: float) -> str:
-    sched = "cosine" if schedule == "cosine" else ("x0.1 at " + "/".join(map(str, milestones)) if milestones else "constant")
-    return f"{epochs} ep, lr {lr:g} {sched}, wd {wd:g}"
-
-
 def training_table(markdown: bool = False) -> str:
     """Every registered recipe's training defaults on small images (CIFAR) and image folders, with
     the source of the values (``cilearn list --training [--markdown]``; docs/training-defaults.md)."""
@@ -102,10 +97,10 @@ def training_table(markdown: bool = False) -> str:
         families = [("all", td.small)] if td.imagenet is None else \
             [("CIFAR, F-MNIST, digits", td.small), ("image folders", td.imagenet)]
         for family, s in families:
-            extra = [f"batch {s.batch_size}"] + ([f"{s.warmup_epochs} warm-up ep"] if s.warmup_epochs else []) \
-                + ([f"compression {s.compression_epochs} ep"] if s.compression_epochs else [])
-            rows.append((name, family, _stage(s.base_epochs, s.base_lr, s.base_milestones, s.schedule, s.base_weight_decay),
-                         _stage(s.epochs, s.lr, s.milestones, s.schedule, s.weight_decay), ", ".join(extra), s.source))
+            extra = [f"batch {s.batch_size}"] + ([f"{s.warmup_epochs} warm-up epochs"] if s.warmup_epochs else []) \
+                + ([f"compression {s.compression_epochs} epochs"] if s.compression_epochs else [])
+            rows.append((name, family, describe_stage(s.base_epochs, s.base_lr, s.schedule, s.base_milestones, s.base_weight_decay),
+                         describe_stage(s.epochs, s.lr, s.schedule, s.milestones, s.weight_decay), ", ".join(extra), s.source))
     if markdown:
         head = ["| recipe | data sets | first phase | later phases | other | source |", "|---|---|---|---|---|---|"]
         return "\n".join(head + [f"| `{r[0]}` | " + " | ".join(r[1:]) + " |" for r in rows])
