@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cilearn.data.augment import Augmenter
-from cilearn.models.net import build_net
+from cilearn.models import build_net
 from cilearn.train import FitSettings, fit
 
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from cilearn.attention import (attention_distillation, gradcam, lwm_attention_loss, overlay_grid,
                                teacher_gradcam)
-from cilearn.models.net import build_net
+from cilearn.models import build_net
 
 NUM_OLD, NUM_NEW = 4, 2
 

@@ -18,7 +18,7 @@ from cilearn.methods import METHODS, Context
 from cilearn.methods.calibration import balanced_finetune, clip_nonnegative, select_balanced, weight_align
 from cilearn.methods.imprint import imprint_weights
 from cilearn.models.heads import HEADS, CosineHead
-from cilearn.models.net import build_net
+from cilearn.models import build_net
 
 
 # ---------------------------------------------------------------- BSCE

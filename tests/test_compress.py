@@ -16,7 +16,7 @@ from cilearn.memory import Budget, Memory
 from cilearn.memory.compress import (BOX_BYTES, CIMModel, Compressor, blur, boxes_from_cam, cam, cim_outer_loss,
                                      code_bytes, decode, downsample, encode, fit_prefix, paper_cost,
                                      random_box_artifacts, snap)
-from cilearn.models.net import build_net
+from cilearn.models import build_net
 
 
 # ---------------------------------------------------------------- boxes and CAMs by hand

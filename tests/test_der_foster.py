@@ -11,7 +11,7 @@ from cilearn.errors import ConfigError
 from cilearn.losses import CLS_LOSSES, balanced_kd, effective_number_weights, logit_adjusted_ce
 from cilearn.models.backbones import BACKBONES
 from cilearn.models.expandable import ExpandableNet, count_parameters
-from cilearn.models.net import build_net
+from cilearn.models import build_net
 
 CONVNET = sum(p.numel() for p in BACKBONES.get("convnet")(1).parameters())   # one digits extractor
 

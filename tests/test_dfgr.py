@@ -15,7 +15,8 @@ from cilearn.data.scenario import Phase
 from cilearn.methods import METHODS, Context
 from cilearn.methods.base import TeacherOut
 from cilearn.methods.terms import DualTeacherDistill
-from cilearn.models.net import NetOutput, build_net
+from cilearn.models import build_net
+from cilearn.models.net import NetOutput
 from cilearn.replay.dfgr import (GeneratorSettings, _BNStats, batch_mean_entropy, bn_statistics_loss,
                                  sample_entropy, train_generator)
 from cilearn.train import Batch

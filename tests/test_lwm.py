@@ -11,7 +11,7 @@ from cilearn.data.augment import Augmenter
 from cilearn.data.scenario import Phase
 from cilearn.methods import METHODS, Context
 from cilearn.methods.terms import AttentionDistill
-from cilearn.models.net import build_net
+from cilearn.models import build_net
 from cilearn.train import Batch
 
 

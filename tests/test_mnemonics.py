@@ -10,7 +10,7 @@ from cilearn.cli import main
 from cilearn.memory import Budget, Memory
 from cilearn.memory.mnemonics import (MEMORY_OPTIMIZERS, MnemonicsSettings, bilevel_loss, model_state,
                                       split_halves, unrolled_finetune)
-from cilearn.models.net import build_net
+from cilearn.models import build_net
 
 
 def tiny_net(classes=3, dtype=torch.float32, seed=0):

@@ -4,7 +4,7 @@ import torch
 
 from cilearn.models.backbones import BACKBONES
 from cilearn.models.heads import LinearHead
-from cilearn.models.net import build_net
+from cilearn.models import build_net
 
 
 @pytest.mark.parametrize("name,size,dim,stages", [("resnet32", 32, 64, 3), ("convnet", 8, 128, 3),

@@ -15,7 +15,7 @@ from cilearn.methods import METHODS, Context
 from cilearn.methods.imprint import imprint_proxies, kmeans
 from cilearn.models.backbones import BACKBONES
 from cilearn.models.heads import HEADS, LSCHead
-from cilearn.models.net import build_net
+from cilearn.models import build_net
 from cilearn.train import Batch
 
 

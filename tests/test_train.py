@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cilearn.data.augment import Augmenter
-from cilearn.models.net import build_net
+from cilearn.models import build_net
 from cilearn.train import Batch, DivergenceError, FitSettings, fit, lr_at
 
 

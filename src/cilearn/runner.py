@@ -34,7 +34,7 @@ from .memory.selection import SELECTIONS
 from .methods import METHODS, Context, SplitData
 from .models.backbones import BACKBONES
 from .models.heads import HEADS, head_options
-from .models.net import build_net
+from .models import build_net
 
 
 @dataclass

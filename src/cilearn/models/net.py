@@ -8,8 +8,6 @@ from typing import Iterator, NamedTuple
 import torch
 import torch.nn as nn
 
-from .backbones import BACKBONES
-from .heads import HEADS
 
 
 class NetOutput(NamedTuple):
@@ -56,15 +54,3 @@ class IncrementalNet(nn.Module):
     def frozen_copy(self) -> "IncrementalNet":
         """A deep copy in eval mode with no gradients: the teacher of the next phase."""
         return freeze(copy.deepcopy(self))
-
-
-def build_net(backbone: str, head: str, in_channels: int, last_relu: bool = True, expandable: bool = False,
-              **head_opts) -> IncrementalNet:
-    """``head_opts``: options of the head's builder (``lsc``: ``proxies``). ``expandable``: an
-    ``ExpandableNet`` of ``backbone`` extractors (DER, FOSTER), starting with one."""
-    if expandable:
-        from .expandable import ExpandableBackbone, ExpandableNet
-        eb = ExpandableBackbone(lambda: BACKBONES.get(backbone)(in_channels, last_relu=last_relu))
-        return ExpandableNet(eb, HEADS.get(head)(eb.out_dim, **head_opts))
-    bb = BACKBONES.get(backbone)(in_channels, last_relu=last_relu)
-    return IncrementalNet(bb, HEADS.get(head)(bb.out_dim, **head_opts))
