@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -40,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file")
     p.add_argument("--methods", help="comma list (record; default: every registered recipe)")
     a = p.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from cilearn.methods import METHODS
     if a.mode == "record":
         names = a.methods.split(",") if a.methods else METHODS.names()
@@ -62,4 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # one thread: float reductions, hence the matrices, depend on the thread count; set here, not in
+    # main(), so that a caller's process (the test suite) keeps its own
+    import torch
+    torch.set_num_threads(1)
     sys.exit(main())

@@ -34,8 +34,11 @@ def reference_matrix(tmp_path_factory):
 
 
 def start(out: Path) -> subprocess.Popen:
+    """The run in a child process with this process's thread count: the child's phases and the
+    in-process resume must compute alike (float sums depend on the number of threads)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen([sys.executable, "-m", "cilearn", "run", *ARGS, "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def wait_inside_phase(out: Path, phase: int, proc: subprocess.Popen, timeout: float = 120) -> None:
