@@ -1,0 +1,56 @@
+"""Every registered recipe resumes exactly (registry-driven): a run stopped at a phase boundary,
+resumed, stopped again inside the next phase's first stage and resumed once more ends with the
+uninterrupted run's accuracy matrices, bit for bit. The state each part of a recipe keeps (the
+network, the memory, the method's and its components' state, the RNG, the optimizer position)
+must all be in the checkpoints for that to hold."""
+import pytest
+
+import cilearn
+from cilearn.checkpoint import Checkpointer, Interrupted
+from cilearn.methods import METHODS
+
+# 3 phases (4 + 3 + 3 classes), 30 images per class, 2 epochs; extra stages kept cheap
+OVER = dict(scenario={"base": 4, "increment": 3}, data={"dataset": "digits", "train_per_class": 30},
+            train={"epochs": 2, "progress": False, "finetune_epochs": 2, "schedule": "cosine"},
+            replay={"steps": 5}, memory={"mnemonics": {"iterations": 2}, "compression": {"iterations": 2}})
+
+
+def _stop_after_phase(monkeypatch, phase: int):
+    """SIGTERM right after the phase checkpoint of ``phase`` is written (a phase-boundary stop)."""
+    real = Checkpointer.save_phase
+
+    def save_phase(self, state):
+        real(self, state)
+        if state["next_phase"] == phase + 1:
+            self.stop_signal = 15
+    monkeypatch.setattr(Checkpointer, "save_phase", save_phase)
+
+
+def _stop_inside_phase(monkeypatch, phase: int):
+    """SIGTERM at the end of the first epoch of ``phase``'s first stage (the run stops after the
+    next training step, inside the stage, and checkpoints there)."""
+    real = Checkpointer.end_epoch
+
+    def end_epoch(self, stage, epoch, epochs, scalars):
+        real(self, stage, epoch, epochs, scalars)
+        if self.phase == phase and epoch == 0 and self.resume_fit is None and not getattr(self, "_stopped", False):
+            self._stopped = True
+            self.stop_signal = 15
+    monkeypatch.setattr(Checkpointer, "end_epoch", end_epoch)
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_recipe_resumes_exactly(method, quick, tmp_path, monkeypatch):
+    ref = cilearn.run(quick(method=method, out=str(tmp_path / "ref"), **OVER), echo=False).metrics
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        _stop_after_phase(m, 0)
+        with pytest.raises(Interrupted, match="phase 0 \\(finished\\)"):
+            cilearn.run(quick(method=method, out=str(out), **OVER), echo=False)
+    with monkeypatch.context() as m:
+        _stop_inside_phase(m, 1)
+        with pytest.raises(Interrupted, match="phase 1"):
+            cilearn.resume(out, echo=False)
+    got = cilearn.resume(out, echo=False).metrics
+    assert got["accuracy_matrix"] == ref["accuracy_matrix"]
+    assert got["accuracy_matrix_nme"] == ref["accuracy_matrix_nme"]
