@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cilearn.attention import (attention_distillation, gradcam, lwm_attention_loss, overlay_grid,
+from cilearn.attention import (attention_distillation, gradcam, lwm_attention_loss,
                                teacher_gradcam)
 from cilearn.models import build_net
 
@@ -331,6 +331,7 @@ def test_lwm_loss_under_autocast_is_float32_and_close_to_fp32():
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_overlay_grid_writes_a_png_of_n_rows_by_3_columns(tmp_path, channels):
+    from cilearn.report import overlay_grid
     torch.manual_seed(0)
     imgs = torch.randint(0, 256, (2, channels, 8, 8), dtype=torch.uint8)
     path = overlay_grid(imgs, torch.rand(2, 4, 4), torch.zeros(2, 4, 4), tmp_path / "sub" / "g.png",

@@ -18,7 +18,8 @@ import yaml
 from cilearn.cli import main
 from cilearn.evaluate import class_forgetting, confusion_matrix, per_class_accuracy
 from cilearn.report import SECTIONS, html_report
-from cilearn.results import default_seeds, load_group, parse_seeds, write_seed_summary
+from cilearn.report import write_seed_summary
+from cilearn.results import default_seeds, load_group, parse_seeds
 from cilearn.tblog import epoch_step
 
 

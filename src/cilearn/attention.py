@@ -27,7 +27,6 @@ the teacher's map of an image does not depend on its batch.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -143,58 +142,3 @@ def lwm_attention_loss(student_out: "NetOutput", teacher_net: "IncrementalNet", 
     cam_t, b, _ = teacher_gradcam(teacher_net, x, num_old)
     cam_s = gradcam(student_out.maps[-1], student_out.logits, b, create_graph=create_graph)
     return attention_distillation(cam_s, cam_t), b
-
-
-def overlay_grid(images: torch.Tensor, cams_teacher: torch.Tensor, cams_student: torch.Tensor,
-                 path: str | Path, titles: list[str] | None = None, size: float = 2.0,
-                 dpi: int = 100) -> Path:
-    """Write a PNG grid, one row per image, 3 columns: the image, the teacher's Grad-CAM over it,
-    the student's Grad-CAM over it (column titles "image", "teacher (class b)", "student
-    (class b)"). ``images``: uint8 ``[N, C, H, W]`` (C = 1: drawn in grey, C = 3: RGB);
-    ``cams_*``: ``[N, h, w]``, upsampled bilinearly to ``H x W`` and min-max normalised per map,
-    drawn with the "jet" colormap at alpha 0.5. ``titles``: optional label per row (e.g. the
-    label and ``b``). Each panel is ``size`` inches square at ``dpi``, so the file is
-    ``3 * size * dpi`` by ``N * size * dpi`` pixels. Returns the path.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n, c, h, w = images.shape
-    if cams_teacher.shape[0] != n or cams_student.shape[0] != n:
-        raise ValueError("overlay_grid: images and maps must have the same number of rows")
-    if titles is not None and len(titles) != n:
-        raise ValueError(f"overlay_grid: {len(titles)} titles for {n} rows")
-
-    def prepare(cams: torch.Tensor) -> torch.Tensor:
-        m = F.interpolate(cams.detach().float().cpu()[:, None], size=(h, w), mode="bilinear",
-                          align_corners=False)[:, 0]
-        lo = m.flatten(1).min(1).values[:, None, None]
-        hi = m.flatten(1).max(1).values[:, None, None]
-        return (m - lo) / (hi - lo).clamp_min(1e-12)
-
-    imgs = images.detach().cpu()
-    cams = (prepare(cams_teacher), prepare(cams_student))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(n, 3, figsize=(3 * size, n * size), dpi=dpi, squeeze=False)
-    try:
-        for i in range(n):
-            img = imgs[i].permute(1, 2, 0).numpy()
-            kw = dict(cmap="gray", vmin=0, vmax=255) if c == 1 else {}
-            img = img[:, :, 0] if c == 1 else img
-            for j, ax in enumerate(axes[i]):
-                ax.imshow(img, **kw)
-                if j > 0:
-                    ax.imshow(cams[j - 1][i].numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-                ax.set_xticks([])
-                ax.set_yticks([])
-            if titles is not None:
-                axes[i][0].set_ylabel(titles[i], fontsize=8)
-        for ax, t in zip(axes[0], ("image", "teacher (class b)", "student (class b)")):
-            ax.set_title(t, fontsize=9)
-        fig.subplots_adjust(left=0.05, right=0.99, top=0.92, bottom=0.01, wspace=0.05, hspace=0.1)
-        fig.savefig(path, dpi=dpi)
-    finally:
-        plt.close(fig)
-    return path

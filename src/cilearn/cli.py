@@ -8,8 +8,20 @@ import os
 import sys
 from typing import Any
 
+from . import distributed
+from .api import compare_methods, resume, run, run_seeds
 from .checkpoint import Interrupted
+from .config import load_yaml, merge, set_dotted
+from .data.datasets import DATASETS
 from .errors import CilearnError, ConfigError
+from .memory.mnemonics import MEMORY_OPTIMIZERS
+from .methods import METHODS
+from .methods.schedules import training_table
+from .models.backbones import BACKBONES
+from .references import load_references, references_markdown, references_text
+from .report import compare_dirs, html_report
+from .results import default_seeds, parse_seeds
+from .runner import config_from_dict
 
 # flag -> dotted config key
 FLAGS: dict[str, tuple[str, type, str]] = {
@@ -99,8 +111,6 @@ def split_extra(extra: list[str], command: str = "run") -> tuple[list[tuple[str,
 
 
 def build_config(args: argparse.Namespace, extra: list[str]):
-    from .config import load_yaml, merge, set_dotted
-    from .runner import config_from_dict
 
     d: dict = load_yaml(args.config) if args.config else {}
     over: dict = {}
@@ -128,7 +138,6 @@ def build_config(args: argparse.Namespace, extra: list[str]):
 
 def seeds_of(args: argparse.Namespace, cfg) -> list[int] | None:
     """``--seeds`` / ``--num-seeds`` as a list of seeds, or None for a single run."""
-    from .results import default_seeds, parse_seeds
 
     if args.seeds is not None and args.num_seeds is not None:
         raise ConfigError("--seeds and --num-seeds: give one of them")
@@ -143,22 +152,16 @@ def seeds_of(args: argparse.Namespace, cfg) -> list[int] | None:
 
 def cmd_list(args: argparse.Namespace) -> None:
     if args.training:
-        from .methods.schedules import training_table
         print(training_table(markdown=args.markdown))
         return
     if args.configs is not None:
-        from .references import load_references, references_markdown, references_text
         refs = load_references(args.configs or None)
         print(references_markdown(refs) if args.markdown else references_text(refs))
         return
-    from .data.datasets import DATASETS
-    from .methods import METHODS
-    from .models.backbones import BACKBONES
 
     print("methods:   " + ", ".join(METHODS.names()))
     print("data sets: " + ", ".join(DATASETS.names()))
     print("backbones: " + ", ".join(BACKBONES.names()))
-    from .memory.mnemonics import MEMORY_OPTIMIZERS
     print("memory optimizers: " + ", ".join(MEMORY_OPTIMIZERS.names()))
 
 
@@ -190,7 +193,6 @@ def add_run_flags(p: argparse.ArgumentParser, out_help: str | None = None) -> No
 
 
 def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
-    from .results import compare_dirs, compare_methods
 
     overrides, dirs = split_extra(extra, "compare")
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
@@ -217,7 +219,6 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ConfigError("--methods expects a comma-separated list of methods, e.g. finetune,lwf,icarl")
-    from .methods import METHODS
     for m in methods:
         METHODS.get(m)                 # an unknown name fails before anything runs
     out, args.out = args.out, None
@@ -260,12 +261,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_list(args)
             return 0
         if args.command == "report":
-            from .report import html_report
             path = html_report(args.run_dirs, args.html)
             print(f"report -> {path}")
             return 0
         if args.command == "compare":
-            from . import distributed
             if distributed.launched():
                 raise ConfigError("cilearn compare does not run under torchrun; launch one `cilearn run` per method")
             cmd_compare(args, extra)
@@ -280,20 +279,16 @@ def main(argv: list[str] | None = None) -> int:
                        + (["--config"] if args.config else []) + (["--overwrite"] if args.overwrite else []))
                 raise ConfigError(f"--resume takes the configuration from {args.resume}/config.yaml; "
                                   f"drop {bad[0]} (only --device, --no-progress and --quiet go with --resume)")
-            from .runner import resume
             resume(args.resume, echo=not args.quiet, device=args.device, progress=False if args.no_progress else None)
             return 0
         cfg = build_config(args, extra)
         seeds = seeds_of(args, cfg)
         if seeds is not None:
-            from . import distributed
             if distributed.launched():
                 raise ConfigError(f"--{'seeds' if args.seeds is not None else 'num-seeds'} does not run under "
                                   "torchrun; launch one `cilearn run --seed S` per seed")
-            from .results import run_seeds
             run_seeds(cfg, seeds, echo=not args.quiet, overwrite=args.overwrite)
             return 0
-        from .runner import run
         run(cfg, echo=not args.quiet, overwrite=args.overwrite)
         return 0
     except Interrupted as e:
@@ -312,21 +307,18 @@ def main(argv: list[str] | None = None) -> int:
             print("cilearn: interrupted", file=sys.stderr)
         return 130
     finally:
-        from . import distributed
         distributed.shutdown()
 
 
 def _reports() -> bool:
     """Under torchrun only rank 0 prints errors: every user-facing error is raised on all ranks
     (``cilearn.distributed.on_main`` / ``main_first``), so the other ranks stay quiet."""
-    from . import distributed
     return distributed.is_main()
 
 
 def entry() -> None:
     """The console script (and ``python -m cilearn``): ``main``'s exit code, ending the process
     through ``distributed.exit_process`` (under torchrun: without finalizing the interpreter)."""
-    from . import distributed
     distributed.exit_process(main())
 
 

@@ -13,7 +13,9 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .data.rows import RESIDENT_MODES
 from .errors import ConfigError
+from .models.backbones import auto_backbone
 
 
 @dataclass
@@ -428,7 +430,6 @@ def validate(cfg: RunConfig) -> None:
     positive("memory-per-class", m.per_class)
     positive("train-per-class", cfg.data.train_per_class)
     positive("data.workers", cfg.data.workers)
-    from .data.rows import RESIDENT_MODES
     if cfg.data.resident not in RESIDENT_MODES:
         raise ConfigError(f"--data.resident must be one of {', '.join(RESIDENT_MODES)}, got '{cfg.data.resident}'")
     positive("seed", cfg.seed, zero=True)
@@ -460,7 +461,6 @@ def resolve(cfg: RunConfig, num_classes: int, image_size: int, training: Trainin
     scenario against the data set. Training options left unset take the recipe's ``Schedule`` for
     the data set; a first-phase option left unset takes the user's value for the later phases when
     one was given (``--epochs 5`` trains every phase 5 epochs), else the schedule's."""
-    from .models.backbones import auto_backbone
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), scenario=dataclasses.replace(cfg.scenario),
                               model=dataclasses.replace(cfg.model), loss=dataclasses.replace(cfg.loss))

@@ -10,13 +10,36 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    from .results import Group, Run
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+from .evaluate import class_forgetting, predict
+from .events import Observer
+from .files import atomic_write
+from .results import (
+    METRICS,
+    Comparison,
+    Group,
+    Run,
+    csv_table,
+    curve,
+    load_group,
+    markdown_table,
+    protocol_title,
+    run_summary,
+    seed_markdown,
+    seed_summary,
+    table_rows,
+    unique_labels,
+)
+from .tblog import TensorBoardLog, summary_writer_class
 
 
 def _pyplot():
@@ -51,13 +74,13 @@ def accuracy_plot(metrics: dict[str, Any], path: Path) -> None:
 
 
 def tsne_plot(ctx, phase, data, before: dict | None, per_class: int = 100) -> None:
+    # ctx: the run's objects (``cilearn.runner.RunView``: cfg, out, net, memory, augmenter, autocast_dtype)
     """``--save-tsne``: ``tsne-phase<i>.png`` in the run directory, a t-SNE (scikit-learn) of the
     embeddings of up to ``per_class`` test images of every seen class (light dots) with the
     exemplars in memory (large dots, black edge), as Figure 1 of the Mnemonics paper. With an
     exemplar optimizer, two panels share one t-SNE: the exemplars as selected before this
     phase's optimisation (new classes: the selection rule's, herding by default) and after it."""
     import numpy as np
-    import torch
 
     mem = ctx.memory
     seen = (data.test_y < phase.end).nonzero().flatten()
@@ -72,7 +95,6 @@ def tsne_plot(ctx, phase, data, before: dict | None, per_class: int = 100) -> No
         xs += [ex[c].float() for c in ids]
         ys += [torch.full((len(ex[c]),), c, dtype=torch.long, device=data.test_y.device) for c in ids]
         panels.append((name, sum(len(ex[c]) for c in ids)))
-    from .evaluate import predict    # not ctx.embed, a collective under torchrun: this runs on rank 0 alone
     emb = predict(ctx.net, torch.cat([x.float() for x in xs]), ctx.augmenter, ctx.cfg.train.eval_batch_size,
                   ctx.autocast_dtype)[1].cpu().numpy()                                  # [N, D], one pass
     order = ctx.cfg.scenario.class_order
@@ -81,6 +103,7 @@ def tsne_plot(ctx, phase, data, before: dict | None, per_class: int = 100) -> No
 
 
 def exemplar_figure(ctx, phase, originals: dict) -> Path:
+    # ctx: as tsne_plot's
     """``--save-exemplars N``: ``compressed-phase<i>.png`` in the run directory. Top rows: up to N
     of this phase's new exemplars (taken in turn from each new class, selection order), as selected
     (box of the compressor drawn in red) and as stored (decoded); bottom: exemplars per class in
@@ -181,6 +204,146 @@ def tsne_figure(emb, labels, n_test: int, panels: list[tuple[str, int]], names: 
 
 
 # ---------------------------------------------------------------- report figures (PNG bytes)
+def overlay_grid(images: torch.Tensor, cams_teacher: torch.Tensor, cams_student: torch.Tensor,
+                 path: str | Path, titles: list[str] | None = None, size: float = 2.0,
+                 dpi: int = 100) -> Path:
+    """Write a PNG grid, one row per image, 3 columns: the image, the teacher's Grad-CAM over it,
+    the student's Grad-CAM over it (column titles "image", "teacher (class b)", "student
+    (class b)"). ``images``: uint8 ``[N, C, H, W]`` (C = 1: drawn in grey, C = 3: RGB);
+    ``cams_*``: ``[N, h, w]``, upsampled bilinearly to ``H x W`` and min-max normalised per map,
+    drawn with the "jet" colormap at alpha 0.5. ``titles``: optional label per row (e.g. the
+    label and ``b``). Each panel is ``size`` inches square at ``dpi``, so the file is
+    ``3 * size * dpi`` by ``N * size * dpi`` pixels. Returns the path.
+    """
+    plt = _pyplot()
+
+    n, c, h, w = images.shape
+    if cams_teacher.shape[0] != n or cams_student.shape[0] != n:
+        raise ValueError("overlay_grid: images and maps must have the same number of rows")
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"overlay_grid: {len(titles)} titles for {n} rows")
+
+    def prepare(cams: torch.Tensor) -> torch.Tensor:
+        m = F.interpolate(cams.detach().float().cpu()[:, None], size=(h, w), mode="bilinear",
+                          align_corners=False)[:, 0]
+        lo = m.flatten(1).min(1).values[:, None, None]
+        hi = m.flatten(1).max(1).values[:, None, None]
+        return (m - lo) / (hi - lo).clamp_min(1e-12)
+
+    imgs = images.detach().cpu()
+    cams = (prepare(cams_teacher), prepare(cams_student))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(n, 3, figsize=(3 * size, n * size), dpi=dpi, squeeze=False)
+    try:
+        for i in range(n):
+            img = imgs[i].permute(1, 2, 0).numpy()
+            kw = dict(cmap="gray", vmin=0, vmax=255) if c == 1 else {}
+            img = img[:, :, 0] if c == 1 else img
+            for j, ax in enumerate(axes[i]):
+                ax.imshow(img, **kw)
+                if j > 0:
+                    ax.imshow(cams[j - 1][i].numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if titles is not None:
+                axes[i][0].set_ylabel(titles[i], fontsize=8)
+        for ax, t in zip(axes[0], ("image", "teacher (class b)", "student (class b)")):
+            ax.set_title(t, fontsize=9)
+        fig.subplots_adjust(left=0.05, right=0.99, top=0.92, bottom=0.01, wspace=0.05, hspace=0.1)
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def sample_grid(images: torch.Tensor, rows: int, cols: int, labels: list[str], path: str | Path,
+                size: float = 1.0, dpi: int = 100) -> Path:
+    """``images``: uint8 ``[rows * cols, C, H, W]``, row-major (row r = class ``labels[r]``);
+    C = 1 drawn in grey, C = 3 as RGB. Each panel is ``size`` inches square at ``dpi``."""
+    plt = _pyplot()
+
+    if images.shape[0] != rows * cols or len(labels) != rows:
+        raise ValueError(f"sample_grid: {images.shape[0]} images, {len(labels)} labels for a {rows}x{cols} grid")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size + 0.8, rows * size), dpi=dpi, squeeze=False)
+    try:
+        for i in range(rows * cols):
+            ax = axes[i // cols][i % cols]
+            img = images[i].permute(1, 2, 0).numpy()
+            if img.shape[2] == 1:
+                ax.imshow(img[:, :, 0], cmap="gray", vmin=0, vmax=255)
+            else:
+                ax.imshow(img)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i % cols == 0:
+                ax.set_ylabel(labels[i // cols], fontsize=7)
+        fig.subplots_adjust(left=0.12, right=0.99, top=0.99, bottom=0.01, wspace=0.05, hspace=0.05)
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return path
+
+
+class Reporter(Observer):
+    """The figures and TensorBoard scalars of one run, drawn from its events (``cilearn.events``)
+    on the process that writes: ``accuracy.png`` when the run completes; with ``--save-exemplars``,
+    ``--save-tsne``, ``--save-attention``, ``--save-samples`` the pictures of each phase; with
+    ``--tensorboard`` the scalars (``cilearn.tblog``)."""
+
+    def __init__(self) -> None:
+        self.run = None
+        self.tb = None
+
+    @staticmethod
+    def check(cfg) -> None:
+        """Before the run writes anything: what the reporting options need is installed."""
+        if cfg.report.tensorboard:
+            summary_writer_class()                 # a ConfigError naming the package when it is missing
+
+    def on_start(self, run) -> None:
+        self.run = run
+        if run.cfg.report.tensorboard:
+            self.tb = TensorBoardLog(run.out, run.cfg.train.base_epochs or run.cfg.train.epochs or 0)
+
+    def on_epoch(self, phase, stage, epoch, epochs, scalars) -> None:
+        if self.tb is not None:
+            self.tb.on_epoch(phase, stage, epoch, epochs, scalars)
+
+    def on_phase(self, row) -> None:
+        if self.tb is not None:
+            self.tb.on_phase(row)
+
+    def on_memory(self, phase, originals, selected) -> None:
+        rep = self.run.cfg.report
+        if rep.save_exemplars:
+            exemplar_figure(self.run, phase, originals)
+        if rep.save_tsne:
+            tsne_plot(self.run, phase, self.run.data, selected)
+
+    def wants(self, kind: str) -> bool:
+        rep = self.run.cfg.report if self.run is not None else None
+        return rep is not None and {"attention": rep.save_attention, "samples": rep.save_samples}.get(kind, 0) > 0
+
+    def on_images(self, kind, phase, data) -> None:
+        if kind == "attention":
+            overlay_grid(data["images"], data["teacher"], data["student"],
+                         self.run.out / f"attention-phase{phase}.png", data["titles"])
+        elif kind == "samples":
+            sample_grid(data["images"], data["rows"], data["cols"], data["labels"],
+                        self.run.out / f"samples-phase{phase}.png")
+
+    def on_complete(self, out, metrics) -> None:
+        accuracy_plot(metrics, out / "accuracy.png")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
 def _png(fig) -> bytes:
     plt = _pyplot()
     buf = io.BytesIO()
@@ -230,7 +393,6 @@ def fig_accuracy_matrix(m: dict[str, Any]) -> bytes:
 
 
 def fig_class_forgetting(m: dict[str, Any]) -> bytes | None:
-    from .evaluate import class_forgetting
     rows = [r.get("per_class_acc") for r in m["phases"]]
     if any(r is None for r in rows) or len(rows) < 2:
         return None
@@ -369,7 +531,6 @@ def sec_config(run: "Run") -> str:
 
 
 def sec_summary(run: "Run") -> str:
-    from .results import METRICS, run_summary
     s = run_summary(run.metrics)
     return table(["metric", "value"], [[mt.label, _num(s[mt.key], mt.digits)] for mt in METRICS])
 
@@ -514,7 +675,6 @@ def curves_figure(groups: list["Group"], title: str = ""):
     std band when the group has several runs; the legend gives each average incremental accuracy."""
     import statistics
 
-    from .results import curve
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
     for g in groups:
@@ -543,7 +703,6 @@ def curves_plot(groups: list["Group"], path: Path, title: str = "") -> None:
 
 def render_comparison(groups: list["Group"]) -> str:
     """Several runs: the comparison table and the overlaid curves first."""
-    from .results import table_rows, unique_labels
     groups = unique_labels(groups)
     head, rows = table_rows(groups)
     return (f'<section id="comparison" data-section="comparison"><h2>Comparison</h2>'
@@ -573,10 +732,6 @@ def html_report(run_dirs: list[str | Path], out: str | Path | None = None) -> Pa
     """``cilearn report RUN_DIR... --html OUT``: one self-contained HTML file for the runs (a run
     directory, or a seed directory of ``cilearn run --seeds``). ``out`` defaults to
     ``RUN_DIR/report.html`` for a single directory."""
-    from .errors import ConfigError
-    from .results import load_group
-    from .runner import atomic_write
-
     if not run_dirs:
         raise ConfigError("cilearn report needs at least one run directory")
     if out is None:
@@ -589,3 +744,35 @@ def html_report(run_dirs: list[str | Path], out: str | Path | None = None) -> Pa
         raise ConfigError(f"--html {path}: the directory {path.parent} does not exist")
     atomic_write(path, render_html(groups))
     return path
+
+
+# ---------------------------------------------------------------- summaries and comparisons
+def write_seed_summary(path: str | Path, seeds: list[int] | None = None) -> Group:
+    """(Re)write ``summary.json``, ``summary.md`` and ``accuracy.png`` (mean ± std band) of a seed
+    directory from its ``seed-*/`` runs; returns the group."""
+    d = Path(path)
+    group = load_group(d, seeds=seeds)
+    atomic_write(d / "summary.md", seed_markdown(group))
+    curves_plot([group], d / "accuracy.png", f"{group.label}, mean ± std over {len(group.runs)} seeds")
+    atomic_write(d / "summary.json", json.dumps(seed_summary(group), indent=2))
+    return group
+
+
+def write_compare(groups: list[Group], out: str | Path, title: str = "") -> Comparison:
+    """``compare.md``, ``compare.csv`` and ``compare.png`` (the overlaid curves) in ``out``."""
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    groups = unique_labels(groups)
+    md, table = markdown_table(groups), csv_table(groups)
+    atomic_write(d / "compare.md", md + "\n")
+    atomic_write(d / "compare.csv", table)
+    curves_plot(groups, d / "compare.png", title)
+    return Comparison(groups, md, table, d)
+
+
+def compare_dirs(dirs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Comparison:
+    """``cilearn compare RUN_DIR...``: each directory (a run or a seed directory) is one row."""
+    if labels is not None and len(labels) != len(dirs):
+        raise ConfigError(f"--labels gives {len(labels)} labels for {len(dirs)} run directories")
+    groups = [load_group(d, labels[i] if labels else None) for i, d in enumerate(dirs)]
+    return write_compare(groups, out, protocol_title(groups[0].runs[0]))

@@ -1,10 +1,9 @@
 """Results of finished runs: loading run directories, mean ± std over seeds, the comparison table
 (markdown and CSV) and the accuracy curves overlaid with std bands.
 
-Everything here reads ``metrics.json`` (and ``config.yaml``) and is a pure function of them,
-except the writers (``write_seed_summary``, ``write_compare``) and the drivers that run
-experiments (``run_seeds``, ``compare_methods``; they import the runner lazily). The plots are
-``cilearn.report``'s (matplotlib imported there, lazily).
+Everything here reads ``metrics.json`` (and ``config.yaml``) and is a pure function of them. The
+writers of summaries and comparisons (with their plots) are ``cilearn.report``'s; the drivers that
+run experiments (``run_seeds``, ``compare_methods``) are ``cilearn.api``'s.
 
 Directory layouts:
 * a run: ``DIR/metrics.json`` (+ ``config.yaml``), as written by ``cilearn run``;
@@ -23,12 +22,9 @@ import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import ConfigError, ResultsError
-
-if TYPE_CHECKING:
-    from .config import RunConfig
 
 SEED_DIR = "seed-{}"
 REQUIRED = ("avg_incremental_acc", "last_acc", "forgetting", "accuracy_matrix", "phases")
@@ -342,20 +338,6 @@ def seed_markdown(group: Group) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_seed_summary(path: str | Path, seeds: list[int] | None = None) -> Group:
-    """(Re)write ``summary.json``, ``summary.md`` and ``accuracy.png`` (mean ± std band) of a seed
-    directory from its ``seed-*/`` runs; returns the group."""
-    from .runner import atomic_write
-
-    d = Path(path)
-    group = load_group(d, seeds=seeds)
-    atomic_write(d / "summary.md", seed_markdown(group))
-    from .report import curves_plot
-    curves_plot([group], d / "accuracy.png", f"{group.label}, mean ± std over {len(group.runs)} seeds")
-    atomic_write(d / "summary.json", json.dumps(seed_summary(group), indent=2))
-    return group
-
-
 def check_free(dirs: list[Path], overwrite: bool) -> None:
     """Before any run starts: none of ``dirs`` may hold a run (unless ``overwrite``)."""
     if overwrite:
@@ -363,30 +345,6 @@ def check_free(dirs: list[Path], overwrite: bool) -> None:
     for d in dirs:
         if any((d / f).exists() for f in ("config.yaml", "metrics.json", "checkpoint-phase.pt")):
             raise ConfigError(f"--out: {d} already holds a run; choose another --out or pass --overwrite")
-
-
-def run_seeds(cfg: "RunConfig", seeds: list[int], echo: bool = True, overwrite: bool = False) -> Group:
-    """``cilearn run --seeds``: the configuration once per seed (class order, initialisation, data
-    order) into ``OUT/seed-<s>/``, then ``OUT/summary.{json,md}`` and ``OUT/accuracy.png``."""
-    import copy
-    import time
-
-    from .runner import run
-
-    out = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.method}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_free([out / SEED_DIR.format(s) for s in seeds], overwrite)
-    for s in seeds:
-        c = copy.deepcopy(cfg)
-        c.seed, c.out = s, str(out / SEED_DIR.format(s))
-        if echo:
-            print(f"== seed {s} -> {c.out}", flush=True)
-        run(c, echo=echo, overwrite=overwrite)
-    group = write_seed_summary(out, seeds)
-    if echo:
-        st = group_stats(group)
-        print(f"{len(seeds)} seeds: average incremental accuracy {format_stat(st['avg_incremental_acc'])}, "
-              f"last {format_stat(st['last_acc'])}, forgetting {format_stat(st['forgetting'])} -> {out}/summary.md")
-    return group
 
 
 # ---------------------------------------------------------------- comparisons
@@ -398,29 +356,6 @@ class Comparison:
     out_dir: Path
 
 
-def write_compare(groups: list[Group], out: str | Path, title: str = "") -> Comparison:
-    """``compare.md``, ``compare.csv`` and ``compare.png`` (the overlaid curves) in ``out``."""
-    from .runner import atomic_write
-
-    d = Path(out)
-    d.mkdir(parents=True, exist_ok=True)
-    groups = unique_labels(groups)
-    md, table = markdown_table(groups), csv_table(groups)
-    atomic_write(d / "compare.md", md + "\n")
-    atomic_write(d / "compare.csv", table)
-    from .report import curves_plot
-    curves_plot(groups, d / "compare.png", title)
-    return Comparison(groups, md, table, d)
-
-
-def compare_dirs(dirs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Comparison:
-    """``cilearn compare RUN_DIR...``: each directory (a run or a seed directory) is one row."""
-    if labels is not None and len(labels) != len(dirs):
-        raise ConfigError(f"--labels gives {len(labels)} labels for {len(dirs)} run directories")
-    groups = [load_group(d, labels[i] if labels else None) for i, d in enumerate(dirs)]
-    return write_compare(groups, out, protocol_title(groups[0].runs[0]))
-
-
 def protocol_title(run: Run) -> str:
     """``"digits B0-Inc2"`` from a run's config.yaml (empty when it has none)."""
     c = run.config
@@ -430,38 +365,6 @@ def protocol_title(run: Run) -> str:
     return f"{c.get('data', {}).get('dataset', '?')} B{sc.get('base', 0)}-Inc{sc.get('increment', '?')}"
 
 
-def compare_methods(cfgs: list["RunConfig"], out: str | Path | None = None, seeds: list[int] | None = None,
-                    echo: bool = True, overwrite: bool = False) -> Comparison:
-    """``cilearn compare --methods``: each configuration (one per method, otherwise identical)
-    is run into ``OUT/<method>/`` (with ``seeds``: ``OUT/<method>/seed-<s>/``), then compared."""
-    import copy
-    import time
-
-    from .runner import prepare, run
-
-    methods = [c.method for c in cfgs]
-    if len(set(methods)) != len(methods):
-        raise ConfigError(f"--methods {','.join(methods)}: a method is repeated")
-    d0 = cfgs[0].data.dataset
-    base = Path(out) if out else Path("runs") / f"compare-{d0}-{time.strftime('%Y%m%d-%H%M%S')}"
-    dirs = [base / c.method for c in cfgs]
-    check_free([d / SEED_DIR.format(s) for d in dirs for s in seeds] if seeds else dirs, overwrite)
-    for c in cfgs:      # every configuration is valid before the first run starts
-        prepare(copy.deepcopy(c))
-    for c, d in zip(cfgs, dirs):
-        c.out = str(d)
-        if echo:
-            print(f"== {c.method} -> {d}", flush=True)
-        if seeds:
-            run_seeds(c, seeds, echo=echo, overwrite=overwrite)
-        else:
-            run(c, echo=echo, overwrite=overwrite)
-    comp = compare_dirs(dirs, base)
-    if echo:
-        print(f"\n{comp.markdown}\n\n-> {base}/compare.md, compare.csv, compare.png")
-    return comp
-
-
-__all__ = ["Run", "Group", "Metric", "METRICS", "Stat", "load_run", "load_group", "run_summary", "mean_std",
-           "format_stat", "markdown_table", "csv_table", "table_rows", "parse_seeds", "default_seeds",
-           "run_seeds", "write_seed_summary", "compare_dirs", "compare_methods", "write_compare"]
+__all__ = ["Run", "Group", "Metric", "METRICS", "Stat", "Comparison", "load_run", "load_group", "run_summary",
+           "mean_std", "format_stat", "markdown_table", "csv_table", "table_rows", "parse_seeds", "default_seeds",
+           "check_free", "protocol_title"]

@@ -20,21 +20,63 @@ from typing import Any, TextIO
 import torch
 
 from . import __version__, distributed
-from .config import RunConfig, describe_stage, resolve, to_dict, validate
+from .checkpoint import (
+    EPOCH_FILE,
+    PHASE_FILE,
+    Checkpointer,
+    load_checkpoint,
+    restoring,
+    set_rng_state,
+)
+from .config import (
+    RunConfig,
+    describe_stage,
+    from_dict,
+    load_yaml,
+    resolve,
+    to_dict,
+    validate,
+)
 from .data.augment import Augmenter
 from .data.base import DataOptions
+from .data.datasets import load_dataset, subsample_per_class
 from .data.rows import HostRows, choose_resident
 from .data.scenario import Scenario, class_order
-from .checkpoint import EPOCH_FILE, PHASE_FILE, Checkpointer, load_checkpoint, restoring, set_rng_state
 from .errors import CilearnError, ConfigError
-from .evaluate import PhaseEval, average_incremental_accuracy, confusion_matrix, evaluate_phase, forgetting, predict
+from .evaluate import (
+    PhaseEval,
+    average_incremental_accuracy,
+    confusion_matrix,
+    evaluate_phase,
+    forgetting,
+    predict,
+)
+from .events import NULL, Observer
+from .files import atomic_write
 from .losses import CLS_LOSSES
-from .memory import Budget, Memory
+from .memory import Budget, Memory, mnemonics
+from .memory.compress import COMPRESSORS
+from .memory.compress import build as build_compressor
+from .memory.mnemonics import build as build_memory_optimizer
 from .memory.selection import SELECTIONS
 from .methods import METHODS, Context, SplitData
+from .methods.terms import TERMS
+from .models import build_net
 from .models.backbones import BACKBONES
 from .models.heads import HEADS, head_options
-from .models import build_net
+from .replay import REPLAY
+
+
+@dataclass
+class RunView:
+    """The run's objects as the reporting layer sees them (``Observer.on_start``)."""
+    cfg: RunConfig
+    out: Path
+    net: torch.nn.Module
+    memory: Memory | None
+    augmenter: Augmenter
+    autocast_dtype: torch.dtype | None
+    data: SplitData
 
 
 @dataclass
@@ -113,15 +155,6 @@ def git_commit() -> str | None:
         return None
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Log:
     """Prints to the console and appends to ``log.txt``."""
 
@@ -146,7 +179,6 @@ class Log:
 
 
 def load_data(cfg: RunConfig):
-    from .data.datasets import load_dataset, subsample_per_class
 
     d = cfg.data
     ds = load_dataset(d.dataset, DataOptions(data_dir=d.data_dir, image_size=d.image_size, train_list=d.train_list,
@@ -175,28 +207,21 @@ def prepare(cfg: RunConfig):
     SELECTIONS.get(cfg.memory.selection)
     if cfg.loss.cls:
         CLS_LOSSES.get(cfg.loss.cls)
-    from .methods.terms import TERMS
     for name in cfg.loss.distill:
         TERMS.get(name)
     if cfg.replay.source not in (None, "none"):
-        from .replay import REPLAY
         REPLAY.get(cfg.replay.source)
     if cfg.train.compile and not _compile_supported():
         raise ConfigError(f"--train.compile: torch.compile is not supported by this PyTorch ({torch.__version__}) "
                           "and Python; run without --compile")
-    if cfg.report.tensorboard:
-        from .tblog import summary_writer_class
-        summary_writer_class()                 # a ConfigError naming the package when it is missing
     budget_given = cfg.memory.total is not None or cfg.memory.per_class is not None
     if method_cls.train_on_seen and budget_given:
         raise ConfigError(f"--method {cfg.method} trains on all data seen so far: a memory budget does not apply")
     method_cls.check_config(cfg, uses_memory(method_cls, cfg))
     distributed.check_config(cfg, method_cls)
-    from .memory import mnemonics
     cfg.memory.optimizer = cfg.memory.optimizer or method_cls.memory_optimizer
     mnemonics.check(cfg, cfg.method, uses_memory(method_cls, cfg))
     cfg.memory.compressor = cfg.memory.compressor or method_cls.memory_compressor
-    from .memory.compress import COMPRESSORS
     COMPRESSORS.get(cfg.memory.compressor)          # a ConfigError naming the choices
     if cfg.memory.compressor != "none" and not uses_memory(method_cls, cfg):
         raise ConfigError(f"--memory.compressor {cfg.memory.compressor} compresses exemplars and --method "
@@ -243,19 +268,21 @@ def make_out_dir(cfg: RunConfig, overwrite: bool = False) -> Path:
     return out
 
 
-def run(cfg: RunConfig, echo: bool = True, overwrite: bool = False) -> Results:
-    """Run a class-incremental experiment and write its outputs; returns the metrics."""
+def run(cfg: RunConfig, echo: bool = True, overwrite: bool = False, observer: Observer | None = None) -> Results:
+    """Run a class-incremental experiment and write its outputs; returns the metrics. ``observer``
+    (``cilearn.events``) is told what happens, on the process that writes (figures, TensorBoard:
+    ``cilearn.api.run`` hands it ``cilearn.report.Reporter``)."""
     wall0 = time.perf_counter()
     distributed.init()
     cfg, ds, method_cls = distributed.main_first(lambda: prepare(cfg))
     device = resolve_device(cfg.train.device)
     amp = resolve_precision(cfg.train.precision, device)
     out = distributed.on_main(lambda: make_out_dir(cfg, overwrite))
-    return _execute(cfg, ds, method_cls, device, amp, out, echo, wall0, None, None)
+    return _execute(cfg, ds, method_cls, device, amp, out, echo, wall0, None, None, observer)
 
 
 def resume(run_dir: str | Path, echo: bool = True, device: str | None = None,
-           progress: bool | None = None) -> Results:
+           progress: bool | None = None, observer: Observer | None = None) -> Results:
     """Continue an interrupted run from its last complete checkpoint (``cilearn run --resume``)."""
     wall0 = time.perf_counter()
     out = Path(run_dir)
@@ -275,7 +302,7 @@ def resume(run_dir: str | Path, echo: bool = True, device: str | None = None,
     next_phase = phase_state["next_phase"] if phase_state else 0
     if epoch_state is not None and epoch_state["phase"] != next_phase:
         epoch_state = None   # stale: its phase was finished and checkpointed after it
-    return _execute(cfg, ds, method_cls, dev, amp, out, echo, wall0, phase_state, epoch_state)
+    return _execute(cfg, ds, method_cls, dev, amp, out, echo, wall0, phase_state, epoch_state, observer)
 
 
 def _resume_config(out: Path) -> dict:
@@ -283,38 +310,34 @@ def _resume_config(out: Path) -> dict:
         raise ConfigError(f"--resume {out}: no config.yaml there, not a cilearn run directory")
     if (out / "metrics.json").exists():
         raise ConfigError(f"--resume {out}: this run is already complete (metrics.json exists)")
-    from .config import load_yaml
     return load_yaml(str(out / "config.yaml"))
 
 
 def _execute(cfg, ds, method_cls, device, amp, out: Path, echo: bool, wall0: float,
-             phase_state: dict | None, epoch_state: dict | None) -> Results:
+             phase_state: dict | None, epoch_state: dict | None, observer: Observer | None) -> Results:
     writes = distributed.is_main()       # under torchrun: rank 0 writes, the others compute
     log = Log(out / "log.txt" if writes else None, echo and writes)
-    ckpt = tb = None
+    events = observer if observer is not None and writes else NULL
+    ckpt = None
     try:
         torch.manual_seed(cfg.seed)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         ckpt = Checkpointer(out if writes else None, cfg.train.checkpoint_every, gen)
-        if cfg.report.tensorboard and writes:
-            from .tblog import TensorBoardLog
-            tb = TensorBoardLog(out, cfg.train.base_epochs or cfg.train.epochs or 0)
-            ckpt.on_epoch = tb.on_epoch
+        ckpt.on_epoch = events.on_epoch
         ckpt.install_signal_handlers()
-        return _phases(cfg, ds, method_cls, device, amp, out, log, wall0, gen, ckpt, phase_state, epoch_state, tb)
+        return _phases(cfg, ds, method_cls, device, amp, out, log, wall0, gen, ckpt, phase_state, epoch_state, events)
     except CilearnError as e:
         log.record(f"stopped: {e}")
         raise
     finally:
         if ckpt is not None:
             ckpt.restore_signal_handlers()
-        if tb is not None:
-            tb.close()
+        events.close()
         log.close()
 
 
 def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float, gen: torch.Generator,
-            ckpt: Checkpointer, phase_state: dict | None, epoch_state: dict | None, tb=None) -> Results:
+            ckpt: Checkpointer, phase_state: dict | None, epoch_state: dict | None, events: Observer = NULL) -> Results:
     import yaml
 
     meta = {"cilearn_version": __version__, "git_commit": git_commit(), "torch_version": str(torch.__version__),
@@ -343,14 +366,13 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     net = build_net(cfg.model.backbone, head, ds.image_shape[0], last_relu, method_cls.expandable, **opts).to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    from .memory.compress import build as build_compressor
-    from .memory.mnemonics import build as build_memory_optimizer
     memory = Memory(Budget(cfg.memory.total, cfg.memory.per_class), cfg.memory.selection,
                     build_memory_optimizer(cfg), build_compressor(cfg)) if uses_memory(method_cls, cfg) else None
-    ctx = Context(cfg, net, memory, aug, device, gen, amp, ckpt, out if writes else None)
+    ctx = Context(cfg, net, memory, aug, device, gen, amp, ckpt, events)
     method = method_cls(ctx)
     ckpt.method_state = method.state_dict  # type: ignore[method-assign]
 
+    events.on_start(RunView(cfg, out, net, memory, aug, amp, data))
     evals: list[PhaseEval] = []
     phase_rows: list[dict] = []
     first, wall_before = 0, 0.0
@@ -424,8 +446,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
         if phase.index == len(scenario.phases) - 1:   # the report's confusion matrix: true x predicted ids
             row["confusion"] = confusion_matrix(logits.argmax(1), data.test_y[seen], logits.shape[1])
         phase_rows.append(row)
-        if tb is not None:
-            tb.on_phase(row)
+        events.on_phase(row)
         f = lambda v: f"{v:6.2f}" if v is not None else f"{'-':>6}"  # noqa: E731
         log(f"{phase.index:>5} {phase.seen:>7} {f(ev.acc)} {f(ev.acc_nme)} {f(ev.acc_old)} {f(ev.acc_new)} "
             f"{f(ev.top5)} {fr.seconds:8.1f} {fr.images_per_s:7.0f}")
@@ -441,7 +462,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     if world > 1:
         metrics["distributed"] = meta["distributed"]
     if writes:
-        write_outputs(out, metrics)
+        write_outputs(out, metrics, events)
     log(f"average incremental accuracy {metrics['avg_incremental_acc']:.2f}"
         + (f" (NME {metrics['avg_incremental_acc_nme']:.2f})" if metrics["avg_incremental_acc_nme"] is not None else "")
         + f", last {metrics['last_acc']:.2f}, forgetting {metrics['forgetting']:.2f}, "
@@ -538,20 +559,17 @@ def memory_units(memory: Memory | None, seen: int) -> dict[str, Any]:
             "class_units": [round(memory.class_bytes(c) / unit, 4) for c in range(seen)]}
 
 
-def write_outputs(out: Path, metrics: dict[str, Any]) -> None:
-    from .report import accuracy_plot
-
+def write_outputs(out: Path, metrics: dict[str, Any], events: Observer = NULL) -> None:
     cols = ["phase", "classes_seen", "acc", "acc_nme", "acc_old", "acc_new", "top5", "train_seconds",
             "finetune_seconds", "train_images_per_s"]
     lines = [",".join(cols)] + [",".join("" if r.get(c) is None else (f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]))
                                          for c in cols) for r in metrics["phases"]]
     atomic_write(out / "metrics.csv", "\n".join(lines) + "\n")
-    accuracy_plot(metrics, out / "accuracy.png")
+    events.on_complete(out, metrics)                                    # figures (accuracy.png)
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))   # last: marks the run complete
 
 
 def config_from_dict(d: dict) -> RunConfig:
-    from .config import from_dict
     d = {k: v for k, v in d.items() if k != "meta"}   # config.yaml's meta section is informational
     return from_dict(RunConfig, d)
 

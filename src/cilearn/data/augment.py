@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from .rows import as_tensor
 
 POLICIES = ("none", "flip", "crop-flip", "rrc-flip")
@@ -23,7 +24,6 @@ POLICIES = ("none", "flip", "crop-flip", "rrc-flip")
 class Augmenter:
     def __init__(self, policy: str, pad: int, mean, std, channels_last: bool = True):
         if policy not in POLICIES:
-            from ..errors import ConfigError
             raise ConfigError(f"--data.augment must be one of {', '.join(POLICIES)}, got '{policy}'")
         self.policy, self.pad, self.channels_last = policy, pad, channels_last
         std_t = torch.tensor(std, dtype=torch.float32)

@@ -15,142 +15,28 @@ Hooks, in phase order (see ``cilearn.runner``):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from .. import distributed
-from ..data.augment import Augmenter
 from ..data.scenario import Phase
-from ..evaluate import predict
+from ..errors import ConfigError
+from ..evaluate import kd_target_stats, predict
 from ..losses import CLS_LOSSES, DISTILL
+from ..memory.compress import random_box_artifacts
 from ..registry import Registry
-from ..train import Batch, FitResult, FitSettings, fit
+from ..replay import replay_source
+from ..train import Batch, FitResult
 from .calibration import balanced_finetune, clip_nonnegative, weight_align
+from .context import Context, SplitData, TeacherCache, TeacherOut, over_views  # noqa: F401 (re-exported)
+from .imprint import imprint
+from .terms import TERMS
 
 if TYPE_CHECKING:
-    from ..checkpoint import Checkpointer
     from ..config import RunConfig, TrainingDefaults
-    from ..memory import Memory
-    from ..models.net import IncrementalNet
 
 METHODS: Registry = Registry("method")
-
-
-@dataclass
-class SplitData:
-    """The whole data set on the training device, labels as incremental ids."""
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-
-    def train_of(self, classes: range) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = (self.train_y >= classes.start) & (self.train_y < classes.stop)
-        return self.train_x[mask], self.train_y[mask]
-
-
-@dataclass
-class Context:
-    """What the runner hands a method."""
-    cfg: "RunConfig"
-    net: "IncrementalNet"
-    memory: "Memory | None"
-    augmenter: Augmenter
-    device: torch.device
-    gen: torch.Generator
-    autocast_dtype: torch.dtype | None
-    ckpt: "Checkpointer | None" = None
-    out: Path | None = None                  # the run directory (figures), None in unit tests
-
-    def fit_settings(self, phase: Phase, **over) -> FitSettings:
-        t = self.cfg.train
-        first = phase.index == 0
-        s = FitSettings(epochs=t.base_epochs if first else t.epochs, lr=t.base_lr if first else t.lr,
-                        batch_size=t.batch_size, momentum=t.momentum,
-                        weight_decay=t.base_weight_decay if first else t.weight_decay,
-                        schedule=t.schedule, milestones=tuple(t.base_milestones if first else t.milestones),
-                        gamma=t.gamma, warmup_epochs=t.warmup_epochs,
-                        autocast_dtype=self.autocast_dtype, progress=t.progress, compile=t.compile)
-        for k, v in over.items():
-            setattr(s, k, v)
-        return s
-
-    def fit(self, x: torch.Tensor, y: torch.Tensor, loss_fn, settings: FitSettings, desc: str,
-            params=None) -> FitResult:
-        """The one training loop, with this run's augmentation, RNG and checkpoints. ``desc`` names
-        the stage (unique within a phase: a resumed run continues the stage of that name)."""
-        return fit(self.net, x, y, loss_fn, settings, self.augmenter, self.gen, params=params, desc=desc,
-                   ckpt=self.ckpt)
-
-    def embed(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``[N, D]`` (eval mode, no augmentation). Under torchrun a collective: each rank
-        embeds its part of ``x`` and every rank gets all of them (``distributed.gather_rows``), so
-        all ranks must call it together."""
-        bs, amp = self.cfg.train.eval_batch_size, self.autocast_dtype
-        return distributed.gather_rows(lambda xs: predict(net, xs, self.augmenter, bs, amp), x)[1]
-
-    def phase_generator(self, phase: Phase) -> torch.Generator:
-        """A CPU generator seeded by (seed, phase) for a phase's side draws (k-means imprinting,
-        random fine-tuning selection), so that the run's RNG stream is untouched."""
-        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + phase.index)
-
-
-def over_views(ctx: Context, x: torch.Tensor, fn) -> tuple[torch.Tensor, ...] | None:
-    """``fn`` over every deterministic training view of ``x`` (uint8 ``[N, C, H, W]``), in
-    batches of ``eval_batch_size``: ``fn(normalised batch [b, C, H, W]) -> tuple of [b, ...]``
-    tensors; returns the tuple of ``[V, N, ...]`` stacks, or None when the augmentation's views
-    are continuous (crop, resized crop). Teacher-side caches use it: a frozen teacher's output on
-    view v of image i is then looked up as ``[batch.view, batch.idx]``, exactly."""
-    aug = ctx.augmenter
-    if aug.num_views is None:
-        return None
-    bs = ctx.cfg.train.eval_batch_size
-    views = []
-    for v in range(aug.num_views):
-        parts = [fn(aug.view(x[i:i + bs], v)) for i in range(0, len(x), bs)]
-        views.append([torch.cat(p) for p in zip(*parts)])
-    return tuple(torch.stack(p) for p in zip(*views))
-
-
-class TeacherOut(NamedTuple):
-    logits: torch.Tensor            # [B, K_old]
-    embedding: torch.Tensor         # [B, D]
-    extra: torch.Tensor | None      # [B, F]: the cache's ``extra(output)``, e.g. PODNet's pooled maps
-
-
-class TeacherCache:
-    """Outputs of a frozen teacher on the training set. When the augmentation has a finite set
-    of views (none, flip) they are computed once per view and looked up per batch, which is
-    exact (the teacher is frozen, in eval mode) and saves one forward pass per training step;
-    otherwise the teacher runs on each batch. ``extra``: a function of the teacher's
-    ``NetOutput`` giving ``[B, F]`` more to keep (PODNet's pooled feature maps)."""
-
-    def __init__(self, teacher: torch.nn.Module, x: torch.Tensor, ctx: Context, extra=None):
-        @torch.no_grad()
-        def outputs(xb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            o = teacher(xb)
-            res = (o.logits.float(), o.embedding.float())
-            return res + ((extra(o).float(),) if extra is not None else ())
-
-        self._outputs = outputs
-        self.cached = over_views(ctx, x, outputs)   # ([V, N, K_old], [V, N, D][, [V, N, F]]) or None
-
-    def __call__(self, batch: Batch) -> TeacherOut:
-        """The teacher's outputs for the batch (looked up, or computed on it)."""
-        if self.cached is not None and batch.view is not None:
-            got = [c[batch.view, batch.idx] for c in self.cached]
-        else:
-            got = list(self._outputs(batch.x))
-        return TeacherOut(got[0], got[1], got[2] if len(got) > 2 else None)
-
-    def cached_embeddings(self, idx: torch.Tensor) -> torch.Tensor | None:
-        """The teacher's cached embeddings ``[len(idx), D]`` of training images ``idx``,
-        unaugmented view; None when nothing is cached (continuous augmentation)."""
-        return self.cached[1][0, idx] if self.cached is not None else None
 
 
 class Method:
@@ -185,7 +71,6 @@ class Method:
     @classmethod
     def check_config(cls, cfg: "RunConfig", has_memory: bool) -> None:
         """Checks of the method against the configuration, before anything is written."""
-        from ..errors import ConfigError
         if cls.finetune_enabled(cfg) and not has_memory:
             raise ConfigError(f"--balanced-finetune needs exemplars and --method {cfg.method} keeps none here: "
                               "give --memory N or --memory-per-class N, or drop --balanced-finetune")
@@ -217,9 +102,7 @@ class Method:
         self.kd_fn = DISTILL.get(self.distill) if self.distill else None
         self.lam = self.kd_weight if lc.kd_weight is None else lc.kd_weight
         self.T = lc.temperature
-        from .terms import TERMS
         self.extra = [TERMS.get(n)(self) for n in dict.fromkeys(self.terms + tuple(lc.distill))]
-        from ..replay import replay_source
         self.replay = replay_source(self)
         self.teacher = None
         self.teacher_out: TeacherCache | None = None
@@ -281,7 +164,6 @@ class Method:
     def teacher_target_stats(self, x: torch.Tensor) -> dict[str, float]:
         """``evaluate.kd_target_stats`` of the teacher's logits on the unaugmented training images
         ``x`` (from the cache when there is one)."""
-        from ..evaluate import kd_target_stats
         cached = self.teacher_out.cached if self.teacher_out is not None else None
         logits = cached[0][0] if cached is not None else predict(self.teacher, x, self.ctx.augmenter,
                                                                  self.ctx.cfg.train.eval_batch_size,
@@ -304,7 +186,6 @@ class Method:
         """Weight imprinting of the new classes' rows (``cilearn.methods.imprint``) from the
         current model's embeddings of their images: the teacher's cached ones (unflipped view)
         when the augmentation has finite views, else one embedding pass."""
-        from .imprint import imprint
         new = (y >= phase.start).nonzero().flatten()
         emb = self.teacher_out.cached_embeddings(new) if self.teacher_out is not None else None
         if emb is None:
@@ -396,7 +277,6 @@ class Method:
         images compressed around a random box, so that compression artifacts do not tell the old
         classes (the compressed exemplars) from the new. A changed batch is no longer one of the
         teacher cache's views (``view=None``): the teacher then runs on the changed images."""
-        from ..memory.compress import random_box_artifacts
         x, changed = random_box_artifacts(batch.x, self.artifact_prob, self.ctx.memory.compressor.s, self.ctx.gen,
                                           rows=batch.y >= self.phase.start)
         return batch._replace(x=x, view=None) if bool(changed.any()) else batch
@@ -418,12 +298,7 @@ class Method:
                                    self.ctx.augmenter.test)
             selected = mem.optimize(self.net, self.ctx.augmenter.test, phase.classes, x, y,
                                     self.ctx.phase_generator(phase))
-            if self.ctx.cfg.report.save_exemplars and self.ctx.out is not None:
-                from ..report import exemplar_figure
-                exemplar_figure(self.ctx, phase, originals)
-            if self.ctx.cfg.report.save_tsne and self.ctx.out is not None:
-                from ..report import tsne_plot
-                tsne_plot(self.ctx, phase, data, selected)
+            self.ctx.events.on_memory(phase, originals, selected)
 
     def state_dict(self) -> dict:
         """State a method keeps beyond the network and the memory (checkpointed at phase ends and

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..train import Batch
 from . import schedules
 from .base import METHODS, Method
@@ -64,7 +65,6 @@ class ICaRLBCE(ICaRL):
     def check_config(cls, cfg, has_memory: bool) -> None:
         super().check_config(cfg, has_memory)
         if cfg.loss.cls not in (None, "bce"):
-            from ..errors import ConfigError
             raise ConfigError(f"--method {cfg.method} is one sigmoid BCE doing classification and distillation; "
                               f"--loss {cfg.loss.cls} does not apply (use --method icarl or lwf for a softmax loss)")
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..train import Batch, FitResult
+from .context import over_views
 
 if TYPE_CHECKING:
     from ..data.scenario import Phase
@@ -110,7 +111,6 @@ def balanced_finetune(method: "Method", phase: "Phase", x: torch.Tensor, y: torc
     head_only = t.finetune_head_only
     cached = None
     if head_only:   # the frozen backbone's embeddings once per image and view (finite views), exact
-        from .base import over_views
         net.backbone.eval()
         with torch.no_grad():
             cached = over_views(ctx, xb, lambda b: (net.backbone(b)[1].float(),))   # ([V, N, D],) or None

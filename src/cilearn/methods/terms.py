@@ -10,14 +10,19 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 
-from ..attention import attention_distillation, gradcam, overlay_grid, teacher_gradcam
+from ..attention import attention_distillation, gradcam, teacher_gradcam
+from ..losses import CLS_LOSSES, kd_kl
+from ..models.net import freeze
 from ..registry import Registry
+from ..train import fit
+from .context import TeacherCache, over_views
 
 if TYPE_CHECKING:
     from ..data.scenario import Phase
     from ..models.net import NetOutput
     from ..train import Batch
-    from .base import Method, SplitData
+    from .base import Method
+    from .context import SplitData
 
 TERMS: Registry = Registry("distillation term")
 
@@ -67,7 +72,6 @@ class AttentionDistill(DistillTerm):
         return 1.0 if w is None else w
 
     def before_phase(self, phase, x, y):
-        from .base import over_views
         got = over_views(self.m.ctx, x, lambda xb: teacher_gradcam(self.m.teacher, xb, phase.num_old)[:2])
         self.cam, self.b = got if got is not None else (None, None)   # [V, N, h, w], [V, N]
 
@@ -83,12 +87,11 @@ class AttentionDistill(DistillTerm):
         return attention_distillation(cam_s, cam_t)
 
     def after_phase(self, phase, data):
-        """``--save-attention N``: a PNG of N test images of the seen classes with the teacher's
-        and the student's Grad-CAM for b, in the run directory."""
+        """``--save-attention N``: N test images of the seen classes with the teacher's and the
+        student's Grad-CAM for b, handed to the reporting layer (``attention-phase<i>.png``)."""
         n = self.m.ctx.cfg.report.save_attention
-        out_dir = self.m.ctx.out
         self.cam = self.b = None
-        if n <= 0 or out_dir is None:
+        if n <= 0 or not self.m.ctx.events.wants("attention"):
             return
         seen = (data.test_y < phase.end).nonzero().flatten()
         pick = seen[torch.from_numpy(np.random.RandomState(phase.index).permutation(len(seen))[:n]).to(seen.device)]
@@ -103,7 +106,8 @@ class AttentionDistill(DistillTerm):
         net.train(was)
         order = self.m.ctx.cfg.scenario.class_order
         titles = [f"y={order[int(a)]} b={order[int(c)]}" for a, c in zip(y, b)]
-        overlay_grid(x.cpu(), cam_t, cam_s, out_dir / f"attention-phase{phase.index}.png", titles)
+        self.m.ctx.events.on_images("attention", phase.index, {"images": x.cpu(), "teacher": cam_t, "student": cam_s,
+                                                               "titles": titles})
 
 
 @TERMS.register("dual-teacher")
@@ -136,10 +140,6 @@ class DualTeacherDistill(DistillTerm):
     def before_phase(self, phase, x, y):
         import copy
 
-        from ..losses import CLS_LOSSES
-        from ..models.net import freeze
-        from ..train import fit
-        from .base import TeacherCache
         ctx, lc = self.m.ctx, self.m.ctx.cfg.loss
         new = y >= phase.start
         xn, yn = x[new], y[new]
@@ -169,7 +169,6 @@ class DualTeacherDistill(DistillTerm):
         self.cache = TeacherCache(model, x, ctx)     # its outputs once per image and view (finite views)
 
     def __call__(self, batch, out):
-        from ..losses import kd_kl
         a, b = self.block
         return kd_kl(out.logits[:, a:b], self.cache(batch).logits[:, a:b], self.m.T)
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..evaluate import predict
+from ..losses import kd_kl
 from ..registry import Registry
 from .dfgr import GeneratorSettings, train_generator
 
@@ -55,7 +57,7 @@ class DFGRReplay:
         self.generator, self.summary = train_generator(self.m.teacher, ctx.augmenter.normalize, image_shape,
                                                        self.settings, ctx.gen, ctx.device)
         n = ctx.cfg.report.save_samples
-        if n > 0 and ctx.out is not None:
+        if n > 0 and ctx.events.wants("samples"):
             self.save_samples(phase, n)
 
     @torch.no_grad()
@@ -66,7 +68,6 @@ class DFGRReplay:
         return ctx.augmenter.normalize(self.generator(z))
 
     def terms(self, batch_size: int) -> list[tuple[str, float, torch.Tensor]]:
-        from ..losses import kd_kl
         r = self.m.ctx.cfg.replay
         xs = self.sample(r.samples_per_batch or batch_size)
         with torch.no_grad():
@@ -90,10 +91,9 @@ class DFGRReplay:
 
     @torch.no_grad()
     def save_samples(self, phase: "Phase", n: int) -> None:
-        """``samples-phase<i>.png``: for each old class, the ``n`` samples (of a pool of
-        ``max(512, 8 n K_old)``) that the old model gives the highest probability of that class."""
-        from ..evaluate import predict
-        from .plots import sample_grid
+        """For each old class, the ``n`` samples (of a pool of ``max(512, 8 n K_old)``) that the old
+        model gives the highest probability of that class, handed to the reporting layer
+        (``samples-phase<i>.png``)."""
         ctx, k = self.m.ctx, phase.num_old
         pool = max(512, 8 * n * k)
         z = torch.randn(pool, self.settings.z_dim, generator=ctx.gen, device=ctx.gen.device).to(ctx.device)
@@ -102,8 +102,9 @@ class DFGRReplay:
                                  ctx.autocast_dtype)[0], 1)                               # [pool, K_old]
         top = prob.topk(min(n, pool), dim=0).indices.T                       # [K_old, n]
         order = ctx.cfg.scenario.class_order
-        sample_grid(imgs[top.flatten()].round().clamp(0, 255).to(torch.uint8).cpu(), k, min(n, pool),
-                    [f"class {order[c]}" for c in range(k)], ctx.out / f"samples-phase{phase.index}.png")
+        ctx.events.on_images("samples", phase.index, {
+            "images": imgs[top.flatten()].round().clamp(0, 255).to(torch.uint8).cpu(), "rows": k,
+            "cols": min(n, pool), "labels": [f"class {order[c]}" for c in range(k)]})
 
 
 @contextlib.contextmanager

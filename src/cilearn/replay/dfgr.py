@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..models.net import freeze
 
 
@@ -138,7 +139,6 @@ def train_generator(old_model: nn.Module, normalize, image_shape: tuple[int, int
     use ``cilearn.train.fit``. Returns the generator (eval mode, frozen) and a summary:
     ``{"seconds", "bn_start", "bn_end", "entropy_end", "diversity_end"}``."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in old_model.modules()) and s.bn_weight > 0:
-        from ..errors import ConfigError
         raise ConfigError("--replay dfgr matches BatchNorm statistics, and the old model has no BatchNorm layer; "
                           "give --replay.bn-weight 0 or a backbone with BatchNorm")
     start = time.perf_counter()

@@ -1,0 +1,134 @@
+"""What the runner hands a method and its parts: the data split, the run's context (config, net,
+memory, augmentation, RNG, the one training loop), and the frozen teacher's cached outputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from .. import distributed
+from ..data.augment import Augmenter
+from ..data.scenario import Phase
+from ..evaluate import predict
+from ..events import NULL, Observer
+from ..train import Batch, FitResult, FitSettings, fit
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpointer
+    from ..config import RunConfig
+    from ..memory import Memory
+    from ..models.net import IncrementalNet
+
+
+@dataclass
+class SplitData:
+    """The whole data set on the training device, labels as incremental ids."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    def train_of(self, classes: range) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = (self.train_y >= classes.start) & (self.train_y < classes.stop)
+        return self.train_x[mask], self.train_y[mask]
+
+
+@dataclass
+class Context:
+    """What the runner hands a method."""
+    cfg: "RunConfig"
+    net: "IncrementalNet"
+    memory: "Memory | None"
+    augmenter: Augmenter
+    device: torch.device
+    gen: torch.Generator
+    autocast_dtype: torch.dtype | None
+    ckpt: "Checkpointer | None" = None
+    events: Observer = NULL                  # the reporting layer's observer (figures), a no-op in unit tests
+
+    def fit_settings(self, phase: Phase, **over) -> FitSettings:
+        t = self.cfg.train
+        first = phase.index == 0
+        s = FitSettings(epochs=t.base_epochs if first else t.epochs, lr=t.base_lr if first else t.lr,
+                        batch_size=t.batch_size, momentum=t.momentum,
+                        weight_decay=t.base_weight_decay if first else t.weight_decay,
+                        schedule=t.schedule, milestones=tuple(t.base_milestones if first else t.milestones),
+                        gamma=t.gamma, warmup_epochs=t.warmup_epochs,
+                        autocast_dtype=self.autocast_dtype, progress=t.progress, compile=t.compile)
+        for k, v in over.items():
+            setattr(s, k, v)
+        return s
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor, loss_fn, settings: FitSettings, desc: str,
+            params=None) -> FitResult:
+        """The one training loop, with this run's augmentation, RNG and checkpoints. ``desc`` names
+        the stage (unique within a phase: a resumed run continues the stage of that name)."""
+        return fit(self.net, x, y, loss_fn, settings, self.augmenter, self.gen, params=params, desc=desc,
+                   ckpt=self.ckpt)
+
+    def embed(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[N, D]`` (eval mode, no augmentation). Under torchrun a collective: each rank
+        embeds its part of ``x`` and every rank gets all of them (``distributed.gather_rows``), so
+        all ranks must call it together."""
+        bs, amp = self.cfg.train.eval_batch_size, self.autocast_dtype
+        return distributed.gather_rows(lambda xs: predict(net, xs, self.augmenter, bs, amp), x)[1]
+
+    def phase_generator(self, phase: Phase) -> torch.Generator:
+        """A CPU generator seeded by (seed, phase) for a phase's side draws (k-means imprinting,
+        random fine-tuning selection), so that the run's RNG stream is untouched."""
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + phase.index)
+
+
+def over_views(ctx: Context, x: torch.Tensor, fn) -> tuple[torch.Tensor, ...] | None:
+    """``fn`` over every deterministic training view of ``x`` (uint8 ``[N, C, H, W]``), in
+    batches of ``eval_batch_size``: ``fn(normalised batch [b, C, H, W]) -> tuple of [b, ...]``
+    tensors; returns the tuple of ``[V, N, ...]`` stacks, or None when the augmentation's views
+    are continuous (crop, resized crop). Teacher-side caches use it: a frozen teacher's output on
+    view v of image i is then looked up as ``[batch.view, batch.idx]``, exactly."""
+    aug = ctx.augmenter
+    if aug.num_views is None:
+        return None
+    bs = ctx.cfg.train.eval_batch_size
+    views = []
+    for v in range(aug.num_views):
+        parts = [fn(aug.view(x[i:i + bs], v)) for i in range(0, len(x), bs)]
+        views.append([torch.cat(p) for p in zip(*parts)])
+    return tuple(torch.stack(p) for p in zip(*views))
+
+
+class TeacherOut(NamedTuple):
+    logits: torch.Tensor            # [B, K_old]
+    embedding: torch.Tensor         # [B, D]
+    extra: torch.Tensor | None      # [B, F]: the cache's ``extra(output)``, e.g. PODNet's pooled maps
+
+
+class TeacherCache:
+    """Outputs of a frozen teacher on the training set. When the augmentation has a finite set
+    of views (none, flip) they are computed once per view and looked up per batch, which is
+    exact (the teacher is frozen, in eval mode) and saves one forward pass per training step;
+    otherwise the teacher runs on each batch. ``extra``: a function of the teacher's
+    ``NetOutput`` giving ``[B, F]`` more to keep (PODNet's pooled feature maps)."""
+
+    def __init__(self, teacher: torch.nn.Module, x: torch.Tensor, ctx: Context, extra=None):
+        @torch.no_grad()
+        def outputs(xb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            o = teacher(xb)
+            res = (o.logits.float(), o.embedding.float())
+            return res + ((extra(o).float(),) if extra is not None else ())
+
+        self._outputs = outputs
+        self.cached = over_views(ctx, x, outputs)   # ([V, N, K_old], [V, N, D][, [V, N, F]]) or None
+
+    def __call__(self, batch: Batch) -> TeacherOut:
+        """The teacher's outputs for the batch (looked up, or computed on it)."""
+        if self.cached is not None and batch.view is not None:
+            got = [c[batch.view, batch.idx] for c in self.cached]
+        else:
+            got = list(self._outputs(batch.x))
+        return TeacherOut(got[0], got[1], got[2] if len(got) > 2 else None)
+
+    def cached_embeddings(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The teacher's cached embeddings ``[len(idx), D]`` of training images ``idx``,
+        unaugmented view; None when nothing is cached (continuous augmentation)."""
+        return self.cached[1][0, idx] if self.cached is not None else None
