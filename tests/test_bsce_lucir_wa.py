@@ -15,7 +15,8 @@ from cilearn.data.scenario import Phase
 from cilearn.losses import CLS_LOSSES, balanced_softmax_ce, cross_entropy, less_forget, lucir_lambda, margin_ranking
 from cilearn.memory import Budget, Memory
 from cilearn.methods import METHODS, Context
-from cilearn.methods.calibration import balanced_finetune, clip_nonnegative, select_balanced, weight_align
+from cilearn.calibration import BalancedFinetune, clip_nonnegative, weight_align
+from cilearn.components import PhaseData
 from cilearn.methods.imprint import imprint_weights
 from cilearn.models.heads import HEADS, CosineHead
 from cilearn.models import build_net
@@ -210,7 +211,7 @@ def test_wa_lambda_is_old_over_seen(quick):
     x = torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8)
     m.before_phase(Phase(3, 6, 8), x, torch.tensor([6, 7, 0, 1]))
     assert m.lam == pytest.approx(0.75) and m.cls_weight == pytest.approx(0.25)
-    assert m.align and m.clip
+    assert [p.name for p in m.components.parts] == ["weight-align"] and m.clip
     m2 = METHODS.get("wa")(_ctx(quick, "wa", loss={"kd_weight": 2.0}, train={"epochs": 6, "progress": False,
                                                                             "weight_clip": False}))
     m2.net.add_classes(6)
@@ -228,14 +229,18 @@ def test_balanced_finetune_is_balanced_and_trains_the_head_only(quick):
     x = torch.randint(0, 255, (30, 1, 8, 8), dtype=torch.uint8)
     y = torch.tensor([0] * 4 + [1] * 4 + [2] * 12 + [3] * 10)
     phase = Phase(1, 2, 4)
-    sub = select_balanced(m, phase, x, y)
+    (ft_part,) = m.components.parts
+    assert isinstance(ft_part, BalancedFinetune) and ft_part.options.epochs == 20 and ft_part.options.head_only
+    data = PhaseData(x, y, torch.bincount(y).float(), ctx.memory, m.cls_fn)
+    sub = ft_part.select(phase, net, data)
     assert sub["per_class"] == 4
     assert torch.bincount(y[sub["new_idx"]], minlength=4).tolist() == [0, 0, 4, 4]
     assert len(set(sub["new_idx"].tolist())) == 8
+    assert data.new_embeddings.shape[0] == 22                       # the new images' embeddings, for the memory
     backbone = {k: v.clone() for k, v in net.backbone.state_dict().items()}   # params and BN statistics
     head = net.head.weight.detach().clone()
-    ft, seconds = balanced_finetune(m, phase, x, y)
-    assert ft.images == 16 * m.finetune_schedule()[0] == 16 * 20 and seconds > 0
+    ft = ft_part.calibrate(phase, net, data)
+    assert ft.images == 16 * 20 and ft.seconds > 0
     for k, v in net.backbone.state_dict().items():
         assert torch.equal(v, backbone[k]), k
     assert not torch.equal(net.head.weight.detach(), head)
@@ -250,7 +255,8 @@ def test_balanced_finetune_selection_follows_the_memory_rule(quick):
     m = METHODS.get("replay")(ctx)
     x = torch.randint(0, 255, (16, 1, 8, 8), dtype=torch.uint8)
     y = torch.tensor([2] * 8 + [3] * 8)
-    sub = select_balanced(m, Phase(1, 2, 4), x, y)
+    ft_part = BalancedFinetune(BalancedFinetune.Options(), ctx)
+    sub = ft_part.select(Phase(1, 2, 4), ctx.net, PhaseData(x, y, torch.bincount(y).float(), ctx.memory, m.cls_fn))
     assert sub["per_class"] == 3
     feats = ctx.embed(ctx.net, x)
     ctx.memory.update(x, y, range(2, 4), feats, 4)
@@ -303,7 +309,7 @@ def test_no_balanced_finetune_flag_and_bsce_recipes(tmp_path, capsys):
     assert "finetune_seconds" in csv[0].split(",")
     # the stage needs exemplars: refused before anything is written
     code = main(["run", "--method", "lwf", "--balanced-finetune", "--out", str(tmp_path / "f")])
-    assert code == 2 and "--balanced-finetune needs exemplars" in capsys.readouterr().err
+    assert code == 2 and "--calibration balanced-finetune needs exemplars" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
     code = main(["run", "--balanced-finetune", "--no-balanced-finetune", "--out", str(tmp_path / "g")])
     assert code == 2
@@ -311,13 +317,13 @@ def test_no_balanced_finetune_flag_and_bsce_recipes(tmp_path, capsys):
 
 def test_recipes_defaults():
     lucir, lb, ib = METHODS.get("lucir"), METHODS.get("lucir-bsce"), METHODS.get("icarl-bsce")
-    assert lucir.head == "cosine" and lucir.balanced_finetune and lucir.uses_memory and lucir.cls_loss == "ce"
-    assert lb.cls_loss == "bsce" and not lb.balanced_finetune and lb.head == "cosine"
+    assert lucir.head == "cosine" and lucir.calibration == ("balanced-finetune",) and lucir.uses_memory
+    assert lucir.cls_loss == "ce" and lb.cls_loss == "bsce" and lb.calibration == () and lb.head == "cosine"
     assert lb.margin_weight == 0 and not lb.freeze_old_head and lucir.margin_weight == 1 and lucir.freeze_old_head
     assert not lucir.last_relu and not lb.last_relu
-    assert ib.cls_loss == "bsce" and not ib.balanced_finetune and ib.distill == "kd"
+    assert ib.cls_loss == "bsce" and ib.calibration == () and ib.distill == "kd"
     wa = METHODS.get("wa")
-    assert wa.weight_align and wa.weight_clip and wa.uses_memory and not wa.balanced_finetune
+    assert wa.calibration == ("weight-align",) and wa.weight_clip and wa.uses_memory
 
 
 def test_interrupted_inside_finetuning_resumes_exactly(tmp_path, quick, monkeypatch):
@@ -327,24 +333,24 @@ def test_interrupted_inside_finetuning_resumes_exactly(tmp_path, quick, monkeypa
     reproduces the run."""
     import signal
 
-    import cilearn.methods.base as base
     from cilearn.checkpoint import EPOCH_FILE, Interrupted
     over = dict(method="lucir",
                 train={"epochs": 4, "progress": False, "finetune_epochs": 3, "finetune_head_only": False})
     ref = cilearn.run(quick(out=str(tmp_path / "a"), **over), echo=False).accuracy_matrix
-    real = base.balanced_finetune
+    real = BalancedFinetune.calibrate
 
-    def stop_in_phase_2(method, phase, x, y):
+    def stop_in_phase_2(self, phase, model, data):
         if phase.index == 2:
-            method.ctx.ckpt.stop_signal = signal.SIGTERM   # stop after the stage's first step
-        return real(method, phase, x, y)
-    monkeypatch.setattr(base, "balanced_finetune", stop_in_phase_2)
+            self.services.ckpt.stop_signal = signal.SIGTERM   # stop after the stage's first step
+        return real(self, phase, model, data)
+    monkeypatch.setattr(BalancedFinetune, "calibrate", stop_in_phase_2)
     b = tmp_path / "b"
     with pytest.raises(Interrupted, match="phase 2 balanced-ft"):
         cilearn.run(quick(out=str(b), **over), echo=False)
-    monkeypatch.setattr(base, "balanced_finetune", real)
+    monkeypatch.setattr(BalancedFinetune, "calibrate", real)
     st = load_checkpoint(b / EPOCH_FILE)
-    assert st["phase"] == 2 and st["fit"]["desc"] == "phase 2 balanced-ft" and st["method"]["ft_subset"]["phase"] == 2
+    assert st["phase"] == 2 and st["fit"]["desc"] == "phase 2 balanced-ft"
+    assert st["method"]["components"]["balanced-finetune"]["subset"]["phase"] == 2
     assert cilearn.resume(b, echo=False).accuracy_matrix == ref
 
 
@@ -361,7 +367,7 @@ def test_memory_update_reuses_the_selection_embeddings_exactly(quick, monkeypatc
     orig_after = base.Method.after_phase
 
     def after_phase(self, phase, data):
-        self.new_embeddings = None          # force the second embedding pass
+        self.phase_data.new_embeddings = None          # force the second embedding pass
         orig_after(self, phase, data)
     monkeypatch.setattr(base.Method, "after_phase", after_phase)
     b = cilearn.run(quick(method="lucir", out=None), echo=False).metrics

@@ -185,9 +185,11 @@ def test_podnet_before_phase_imprints_freezes_and_weights(quick):
 
 def test_podnet_recipes_defaults():
     p, pb = METHODS.get("podnet"), METHODS.get("podnet-bsce")
-    assert p.head == "lsc" and p.cls_loss == "nca" and p.balanced_finetune and not p.last_relu
-    assert p.finetune_lr == 0.05 and not p.finetune_decay and p.uses_memory
-    assert pb.cls_loss == "bsce" and not pb.balanced_finetune and pb.head == "lsc" and not pb.freeze_old_head
+    assert p.head == "lsc" and p.cls_loss == "nca" and p.calibration == ("balanced-finetune",) and not p.last_relu
+    ft = p.component_options("cifar100")["balanced-finetune"]
+    assert ft["lr"] == 0.05 and not ft["decay"] and p.uses_memory
+    assert p.component_options("imagefolder")["balanced-finetune"]["lr"] == 0.01     # official ImageNet config
+    assert pb.cls_loss == "bsce" and pb.calibration == () and pb.head == "lsc" and not pb.freeze_old_head
 
 
 # ---------------------------------------------------------------- end to end

@@ -42,6 +42,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "save-exemplars": ("report.save_exemplars", int, "after each phase, PNG of N exemplars, original vs stored, and exemplars per class"),
     "loss": ("loss.cls", str, "classification loss: ce, ce-local, bce, bsce, nca (default: the method's)"),
     "distill": ("loss.distill", lambda v: [t for t in v.split(",") if t], "extra distillation terms for any method: attention, dual-teacher"),
+    "calibration": ("calibration", lambda v: [t for t in v.split(",") if t and t != "none"],
+                    "calibration after each phase > 0 (any method with exemplars): weight-align, balanced-finetune, bic, none"),
     "save-attention": ("report.save_attention", int, "after each phase, PNG of N test images' Grad-CAMs"),
     "replay": ("replay.source", str, "replay source for any method: dfgr (data-free generative replay), none"),
     "save-samples": ("report.save_samples", int, "DF-GR: PNG of N generated samples per old class, each phase"),

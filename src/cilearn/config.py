@@ -72,12 +72,13 @@ class TrainConfig:
     eval_batch_size: int = 512
     progress: bool = True
     checkpoint_every: int = 10           # epochs between checkpoints inside a phase (0: only at phase ends)
-    # phase-end calibration (cilearn.methods.calibration); None: the method's default
-    balanced_finetune: bool | None = None  # class-balanced fine-tuning after phases > 0 (lucir: on)
-    finetune_epochs: int | None = None   # None: the method's (LUCIR's code: 20 epochs, lr 0.01, x0.1 at epoch 10;
-    finetune_lr: float | None = None     #   PODNet's: 20 epochs, constant lr 0.05, 0.01 on image folders)
+    # shorthands for calibration components (cilearn.calibration); None: the recipe's. The resolved
+    # config says what ran (``calibration`` and ``components`` hold the same)
+    balanced_finetune: bool | None = None  # adds / removes the balanced-finetune component (lucir: on)
+    finetune_epochs: int | None = None   # its epochs and lr: components.balanced-finetune (LUCIR's code: 20 epochs,
+    finetune_lr: float | None = None     #   lr 0.01, x0.1 at epoch 10; PODNet's: constant lr 0.05, 0.01 on image folders)
     finetune_head_only: bool = True      # train the head only (backbone frozen, BN in eval mode)
-    weight_align: bool | None = None     # WA's weight aligning after phases > 0 (wa: on)
+    weight_align: bool | None = None     # adds / removes the weight-align component (wa: on)
     weight_clip: bool | None = None      # WA's non-negative head weights (wa: on)
     freeze_old_head: bool | None = None  # old classes' head rows fixed in the main stage (lucir: on)
     compression_epochs: int | None = None  # FOSTER's compression stage (phases > 0); None: the phase's epochs
@@ -190,6 +191,11 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    # calibration components after each phase > 0 (cilearn.calibration), in order; None: the recipe's
+    calibration: list[str] | None = None
+    # options of the run's contract components by name (cilearn.components): {"bic": {"epochs": 50}};
+    # the resolved config holds every option of every component in the run
+    components: dict = field(default_factory=dict)
 
 
 # The small data sets for quick runs train every phase for this many epochs (no reference code
@@ -268,6 +274,8 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
         return False, value
     if tp is str:
         return isinstance(value, str), value
+    if tp is dict:     # a mapping checked by its owner (``components``: each component's Options)
+        return isinstance(value, dict), value
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

@@ -7,6 +7,7 @@ Under torchrun every process runs this code; rank 0 alone writes (``cilearn.dist
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -59,6 +60,7 @@ from .memory.compress import COMPRESSORS
 from .memory.compress import build as build_compressor
 from .memory.mnemonics import build as build_memory_optimizer
 from .memory.selection import SELECTIONS
+from .train import FitResult
 from .methods import METHODS, Context, SplitData
 from .methods.terms import TERMS
 from .models import build_net
@@ -198,7 +200,9 @@ def _compile_supported() -> bool:
 
 
 def prepare(cfg: RunConfig):
-    """Validate everything that can be validated before any output is written."""
+    """Validate everything that can be validated before any output is written; returns the resolved
+    configuration (the caller's is not changed), the data set and the recipe."""
+    cfg = copy.deepcopy(cfg)
     validate(cfg)
     method_cls = METHODS.get(cfg.method)
     if cfg.model.backbone != "auto":
@@ -218,6 +222,12 @@ def prepare(cfg: RunConfig):
     if method_cls.train_on_seen and budget_given:
         raise ConfigError(f"--method {cfg.method} trains on all data seen so far: a memory budget does not apply")
     method_cls.check_config(cfg, uses_memory(method_cls, cfg))
+    cfg.calibration, cfg.components = method_cls.resolve_components(cfg)   # config.yaml says what ran
+    cfg.train.weight_align = "weight-align" in cfg.calibration
+    cfg.train.balanced_finetune = "balanced-finetune" in cfg.calibration
+    if cfg.train.balanced_finetune:
+        ft = cfg.components["balanced-finetune"]
+        cfg.train.finetune_epochs, cfg.train.finetune_lr, cfg.train.finetune_head_only = ft["epochs"], ft["lr"], ft["head_only"]
     distributed.check_config(cfg, method_cls)
     cfg.memory.optimizer = cfg.memory.optimizer or method_cls.memory_optimizer
     mnemonics.check(cfg, cfg.method, uses_memory(method_cls, cfg))
@@ -424,8 +434,10 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
                 set_rng_state(gen, epoch_state["rng"])
             ckpt.resume_fit = epoch_state["fit"]
             epoch_state = None
-        fr = method.train_phase(phase, x, y)
-        method.after_phase(phase, data)
+        fr = method.train_phase(phase, x, y)             # train
+        cal = method.calibrate(phase)                    # calibrate
+        fr = FitResult(fr.seconds + cal.seconds, fr.images + cal.images, fr.loss)
+        method.after_phase(phase, data)                  # update memory
         ranks = sync_ranks(net, memory, gen, device) if world > 1 else None
         seen = data.test_y < phase.end
         logits, emb = distributed.gather_rows(lambda xs: predict(net, xs, aug, cfg.train.eval_batch_size, amp),

@@ -28,7 +28,8 @@ from ..memory.compress import random_box_artifacts
 from ..registry import Registry
 from ..replay import replay_source
 from ..train import Batch, FitResult
-from .calibration import balanced_finetune, clip_nonnegative, weight_align
+from ..calibration import clip_nonnegative
+from ..components import Components, PhaseData, build, component_class, effective_options
 from .context import Context, SplitData, TeacherCache, TeacherOut, over_views  # noqa: F401 (re-exported)
 from .imprint import imprint
 from .terms import TERMS
@@ -58,34 +59,62 @@ class Method:
     last_relu: ClassVar[bool] = True        # default of model.last_relu (LUCIR, PODNet: False)
     head_scale: ClassVar[float] = 1.0       # default of model.scale: initial sigma of cosine / lsc heads
     needs_teacher: ClassVar[bool] = False   # ``teacher_terms`` read the teacher's (logits, embedding)
-    balanced_finetune: ClassVar[bool] = False   # default of train.balanced_finetune (phases > 0)
-    weight_align: ClassVar[bool] = False        # default of train.weight_align (WA, phases > 0)
+    calibration: ClassVar[tuple[str, ...]] = ()  # calibration components (cilearn.calibration), phases > 0
     weight_clip: ClassVar[bool] = False         # default of train.weight_clip (WA's clipping)
     freeze_old_head: ClassVar[bool] = False     # default of train.freeze_old_head (LUCIR, PODNet)
     imprint: ClassVar[bool] = False             # imprint the new classes' head rows (LUCIR, PODNet)
-    finetune_epochs: ClassVar[int] = 20         # class-balanced fine-tuning defaults (LUCIR's code)
-    finetune_lr: ClassVar[float] = 0.01
-    finetune_decay: ClassVar[bool] = True       # x0.1 at half the fine-tuning epochs (PODNet: constant)
     expandable: ClassVar[bool] = False          # an ExpandableNet: one extractor per phase (DER, FOSTER)
+
+    @classmethod
+    def component_options(cls, dataset: str) -> dict[str, dict]:
+        """The recipe's option defaults of its components (``{name: {option: value}}``), where they
+        differ from the components' own."""
+        return {}
+
+    @classmethod
+    def calibration_names(cls, cfg: "RunConfig") -> list[str]:
+        """The run's calibration components: ``--calibration``, else the recipe's, with the
+        shorthands ``--train.weight-align`` / ``--balanced-finetune`` adding or removing theirs."""
+        names = list(cls.calibration if cfg.calibration is None else cfg.calibration)
+        for flag, name in ((cfg.train.weight_align, "weight-align"), (cfg.train.balanced_finetune, "balanced-finetune")):
+            if flag is True and name not in names:
+                names.append(name)
+            elif flag is False and name in names:
+                names.remove(name)
+        for n in names:
+            component_class("calibration", n)          # a ConfigError naming the choices
+        return names
+
+    @classmethod
+    def resolve_components(cls, cfg: "RunConfig") -> tuple[list[str], dict[str, dict]]:
+        """(calibration names, effective options of every contract component in the run): the
+        components' defaults, the recipe's (``component_options``), the legacy shorthands
+        (``--train.finetune-*``), then ``components.<name>`` of the config; an entry of
+        ``components`` naming a component that is not in the run is a ConfigError."""
+        names = cls.calibration_names(cfg)
+        chosen = [component_class("calibration", n) for n in names]
+        recipe = cls.component_options(cfg.data.dataset)
+        t = cfg.train
+        legacy = {"balanced-finetune": {k: v for k, v in (("epochs", t.finetune_epochs), ("lr", t.finetune_lr),
+                                                          ("head_only", t.finetune_head_only)) if v is not None}}
+        merged = {n: {**recipe.get(n, {}), **legacy.get(n, {})} for n in names}
+        for n, given in cfg.components.items():
+            if n in merged:
+                if not isinstance(given, dict):
+                    raise ConfigError(f"components.{n} must be a mapping of options, got {given!r}")
+                merged[n].update({str(k).replace("-", "_"): v for k, v in given.items()})
+        for n in cfg.components:
+            if n not in merged:
+                merged[n] = {}          # effective_options names it in its error
+        return names, effective_options(chosen, merged)
 
     @classmethod
     def check_config(cls, cfg: "RunConfig", has_memory: bool) -> None:
         """Checks of the method against the configuration, before anything is written."""
-        if cls.finetune_enabled(cfg) and not has_memory:
-            raise ConfigError(f"--balanced-finetune needs exemplars and --method {cfg.method} keeps none here: "
-                              "give --memory N or --memory-per-class N, or drop --balanced-finetune")
-
-    @classmethod
-    def finetune_enabled(cls, cfg: "RunConfig") -> bool:
-        b = cfg.train.balanced_finetune
-        return cls.balanced_finetune if b is None else b
-
-    def finetune_schedule(self) -> tuple[int, float]:
-        """(epochs, lr) of the class-balanced fine-tuning stage: ``--train.finetune-epochs`` /
-        ``--train.finetune-lr``, else the method's defaults."""
-        t = self.ctx.cfg.train
-        return (self.finetune_epochs if t.finetune_epochs is None else t.finetune_epochs,
-                self.finetune_lr if t.finetune_lr is None else t.finetune_lr)
+        for n in cls.calibration_names(cfg):
+            if component_class("calibration", n).needs_memory and not has_memory:
+                raise ConfigError(f"--calibration {n} needs exemplars and --method {cfg.method} keeps none here: "
+                                  f"give --memory N or --memory-per-class N, or drop {n}")
 
     def __init__(self, ctx: Context):
         self.ctx, self.net = ctx, ctx.net
@@ -104,6 +133,10 @@ class Method:
         self.T = lc.temperature
         self.extra = [TERMS.get(n)(self) for n in dict.fromkeys(self.terms + tuple(lc.distill))]
         self.replay = replay_source(self)
+        names, options = self.resolve_components(ctx.cfg)        # idempotent on a resolved config
+        self.components = Components([build(component_class("calibration", n), options.get(n), ctx) for n in names])
+        self.components.attach(self.net)
+        self.phase_data: PhaseData | None = None
         self.teacher = None
         self.teacher_out: TeacherCache | None = None
         self.kd_stats: dict[str, float] | None = None   # this phase's ``teacher_target_stats``
@@ -111,31 +144,25 @@ class Method:
         self.phase: Phase | None = None
         self.cls_weight = 1.0                 # weight of the classification loss (WA: 1 - lambda)
         t = ctx.cfg.train
-        self.align = self.weight_align if t.weight_align is None else t.weight_align
         self.clip = self.weight_clip if t.weight_clip is None else t.weight_clip
-        self.gamma: float | None = None       # WA's last gamma
-        self.finetune_seconds = 0.0           # this phase's class-balanced fine-tuning stage
-        self.ft_subset: dict | None = None    # that stage's selection (checkpointed: exact resume)
-        # [N_new, D] embeddings of this phase's new-class images taken by that selection after the
-        # main stage; valid while the backbone is unchanged (head-only fine-tuning), so the memory
-        # update reuses them instead of embedding the same images again (reset every phase)
-        self.new_embeddings: torch.Tensor | None = None
+        self.finetune_seconds = 0.0           # this phase's calibration stages
         self.freeze = self.freeze_old_head if t.freeze_old_head is None else t.freeze_old_head
         self.frozen_old: list[tuple[torch.Tensor, torch.Tensor]] | None = None   # (parameter, old rows)
 
     # ---------------------------------------------------------------- hooks
     def training_set(self, phase: Phase, data: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
+        self.components.start(phase)
         if self.train_on_seen:
-            return data.train_of(range(0, phase.end))
+            return self.components.training_set(phase, *data.train_of(range(0, phase.end)), self.ctx.memory)
         x, y = data.train_of(phase.classes)
         mem = self.ctx.memory.data() if self.ctx.memory is not None else None
         if mem is not None:
             x, y = torch.cat([x, mem[0]]), torch.cat([y, mem[1]])
-        return x, y
+        return self.components.training_set(phase, x, y, self.ctx.memory)
 
     def before_phase(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> None:
         self.phase = phase
-        self.finetune_seconds, self.ft_subset, self.new_embeddings = 0.0, None, None
+        self.finetune_seconds = 0.0
         self.kd_stats = None
         if phase.index > 0 and (self.kd_fn is not None or self.extra or self.needs_teacher or self.replay):
             self.teacher = self.net.frozen_copy()
@@ -160,6 +187,8 @@ class Method:
             per = head.weight.shape[0] // phase.seen          # rows per class (LSC: proxies)
             self.frozen_old = [(p, p[: phase.num_old * per].detach().clone())
                                for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+        self.phase_data = PhaseData(x, y, self.counts, mem, self.cls_fn)
+        self.components.phase_start(phase, self.net, self.teacher, self.phase_data)
 
     def teacher_target_stats(self, x: torch.Tensor) -> dict[str, float]:
         """``evaluate.kd_target_stats`` of the teacher's logits on the unaugmented training images
@@ -172,7 +201,8 @@ class Method:
 
     def diagnostics(self) -> dict[str, float | None]:
         """Per-phase values for the metrics rows beyond the evaluation (null where not defined)."""
-        out = {"kd_target_entropy": None, "kd_target_top_share": None, **(self.kd_stats or {})}
+        out = {"kd_target_entropy": None, "kd_target_top_share": None, **(self.kd_stats or {}),
+               **self.components.diagnostics()}
         for part in self.extra + ([self.replay] if self.replay is not None else []):
             out.update(part.diagnostics())
         return out
@@ -194,18 +224,13 @@ class Method:
 
     def train_phase(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> FitResult:
         """The main stage, then (unless a resumed run continues a later stage of this phase) the
-        constraints and ``calibrate``, then class-balanced fine-tuning where enabled (phases > 0,
-        ``cilearn.methods.calibration``)."""
+        constraints' projection after its last step."""
         desc = f"phase {phase.index}"
         ckpt = self.ctx.ckpt
         later_stage = ckpt is not None and ckpt.skip_stage(desc)   # resuming e.g. the fine-tuning
         fr = self.ctx.fit(x, y, self.loss, self.ctx.fit_settings(phase), desc=desc, params=self.train_parameters())
         if not later_stage:
             self.constrain()        # the projection after the stage's last optimizer step
-            self.calibrate(phase)
-        if phase.index > 0 and self.finetune_enabled(self.ctx.cfg):
-            ft, self.finetune_seconds = balanced_finetune(self, phase, x, y)
-            fr = FitResult(fr.seconds + ft.seconds, fr.images + ft.images, fr.loss)
         return fr
 
     def train_parameters(self):
@@ -225,10 +250,12 @@ class Method:
                 for p, rows in self.frozen_old:
                     p[: len(rows)] = rows
 
-    def calibrate(self, phase: Phase) -> None:
-        """Phase-end calibration of the trained model: ``--train.weight-align`` (WA), phases > 0."""
-        if self.align and phase.index > 0:
-            self.gamma = weight_align(self.net.head.weight.data, phase.num_old)
+    def calibrate(self, phase: Phase) -> FitResult:
+        """The phase's calibration components in order (``cilearn.calibration``; phases > 0): the
+        seconds and images of the stages they ran (``finetune_seconds`` of the phase's row)."""
+        stages = self.components.calibrate(phase, self.net, self.phase_data)
+        self.finetune_seconds = sum(s.seconds for s in stages)
+        return FitResult(self.finetune_seconds, sum(s.images for s in stages), {})
 
     def teacher_terms(self, batch: Batch, out) -> list[tuple[str, float, torch.Tensor]]:
         """The method's own teacher-based terms ``(name, weight, value)`` (phases > 0), e.g.
@@ -290,7 +317,9 @@ class Method:
                 self.replay.after_phase(phase)
         self.teacher = self.teacher_out = None   # free the teacher's memory
         mem = self.ctx.memory
-        cached, self.new_embeddings = self.new_embeddings, None
+        pd, self.phase_data = self.phase_data, None
+        # the new images' embeddings when a calibration stage computed them on the final model
+        cached = pd.new_embeddings if pd is not None else None
         if mem is not None:
             x, y = data.train_of(phase.classes)
             emb = cached if cached is not None else self.ctx.embed(self.net, x)
@@ -299,14 +328,18 @@ class Method:
             selected = mem.optimize(self.net, self.ctx.augmenter.test, phase.classes, x, y,
                                     self.ctx.phase_generator(phase))
             self.ctx.events.on_memory(phase, originals, selected)
+        if pd is not None:
+            self.components.phase_end(phase, self.net, pd)
 
     def state_dict(self) -> dict:
         """State a method keeps beyond the network and the memory (checkpointed at phase ends and
-        inside stages). Subclasses extend ``super().state_dict()``."""
-        return {"ft_subset": self.ft_subset} if self.ft_subset is not None else {}
+        inside stages), the state of every component included. Subclasses extend
+        ``super().state_dict()``."""
+        st = self.components.state_dict()
+        return {"components": st} if st else {}
 
     def load_state_dict(self, state: dict) -> None:
-        self.ft_subset = state.get("ft_subset")
+        self.components.load_state_dict(state.get("components", {}))
 
     def prototypes(self) -> torch.Tensor | None:
         """Nearest-mean-of-exemplars class means ``[seen, D]`` (L2-normalised means of the

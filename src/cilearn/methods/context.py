@@ -74,6 +74,15 @@ class Context:
         bs, amp = self.cfg.train.eval_batch_size, self.autocast_dtype
         return distributed.gather_rows(lambda xs: predict(net, xs, self.augmenter, bs, amp), x)[1]
 
+    def views(self, x: torch.Tensor, fn) -> tuple[torch.Tensor, ...] | None:
+        """``over_views(self, x, fn)``: ``fn`` over every deterministic training view of ``x``."""
+        return over_views(self, x, fn)
+
+    def resuming_later_stage(self) -> bool:
+        """A resumed run is about to continue a stage of this phase that comes later than the
+        current point (so what comes before it is already done)."""
+        return self.ckpt is not None and self.ckpt.resume_fit is not None
+
     def phase_generator(self, phase: Phase) -> torch.Generator:
         """A CPU generator seeded by (seed, phase) for a phase's side draws (k-means imprinting,
         random fine-tuning selection), so that the run's RNG stream is untouched."""

@@ -86,7 +86,7 @@ class DER(Expanding):
       for all old classes, ``L = L_H + lambda_a L_Ha``, lambda_a = 1 (the paper's auxiliary loss;
       ``--loss.aux-weight``);
     * herding exemplars; the classifier-learning stage: the head retrained on class-balanced data
-      after each phase > 0 (the paper's classifier-learning stage), the ``balanced_finetune`` component (head only, backbone
+      after each phase > 0 (the paper's classifier-learning stage), the ``balanced-finetune`` component (head only, backbone
       frozen; ``--train.finetune-epochs`` / ``--train.finetune-lr``, defaults 30 epochs at 0.1,
       x0.1 at epoch 15: the official code's "decouple" stage).
 
@@ -94,10 +94,14 @@ class DER(Expanding):
     (the paper's "dynamical expansion"): cilearn's DER is the paper's "DER w/o P" (its parameter count grows by one full
     extractor per phase, reported per phase in ``metrics.json``). The temperature of the
     classifier-learning stage is not applied. CNN and NME (on the super-feature) are reported."""
-    balanced_finetune = True
+    calibration = ("balanced-finetune",)
     training = schedules.DER
-    finetune_epochs = 30      # DER's official classifier-learning stage ("decouple"): 30 epochs, lr 0.1,
-    finetune_lr = 0.1         # x0.1 at epoch 15, weight decay 5e-4 (exps/der_womask/*/configs/1.yaml)
+
+    @classmethod
+    def component_options(cls, dataset):
+        # DER's official classifier-learning stage ("decouple"): 30 epochs, lr 0.1, x0.1 at epoch 15,
+        # weight decay 5e-4 (exps/der_womask/*/configs/1.yaml)
+        return {"balanced-finetune": {"epochs": 30, "lr": 0.1}}
 
     def aux_outputs(self, phase) -> int:
         return phase.num_new + 1

@@ -26,7 +26,7 @@ class LUCIR(Method):
     last_relu = False
     uses_memory = True
     needs_teacher = True
-    balanced_finetune = True
+    calibration = ("balanced-finetune",)     # LUCIR's official 20 epochs at lr 0.01, x0.1 at 10 (the component's defaults)
     freeze_old_head = True
     imprint = True
     margin_weight = 1.0      # default of loss.margin_weight
@@ -68,7 +68,7 @@ class LUCIRBSCE(LUCIR):
     incremental accuracy 53 against 74 without them and 75 for LUCIR with fine-tuning).
     Cosine head, imprinting, less-forget and the removed last ReLU stay."""
     cls_loss = "bsce"
-    balanced_finetune = False
+    calibration = ()
     freeze_old_head = False
     margin_weight = 0.0
 

@@ -40,12 +40,10 @@ class PODNet(Method):
     last_relu = False
     uses_memory = True
     needs_teacher = True
-    balanced_finetune = True
+    calibration = ("balanced-finetune",)
     freeze_old_head = True
     imprint = True
-    finetune_lr = 0.05
     training = schedules.PODNET
-    finetune_decay = False
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -53,11 +51,11 @@ class PODNet(Method):
         self.adapt = 1.0
         self.sizes: list[int] | None = None   # POD vector sizes per stage
 
-    def finetune_schedule(self):
-        epochs, lr = super().finetune_schedule()
-        if self.ctx.cfg.train.finetune_lr is None and self.ctx.cfg.data.dataset == "imagefolder":
-            lr = 0.01                          # official ImageNet config
-        return epochs, lr
+    @classmethod
+    def component_options(cls, dataset):
+        # the official classifier fine-tuning: 20 epochs at a constant lr 0.05, 0.01 on ImageNet
+        # (options/podnet/podnet_cnn_cifar100.yaml, podnet_cnn_imagenet100.yaml)
+        return {"balanced-finetune": {"epochs": 20, "lr": 0.01 if dataset == "imagefolder" else 0.05, "decay": False}}
 
     def teacher_extra(self):
         def pooled(out):
@@ -85,5 +83,5 @@ class PODNetBSCE(PODNet):
     ``--balanced-finetune`` puts it back) and with the old classes' proxies trained (as
     ``lucir-bsce``: frozen old rows plus BSCE's prior over-correct, see RESULTS.md)."""
     cls_loss = "bsce"
-    balanced_finetune = False
+    calibration = ()
     freeze_old_head = False

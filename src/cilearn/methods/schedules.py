@@ -33,6 +33,15 @@ ICARL = TrainingDefaults(Schedule(
 WA = TrainingDefaults(Schedule(
     "PyCIL models/wa.py (module globals)", epochs=170, milestones=(60, 100, 140), **_PYCIL_FIRST))
 
+# BiC (Wu et al. 2019): PyCIL models/bic.py's module globals, which follow the paper: CIFAR-100 250
+# epochs x0.1 at 100/150/200, weight decay 2e-4, batch 128 in every phase; ImageNet 100 epochs x0.1 at
+# 30/60/80/90, weight decay 1e-4, batch 256.
+BIC = TrainingDefaults(
+    Schedule("PyCIL models/bic.py (CIFAR-100 globals)", epochs=250, milestones=(100, 150, 200), base_epochs=250,
+             base_milestones=(100, 150, 200), weight_decay=2e-4, base_weight_decay=2e-4),
+    Schedule("PyCIL models/bic.py (ImageNet globals)", epochs=100, milestones=(30, 60, 80, 90), base_epochs=100,
+             base_milestones=(30, 60, 80, 90), weight_decay=1e-4, base_weight_decay=1e-4, batch_size=256))
+
 # DER's official code (Rhyssiyan/DER-ClassIL.pytorch, exps/der_womask/*/configs/1.yaml): the first
 # phase ("pretrain") 200 epochs x0.1 at 60/120/160; CIFAR-100 later phases 170 epochs x0.1 at
 # 100/120 with 10 warm-up epochs, batch 128; ImageNet-100 200 epochs at 60/120/160 with 20 warm-up

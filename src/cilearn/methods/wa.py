@@ -14,11 +14,11 @@ class WA(ICaRL):
     quoted in public notes; T = 2 is PyCIL's value, the paper's could not be checked here;
     ``--loss.temperature``). ``--loss.kd-weight L`` replaces it by
     ``CE + L KD``). After the training of each phase > 0, weight aligning
-    (``cilearn.methods.calibration.weight_align``) rescales the new classes' head rows to the old
+    (the ``weight-align`` component, ``cilearn.calibration``) rescales the new classes' head rows to the old
     rows' mean norm; weight clipping keeps the head weights non-negative after every optimizer
     step, in all phases (Sec. 3.3; ``--train.weight-clip false`` turns it off,
     ``--train.weight-align false`` turns aligning off). Reports CNN and NME."""
-    weight_align = True
+    calibration = ("weight-align",)
     weight_clip = True
     training = schedules.WA
 

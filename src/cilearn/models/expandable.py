@@ -95,7 +95,7 @@ class ExpandableNet(IncrementalNet):
 
     def forward(self, x: torch.Tensor, old_embedding: torch.Tensor | None = None) -> NetOutput:
         maps, emb = self.backbone(x, old_embedding)
-        return NetOutput(self.head(emb), emb, maps)
+        return NetOutput(self.logits(emb), emb, maps)
 
     @property
     def new_dim(self) -> int:

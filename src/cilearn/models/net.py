@@ -35,10 +35,35 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was)
 
 
+class LogitBias(nn.Module):
+    """A per-class affine correction of the logits, ``z_k -> scale_k z_k + shift_k``, identity for
+    the classes no calibration has corrected (BiC's bias layers, ``cilearn.calibration``).
+    ``scale``, ``shift``: buffers ``[K]`` grown with the head, part of the model's state."""
+
+    def __init__(self, num_classes: int = 0):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(num_classes))
+        self.register_buffer("shift", torch.zeros(num_classes))
+
+    def add_classes(self, n: int) -> None:
+        self.scale = torch.cat([self.scale, self.scale.new_ones(n)])
+        self.shift = torch.cat([self.shift, self.shift.new_zeros(n)])
+
+    @torch.no_grad()
+    def set(self, start: int, end: int, alpha: float, beta: float) -> None:
+        """Classes ``start..end-1`` corrected by ``alpha z + beta``."""
+        self.scale[start:end] = alpha
+        self.shift[start:end] = beta
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:   # [B, K] -> [B, K]
+        return z * self.scale + self.shift
+
+
 class IncrementalNet(nn.Module):
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.logit_bias: LogitBias | None = None      # enable_logit_bias(): a calibration's correction
 
     @property
     def num_classes(self) -> int:
@@ -46,10 +71,23 @@ class IncrementalNet(nn.Module):
 
     def add_classes(self, n: int) -> None:
         self.head.add_classes(n)
+        if self.logit_bias is not None:
+            self.logit_bias.add_classes(n)
+
+    def enable_logit_bias(self) -> None:
+        """Logits pass through a ``LogitBias`` (identity until a calibration sets it)."""
+        if self.logit_bias is None:
+            p = next(self.head.parameters(), None)
+            self.logit_bias = LogitBias(self.num_classes).to(p.device if p is not None else "cpu")
+
+    def logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """The head's logits ``[B, K]`` of embeddings ``[B, D]``, with the logit correction if any."""
+        z = self.head(emb)
+        return z if self.logit_bias is None else self.logit_bias(z)
 
     def forward(self, x: torch.Tensor) -> NetOutput:
         maps, emb = self.backbone(x)
-        return NetOutput(self.head(emb), emb, maps)
+        return NetOutput(self.logits(emb), emb, maps)
 
     def frozen_copy(self) -> "IncrementalNet":
         """A deep copy in eval mode with no gradients: the teacher of the next phase."""

@@ -1,0 +1,232 @@
+"""The component contract: one lifecycle that every phase goes through, phase 0 included.
+
+A component is a small class registered under its **kind** and a **name**
+(``@register("calibration", "weight-align")``). It declares
+
+* ``Options``: a dataclass of typed options with defaults in code. The run's ``config.yaml`` holds
+  the effective options of each component in the run under ``components.<name>``
+  (``--components.<name>.<option> VALUE`` on the command line); options of a component that is
+  not in the run are an error;
+* ``needs_old_model``: its hooks run only in phases that have an old model (phases > 0);
+* only the hooks it needs, in this order within a phase:
+
+  ``attach(model)``                              once, when the run's model is built (before any
+                                                 state is restored): modules the component adds to it
+  ``training_set(phase, x, y, memory) -> (x, y)`` what the phase trains on (e.g. hold out a split)
+  ``phase_start(phase, model, old_model, data)``  the phase's data is known, before training
+  ``terms(batch, out) -> {name: (weight, value)}`` loss terms of one training step
+  ``epoch_end(phase, epoch)``                    after each epoch of the main stage
+  ``calibrate(phase, model, data) -> FitResult``  after training (calibration components)
+  ``phase_end(phase, model, data)``              after calibration and the memory update
+  ``state_dict() / load_state_dict(state)``      collected by the runner for every component
+  ``diagnostics() -> {name: value}``             per-phase values for metrics.json
+
+Hooks get narrow arguments: the phase, the model (and the frozen old model), and ``PhaseData``
+(the phase's training images and labels, the exemplar memory when there is one); the engine's
+facilities (the one training loop, embeddings, views, seeded generators) come through
+``Services``, never the method or the whole run context, so a component can be tested alone on a
+tiny model. This module names no paper.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
+
+import torch
+
+from .config import from_dict
+from .errors import ConfigError
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from .data.scenario import Phase
+    from .train import Batch, FitResult, FitSettings
+
+KINDS = ("classification", "term", "replay", "calibration", "selection", "optimizer", "compressor", "head",
+         "backbone")
+REGISTRIES: dict[str, Registry] = {k: Registry(f"{k} component") for k in KINDS}
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a component that has none."""
+
+
+class Services(Protocol):
+    """The engine's facilities a component may use (``cilearn.methods.context.Context`` provides
+    them)."""
+    device: torch.device
+
+    def fit_settings(self, phase: "Phase", **over: Any) -> "FitSettings": ...
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, settings: "FitSettings", desc: str,
+            params=None) -> "FitResult": ...
+
+    def embed(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor: ...
+
+    def views(self, x: torch.Tensor, fn: Callable) -> tuple[torch.Tensor, ...] | None: ...
+
+    def phase_generator(self, phase: "Phase") -> torch.Generator: ...
+
+    def resuming_later_stage(self) -> bool: ...
+
+
+@dataclass
+class PhaseData:
+    """What a phase trains on: ``x`` uint8 ``[N, C, H, W]`` and incremental labels ``y`` ``[N]``
+    (new-class images and, with a memory, the stored exemplars), the per-class counts ``[seen]``,
+    the memory (None without exemplars), and the classification loss of the run
+    (``cls_loss(logits, y, counts) -> scalar``)."""
+    x: torch.Tensor
+    y: torch.Tensor
+    counts: torch.Tensor
+    memory: Any
+    cls_loss: Callable
+    new_embeddings: torch.Tensor | None = None   # [N_new, D] of the phase's new images, when a stage computed them
+
+
+class Component:
+    kind: ClassVar[str]
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    needs_old_model: ClassVar[bool] = False
+
+    def __init__(self, options: Any, services: Services):
+        self.options, self.services = options, services
+
+    # ---------------------------------------------------------------- the lifecycle (all optional)
+    def attach(self, model: torch.nn.Module) -> None:
+        pass
+
+    def phase_start(self, phase: "Phase", model: torch.nn.Module, old_model: torch.nn.Module | None,
+                    data: PhaseData) -> None:
+        pass
+
+    def training_set(self, phase: "Phase", x: torch.Tensor, y: torch.Tensor,
+                     memory: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, y
+
+    def terms(self, batch: "Batch", out: Any) -> dict[str, tuple[float, torch.Tensor]]:
+        return {}
+
+    def epoch_end(self, phase: "Phase", epoch: int) -> None:
+        pass
+
+    def calibrate(self, phase: "Phase", model: torch.nn.Module, data: PhaseData) -> "FitResult | None":
+        return None
+
+    def phase_end(self, phase: "Phase", model: torch.nn.Module, data: PhaseData) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def diagnostics(self) -> dict[str, float | None]:
+        return {}
+
+
+def register(kind: str, name: str) -> Callable[[type], type]:
+    """Class decorator: ``cls`` becomes the ``kind`` component called ``name``."""
+    if kind not in REGISTRIES:
+        raise ValueError(f"unknown component kind {kind!r}; kinds: {', '.join(KINDS)}")
+
+    def deco(cls: type) -> type:
+        cls.kind, cls.name = kind, name
+        return REGISTRIES[kind].register(name)(cls)
+    return deco
+
+
+def component_class(kind: str, name: str) -> type:
+    """The registered class (a ConfigError naming the choices when there is none)."""
+    return REGISTRIES[kind].get(name)
+
+
+def parse_options(cls: type, given: dict[str, Any] | None) -> Any:
+    """``cls.Options`` from the user's mapping (unknown keys and wrong types: a ConfigError naming
+    ``components.<name>.<key>``)."""
+    return from_dict(cls.Options, given or {}, f"components.{cls.name}.")
+
+
+def effective_options(chosen: list[type], given: dict[str, dict]) -> dict[str, dict]:
+    """The options of every component in ``chosen`` with the user's ``given`` applied, as plain
+    dicts (what ``config.yaml`` holds); a name in ``given`` that is not in ``chosen`` is an error."""
+    names = [c.name for c in chosen]
+    for name in given:
+        if name not in names:
+            raise ConfigError(f"components.{name}: {name!r} is not a component of this run "
+                              f"(its components: {', '.join(names) or 'none'})")
+    return {c.name: dataclasses.asdict(parse_options(c, given.get(c.name))) for c in chosen}
+
+
+def build(cls: type, options: dict[str, Any] | None, services: Services) -> Component:
+    return cls(parse_options(cls, options), services)
+
+
+class Components:
+    """The components of a run in order, and the lifecycle calls over all of them (those that
+    need the old model skip phases without one). State is collected by name."""
+
+    def __init__(self, parts: list[Component]):
+        self.parts = parts
+        self.active: list[Component] = []
+
+    def of_kind(self, kind: str) -> list[Component]:
+        return [p for p in self.parts if p.kind == kind]
+
+    def attach(self, model) -> None:
+        for p in self.parts:
+            p.attach(model)
+
+    def start(self, phase) -> None:
+        """The phase's components: those that need an old model only in phases > 0."""
+        self.active = [p for p in self.parts if phase.index > 0 or not p.needs_old_model]
+
+    def training_set(self, phase, x, y, memory=None):
+        for p in self.active:
+            x, y = p.training_set(phase, x, y, memory)
+        return x, y
+
+    def phase_start(self, phase, model, old_model, data: PhaseData) -> None:
+        for p in self.active:
+            p.phase_start(phase, model, old_model, data)
+
+    def terms(self, batch, out) -> dict[str, tuple[float, torch.Tensor]]:
+        got: dict[str, tuple[float, torch.Tensor]] = {}
+        for p in self.active:
+            got.update(p.terms(batch, out))
+        return got
+
+    def epoch_end(self, phase, epoch: int) -> None:
+        for p in self.active:
+            p.epoch_end(phase, epoch)
+
+    def calibrate(self, phase, model, data: PhaseData) -> list["FitResult"]:
+        """Each calibration component of the phase in order; the stages they ran."""
+        done = []
+        for p in self.active:
+            if p.kind == "calibration" and (fr := p.calibrate(phase, model, data)) is not None:
+                done.append(fr)
+        return done
+
+    def phase_end(self, phase, model, data: PhaseData) -> None:
+        for p in self.active:
+            p.phase_end(phase, model, data)
+        self.active = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {p.name: st for p in self.parts if (st := p.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for p in self.parts:
+            if p.name in state:
+                p.load_state_dict(state[p.name])
+
+    def diagnostics(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for p in self.parts:
+            out.update(p.diagnostics())
+        return out
