@@ -53,7 +53,7 @@ def test_distill_attention_composes_with_icarl(tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert "attention" in m["phases"][1]["loss"] and "kd" in m["phases"][1]["loss"]
     code = main(["run", "--distill", "nope", "--out", str(tmp_path / "x")])
-    assert code == 2 and "distillation term 'nope'" in capsys.readouterr().err
+    assert code == 2 and "unknown term 'nope'" in capsys.readouterr().err
 
 
 def test_cached_teacher_maps_equal_per_batch_maps(quick):

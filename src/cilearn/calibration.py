@@ -268,14 +268,14 @@ class BiC(Calibration):
         settings = self.services.fit_settings(phase, epochs=o.epochs, lr=o.lr, schedule="step", milestones=(),
                                               warmup_epochs=0, weight_decay=0.0)
         fr = self.services.fit(xv, yv, loss, settings, desc=f"phase {phase.index} bias-correction", params=[alpha, beta])
-        model.logit_bias.set(phase.start, phase.end, float(alpha), float(beta))
-        self.pair = (float(alpha), float(beta))
+        self.pair = (float(alpha.detach()), float(beta.detach()))
+        model.logit_bias.set(phase.start, phase.end, *self.pair)
         return fr
 
     def state_dict(self):
         if self.alpha is None:
             return {}
-        return {"alpha": float(self.alpha), "beta": float(self.beta)}
+        return {"alpha": float(self.alpha.detach()), "beta": float(self.beta.detach())}
 
     def load_state_dict(self, state):
         if self.alpha is not None and "alpha" in state:

@@ -15,8 +15,10 @@ from .config import load_yaml, merge, set_dotted
 from .data.datasets import DATASETS
 from .errors import CilearnError, ConfigError
 from .memory.mnemonics import MEMORY_OPTIMIZERS
-from .methods import METHODS
+from .components import REGISTRIES
+from .methods import METHODS, TERMS
 from .methods.schedules import training_table
+from .methods.table import recipes_table
 from .models.backbones import BACKBONES
 from .references import load_references, references_markdown, references_text
 from .report import compare_dirs, html_report
@@ -128,6 +130,8 @@ def build_config(args: argparse.Namespace, extra: list[str]):
         set_dotted(over, "report.tensorboard", True)
     if args.compile:
         set_dotted(over, "train.compile", True)
+    if args.plugin:
+        set_dotted(over, "plugins", list(d.get("plugins", [])) + args.plugin)
     if args.balanced_finetune or args.no_balanced_finetune:
         set_dotted(over, "train.balanced_finetune", bool(args.balanced_finetune))
     overrides, positional = split_extra(extra, args.command)
@@ -153,6 +157,9 @@ def seeds_of(args: argparse.Namespace, cfg) -> list[int] | None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
+    if args.recipes:
+        print(recipes_table(markdown=args.markdown))
+        return
     if args.training:
         print(training_table(markdown=args.markdown))
         return
@@ -165,6 +172,8 @@ def cmd_list(args: argparse.Namespace) -> None:
     print("data sets: " + ", ".join(DATASETS.names()))
     print("backbones: " + ", ".join(BACKBONES.names()))
     print("memory optimizers: " + ", ".join(MEMORY_OPTIMIZERS.names()))
+    print("calibration: " + ", ".join(REGISTRIES["calibration"].names()) + " (--calibration)")
+    print("loss terms: " + ", ".join(sorted(TERMS.names() + REGISTRIES["term"].names())) + " (--distill)")
 
 
 def add_run_flags(p: argparse.ArgumentParser, out_help: str | None = None) -> None:
@@ -177,6 +186,9 @@ def add_run_flags(p: argparse.ArgumentParser, out_help: str | None = None) -> No
                     help="class-balanced fine-tuning of the head after each phase > 0 [train.balanced_finetune]")
     ft.add_argument("--no-balanced-finetune", action="store_true",
                     help="no class-balanced fine-tuning (default of lucir-bsce, icarl, ...) [train.balanced_finetune]")
+    p.add_argument("--plugin", action="append", metavar="FILE.py",
+                   help="import a Python file whose registered components (e.g. a loss term) the run can name; "
+                        "repeatable [plugins]")
     p.add_argument("--save-tsne", action="store_true",
                    help="after each phase, a t-SNE PNG of test embeddings with the exemplars [report.save_tsne]")
     p.add_argument("--tensorboard", action="store_true",
@@ -250,9 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     pl = sub.add_parser("list", allow_abbrev=False, help="list methods, data sets and backbones, or the reference configs")
     pl.add_argument("--configs", nargs="?", const="", metavar="DIR",
                     help="the shipped reference configs (configs/, or DIR) with the paper's number and protocol")
+    pl.add_argument("--recipes", action="store_true",
+                    help="each recipe's component choices (head, losses, exemplars, calibration)")
     pl.add_argument("--training", action="store_true",
                     help="every recipe's training defaults (epochs, lr, schedule, weight decay, batch) and their source")
-    pl.add_argument("--markdown", action="store_true", help="with --configs or --training: a markdown table")
+    pl.add_argument("--markdown", action="store_true", help="with --configs, --recipes or --training: a markdown table")
     for p in (pr, pc, pp, pl):
         p.error = parser.error  # type: ignore[method-assign]
     try:

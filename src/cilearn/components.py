@@ -69,6 +69,8 @@ class Services(Protocol):
 
     def phase_generator(self, phase: "Phase") -> torch.Generator: ...
 
+    def test_view(self, x: torch.Tensor) -> torch.Tensor: ...
+
     def resuming_later_stage(self) -> bool: ...
 
 
@@ -156,7 +158,7 @@ def effective_options(chosen: list[type], given: dict[str, dict]) -> dict[str, d
     dicts (what ``config.yaml`` holds); a name in ``given`` that is not in ``chosen`` is an error."""
     names = [c.name for c in chosen]
     for name in given:
-        if name not in names:
+        if name not in names:   # (``given`` is keyed by the components' own names: see resolve_components)
             raise ConfigError(f"components.{name}: {name!r} is not a component of this run "
                               f"(its components: {', '.join(names) or 'none'})")
     return {c.name: dataclasses.asdict(parse_options(c, given.get(c.name))) for c in chosen}

@@ -196,6 +196,7 @@ class RunConfig:
     # options of the run's contract components by name (cilearn.components): {"bic": {"epochs": 50}};
     # the resolved config holds every option of every component in the run
     components: dict = field(default_factory=dict)
+    plugins: list[str] = field(default_factory=list)   # Python files whose registrations the run uses (cilearn.plugins)
 
 
 # The small data sets for quick runs train every phase for this many epochs (no reference code

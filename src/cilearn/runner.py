@@ -53,7 +53,9 @@ from .evaluate import (
     predict,
 )
 from .events import NULL, Observer
+from .components import REGISTRIES
 from .files import atomic_write
+from .plugins import load_plugins
 from .losses import CLS_LOSSES
 from .memory import Budget, Memory, mnemonics
 from .memory.compress import COMPRESSORS
@@ -203,6 +205,7 @@ def prepare(cfg: RunConfig):
     """Validate everything that can be validated before any output is written; returns the resolved
     configuration (the caller's is not changed), the data set and the recipe."""
     cfg = copy.deepcopy(cfg)
+    cfg.plugins = load_plugins(cfg.plugins)      # before any name is looked up: their registrations count
     validate(cfg)
     method_cls = METHODS.get(cfg.method)
     if cfg.model.backbone != "auto":
@@ -211,8 +214,10 @@ def prepare(cfg: RunConfig):
     SELECTIONS.get(cfg.memory.selection)
     if cfg.loss.cls:
         CLS_LOSSES.get(cfg.loss.cls)
-    for name in cfg.loss.distill:
-        TERMS.get(name)
+    for name in cfg.loss.distill:                  # a term component (e.g. a plugin's) or a teacher term
+        if name not in REGISTRIES["term"] and name not in TERMS:
+            raise ConfigError(f"--distill: unknown term '{name}'; expected one of: "
+                              f"{', '.join(sorted(TERMS.names() + REGISTRIES['term'].names()))}")
     if cfg.replay.source not in (None, "none"):
         REPLAY.get(cfg.replay.source)
     if cfg.train.compile and not _compile_supported():

@@ -29,7 +29,7 @@ from ..registry import Registry
 from ..replay import replay_source
 from ..train import Batch, FitResult
 from ..calibration import clip_nonnegative
-from ..components import Components, PhaseData, build, component_class, effective_options
+from ..components import REGISTRIES, Components, PhaseData, build, component_class, effective_options
 from .context import Context, SplitData, TeacherCache, TeacherOut, over_views  # noqa: F401 (re-exported)
 from .imprint import imprint
 from .terms import TERMS
@@ -59,6 +59,7 @@ class Method:
     last_relu: ClassVar[bool] = True        # default of model.last_relu (LUCIR, PODNet: False)
     head_scale: ClassVar[float] = 1.0       # default of model.scale: initial sigma of cosine / lsc heads
     needs_teacher: ClassVar[bool] = False   # ``teacher_terms`` read the teacher's (logits, embedding)
+    own_terms: ClassVar[tuple[str, ...]] = ()  # names of the recipe's own terms (``teacher_terms``), for tables
     calibration: ClassVar[tuple[str, ...]] = ()  # calibration components (cilearn.calibration), phases > 0
     weight_clip: ClassVar[bool] = False         # default of train.weight_clip (WA's clipping)
     freeze_old_head: ClassVar[bool] = False     # default of train.freeze_old_head (LUCIR, PODNet)
@@ -92,21 +93,29 @@ class Method:
         (``--train.finetune-*``), then ``components.<name>`` of the config; an entry of
         ``components`` naming a component that is not in the run is a ConfigError."""
         names = cls.calibration_names(cfg)
-        chosen = [component_class("calibration", n) for n in names]
+        chosen = [component_class("calibration", n) for n in names] + \
+            [component_class("term", n) for n in cls.term_component_names(cfg)]
         recipe = cls.component_options(cfg.data.dataset)
         t = cfg.train
         legacy = {"balanced-finetune": {k: v for k, v in (("epochs", t.finetune_epochs), ("lr", t.finetune_lr),
                                                           ("head_only", t.finetune_head_only)) if v is not None}}
-        merged = {n: {**recipe.get(n, {}), **legacy.get(n, {})} for n in names}
+        merged = {c.name: {**recipe.get(c.name, {}), **legacy.get(c.name, {})} for c in chosen}
+        canonical = {c.name.replace("-", "_"): c.name for c in chosen}   # dotted flags turn - into _
         for n, given in cfg.components.items():
-            if n in merged:
-                if not isinstance(given, dict):
-                    raise ConfigError(f"components.{n} must be a mapping of options, got {given!r}")
-                merged[n].update({str(k).replace("-", "_"): v for k, v in given.items()})
-        for n in cfg.components:
-            if n not in merged:
-                merged[n] = {}          # effective_options names it in its error
+            name = canonical.get(str(n).replace("-", "_"), n)
+            if name not in merged:
+                merged[name] = {}       # effective_options names it in its error
+                continue
+            if not isinstance(given, dict):
+                raise ConfigError(f"components.{n} must be a mapping of options, got {given!r}")
+            merged[name].update({str(k).replace("-", "_"): v for k, v in given.items()})
         return names, effective_options(chosen, merged)
+
+    @classmethod
+    def term_component_names(cls, cfg: "RunConfig") -> list[str]:
+        """The run's loss terms that are contract components (``--distill NAME`` of a registered
+        ``term`` component, e.g. a plugin's); the others are teacher terms (``methods.terms``)."""
+        return [n for n in dict.fromkeys(cls.terms + tuple(cfg.loss.distill)) if n in REGISTRIES["term"]]
 
     @classmethod
     def check_config(cls, cfg: "RunConfig", has_memory: bool) -> None:
@@ -131,10 +140,13 @@ class Method:
         self.kd_fn = DISTILL.get(self.distill) if self.distill else None
         self.lam = self.kd_weight if lc.kd_weight is None else lc.kd_weight
         self.T = lc.temperature
-        self.extra = [TERMS.get(n)(self) for n in dict.fromkeys(self.terms + tuple(lc.distill))]
+        self.extra = [TERMS.get(n)(self) for n in dict.fromkeys(self.terms + tuple(lc.distill))
+                      if n not in REGISTRIES["term"]]
         self.replay = replay_source(self)
         names, options = self.resolve_components(ctx.cfg)        # idempotent on a resolved config
-        self.components = Components([build(component_class("calibration", n), options.get(n), ctx) for n in names])
+        self.components = Components([build(component_class("calibration", n), options.get(n), ctx) for n in names]
+                                     + [build(component_class("term", n), options.get(n), ctx)
+                                        for n in self.term_component_names(ctx.cfg)])
         self.components.attach(self.net)
         self.phase_data: PhaseData | None = None
         self.teacher = None
@@ -282,13 +294,16 @@ class Method:
         return self.net(batch.x)
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One student forward serves ``objective``, the extra terms (``--distill attention``, ...)
-        and the method's ``teacher_terms``."""
+        """One student forward serves ``objective``, the loss terms of the components (every
+        phase), the teacher terms (``--distill attention``, ...) and the method's ``teacher_terms``."""
         self.constrain()
         if self.artifact_prob > 0:
             batch = self.with_artifacts(batch)
         out = self.forward(batch)
         loss, terms = self.objective(batch, out)
+        for name, (w, v) in self.components.terms(batch, out).items():
+            terms[name] = v.detach()
+            loss = loss + w * v
         if self.teacher is not None:
             for t in self.extra:
                 v = t(batch, out)

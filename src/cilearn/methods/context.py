@@ -78,6 +78,10 @@ class Context:
         """``over_views(self, x, fn)``: ``fn`` over every deterministic training view of ``x``."""
         return over_views(self, x, fn)
 
+    def test_view(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images ``[N, C, H, W]`` as the network sees them at test time (normalised)."""
+        return self.augmenter.test(x)
+
     def resuming_later_stage(self) -> bool:
         """A resumed run is about to continue a stage of this phase that comes later than the
         current point (so what comes before it is already done)."""

@@ -23,6 +23,7 @@ class Expanding(Method):
     expandable = True
     uses_memory = True
     needs_teacher = True
+    own_terms = ("auxiliary CE",)
 
     def __init__(self, ctx):
         super().__init__(ctx)

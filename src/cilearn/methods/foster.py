@@ -39,6 +39,7 @@ class FOSTER(Expanding):
     (off in the official configurations)."""
     cls_loss = "la-ce"
     distill = "kd"
+    own_terms = ("auxiliary CE", "compression stage (balanced KD)")
     training = schedules.FOSTER
 
     def __init__(self, ctx):

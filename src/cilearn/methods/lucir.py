@@ -26,6 +26,7 @@ class LUCIR(Method):
     last_relu = False
     uses_memory = True
     needs_teacher = True
+    own_terms = ("less-forget", "margin ranking")
     calibration = ("balanced-finetune",)     # LUCIR's official 20 epochs at lr 0.01, x0.1 at 10 (the component's defaults)
     freeze_old_head = True
     imprint = True
@@ -68,6 +69,7 @@ class LUCIRBSCE(LUCIR):
     incremental accuracy 53 against 74 without them and 75 for LUCIR with fine-tuning).
     Cosine head, imprinting, less-forget and the removed last ReLU stay."""
     cls_loss = "bsce"
+    own_terms = ("less-forget",)
     calibration = ()
     freeze_old_head = False
     margin_weight = 0.0

@@ -40,6 +40,7 @@ class PODNet(Method):
     last_relu = False
     uses_memory = True
     needs_teacher = True
+    own_terms = ("POD-spatial", "POD-flat")
     calibration = ("balanced-finetune",)
     freeze_old_head = True
     imprint = True

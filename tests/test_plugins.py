@@ -1,0 +1,111 @@
+"""``--plugin FILE.py``: a user's file adds a component that any run can name (examples/ewc_plugin.py,
+and a new loss term written in one file), its hooks run in every phase, phase 0 included, and its
+state is checkpointed with the rest."""
+import json
+from pathlib import Path
+
+import pytest
+
+import cilearn
+from cilearn.checkpoint import PHASE_FILE, Checkpointer, Interrupted, load_checkpoint
+from cilearn.cli import main
+
+EWC = str(Path(__file__).parent.parent / "examples" / "ewc_plugin.py")
+ARGS = ["--epochs", "4", "--base", "4", "--increment", "3", "--no-progress", "--quiet"]
+
+# A new loss term in one file: the mean squared logit, weighted; it counts the phases it saw end.
+L2_TERM = '''
+from dataclasses import dataclass
+from cilearn.components import Component, register
+
+@dataclass(frozen=True)
+class Options:
+    weight: float = 1.0
+
+@register("term", "logit-l2")
+class LogitL2(Component):
+    Options = Options
+
+    def __init__(self, options, services):
+        super().__init__(options, services)
+        self.ended = []
+
+    def terms(self, batch, out):
+        return {"logit_l2": (self.options.weight, (out.logits.float() ** 2).mean())}
+
+    def phase_end(self, phase, model, data):
+        self.ended.append(phase.index)
+
+    def state_dict(self):
+        return {"ended": list(self.ended)}
+
+    def load_state_dict(self, state):
+        self.ended = list(state["ended"])
+'''
+
+
+def run(capsys, out, *flags):
+    code = main(["run", *flags, *ARGS, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_ewc_plugin_runs_with_finetune_and_changes_it(tmp_path, capsys):
+    plain = run(capsys, tmp_path / "plain", "--method", "finetune")
+    ewc = run(capsys, tmp_path / "ewc", "--plugin", EWC, "--method", "finetune", "--distill", "ewc",
+              "--components.ewc.weight", "20000")
+    assert "ewc" not in ewc["phases"][0]["loss"]                      # nothing to keep in phase 0
+    assert all(r["loss"]["ewc"] > 0 for r in ewc["phases"][1:])       # the Fisher of phase 0 was computed
+    assert ewc["accuracy_matrix"] != plain["accuracy_matrix"]
+    cfg = (tmp_path / "ewc" / "config.yaml").read_text()
+    assert f"plugins:\n- {EWC}" in cfg and "  ewc:\n    weight: 20000.0\n" in cfg
+    st = load_checkpoint(tmp_path / "ewc" / PHASE_FILE)["method"]["components"]["ewc"]
+    assert set(st) == {"fisher", "anchor"} and all(k.startswith("stages") or "." in k for k in st["fisher"])
+
+
+def test_a_new_loss_term_is_one_file(tmp_path, capsys):
+    f = tmp_path / "l2_plugin.py"
+    f.write_text(L2_TERM)
+    m = run(capsys, tmp_path / "r", "--plugin", str(f), "--method", "icarl", "--distill", "logit-l2",
+            "--components.logit-l2.weight", "0.01")
+    assert all("logit_l2" in r["loss"] for r in m["phases"])            # every phase, phase 0 included
+    st = load_checkpoint(tmp_path / "r" / PHASE_FILE)["method"]["components"]["logit-l2"]
+    assert st["ended"] == [0, 1, 2]
+    assert "  logit-l2:\n    weight: 0.01\n" in (tmp_path / "r" / "config.yaml").read_text()
+
+
+def test_plugin_state_resumes_exactly(tmp_path, quick, monkeypatch):
+    over = dict(method="finetune", plugins=[EWC], loss={"distill": ["ewc"]},
+                scenario={"base": 4, "increment": 3}, train={"epochs": 3, "progress": False})
+    ref = cilearn.run(quick(out=str(tmp_path / "a"), **over), echo=False).accuracy_matrix
+    real = Checkpointer.save_phase
+
+    def save_phase(self, state):
+        real(self, state)
+        if state["next_phase"] == 2:
+            self.stop_signal = 15
+    monkeypatch.setattr(Checkpointer, "save_phase", save_phase)
+    with pytest.raises(Interrupted):
+        cilearn.run(quick(out=str(tmp_path / "b"), **over), echo=False)
+    monkeypatch.setattr(Checkpointer, "save_phase", real)
+    assert cilearn.resume(tmp_path / "b", echo=False).accuracy_matrix == ref
+
+
+def test_bad_plugins_are_one_line_errors(tmp_path, capsys):
+    def fails(*flags):
+        code = main(["run", *flags, "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert not (tmp_path / "x").exists()
+        return err
+    assert "no such file" in fails("--plugin", str(tmp_path / "missing.py"))
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('boom')\n")
+    err = fails("--plugin", str(bad))
+    assert "bad.py" in err and "RuntimeError: boom" in err
+    err = fails("--method", "finetune", "--distill", "no-such-term")
+    assert "no-such-term" in err and "attention" in err
+    txt = tmp_path / "p.txt"
+    txt.write_text("")
+    assert "expected a Python file" in fails("--plugin", str(txt))
