@@ -19,15 +19,29 @@ from pathlib import Path
 
 SEEDS = (1993, 1)
 # extra stages kept cheap: DF-GR's generator, the exemplar optimizer, CIM's bilevel steps
-CHEAP = {"train": {"epochs": 3, "progress": False, "precision": "fp32", "checkpoint_every": 0},
-         "replay": {"steps": 10}, "memory": {"mnemonics": {"iterations": 2}, "compression": {"iterations": 2}}}
+CHEAP = {"train": {"epochs": 3, "progress": False, "precision": "fp32", "checkpoint_every": 0}}
+
+
+def cheap(method: str) -> dict:
+    """CHEAP, and the extra stages' costs for the recipes that have them (a run refuses options it
+    does not use)."""
+    from cilearn.methods import METHODS
+    m = METHODS.get(method)
+    d = dict(CHEAP)
+    if m.replay_source:
+        d["replay"] = {"steps": 10}
+    mem = {**({"mnemonics": {"iterations": 2}} if m.memory_optimizer != "none" else {}),
+           **({"compression": {"iterations": 2}} if m.memory_compressor != "none" else {})}
+    if mem:
+        d["memory"] = mem
+    return d
 
 
 def matrices(method: str, seed: int) -> dict:
     import cilearn
     from cilearn.config import RunConfig, from_dict
     with tempfile.TemporaryDirectory() as d:
-        cfg = from_dict(RunConfig, {**CHEAP, "method": method, "seed": seed, "out": str(Path(d) / "run"),
+        cfg = from_dict(RunConfig, {**cheap(method), "method": method, "seed": seed, "out": str(Path(d) / "run"),
                                     "scenario": {"increment": 2}})
         m = cilearn.run(cfg, echo=False).metrics
     return {"cnn": m["accuracy_matrix"], "nme": m["accuracy_matrix_nme"]}

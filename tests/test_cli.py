@@ -55,7 +55,7 @@ def test_list(capsys):
 def test_flags_and_dotted_overrides_reach_the_config(tmp_path, capsys):
     out = tmp_path / "r"
     code, _, err = run_cli(capsys, "run", "--method", "lwf", "--base", "4", "--increment", "3", "--epochs", "1",
-                           "--train.momentum", "0.5", "--memory.selection=random", "--seed", "7",
+                           "--train.momentum", "0.5", "--memory.selection=random", "--memory", "40", "--seed", "7",
                            "--scenario.class-order", "9,8,7,6,5,4,3,2,1,0", "--train.weight-decay", "1e-3",
                            "--out", str(out), "--no-progress", "--quiet")
     assert code == 0, err

@@ -176,7 +176,7 @@ def test_podnet_before_phase_imprints_freezes_and_weights(quick):
     out = ctx.net(xb)
     terms = dict((n, (w_, v)) for n, w_, v in m.teacher_terms(batch, out))
     lc = ctx.cfg.loss
-    assert terms["pod_spatial"][0] == pytest.approx(3.0 * math.sqrt(2)) and lc.pod_spatial_weight == 3.0   # resolved
+    assert terms["pod_spatial"][0] == pytest.approx(3.0 * math.sqrt(2)) and lc.pod_spatial_weight is None   # the default
     assert terms["pod_flat"][0] == pytest.approx(1.0 * math.sqrt(2))
     with torch.no_grad():
         ref_spatial = pod_spatial(out.maps, m.teacher(xb).maps)

@@ -502,9 +502,6 @@ def resolve(cfg: RunConfig, num_classes: int, image_size: int, training: Trainin
         t.warmup_epochs = ref.warmup_epochs
     if t.compression_epochs is None and ref.compression_epochs is not None and quick is None and not given["epochs"]:
         t.compression_epochs = ref.compression_epochs
-    if cfg.loss.less_forget_weight is None:   # LUCIR Sec. 4: 5 on CIFAR, 10 on ImageNet
-        cfg.loss.less_forget_weight = 10.0 if cfg.data.dataset == "imagefolder" else 5.0
-    cfg.loss.pod_spatial_weight, cfg.loss.pod_flat_weight = pod_weights(cfg)
     if cfg.model.backbone == "auto":
         cfg.model.backbone = auto_backbone(image_size)
     s = cfg.scenario

@@ -64,6 +64,7 @@ from .memory.mnemonics import build as build_memory_optimizer
 from .memory.selection import SELECTIONS
 from .train import FitResult
 from .methods import METHODS, Context, SplitData
+from .methods.options import check_unused, prune, resolve_options
 from .methods.terms import TERMS
 from .models import build_net
 from .models.backbones import BACKBONES
@@ -201,9 +202,10 @@ def _compile_supported() -> bool:
         return False
 
 
-def prepare(cfg: RunConfig):
+def prepare(cfg: RunConfig, strict: bool = True):
     """Validate everything that can be validated before any output is written; returns the resolved
-    configuration (the caller's is not changed), the data set and the recipe."""
+    configuration (the caller's is not changed), the data set and the recipe. ``strict``: an option
+    the run does not use but that was set is an error (``methods.options.check_unused``)."""
     cfg = copy.deepcopy(cfg)
     cfg.plugins = load_plugins(cfg.plugins)      # before any name is looked up: their registrations count
     validate(cfg)
@@ -233,6 +235,8 @@ def prepare(cfg: RunConfig):
     if cfg.train.balanced_finetune:
         ft = cfg.components["balanced-finetune"]
         cfg.train.finetune_epochs, cfg.train.finetune_lr, cfg.train.finetune_head_only = ft["epochs"], ft["lr"], ft["head_only"]
+    if strict:                                    # (not on --resume: older runs' config.yaml held every option)
+        check_unused(cfg, method_cls)             # an option this run does not use, set by the user
     distributed.check_config(cfg, method_cls)
     cfg.memory.optimizer = cfg.memory.optimizer or method_cls.memory_optimizer
     mnemonics.check(cfg, cfg.method, uses_memory(method_cls, cfg))
@@ -243,6 +247,7 @@ def prepare(cfg: RunConfig):
                           f"{cfg.method} keeps none here: give --memory N or --memory-per-class N")
     ds = load_data(cfg)
     cfg = resolve(cfg, ds.num_classes, ds.image_shape[-1], method_cls.training)
+    resolve_options(cfg, method_cls, ds.augment)  # the values that run, in place of "the recipe's"
     BACKBONES.get(cfg.model.backbone)
     Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std)  # validates the policy name
     if uses_memory(method_cls, cfg):
@@ -308,7 +313,7 @@ def resume(run_dir: str | Path, echo: bool = True, device: str | None = None,
         cfg.train.device = device
     if progress is not None:
         cfg.train.progress = progress
-    cfg, ds, method_cls = distributed.main_first(lambda: prepare(cfg))
+    cfg, ds, method_cls = distributed.main_first(lambda: prepare(cfg, strict=False))
     dev = resolve_device(cfg.train.device)
     amp = resolve_precision(cfg.train.precision, dev)
     phase_state, epoch_state = distributed.on_main(lambda: tuple(
@@ -367,7 +372,8 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
                                                             device))
     meta["resident"] = resident          # where the uint8 images live: device, or host (batches moved)
     if writes and not (out / "config.yaml").exists():
-        atomic_write(out / "config.yaml", yaml.safe_dump({**to_dict(cfg), "meta": meta}, sort_keys=False))
+        used = prune(to_dict(cfg), cfg, method_cls)   # only the options this run uses
+        atomic_write(out / "config.yaml", yaml.safe_dump({**used, "meta": meta}, sort_keys=False))
 
     scenario = Scenario.make(ds.num_classes, cfg.scenario.base, cfg.scenario.increment, cfg.scenario.class_order)
     place = (lambda t: HostRows(t, device)) if resident == "host" else (lambda t: t.to(device))  # noqa: E731

@@ -60,6 +60,8 @@ class Method:
     head_scale: ClassVar[float] = 1.0       # default of model.scale: initial sigma of cosine / lsc heads
     needs_teacher: ClassVar[bool] = False   # ``teacher_terms`` read the teacher's (logits, embedding)
     own_terms: ClassVar[tuple[str, ...]] = ()  # names of the recipe's own terms (``teacher_terms``), for tables
+    options_used: ClassVar[tuple[str, ...]] = ()  # run options the recipe's own code reads (methods.options)
+    adaptive_kd_weight: ClassVar[bool] = False  # loss.kd_weight null means |old| / |seen| (WA, BiC)
     calibration: ClassVar[tuple[str, ...]] = ()  # calibration components (cilearn.calibration), phases > 0
     weight_clip: ClassVar[bool] = False         # default of train.weight_clip (WA's clipping)
     freeze_old_head: ClassVar[bool] = False     # default of train.freeze_old_head (LUCIR, PODNet)

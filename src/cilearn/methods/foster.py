@@ -40,6 +40,7 @@ class FOSTER(Expanding):
     cls_loss = "la-ce"
     distill = "kd"
     own_terms = ("auxiliary CE", "compression stage (balanced KD)")
+    options_used = ("loss.bkd_beta", "train.compression_epochs", "train.compression_lr", "loss.temperature")
     training = schedules.FOSTER
 
     def __init__(self, ctx):

@@ -27,6 +27,7 @@ class LUCIR(Method):
     uses_memory = True
     needs_teacher = True
     own_terms = ("less-forget", "margin ranking")
+    options_used = ("loss.less_forget_weight", "loss.margin", "loss.margin_k", "loss.margin_weight")
     calibration = ("balanced-finetune",)     # LUCIR's official 20 epochs at lr 0.01, x0.1 at 10 (the component's defaults)
     freeze_old_head = True
     imprint = True

@@ -41,6 +41,7 @@ class PODNet(Method):
     uses_memory = True
     needs_teacher = True
     own_terms = ("POD-spatial", "POD-flat")
+    options_used = ("loss.pod_spatial_weight", "loss.pod_flat_weight")
     calibration = ("balanced-finetune",)
     freeze_old_head = True
     imprint = True

@@ -20,6 +20,7 @@ class WA(ICaRL):
     ``--train.weight-align false`` turns aligning off). Reports CNN and NME."""
     calibration = ("weight-align",)
     weight_clip = True
+    adaptive_kd_weight = True      # --loss.kd-weight unset (null in config.yaml): lambda = |old| / |seen|
     training = schedules.WA
 
     def before_phase(self, phase, x, y):

@@ -1,0 +1,176 @@
+"""Which options of the run configuration a run uses, and their effective values.
+
+The config says what ran: ``resolve_options`` fills every option the run uses that was left to
+the recipe (the head, the classification loss, the weights of the recipe's terms, ...) with the
+value that runs, and ``config.yaml`` keeps only the options the run uses (``used``). An option
+that the run does not use but the user set (a value other than its default) is a ConfigError
+naming it and what it applies to (``check_unused``): ``--method icarl --loss.nca-margin 0.3``.
+
+``CONDITIONAL`` lists the options used only by some runs, each with what decides it; every other
+option is used by every run. A recipe lists the options its own code reads in ``options_used``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..config import RunConfig, pod_weights
+from ..errors import ConfigError
+from ..memory.mnemonics import DEFAULTS as MNEMONICS_DEFAULTS
+
+if TYPE_CHECKING:
+    from .base import Method
+
+
+def _terms(c: RunConfig, m: type["Method"]) -> set[str]:
+    return set(m.terms) | set(c.loss.distill)
+
+
+def _replay(c: RunConfig, m: type["Method"]) -> str:
+    return c.replay.source or m.replay_source or "none"
+
+
+def _recipe(key: str) -> Callable[[RunConfig, type["Method"]], bool]:
+    return lambda c, m: key in m.options_used
+
+
+def _uses_memory(c: RunConfig, m: type["Method"]) -> bool:
+    return m.uses_memory or c.memory.total is not None or c.memory.per_class is not None
+
+
+def _uses_temperature(c: RunConfig, m: type["Method"]) -> bool:
+    return m.distill is not None or "dual-teacher" in _terms(c, m) or _replay(c, m) != "none" \
+        or "loss.temperature" in m.options_used
+
+
+# option (dotted, or a section prefix ending in ".") -> (used by this run?, what it applies to)
+CONDITIONAL: dict[str, tuple[Callable[[RunConfig, type["Method"]], bool], str]] = {
+    "model.proxies": (lambda c, m: (c.model.head or m.head) == "lsc", "the lsc head"),
+    "model.scale": (lambda c, m: (c.model.head or m.head) in ("cosine", "lsc"), "the cosine and lsc heads"),
+    "loss.nca_margin": (lambda c, m: (c.loss.cls or m.cls_loss) == "nca", "the nca classification loss"),
+    "loss.la_beta": (lambda c, m: (c.loss.cls or m.cls_loss) == "la-ce", "the la-ce classification loss"),
+    "loss.kd_weight": (lambda c, m: m.distill is not None, "recipes with logit distillation"),
+    "loss.temperature": (_uses_temperature, "distillation (KD, dual-teacher, replay, FOSTER's compression)"),
+    "loss.attention_weight": (lambda c, m: "attention" in _terms(c, m), "--distill attention"),
+    "loss.dual_teacher_weight": (lambda c, m: "dual-teacher" in _terms(c, m), "--distill dual-teacher"),
+    "loss.dual_teacher_init": (lambda c, m: "dual-teacher" in _terms(c, m), "--distill dual-teacher"),
+    "loss.dual_teacher_epochs": (lambda c, m: "dual-teacher" in _terms(c, m), "--distill dual-teacher"),
+    "loss.less_forget_weight": (_recipe("loss.less_forget_weight"), "LUCIR's recipes"),
+    "loss.margin": (_recipe("loss.margin"), "LUCIR's recipes"),
+    "loss.margin_k": (_recipe("loss.margin_k"), "LUCIR's recipes"),
+    "loss.margin_weight": (_recipe("loss.margin_weight"), "LUCIR's recipes"),
+    "loss.pod_spatial_weight": (_recipe("loss.pod_spatial_weight"), "PODNet's recipes"),
+    "loss.pod_flat_weight": (_recipe("loss.pod_flat_weight"), "PODNet's recipes"),
+    "loss.aux_weight": (lambda c, m: m.expandable, "DER's and FOSTER's recipes"),
+    "loss.bkd_beta": (_recipe("loss.bkd_beta"), "FOSTER's recipes"),
+    "train.compression_epochs": (_recipe("train.compression_epochs"), "FOSTER's recipes"),
+    "train.compression_lr": (_recipe("train.compression_lr"), "FOSTER's recipes"),
+    "train.finetune_epochs": (lambda c, m: "balanced-finetune" in (c.calibration or ()), "--calibration balanced-finetune"),
+    "train.finetune_lr": (lambda c, m: "balanced-finetune" in (c.calibration or ()), "--calibration balanced-finetune"),
+    "train.finetune_head_only": (lambda c, m: "balanced-finetune" in (c.calibration or ()),
+                                 "--calibration balanced-finetune"),
+    "replay.": (lambda c, m: _replay(c, m) != "none", "a replay source (--replay dfgr)"),
+    "memory.mnemonics.": (lambda c, m: (c.memory.optimizer or m.memory_optimizer) != "none",
+                          "an exemplar optimizer (--memory.optimizer)"),
+    "memory.compression.": (lambda c, m: (c.memory.compressor or m.memory_compressor) != "none",
+                            "an exemplar compressor (--compressor)"),
+    "memory.selection": (_uses_memory, "runs with exemplars"),
+    "data.data_dir": (lambda c, m: c.data.dataset != "digits", "data sets read from files (not digits)"),
+    "data.image_size": (lambda c, m: c.data.dataset == "imagefolder", "image folders"),
+    "data.train_list": (lambda c, m: c.data.dataset == "imagefolder", "image folders"),
+    "data.test_list": (lambda c, m: c.data.dataset == "imagefolder", "image folders"),
+    "data.cache_dir": (lambda c, m: c.data.dataset == "imagefolder", "image folders"),
+    "data.workers": (lambda c, m: c.data.dataset == "imagefolder", "image folders"),
+}
+ALWAYS = {"replay.source"}   # the choice itself
+
+
+def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(_leaves(v, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = v
+    return out
+
+
+def _rule(key: str):
+    if key in ALWAYS:
+        return None
+    if key in CONDITIONAL:
+        return CONDITIONAL[key]
+    return next((r for p, r in CONDITIONAL.items() if p.endswith(".") and key.startswith(p)), None)
+
+
+def used(cfg: RunConfig, method_cls: type["Method"], key: str) -> bool:
+    r = _rule(key)
+    return r is None or r[0](cfg, method_cls)
+
+
+def check_unused(cfg: RunConfig, method_cls: type["Method"]) -> None:
+    """A ConfigError for the first option the user set (not its default) that this run does not use."""
+    defaults = _leaves(RunConfig())
+    for key, value in _leaves(cfg).items():
+        r = _rule(key)
+        if r is not None and value != defaults[key] and not r[0](cfg, method_cls):
+            raise ConfigError(f"--{key.replace('_', '-')} {value!r} is not used by this run (--method {cfg.method}); "
+                              f"it applies to {r[1]}")
+
+
+def prune(d: dict, cfg: RunConfig, method_cls: type["Method"], prefix: str = "") -> dict:
+    """``to_dict(cfg)`` without the options the run does not use (what ``config.yaml`` holds)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in ("components",) and not key.startswith("meta"):
+            sub = prune(v, cfg, method_cls, key + ".")
+            if sub:                  # a section none of whose options the run uses is left out
+                out[k] = sub
+        elif used(cfg, method_cls, key):
+            out[k] = v
+    return out
+
+
+def resolve_options(cfg: RunConfig, method_cls: type["Method"], dataset_augment: str) -> None:
+    """Fill, in place, the options the run uses that were left to the recipe or to another option
+    with the values that run (what the code would compute from the null)."""
+    m, t, lc = method_cls, cfg.train, cfg.loss
+    cfg.model.head = cfg.model.head or m.head
+    if cfg.model.last_relu is None:
+        cfg.model.last_relu = m.last_relu
+    if cfg.model.scale is None:
+        cfg.model.scale = m.head_scale
+    cfg.data.augment = cfg.data.augment or dataset_augment
+    lc.cls = lc.cls or m.cls_loss
+    if lc.kd_weight is None and not m.adaptive_kd_weight:
+        lc.kd_weight = m.kd_weight
+    if lc.attention_weight is None:
+        lc.attention_weight = 1.0                       # LwM's gamma (methods.terms)
+    if lc.less_forget_weight is None:                   # LUCIR Sec. 4: 5 on CIFAR, 10 on ImageNet
+        lc.less_forget_weight = 10.0 if cfg.data.dataset == "imagefolder" else 5.0
+    lc.pod_spatial_weight, lc.pod_flat_weight = pod_weights(cfg)   # PODNet's official configs
+    if lc.margin_weight is None and hasattr(m, "margin_weight"):
+        lc.margin_weight = m.margin_weight
+    if lc.aux_weight is None:
+        lc.aux_weight = 1.0                             # DER's lambda_a, FOSTER's feature enhancement
+    if lc.dual_teacher_epochs is None:
+        lc.dual_teacher_epochs = t.epochs               # the phase's (phases > 0)
+    if t.weight_clip is None:
+        t.weight_clip = m.weight_clip
+    if t.freeze_old_head is None:
+        t.freeze_old_head = m.freeze_old_head
+    if t.compression_epochs is None:
+        t.compression_epochs = t.epochs
+    if t.compression_lr is None:
+        t.compression_lr = t.lr
+    cfg.replay.source = _replay(cfg, m)
+    mn = cfg.memory.mnemonics
+    d = MNEMONICS_DEFAULTS.get(cfg.memory.optimizer)
+    if d is not None:
+        mn.iterations = d["iterations"] if mn.iterations is None else mn.iterations
+        mn.lr = d["lr"] if mn.lr is None else mn.lr
+        mn.step = d["step"] if mn.step is None else mn.step
+    if cfg.memory.compression.inner_lr is None and cfg.memory.compressor == "cim":
+        cfg.memory.compression.inner_lr = t.lr          # CIM's inner step at the CIL model's lr

@@ -1,0 +1,62 @@
+"""A run's config.yaml says what ran: every option the run uses with the value that ran (no null
+standing for "the recipe's default"), nothing the run does not use; an option the run does not use
+but the user set is refused (cilearn.methods.options)."""
+import pytest
+import yaml
+
+from cilearn.cli import main
+
+TRAINING = ("model", "loss", "train", "memory", "replay")
+
+
+def run(tmp_path, capsys, name, *flags):
+    out = tmp_path / name
+    code = main(["run", *flags, "--epochs", "1", "--base", "4", "--increment", "3", "--out", str(out),
+                 "--no-progress", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    return yaml.safe_load((out / "config.yaml").read_text())
+
+
+def nulls(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from nulls(v, f"{prefix}{k}.")
+        elif v is None:
+            yield f"{prefix}{k}"
+
+
+@pytest.mark.parametrize("method", ["icarl", "lucir-bsce", "podnet", "foster"])
+def test_no_training_option_is_null(method, tmp_path, capsys):
+    cfg = run(tmp_path, capsys, method, "--method", method)
+    left = [k for k in nulls({s: cfg[s] for s in TRAINING if s in cfg})]
+    assert left == ["memory.per_class"]          # the budget is given as a total: no per-class budget
+    assert cfg["model"]["head"] and cfg["loss"]["cls"] and cfg["data"]["augment"]
+
+
+def test_only_the_options_the_run_uses(tmp_path, capsys):
+    icarl = run(tmp_path, capsys, "icarl", "--method", "icarl")
+    assert set(icarl["replay"]) == {"source"} and icarl["replay"]["source"] == "none"
+    assert "mnemonics" not in icarl["memory"] and "compression" not in icarl["memory"]
+    assert not {"less_forget_weight", "pod_spatial_weight", "nca_margin", "aux_weight", "bkd_beta",
+                "attention_weight"} & set(icarl["loss"])
+    assert "proxies" not in icarl["model"] and "scale" not in icarl["model"] and "data_dir" not in icarl["data"]
+    podnet = run(tmp_path, capsys, "podnet", "--method", "podnet")
+    assert podnet["loss"]["nca_margin"] == 0.6 and podnet["loss"]["pod_spatial_weight"] == 3.0
+    assert podnet["model"]["proxies"] == 10 and podnet["train"]["finetune_lr"] == 0.05
+    lwm = run(tmp_path, capsys, "lwm", "--method", "lwm")
+    assert lwm["loss"]["attention_weight"] == 1.0 and "selection" not in lwm["memory"]
+
+
+@pytest.mark.parametrize("flags,option,applies", [
+    (["--method", "icarl", "--loss.nca-margin", "0.3"], "--loss.nca-margin 0.3", "nca classification loss"),
+    (["--method", "lwf", "--memory.selection", "random"], "--memory.selection 'random'", "runs with exemplars"),
+    (["--method", "icarl", "--replay.steps", "10"], "--replay.steps 10", "replay source"),
+    (["--method", "icarl", "--train.finetune-epochs", "3"], "--train.finetune-epochs 3", "balanced-finetune"),
+    (["--method", "finetune", "--loss.less-forget-weight", "2"], "--loss.less-forget-weight 2", "LUCIR"),
+    (["--method", "icarl", "--data-dir", "/tmp"], "--data.data-dir '/tmp'", "not digits"),
+])
+def test_an_option_the_run_does_not_use_is_refused(flags, option, applies, tmp_path, capsys):
+    code = main(["run", *flags, "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and option in err and applies in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
