@@ -33,6 +33,9 @@ class LogitL2(Component):
     def terms(self, batch, out):
         return {"logit_l2": (self.options.weight, (out.logits.float() ** 2).mean())}
 
+    def epoch_end(self, phase, epoch):
+        self.ended.append((phase.index, epoch))
+
     def phase_end(self, phase, model, data):
         self.ended.append(phase.index)
 
@@ -71,7 +74,8 @@ def test_a_new_loss_term_is_one_file(tmp_path, capsys):
             "--components.logit-l2.weight", "0.01")
     assert all("logit_l2" in r["loss"] for r in m["phases"])            # every phase, phase 0 included
     st = load_checkpoint(tmp_path / "r" / PHASE_FILE)["method"]["components"]["logit-l2"]
-    assert st["ended"] == [0, 1, 2]
+    # each epoch of the main stage (4 epochs), then the phase end, in every phase
+    assert st["ended"] == [x for p in range(3) for x in [(p, e) for e in range(4)] + [p]]
     assert "  logit-l2:\n    weight: 0.01\n" in (tmp_path / "r" / "config.yaml").read_text()
 
 

@@ -393,6 +393,11 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     method = method_cls(ctx)
     ckpt.method_state = method.state_dict  # type: ignore[method-assign]
 
+    def on_epoch(phase_index: int, stage: str, epoch: int, epochs: int, scalars: dict[str, float]) -> None:
+        events.on_epoch(phase_index, stage, epoch, epochs, scalars)
+        method.epoch_end(stage, epoch)                 # the components' epoch_end (main stage)
+    ckpt.on_epoch = on_epoch
+
     events.on_start(RunView(cfg, out, net, memory, aug, amp, data))
     evals: list[PhaseEval] = []
     phase_rows: list[dict] = []

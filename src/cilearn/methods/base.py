@@ -247,6 +247,11 @@ class Method:
             self.constrain()        # the projection after the stage's last optimizer step
         return fr
 
+    def epoch_end(self, stage: str, epoch: int) -> None:
+        """After each epoch of a training stage: the components' ``epoch_end`` for the main stage."""
+        if self.phase is not None and stage == f"phase {self.phase.index}":
+            self.components.epoch_end(self.phase, epoch)
+
     def train_parameters(self):
         """What the main stage trains: None = all of the net's parameters that have a gradient
         (DER, FOSTER: plus their auxiliary head)."""
