@@ -2,6 +2,7 @@
 under ``if TYPE_CHECKING:`` do not), and neither the engine nor any component imports the
 reporting layer (figures are drawn from the run's events, ``cilearn.events``)."""
 import ast
+import re
 from pathlib import Path
 
 import cilearn
@@ -78,3 +79,14 @@ def test_only_the_top_layers_import_reporting():
     for mod, deps in graph.items():
         if mod not in TOP:
             assert not deps & REPORTING, f"{mod} imports {sorted(deps & REPORTING)}"
+
+
+PAPERS = ("icarl", "lucir", "podnet", "foster", "der", "wa", "bic", "lwf", "lwm", "dfgr", "dt-id", "dtid",
+          "mnemonics", "cim", "bsce", "ewc")
+
+
+def test_the_contract_and_the_runner_name_no_paper():
+    for name in ("components.py", "runner.py"):
+        text = (PKG / name).read_text().lower()
+        found = [p for p in PAPERS if re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", text)]
+        assert not found, f"{name} names {found}"

@@ -57,10 +57,9 @@ from .components import REGISTRIES
 from .files import atomic_write
 from .plugins import load_plugins
 from .losses import CLS_LOSSES
-from .memory import Budget, Memory, mnemonics
-from .memory.compress import COMPRESSORS
-from .memory.compress import build as build_compressor
-from .memory.mnemonics import build as build_memory_optimizer
+from .memory import Budget, Memory
+from .memory import build as build_memory
+from .memory import check_parts as check_memory_parts
 from .memory.selection import SELECTIONS
 from .train import FitResult
 from .methods import METHODS, Context, SplitData
@@ -239,12 +238,8 @@ def prepare(cfg: RunConfig, strict: bool = True):
         check_unused(cfg, method_cls)             # an option this run does not use, set by the user
     distributed.check_config(cfg, method_cls)
     cfg.memory.optimizer = cfg.memory.optimizer or method_cls.memory_optimizer
-    mnemonics.check(cfg, cfg.method, uses_memory(method_cls, cfg))
     cfg.memory.compressor = cfg.memory.compressor or method_cls.memory_compressor
-    COMPRESSORS.get(cfg.memory.compressor)          # a ConfigError naming the choices
-    if cfg.memory.compressor != "none" and not uses_memory(method_cls, cfg):
-        raise ConfigError(f"--memory.compressor {cfg.memory.compressor} compresses exemplars and --method "
-                          f"{cfg.method} keeps none here: give --memory N or --memory-per-class N")
+    check_memory_parts(cfg, uses_memory(method_cls, cfg))
     ds = load_data(cfg)
     cfg = resolve(cfg, ds.num_classes, ds.image_shape[-1], method_cls.training)
     resolve_options(cfg, method_cls, ds.augment)  # the values that run, in place of "the recipe's"
@@ -263,7 +258,7 @@ RUN_FILES = ("config.yaml", "metrics.json", "metrics.csv", "accuracy.png", "log.
 
 
 def uses_memory(method_cls, cfg: RunConfig) -> bool:
-    """Methods that keep exemplars, and any other method given a budget (e.g. lwm --memory 200)."""
+    """Methods that keep exemplars, and any other method given a budget (any method given --memory N)."""
     return method_cls.uses_memory or cfg.memory.total is not None or cfg.memory.per_class is not None
 
 
@@ -387,8 +382,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     net = build_net(cfg.model.backbone, head, ds.image_shape[0], last_relu, method_cls.expandable, **opts).to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    memory = Memory(Budget(cfg.memory.total, cfg.memory.per_class), cfg.memory.selection,
-                    build_memory_optimizer(cfg), build_compressor(cfg)) if uses_memory(method_cls, cfg) else None
+    memory = build_memory(cfg) if uses_memory(method_cls, cfg) else None
     ctx = Context(cfg, net, memory, aug, device, gen, amp, ckpt, events)
     method = method_cls(ctx)
     ckpt.method_state = method.state_dict  # type: ignore[method-assign]
@@ -533,7 +527,7 @@ def sync_ranks(net: torch.nn.Module, memory: Memory | None, gen: torch.Generator
 
 def memory_row(memory: Memory | None) -> dict[str, Any]:
     """Per-phase memory figures for the metrics rows: exemplars and bytes stored, with a compressor
-    its statistics (CIM's bilevel losses and mask means)."""
+    its statistics (e.g. a compressor's losses and mask means)."""
     if memory is None:
         return {}
     row = {"memory_images": len(memory), "memory_bytes": memory.nbytes}

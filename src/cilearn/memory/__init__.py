@@ -18,8 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from .compress import Codes, Compressor, decode, encode, fit_prefix
+from . import mnemonics
+from .compress import COMPRESSORS, Codes, Compressor, decode, encode, fit_prefix
+from .compress import build as build_compressor
 from .mnemonics import ExemplarOptimizer
+from .mnemonics import build as build_optimizer
 from .selection import SELECTIONS
 
 
@@ -158,3 +161,19 @@ class Memory:
                 self.compressor.load_state(state.get("compressor", {}), device)
         else:
             self.exemplars = {int(c): v.to(device) for c, v in state["exemplars"].items()}
+
+
+def check_parts(cfg, has_memory: bool) -> None:
+    """The run's exemplar optimizer and compressor (``cfg``: the RunConfig, names already resolved):
+    known names, valid options, and exemplars to work on; ConfigErrors naming the option."""
+    mnemonics.check(cfg, cfg.method, has_memory)
+    COMPRESSORS.get(cfg.memory.compressor)          # a ConfigError naming the choices
+    if cfg.memory.compressor != "none" and not has_memory:
+        raise ConfigError(f"--memory.compressor {cfg.memory.compressor} compresses exemplars and --method "
+                          f"{cfg.method} keeps none here: give --memory N or --memory-per-class N")
+
+
+def build(cfg) -> "Memory":
+    """The run's memory: its budget, selection rule, exemplar optimizer and compressor."""
+    return Memory(Budget(cfg.memory.total, cfg.memory.per_class), cfg.memory.selection,
+                  build_optimizer(cfg), build_compressor(cfg))
