@@ -44,7 +44,8 @@ def test_only_the_options_the_run_uses(tmp_path, capsys):
     assert podnet["loss"]["nca_margin"] == 0.6 and podnet["loss"]["pod_spatial_weight"] == 3.0
     assert podnet["model"]["proxies"] == 10 and podnet["train"]["finetune_lr"] == 0.05
     lwm = run(tmp_path, capsys, "lwm", "--method", "lwm")
-    assert lwm["loss"]["attention_weight"] == 1.0 and "selection" not in lwm["memory"]
+    assert lwm["components"] == {"attention": {"weight": 1.0}} and "attention_weight" not in lwm["loss"]
+    assert "selection" not in lwm["memory"]
 
 
 @pytest.mark.parametrize("flags,option,applies", [

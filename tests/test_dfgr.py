@@ -14,7 +14,7 @@ from cilearn.data.augment import Augmenter
 from cilearn.data.scenario import Phase
 from cilearn.methods import METHODS, Context
 from cilearn.methods.base import TeacherOut
-from cilearn.methods.terms import DualTeacherDistill
+from cilearn.terms import DualTeacherDistill
 from cilearn.models import build_net
 from cilearn.models.net import NetOutput
 from cilearn.replay.dfgr import (GeneratorSettings, _BNStats, batch_mean_entropy, bn_statistics_loss,
@@ -133,8 +133,8 @@ def _dtid_method(quick, init="copy"):
 
 def test_dual_teacher_term_by_hand(quick):
     method, _ = _dtid_method(quick)
-    term = next(t for t in method.extra if isinstance(t, DualTeacherDistill))
-    method.T = 2.0
+    term = next(t for t in method.components.parts if isinstance(t, DualTeacherDistill))
+    assert term.options.temperature == 2.0
     term.block = (2, 4)
     # the new teacher's logits [B, 4]; its new-class block (ids 2, 3) is (2, 0) and (0, 0)
     t_logits = torch.tensor([[7.0, -3.0, 2.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
@@ -150,12 +150,13 @@ def test_dual_teacher_term_by_hand(quick):
         return sum(a * math.log(a / b) for a, b in zip(p, q))
 
     expected = (kl([2.0, 0.0], [0.0, 2.0]) + kl([0.0, 0.0], [1.0, 1.0])) / 2   # old block (5, -1) unused
-    assert float(term(batch, out)) == pytest.approx(expected, rel=1e-5)
+    w, value = term.terms(batch, out)["dual-teacher"]
+    assert w == 1.0 and float(value) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("init", ["copy", "scratch"])
 def test_new_class_teacher_trains_on_new_images_only(quick, monkeypatch, init):
-    import cilearn.methods.terms as tr      # the module whose new-class teacher stage calls fit
+    import cilearn.terms as tr              # the module whose new-class teacher stage calls fit
     seen = []
     real_fit = tr.fit
 
@@ -170,8 +171,9 @@ def test_new_class_teacher_trains_on_new_images_only(quick, monkeypatch, init):
     y = torch.cat([torch.randint(0, 2, (10,)), torch.randint(2, 4, (20,))])   # 10 exemplars of old classes
     old_rows = method.net.head.weight.detach().clone()
     old_conv = next(p for n, p in method.net.named_parameters() if n.startswith("backbone")).detach().clone()
+    method.components.start(Phase(1, 2, 4))          # the phase's components (training_set does it in a run)
     method.before_phase(Phase(1, 2, 4), x, y)
-    term = next(t for t in method.extra if isinstance(t, DualTeacherDistill))
+    term = next(t for t in method.components.parts if isinstance(t, DualTeacherDistill))
     (model, ys, start_conv), = seen
     assert model is term.new_teacher and model is not method.net and model is not method.teacher
     assert len(ys) == 20 and bool((ys >= 2).all())                 # new classes only: no exemplar

@@ -9,8 +9,8 @@ import cilearn
 from cilearn.cli import main
 from cilearn.data.augment import Augmenter
 from cilearn.data.scenario import Phase
-from cilearn.methods import METHODS, Context
-from cilearn.methods.terms import AttentionDistill
+from cilearn.methods import METHODS, Context, SplitData
+from cilearn.terms import AttentionDistill
 from cilearn.models import build_net
 from cilearn.train import Batch
 
@@ -67,8 +67,9 @@ def test_cached_teacher_maps_equal_per_batch_maps(quick):
     method = METHODS.get("lwm")(ctx)
     x = torch.randint(0, 255, (24, 1, 8, 8), dtype=torch.uint8)
     y = torch.randint(3, 5, (24,))
+    method.training_set(Phase(1, 3, 5), SplitData(x, y, x[:0], y[:0]))   # the phase's components start
     method.before_phase(Phase(1, 3, 5), x, y)
-    term = method.extra[0]
+    term = method.components.parts[0]
     assert isinstance(term, AttentionDistill) and term.cam.shape == (2, 24, 4, 4)
     xb, view = aug.train(x, torch.Generator().manual_seed(0))
     batch = Batch(xb, y, torch.arange(24), view)

@@ -16,7 +16,7 @@ from .data.datasets import DATASETS
 from .errors import CilearnError, ConfigError
 from .memory.mnemonics import MEMORY_OPTIMIZERS
 from .components import REGISTRIES
-from .methods import METHODS, TERMS
+from .methods import METHODS
 from .methods.schedules import training_table
 from .methods.table import recipes_table
 from .models.backbones import BACKBONES
@@ -173,7 +173,7 @@ def cmd_list(args: argparse.Namespace) -> None:
     print("backbones: " + ", ".join(BACKBONES.names()))
     print("memory optimizers: " + ", ".join(MEMORY_OPTIMIZERS.names()))
     print("calibration: " + ", ".join(REGISTRIES["calibration"].names()) + " (--calibration)")
-    print("loss terms: " + ", ".join(sorted(TERMS.names() + REGISTRIES["term"].names())) + " (--distill)")
+    print("loss terms: " + ", ".join(REGISTRIES["term"].names()) + " (--distill)")
 
 
 def add_run_flags(p: argparse.ArgumentParser, out_help: str | None = None) -> None:

@@ -57,6 +57,8 @@ class Services(Protocol):
     """The engine's facilities a component may use (``cilearn.methods.context.Context`` provides
     them)."""
     device: torch.device
+    augmenter: Any                      # cilearn.data.augment.Augmenter: the run's augmentation
+    seed: int                           # the run's seed
 
     def fit_settings(self, phase: "Phase", **over: Any) -> "FitSettings": ...
 

@@ -28,13 +28,12 @@ class Observer:
 
     def wants(self, kind: str) -> bool:
         """Whether ``on_images(kind, ...)`` is drawn: a component computes the images of a figure
-        only when someone draws them (kinds: ``attention``, ``samples``)."""
+        only when someone draws them (kind: ``samples``)."""
         return False
 
     def on_images(self, kind: str, phase: int, data: dict[str, Any]) -> None:
-        """A component's images of a phase for a figure: ``attention`` (``images`` uint8
-        ``[N, C, H, W]``, ``teacher`` / ``student`` Grad-CAMs ``[N, h, w]``, ``titles``),
-        ``samples`` (``images`` uint8 ``[rows * cols, C, H, W]``, ``rows``, ``cols``, ``labels``)."""
+        """A component's images of a phase for a figure: ``samples`` (``images`` uint8
+        ``[rows * cols, C, H, W]``, ``rows``, ``cols``, ``labels``)."""
 
     def on_phase(self, row: dict[str, Any]) -> None:
         """After a phase's evaluation: its row of ``metrics.json``."""

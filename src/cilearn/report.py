@@ -8,6 +8,7 @@ The script checks that every image decoded and records it in ``<body data-images
 from __future__ import annotations
 
 import base64
+import copy
 import html
 import io
 import json
@@ -16,8 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .attention import gradcam, teacher_gradcam
+from .models.net import eval_mode, freeze
 
 from .errors import ConfigError
 from .evaluate import class_forgetting, predict
@@ -80,7 +85,6 @@ def tsne_plot(ctx, phase, data, before: dict | None, per_class: int = 100) -> No
     exemplars in memory (large dots, black edge), as Figure 1 of the Mnemonics paper. With an
     exemplar optimizer, two panels share one t-SNE: the exemplars as selected before this
     phase's optimisation (new classes: the selection rule's, herding by default) and after it."""
-    import numpy as np
 
     mem = ctx.memory
     seen = (data.test_y < phase.end).nonzero().flatten()
@@ -100,6 +104,25 @@ def tsne_plot(ctx, phase, data, before: dict | None, per_class: int = 100) -> No
     order = ctx.cfg.scenario.class_order
     tsne_figure(emb, torch.cat(ys).cpu().numpy(), len(keep), panels, [order[c] for c in range(phase.end)],
                 ctx.out / f"tsne-phase{phase.index}.png", f"phase {phase.index}: {phase.end} classes, seed {ctx.cfg.seed}")
+
+
+def attention_figure(run, phase: int, teacher: torch.nn.Module, num_old: int, n: int) -> Path:
+    """``--save-attention N``: ``attention-phase<i>.png`` in the run directory, N test images of the
+    seen classes (a fixed draw per phase) with the previous phase's model's (the teacher's) and the
+    current model's Grad-CAM for b, the teacher's top old class (LwM's Fig. 1; ``overlay_grid``).
+    Drawn from the end of phase i-1 and the end of phase i, so a resumed run has no figure for the
+    phase it resumed in."""
+    data, aug, net = run.data, run.augmenter, run.net
+    seen = (data.test_y < run.net.num_classes).nonzero().flatten()
+    pick = seen[torch.from_numpy(np.random.RandomState(phase).permutation(len(seen))[:n]).to(seen.device)]
+    x, y = data.test_x[pick], data.test_y[pick]
+    cam_t, b, _ = teacher_gradcam(teacher, aug.test(x), num_old)
+    with eval_mode(net), torch.enable_grad():
+        o = net(aug.test(x).requires_grad_(True))
+        cam_s = gradcam(o.maps[-1], o.logits, b, create_graph=False, retain_graph=False)
+    order = run.cfg.scenario.class_order
+    titles = [f"y={order[int(a)]} b={order[int(c)]}" for a, c in zip(y, b)]
+    return overlay_grid(x.cpu(), cam_t, cam_s, run.out / f"attention-phase{phase}.png", titles)
 
 
 def exemplar_figure(ctx, phase, originals: dict) -> Path:
@@ -132,7 +155,6 @@ def exemplar_plot(orig: list, stored: list, boxes: list, labels: list, counts: l
     """The figure of ``exemplar_figure``: images ``[C, H, W]`` (uint8 or float in [0, 255]), boxes
     ``(y0, x0, y1, x1)`` or None, exemplars per class ``counts`` against ``baseline``."""
     plt = _pyplot()
-    import numpy as np
     from matplotlib.patches import Rectangle
 
     k = max(len(orig), 1)
@@ -296,6 +318,7 @@ class Reporter(Observer):
     def __init__(self) -> None:
         self.run = None
         self.tb = None
+        self.previous = None          # --save-attention: the model of the previous phase (frozen), its classes
 
     @staticmethod
     def check(cfg) -> None:
@@ -315,6 +338,11 @@ class Reporter(Observer):
     def on_phase(self, row) -> None:
         if self.tb is not None:
             self.tb.on_phase(row)
+        n = self.run.cfg.report.save_attention
+        if n > 0:
+            if self.previous is not None:
+                attention_figure(self.run, row["phase"], *self.previous, n)
+            self.previous = (freeze(copy.deepcopy(self.run.net)), row["classes_seen"])
 
     def on_memory(self, phase, originals, selected) -> None:
         rep = self.run.cfg.report
@@ -325,13 +353,10 @@ class Reporter(Observer):
 
     def wants(self, kind: str) -> bool:
         rep = self.run.cfg.report if self.run is not None else None
-        return rep is not None and {"attention": rep.save_attention, "samples": rep.save_samples}.get(kind, 0) > 0
+        return rep is not None and {"samples": rep.save_samples}.get(kind, 0) > 0
 
     def on_images(self, kind, phase, data) -> None:
-        if kind == "attention":
-            overlay_grid(data["images"], data["teacher"], data["student"],
-                         self.run.out / f"attention-phase{phase}.png", data["titles"])
-        elif kind == "samples":
+        if kind == "samples":
             sample_grid(data["images"], data["rows"], data["cols"], data["labels"],
                         self.run.out / f"samples-phase{phase}.png")
 
@@ -368,7 +393,6 @@ def fig_accuracy(m: dict[str, Any]) -> bytes:
 
 def fig_accuracy_matrix(m: dict[str, Any]) -> bytes:
     """Heatmap of ``a[i][j]`` (after phase i, task j), CNN and NME side by side when present."""
-    import numpy as np
     plt = _pyplot()
     mats = [("CNN", m["accuracy_matrix"])] + ([("NME", m["accuracy_matrix_nme"])] if m.get("accuracy_matrix_nme") else [])
     T = len(m["accuracy_matrix"])
@@ -431,7 +455,6 @@ def fig_old_new(m: dict[str, Any]) -> bytes:
 
 
 def fig_confusion(m: dict[str, Any]) -> bytes | None:
-    import numpy as np
     conf = m.get("confusion")
     if not conf:
         return None
@@ -488,7 +511,6 @@ def phase_timings(row: dict[str, Any]) -> dict[str, float]:
 
 
 def fig_timings(m: dict[str, Any]) -> bytes:
-    import numpy as np
     plt = _pyplot()
     rows = [phase_timings(r) for r in m["phases"]]
     keys = [(k, label) for k, label in TIMINGS if any(r.get(k) for r in rows)] or list(TIMINGS[:1])

@@ -53,7 +53,6 @@ from .evaluate import (
     predict,
 )
 from .events import NULL, Observer
-from .components import REGISTRIES
 from .files import atomic_write
 from .plugins import load_plugins
 from .losses import CLS_LOSSES
@@ -64,7 +63,6 @@ from .memory.selection import SELECTIONS
 from .train import FitResult
 from .methods import METHODS, Context, SplitData
 from .methods.options import check_unused, prune, resolve_options
-from .methods.terms import TERMS
 from .models import build_net
 from .models.backbones import BACKBONES
 from .models.heads import HEADS, head_options
@@ -215,10 +213,6 @@ def prepare(cfg: RunConfig, strict: bool = True):
     SELECTIONS.get(cfg.memory.selection)
     if cfg.loss.cls:
         CLS_LOSSES.get(cfg.loss.cls)
-    for name in cfg.loss.distill:                  # a term component (e.g. a plugin's) or a teacher term
-        if name not in REGISTRIES["term"] and name not in TERMS:
-            raise ConfigError(f"--distill: unknown term '{name}'; expected one of: "
-                              f"{', '.join(sorted(TERMS.names() + REGISTRIES['term'].names()))}")
     if cfg.replay.source not in (None, "none"):
         REPLAY.get(cfg.replay.source)
     if cfg.train.compile and not _compile_supported():

@@ -32,7 +32,6 @@ from ..calibration import clip_nonnegative
 from ..components import REGISTRIES, Components, PhaseData, build, component_class, effective_options
 from .context import Context, SplitData, TeacherCache, TeacherOut, over_views  # noqa: F401 (re-exported)
 from .imprint import imprint
-from .terms import TERMS
 
 if TYPE_CHECKING:
     from ..config import RunConfig, TrainingDefaults
@@ -49,7 +48,7 @@ class Method:
     cls_loss: ClassVar[str] = "ce"          # key of CLS_LOSSES
     distill: ClassVar[str | None] = None    # key of DISTILL, on the old-class logits
     kd_weight: ClassVar[float] = 1.0
-    terms: ClassVar[tuple[str, ...]] = ()   # keys of TERMS (teacher-based terms, e.g. attention)
+    terms: ClassVar[tuple[str, ...]] = ()   # loss-term components of the recipe (cilearn.terms, e.g. attention)
     replay_source: ClassVar[str | None] = None   # key of cilearn.replay.REPLAY (dfgr), default of --replay
     uses_memory: ClassVar[bool] = False
     memory_optimizer: ClassVar[str] = "none"  # default of memory.optimizer (cilearn.memory.mnemonics)
@@ -98,9 +97,14 @@ class Method:
         chosen = [component_class("calibration", n) for n in names] + \
             [component_class("term", n) for n in cls.term_component_names(cfg)]
         recipe = cls.component_options(cfg.data.dataset)
-        t = cfg.train
+        t, lc = cfg.train, cfg.loss
         legacy = {"balanced-finetune": {k: v for k, v in (("epochs", t.finetune_epochs), ("lr", t.finetune_lr),
-                                                          ("head_only", t.finetune_head_only)) if v is not None}}
+                                                          ("head_only", t.finetune_head_only)) if v is not None},
+                  # the loss section's shorthands of the term components
+                  "attention": {} if lc.attention_weight is None else {"weight": lc.attention_weight},
+                  "dual-teacher": {"weight": lc.dual_teacher_weight, "init": lc.dual_teacher_init,
+                                   "temperature": lc.temperature,
+                                   **({} if lc.dual_teacher_epochs is None else {"epochs": lc.dual_teacher_epochs})}}
         merged = {c.name: {**recipe.get(c.name, {}), **legacy.get(c.name, {})} for c in chosen}
         canonical = {c.name.replace("-", "_"): c.name for c in chosen}   # dotted flags turn - into _
         for n, given in cfg.components.items():
@@ -115,9 +119,14 @@ class Method:
 
     @classmethod
     def term_component_names(cls, cfg: "RunConfig") -> list[str]:
-        """The run's loss terms that are contract components (``--distill NAME`` of a registered
-        ``term`` component, e.g. a plugin's); the others are teacher terms (``methods.terms``)."""
-        return [n for n in dict.fromkeys(cls.terms + tuple(cfg.loss.distill)) if n in REGISTRIES["term"]]
+        """The run's loss-term components: the recipe's and ``--distill NAME[,NAME]``'s
+        (``cilearn.terms``, or a plugin's); a ConfigError naming the choices for an unknown one."""
+        names = list(dict.fromkeys(cls.terms + tuple(cfg.loss.distill)))
+        for n in names:
+            if n not in REGISTRIES["term"]:
+                raise ConfigError(f"--distill: unknown term '{n}'; expected one of: "
+                                  f"{', '.join(REGISTRIES['term'].names())}")
+        return names
 
     @classmethod
     def check_config(cls, cfg: "RunConfig", has_memory: bool) -> None:
@@ -142,8 +151,6 @@ class Method:
         self.kd_fn = DISTILL.get(self.distill) if self.distill else None
         self.lam = self.kd_weight if lc.kd_weight is None else lc.kd_weight
         self.T = lc.temperature
-        self.extra = [TERMS.get(n)(self) for n in dict.fromkeys(self.terms + tuple(lc.distill))
-                      if n not in REGISTRIES["term"]]
         self.replay = replay_source(self)
         names, options = self.resolve_components(ctx.cfg)        # idempotent on a resolved config
         self.components = Components([build(component_class("calibration", n), options.get(n), ctx) for n in names]
@@ -178,14 +185,13 @@ class Method:
         self.phase = phase
         self.finetune_seconds = 0.0
         self.kd_stats = None
-        if phase.index > 0 and (self.kd_fn is not None or self.extra or self.needs_teacher or self.replay):
+        old_model_terms = any(p.kind == "term" and p.needs_old_model for p in self.components.active)
+        if phase.index > 0 and (self.kd_fn is not None or old_model_terms or self.needs_teacher or self.replay):
             self.teacher = self.net.frozen_copy()
             if self.kd_fn is not None or self.needs_teacher:
                 self.teacher_out = TeacherCache(self.teacher, x, self.ctx, self.teacher_extra())
             if self.kd_fn is not None:
                 self.kd_stats = self.teacher_target_stats(x)
-            for t in self.extra:
-                t.before_phase(phase, x, y)
             if self.replay is not None:
                 self.replay.before_phase(phase, tuple(x.shape[1:]))
         self.net.add_classes(phase.num_new)
@@ -217,7 +223,7 @@ class Method:
         """Per-phase values for the metrics rows beyond the evaluation (null where not defined)."""
         out = {"kd_target_entropy": None, "kd_target_top_share": None, **(self.kd_stats or {}),
                **self.components.diagnostics()}
-        for part in self.extra + ([self.replay] if self.replay is not None else []):
+        for part in [self.replay] if self.replay is not None else []:
             out.update(part.diagnostics())
         return out
 
@@ -312,10 +318,6 @@ class Method:
             terms[name] = v.detach()
             loss = loss + w * v
         if self.teacher is not None:
-            for t in self.extra:
-                v = t(batch, out)
-                terms[t.name] = v.detach()
-                loss = loss + t.weight * v
             for name, w, v in self.teacher_terms(batch, out) + (self.replay.terms(len(batch.x)) if self.replay else []):
                 terms[name] = v.detach()
                 loss = loss + w * v
@@ -332,11 +334,8 @@ class Method:
 
     def after_phase(self, phase: Phase, data: SplitData) -> None:
         self.frozen_old = None
-        if self.teacher is not None:
-            for t in self.extra:
-                t.after_phase(phase, data)
-            if self.replay is not None:
-                self.replay.after_phase(phase)
+        if self.teacher is not None and self.replay is not None:
+            self.replay.after_phase(phase)
         self.teacher = self.teacher_out = None   # free the teacher's memory
         mem = self.ctx.memory
         pd, self.phase_data = self.phase_data, None

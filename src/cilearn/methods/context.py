@@ -74,6 +74,11 @@ class Context:
         bs, amp = self.cfg.train.eval_batch_size, self.autocast_dtype
         return distributed.gather_rows(lambda xs: predict(net, xs, self.augmenter, bs, amp), x)[1]
 
+    @property
+    def seed(self) -> int:
+        """The run's seed (components derive their own seeded generators from it)."""
+        return self.cfg.seed
+
     def views(self, x: torch.Tensor, fn) -> tuple[torch.Tensor, ...] | None:
         """``over_views(self, x, fn)``: ``fn`` over every deterministic training view of ``x``."""
         return over_views(self, x, fn)

@@ -75,6 +75,8 @@ CONDITIONAL: dict[str, tuple[Callable[[RunConfig, type["Method"]], bool], str]] 
     "memory.compression.": (lambda c, m: (c.memory.compressor or m.memory_compressor) != "none",
                             "an exemplar compressor (--compressor)"),
     "memory.selection": (_uses_memory, "runs with exemplars"),
+    "report.save_attention": (lambda c, m: "attention" in _terms(c, m), "--distill attention"),
+    "report.save_samples": (lambda c, m: _replay(c, m) != "none", "a replay source (--replay dfgr)"),
     "data.data_dir": (lambda c, m: c.data.dataset != "digits", "data sets read from files (not digits)"),
     "data.image_size": (lambda c, m: c.data.dataset == "imagefolder", "image folders"),
     "data.train_list": (lambda c, m: c.data.dataset == "imagefolder", "image folders"),
@@ -83,6 +85,8 @@ CONDITIONAL: dict[str, tuple[Callable[[RunConfig, type["Method"]], bool], str]] 
     "data.workers": (lambda c, m: c.data.dataset == "imagefolder", "image folders"),
 }
 ALWAYS = {"replay.source"}   # the choice itself
+# shorthands of a component's options (``components.<name>`` holds them in config.yaml)
+ALIASES = {"loss.attention_weight", "loss.dual_teacher_weight", "loss.dual_teacher_init", "loss.dual_teacher_epochs"}
 
 
 def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -128,7 +132,7 @@ def prune(d: dict, cfg: RunConfig, method_cls: type["Method"], prefix: str = "")
             sub = prune(v, cfg, method_cls, key + ".")
             if sub:                  # a section none of whose options the run uses is left out
                 out[k] = sub
-        elif used(cfg, method_cls, key):
+        elif used(cfg, method_cls, key) and key not in ALIASES:
             out[k] = v
     return out
 
@@ -146,8 +150,6 @@ def resolve_options(cfg: RunConfig, method_cls: type["Method"], dataset_augment:
     lc.cls = lc.cls or m.cls_loss
     if lc.kd_weight is None and not m.adaptive_kd_weight:
         lc.kd_weight = m.kd_weight
-    if lc.attention_weight is None:
-        lc.attention_weight = 1.0                       # LwM's gamma (methods.terms)
     if lc.less_forget_weight is None:                   # LUCIR Sec. 4: 5 on CIFAR, 10 on ImageNet
         lc.less_forget_weight = 10.0 if cfg.data.dataset == "imagefolder" else 5.0
     lc.pod_spatial_weight, lc.pod_flat_weight = pod_weights(cfg)   # PODNet's official configs
@@ -155,8 +157,6 @@ def resolve_options(cfg: RunConfig, method_cls: type["Method"], dataset_augment:
         lc.margin_weight = m.margin_weight
     if lc.aux_weight is None:
         lc.aux_weight = 1.0                             # DER's lambda_a, FOSTER's feature enhancement
-    if lc.dual_teacher_epochs is None:
-        lc.dual_teacher_epochs = t.epochs               # the phase's (phases > 0)
     if t.weight_clip is None:
         t.weight_clip = m.weight_clip
     if t.freeze_old_head is None:
@@ -166,6 +166,9 @@ def resolve_options(cfg: RunConfig, method_cls: type["Method"], dataset_augment:
     if t.compression_lr is None:
         t.compression_lr = t.lr
     cfg.replay.source = _replay(cfg, m)
+    dt = cfg.components.get("dual-teacher")
+    if dt is not None and dt.get("epochs") is None:
+        dt["epochs"] = t.epochs                         # the new-class teacher trains the phase's epochs
     mn = cfg.memory.mnemonics
     d = MNEMONICS_DEFAULTS.get(cfg.memory.optimizer)
     if d is not None:
