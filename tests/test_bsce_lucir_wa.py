@@ -14,7 +14,8 @@ from cilearn.data.augment import Augmenter
 from cilearn.data.scenario import Phase
 from cilearn.losses import CLS_LOSSES, balanced_softmax_ce, cross_entropy, less_forget, lucir_lambda, margin_ranking
 from cilearn.memory import Budget, Memory
-from cilearn.methods import METHODS, Context
+from cilearn.methods import METHODS
+from cilearn.services import Context
 from cilearn.calibration import BalancedFinetune, clip_nonnegative, weight_align
 from cilearn.components import PhaseData
 from cilearn.methods.imprint import imprint_weights
@@ -75,7 +76,7 @@ def test_bsce_counts_are_the_phase_training_set(quick):
     m = METHODS.get("icarl-bsce")(ctx)
     assert m.cls_fn is balanced_softmax_ce
     x, y = torch.zeros(13, 1, 8, 8, dtype=torch.uint8), torch.tensor([2] * 5 + [3] * 3)
-    from cilearn.methods import SplitData
+    from cilearn.services import SplitData
     data = SplitData(x[:8], y, x[:1], y[:1])
     xt, yt = m.training_set(Phase(1, 2, 4), data)
     m.before_phase(Phase(1, 2, 4), xt, yt)

@@ -13,7 +13,7 @@ from cilearn.components import PhaseData
 from cilearn.data.augment import Augmenter
 from cilearn.data.scenario import Phase
 from cilearn.memory import Budget, Memory
-from cilearn.methods import Context
+from cilearn.services import Context
 from cilearn.models import build_net
 from cilearn.models.net import LogitBias
 

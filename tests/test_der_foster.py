@@ -165,7 +165,7 @@ def test_foster_end_to_end(runs):
 
 def _interrupt_stage(monkeypatch, stage: str):
     """SIGTERM as the stage named ``stage`` starts: one step, then the in-stage checkpoint."""
-    import cilearn.methods.context as base   # the module whose Context.fit calls fit
+    import cilearn.services as base          # the module whose Context.fit calls fit
     real = base.fit
 
     def fit(*a, **kw):

@@ -12,8 +12,8 @@ import cilearn
 from cilearn.cli import main
 from cilearn.data.augment import Augmenter
 from cilearn.data.scenario import Phase
-from cilearn.methods import METHODS, Context
-from cilearn.methods.base import TeacherOut
+from cilearn.methods import METHODS
+from cilearn.services import Context, TeacherOut
 from cilearn.terms import DualTeacherDistill
 from cilearn.models import build_net
 from cilearn.models.net import NetOutput

@@ -9,7 +9,8 @@ import cilearn
 from cilearn.cli import main
 from cilearn.data.augment import Augmenter
 from cilearn.data.scenario import Phase
-from cilearn.methods import METHODS, Context, SplitData
+from cilearn.methods import METHODS
+from cilearn.services import Context, SplitData
 from cilearn.terms import AttentionDistill
 from cilearn.models import build_net
 from cilearn.train import Batch

@@ -10,7 +10,8 @@ from cilearn.data.augment import Augmenter
 from cilearn.data.scenario import Phase
 from cilearn.losses import CLS_LOSSES, nca, pod_flat, pod_spatial, pod_vectors
 from cilearn.memory import Budget, Memory
-from cilearn.methods import METHODS, Context
+from cilearn.methods import METHODS
+from cilearn.services import Context
 from cilearn.methods.imprint import imprint_proxies, kmeans
 from cilearn.models.backbones import BACKBONES
 from cilearn.models.heads import HEADS, LSCHead

@@ -49,7 +49,7 @@ def test_nan_loss_stops_with_phase_and_epoch():
 
 def test_teacher_cache_equals_running_the_teacher(quick):
     """The cached teacher outputs (finite flip views) are those of the teacher on the batch."""
-    from cilearn.methods.base import Context, TeacherCache
+    from cilearn.services import Context, TeacherCache
     net, x, y, _ = _setup()
     aug = Augmenter("flip", 0, (0.5,), (0.5,), channels_last=False)
     teacher = net.frozen_copy()

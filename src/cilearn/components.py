@@ -54,7 +54,7 @@ class NoOptions:
 
 
 class Services(Protocol):
-    """The engine's facilities a component may use (``cilearn.methods.context.Context`` provides
+    """The engine's facilities a component may use (``cilearn.services.Context`` provides
     them)."""
     device: torch.device
     augmenter: Any                      # cilearn.data.augment.Augmenter: the run's augmentation

@@ -55,13 +55,14 @@ from .evaluate import (
 from .events import NULL, Observer
 from .files import atomic_write
 from .plugins import load_plugins
+from .services import Context, SplitData
 from .losses import CLS_LOSSES
 from .memory import Budget, Memory
 from .memory import build as build_memory
 from .memory import check_parts as check_memory_parts
 from .memory.selection import SELECTIONS
 from .train import FitResult
-from .methods import METHODS, Context, SplitData
+from .methods import METHODS
 from .methods.options import check_unused, prune, resolve_options
 from .models import build_net
 from .models.backbones import BACKBONES

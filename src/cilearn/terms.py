@@ -14,7 +14,7 @@ import torch
 from .attention import attention_distillation, gradcam, teacher_gradcam
 from .components import Component, register
 from .losses import CLS_LOSSES, kd_kl
-from .methods.context import TeacherCache
+from .services import TeacherCache
 from .models.net import freeze
 from .train import fit
 

@@ -30,7 +30,7 @@ from ..replay import replay_source
 from ..train import Batch, FitResult
 from ..calibration import clip_nonnegative
 from ..components import REGISTRIES, Components, PhaseData, build, component_class, effective_options
-from .context import Context, SplitData, TeacherCache, TeacherOut, over_views  # noqa: F401 (re-exported)
+from ..services import Context, SplitData, TeacherCache
 from .imprint import imprint
 
 if TYPE_CHECKING:

@@ -7,18 +7,18 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from .. import distributed
-from ..data.augment import Augmenter
-from ..data.scenario import Phase
-from ..evaluate import predict
-from ..events import NULL, Observer
-from ..train import Batch, FitResult, FitSettings, fit
+from . import distributed
+from .data.augment import Augmenter
+from .data.scenario import Phase
+from .evaluate import predict
+from .events import NULL, Observer
+from .train import Batch, FitResult, FitSettings, fit
 
 if TYPE_CHECKING:
-    from ..checkpoint import Checkpointer
-    from ..config import RunConfig
-    from ..memory import Memory
-    from ..models.net import IncrementalNet
+    from .checkpoint import Checkpointer
+    from .config import RunConfig
+    from .memory import Memory
+    from .models.net import IncrementalNet
 
 
 @dataclass
