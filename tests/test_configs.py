@@ -7,7 +7,6 @@ from cilearn.config import from_dict, load_yaml, RunConfig
 from cilearn.data.datasets import DATASETS
 from cilearn.components import REGISTRIES
 from cilearn.methods import METHODS
-from cilearn.replay import REPLAY
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -20,5 +19,5 @@ def test_there_are_configs():
 def test_config_is_valid(path):
     cfg = from_dict(RunConfig, load_yaml(str(path)))
     assert cfg.method in METHODS and cfg.data.dataset in DATASETS
-    assert all(n in REGISTRIES["term"] for n in cfg.loss.distill) and cfg.replay.source in (None, "none", *REPLAY.names())
+    assert all(n in REGISTRIES["term"] for n in cfg.loss.distill) and cfg.replay.source in (None, "none", *REGISTRIES["replay"].names())
     assert path.read_text().startswith("#")   # the protocol and the reference number in a header

@@ -59,6 +59,12 @@ class Services(Protocol):
     device: torch.device
     augmenter: Any                      # cilearn.data.augment.Augmenter: the run's augmentation
     seed: int                           # the run's seed
+    gen: torch.Generator                # the run's generator (a component that draws from it is part of the run's stream)
+    events: Any                         # cilearn.events.Observer: figures for the reporting layer
+    autocast_dtype: torch.dtype | None
+    progress: bool
+    eval_batch_size: int
+    class_order: list[int]
 
     def fit_settings(self, phase: "Phase", **over: Any) -> "FitSettings": ...
 

@@ -26,10 +26,10 @@ class Observer:
         compression), ``selected`` = all exemplars before an exemplar optimizer changed them (None
         without one)."""
 
-    def wants(self, kind: str) -> bool:
-        """Whether ``on_images(kind, ...)`` is drawn: a component computes the images of a figure
-        only when someone draws them (kind: ``samples``)."""
-        return False
+    def wants(self, kind: str) -> int:
+        """How many images per row ``on_images(kind, ...)`` draws (0: not drawn): a component computes
+        the images of a figure only when someone draws them (kind: ``samples``)."""
+        return 0
 
     def on_images(self, kind: str, phase: int, data: dict[str, Any]) -> None:
         """A component's images of a phase for a figure: ``samples`` (``images`` uint8

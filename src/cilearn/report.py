@@ -351,9 +351,9 @@ class Reporter(Observer):
         if rep.save_tsne:
             tsne_plot(self.run, phase, self.run.data, selected)
 
-    def wants(self, kind: str) -> bool:
+    def wants(self, kind: str) -> int:
         rep = self.run.cfg.report if self.run is not None else None
-        return rep is not None and {"samples": rep.save_samples}.get(kind, 0) > 0
+        return rep.save_samples if rep is not None and kind == "samples" else 0
 
     def on_images(self, kind, phase, data) -> None:
         if kind == "samples":

@@ -67,7 +67,7 @@ from .methods.options import check_unused, prune, resolve_options
 from .models import build_net
 from .models.backbones import BACKBONES
 from .models.heads import HEADS, head_options
-from .replay import REPLAY
+from .components import REGISTRIES
 
 
 @dataclass
@@ -214,8 +214,9 @@ def prepare(cfg: RunConfig, strict: bool = True):
     SELECTIONS.get(cfg.memory.selection)
     if cfg.loss.cls:
         CLS_LOSSES.get(cfg.loss.cls)
-    if cfg.replay.source not in (None, "none"):
-        REPLAY.get(cfg.replay.source)
+    if cfg.replay.source not in (None, "none") and cfg.replay.source not in REGISTRIES["replay"]:
+        raise ConfigError(f"--replay: unknown replay source '{cfg.replay.source}'; expected one of: "
+                          f"{', '.join(REGISTRIES['replay'].names() + ['none'])}")
     if cfg.train.compile and not _compile_supported():
         raise ConfigError(f"--train.compile: torch.compile is not supported by this PyTorch ({torch.__version__}) "
                           "and Python; run without --compile")

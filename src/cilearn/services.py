@@ -75,6 +75,19 @@ class Context:
         return distributed.gather_rows(lambda xs: predict(net, xs, self.augmenter, bs, amp), x)[1]
 
     @property
+    def progress(self) -> bool:
+        return self.cfg.train.progress
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.cfg.train.eval_batch_size
+
+    @property
+    def class_order(self) -> list[int]:
+        """Incremental class id -> the data set's label."""
+        return self.cfg.scenario.class_order
+
+    @property
     def seed(self) -> int:
         """The run's seed (components derive their own seeded generators from it)."""
         return self.cfg.seed

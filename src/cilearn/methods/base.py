@@ -15,22 +15,29 @@ Hooks, in phase order (see ``cilearn.runner``):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from ..calibration import clip_nonnegative
+from ..components import (
+    REGISTRIES,
+    Components,
+    PhaseData,
+    build,
+    component_class,
+    effective_options,
+)
 from ..data.scenario import Phase
 from ..errors import ConfigError
 from ..evaluate import kd_target_stats, predict
 from ..losses import CLS_LOSSES, DISTILL
 from ..memory.compress import random_box_artifacts
 from ..registry import Registry
-from ..replay import replay_source
-from ..train import Batch, FitResult
-from ..calibration import clip_nonnegative
-from ..components import REGISTRIES, Components, PhaseData, build, component_class, effective_options
 from ..services import Context, SplitData, TeacherCache
+from ..train import Batch, FitResult
 from .imprint import imprint
 
 if TYPE_CHECKING:
@@ -49,7 +56,7 @@ class Method:
     distill: ClassVar[str | None] = None    # key of DISTILL, on the old-class logits
     kd_weight: ClassVar[float] = 1.0
     terms: ClassVar[tuple[str, ...]] = ()   # loss-term components of the recipe (cilearn.terms, e.g. attention)
-    replay_source: ClassVar[str | None] = None   # key of cilearn.replay.REPLAY (dfgr), default of --replay
+    replay_source: ClassVar[str | None] = None   # replay component (cilearn.replay: dfgr), default of --replay
     uses_memory: ClassVar[bool] = False
     memory_optimizer: ClassVar[str] = "none"  # default of memory.optimizer (cilearn.memory.mnemonics)
     memory_compressor: ClassVar[str] = "none"  # default of memory.compressor (cilearn.memory.compress)
@@ -94,8 +101,10 @@ class Method:
         (``--train.finetune-*``), then ``components.<name>`` of the config; an entry of
         ``components`` naming a component that is not in the run is a ConfigError."""
         names = cls.calibration_names(cfg)
+        replay = cfg.replay.source or cls.replay_source
         chosen = [component_class("calibration", n) for n in names] + \
-            [component_class("term", n) for n in cls.term_component_names(cfg)]
+            [component_class("term", n) for n in cls.term_component_names(cfg)] + \
+            ([component_class("replay", replay)] if replay not in (None, "none") else [])
         recipe = cls.component_options(cfg.data.dataset)
         t, lc = cfg.train, cfg.loss
         legacy = {"balanced-finetune": {k: v for k, v in (("epochs", t.finetune_epochs), ("lr", t.finetune_lr),
@@ -104,7 +113,10 @@ class Method:
                   "attention": {} if lc.attention_weight is None else {"weight": lc.attention_weight},
                   "dual-teacher": {"weight": lc.dual_teacher_weight, "init": lc.dual_teacher_init,
                                    "temperature": lc.temperature,
-                                   **({} if lc.dual_teacher_epochs is None else {"epochs": lc.dual_teacher_epochs})}}
+                                   **({} if lc.dual_teacher_epochs is None else {"epochs": lc.dual_teacher_epochs})},
+                  # the replay section's shorthands, the method's KD and its temperature
+                  "dfgr": {**{k: v for k, v in dataclasses.asdict(cfg.replay).items() if k != "source"},
+                           "distill": cls.distill or "kd", "temperature": lc.temperature}}
         merged = {c.name: {**recipe.get(c.name, {}), **legacy.get(c.name, {})} for c in chosen}
         canonical = {c.name.replace("-", "_"): c.name for c in chosen}   # dotted flags turn - into _
         for n, given in cfg.components.items():
@@ -151,11 +163,13 @@ class Method:
         self.kd_fn = DISTILL.get(self.distill) if self.distill else None
         self.lam = self.kd_weight if lc.kd_weight is None else lc.kd_weight
         self.T = lc.temperature
-        self.replay = replay_source(self)
         names, options = self.resolve_components(ctx.cfg)        # idempotent on a resolved config
+        replay = ctx.cfg.replay.source or self.replay_source
         self.components = Components([build(component_class("calibration", n), options.get(n), ctx) for n in names]
                                      + [build(component_class("term", n), options.get(n), ctx)
-                                        for n in self.term_component_names(ctx.cfg)])
+                                        for n in self.term_component_names(ctx.cfg)]
+                                     + ([build(component_class("replay", replay), options.get(replay), ctx)]
+                                        if replay not in (None, "none") else []))
         self.components.attach(self.net)
         self.phase_data: PhaseData | None = None
         self.teacher = None
@@ -185,18 +199,20 @@ class Method:
         self.phase = phase
         self.finetune_seconds = 0.0
         self.kd_stats = None
-        old_model_terms = any(p.kind == "term" and p.needs_old_model for p in self.components.active)
-        if phase.index > 0 and (self.kd_fn is not None or old_model_terms or self.needs_teacher or self.replay):
+        old_model_terms = any(p.kind in ("term", "replay") and p.needs_old_model for p in self.components.active)
+        if phase.index > 0 and (self.kd_fn is not None or old_model_terms or self.needs_teacher):
             self.teacher = self.net.frozen_copy()
             if self.kd_fn is not None or self.needs_teacher:
                 self.teacher_out = TeacherCache(self.teacher, x, self.ctx, self.teacher_extra())
             if self.kd_fn is not None:
                 self.kd_stats = self.teacher_target_stats(x)
-            if self.replay is not None:
-                self.replay.before_phase(phase, tuple(x.shape[1:]))
-        self.net.add_classes(phase.num_new)
         self.counts = torch.bincount(y, minlength=phase.seen).float()
         mem = self.ctx.memory
+        self.phase_data = PhaseData(x, y, self.counts, mem, self.cls_fn)
+        # the components' phase start: before the head grows (the old model is the teacher; a
+        # generator's or a new teacher's draws come here, in this order, before the new rows')
+        self.components.phase_start(phase, self.net, self.teacher, self.phase_data)
+        self.net.add_classes(phase.num_new)
         comp = mem.compressor if mem is not None else None
         self.artifact_prob = comp.cfg.artifact_prob if comp is not None and phase.index > 0 else 0.0
         self.frozen_old = None
@@ -207,8 +223,6 @@ class Method:
             per = head.weight.shape[0] // phase.seen          # rows per class (LSC: proxies)
             self.frozen_old = [(p, p[: phase.num_old * per].detach().clone())
                                for p in (head.weight, getattr(head, "bias", None)) if p is not None]
-        self.phase_data = PhaseData(x, y, self.counts, mem, self.cls_fn)
-        self.components.phase_start(phase, self.net, self.teacher, self.phase_data)
 
     def teacher_target_stats(self, x: torch.Tensor) -> dict[str, float]:
         """``evaluate.kd_target_stats`` of the teacher's logits on the unaugmented training images
@@ -223,8 +237,6 @@ class Method:
         """Per-phase values for the metrics rows beyond the evaluation (null where not defined)."""
         out = {"kd_target_entropy": None, "kd_target_top_share": None, **(self.kd_stats or {}),
                **self.components.diagnostics()}
-        for part in [self.replay] if self.replay is not None else []:
-            out.update(part.diagnostics())
         return out
 
     def teacher_extra(self):
@@ -318,7 +330,7 @@ class Method:
             terms[name] = v.detach()
             loss = loss + w * v
         if self.teacher is not None:
-            for name, w, v in self.teacher_terms(batch, out) + (self.replay.terms(len(batch.x)) if self.replay else []):
+            for name, w, v in self.teacher_terms(batch, out):
                 terms[name] = v.detach()
                 loss = loss + w * v
         return loss, terms
@@ -334,8 +346,6 @@ class Method:
 
     def after_phase(self, phase: Phase, data: SplitData) -> None:
         self.frozen_old = None
-        if self.teacher is not None and self.replay is not None:
-            self.replay.after_phase(phase)
         self.teacher = self.teacher_out = None   # free the teacher's memory
         mem = self.ctx.memory
         pd, self.phase_data = self.phase_data, None

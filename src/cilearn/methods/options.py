@@ -86,7 +86,8 @@ CONDITIONAL: dict[str, tuple[Callable[[RunConfig, type["Method"]], bool], str]] 
 }
 ALWAYS = {"replay.source"}   # the choice itself
 # shorthands of a component's options (``components.<name>`` holds them in config.yaml)
-ALIASES = {"loss.attention_weight", "loss.dual_teacher_weight", "loss.dual_teacher_init", "loss.dual_teacher_epochs"}
+ALIASES = {"loss.attention_weight", "loss.dual_teacher_weight", "loss.dual_teacher_init", "loss.dual_teacher_epochs",
+           *(f"replay.{f.name}" for f in dataclasses.fields(RunConfig().replay) if f.name != "source")}
 
 
 def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
