@@ -38,9 +38,6 @@ class Calibration(Component):
     needs_old_model = True
     needs_memory: ClassVar[bool] = False      # refused without exemplars (``Method.check_config``)
 
-    def attach(self, model: torch.nn.Module) -> None:
-        """Once, when the run's model is built and before any state is restored into it."""
-
 
 @torch.no_grad()
 def weight_align(weight: torch.Tensor, num_old: int) -> float:

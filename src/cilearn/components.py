@@ -184,9 +184,6 @@ class Components:
         self.parts = parts
         self.active: list[Component] = []
 
-    def of_kind(self, kind: str) -> list[Component]:
-        return [p for p in self.parts if p.kind == kind]
-
     def attach(self, model) -> None:
         for p in self.parts:
             p.attach(model)
