@@ -132,6 +132,6 @@ def test_named_schedules_are_the_reference_values():
 
 
 def test_docs_table_is_the_code():
-    from cilearn.methods.schedules import training_table
+    from cilearn.methods.table import training_table
     doc = (Path(__file__).parent.parent / "docs" / "training-defaults.md").read_text()
     assert training_table(markdown=True) in doc, "docs/training-defaults.md is stale: paste `cilearn list --training --markdown`"

@@ -17,8 +17,7 @@ from .errors import CilearnError, ConfigError
 from .memory.mnemonics import MEMORY_OPTIMIZERS
 from .components import REGISTRIES
 from .methods import METHODS
-from .methods.schedules import training_table
-from .methods.table import recipes_table
+from .methods.table import recipes_table, training_table
 from .models.backbones import BACKBONES
 from .references import load_references, references_markdown, references_text
 from .report import compare_dirs, html_report

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..config import Schedule, TrainingDefaults, describe_stage
+from ..config import Schedule, TrainingDefaults
 
 _PYCIL_FIRST = {"base_epochs": 200, "base_milestones": (60, 120, 170), "base_weight_decay": 5e-4,
                 "weight_decay": 2e-4}
@@ -94,24 +94,3 @@ LWM = TrainingDefaults(
     replace(ICARL.small, source="PyCIL models/icarl.py (cilearn's choice: the LwM paper's could not be read)"),
     Schedule("cilearn's choice for iILSVRC-small (the LwM paper's could not be read)", epochs=90, base_epochs=90,
              milestones=(30, 60), base_milestones=(30, 60)))
-
-
-def training_table(markdown: bool = False) -> str:
-    """Every registered recipe's training defaults on small images (CIFAR) and image folders, with
-    the source of the values (``cilearn list --training [--markdown]``; docs/training-defaults.md)."""
-    from . import METHODS
-    rows = []
-    for name in METHODS.names():
-        td = METHODS.get(name).training
-        families = [("all", td.small)] if td.imagenet is None else \
-            [("CIFAR, F-MNIST, digits", td.small), ("image folders", td.imagenet)]
-        for family, s in families:
-            extra = [f"batch {s.batch_size}"] + ([f"{s.warmup_epochs} warm-up epochs"] if s.warmup_epochs else []) \
-                + ([f"compression {s.compression_epochs} epochs"] if s.compression_epochs else [])
-            rows.append((name, family, describe_stage(s.base_epochs, s.base_lr, s.schedule, s.base_milestones, s.base_weight_decay),
-                         describe_stage(s.epochs, s.lr, s.schedule, s.milestones, s.weight_decay), ", ".join(extra), s.source))
-    if markdown:
-        head = ["| recipe | data sets | first phase | later phases | other | source |", "|---|---|---|---|---|---|"]
-        return "\n".join(head + [f"| `{r[0]}` | " + " | ".join(r[1:]) + " |" for r in rows])
-    return "\n".join(f"{r[0]:<16} {r[1]:<22} first: {r[2]}; later: {r[3]}; {r[4]}\n{'':<16} source: {r[5]}"
-                     for r in rows)

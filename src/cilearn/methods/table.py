@@ -1,7 +1,9 @@
-"""Every registered recipe as a row of its component choices (``cilearn list --recipes
-[--markdown]``; the README's table is this, checked by a test)."""
+"""Every registered recipe as a row: its component choices (``cilearn list --recipes [--markdown]``;
+the README's table is this) and its training defaults with their sources (``cilearn list --training
+[--markdown]``; docs/training-defaults.md is this). Tests keep both documents equal to the code."""
 from __future__ import annotations
 
+from ..config import describe_stage
 from .base import METHODS
 
 
@@ -28,3 +30,23 @@ def recipes_table(markdown: bool = False) -> str:
                          + [f"| `{r[0]}` | " + " | ".join(r[1:]) + " |" for r in rows])
     width = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in [head] + rows)
+
+
+def training_table(markdown: bool = False) -> str:
+    """Every registered recipe's training defaults on small images (CIFAR) and image folders, with
+    the source of the values (``cilearn list --training [--markdown]``; docs/training-defaults.md)."""
+    rows = []
+    for name in METHODS.names():
+        td = METHODS.get(name).training
+        families = [("all", td.small)] if td.imagenet is None else \
+            [("CIFAR, F-MNIST, digits", td.small), ("image folders", td.imagenet)]
+        for family, s in families:
+            extra = [f"batch {s.batch_size}"] + ([f"{s.warmup_epochs} warm-up epochs"] if s.warmup_epochs else []) \
+                + ([f"compression {s.compression_epochs} epochs"] if s.compression_epochs else [])
+            rows.append((name, family, describe_stage(s.base_epochs, s.base_lr, s.schedule, s.base_milestones, s.base_weight_decay),
+                         describe_stage(s.epochs, s.lr, s.schedule, s.milestones, s.weight_decay), ", ".join(extra), s.source))
+    if markdown:
+        head = ["| recipe | data sets | first phase | later phases | other | source |", "|---|---|---|---|---|---|"]
+        return "\n".join(head + [f"| `{r[0]}` | " + " | ".join(r[1:]) + " |" for r in rows])
+    return "\n".join(f"{r[0]:<16} {r[1]:<22} first: {r[2]}; later: {r[3]}; {r[4]}\n{'':<16} source: {r[5]}"
+                     for r in rows)
