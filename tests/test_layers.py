@@ -90,3 +90,20 @@ def test_the_contract_and_the_runner_name_no_paper():
         text = (PKG / name).read_text().lower()
         found = [p for p in PAPERS if re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", text)]
         assert not found, f"{name} names {found}"
+
+
+def test_no_deferred_import_of_the_package():
+    """Imports of the package's own modules are at module level (function-level imports are kept for
+    optional heavy dependencies: matplotlib, tensorboard, ...)."""
+    deferred = []
+    for path in PKG.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = {id(n) for n in tree.body}
+        typing_only = {id(x) for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+                       for b in n.body for x in ast.walk(b)}
+        for n in ast.walk(tree):
+            internal = (isinstance(n, ast.ImportFrom) and (n.level > 0 or (n.module or "").startswith("cilearn"))) or \
+                (isinstance(n, ast.Import) and any(a.name.startswith("cilearn") for a in n.names))
+            if internal and id(n) not in top and id(n) not in typing_only:
+                deferred.append(f"{path.relative_to(PKG)}:{n.lineno}")
+    assert not deferred, deferred
