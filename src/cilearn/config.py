@@ -149,11 +149,12 @@ class LossConfig:
 
 
 @dataclass
-class ReplayConfig:
-    """DF-GR (``--replay dfgr``): a generator trained against the old model alone before each phase
-    > 0; its samples are distilled from the old model in every training step. The paper's values
-    could not be read (METHODS.md); these are cilearn's, measured on digits / Fashion-MNIST."""
-    source: str | None = None            # None: the method's (dfgr recipes: dfgr); "none" turns it off
+class GeneratorReplayFields:
+    """The options of DF-GR's generator replay (the ``dfgr`` component's, ``cilearn.replay``; the
+    ``replay`` section holds them as shorthands): a generator trained against the old model alone
+    before each phase > 0, its samples distilled from the old model in every training step. The
+    paper's values could not be read (METHODS.md); these are cilearn's, measured on digits /
+    Fashion-MNIST."""
     steps: int = 500                     # generator training steps (Adam)
     batch_size: int = 64                 # latent codes per generator step
     lr: float = 1e-3
@@ -167,6 +168,12 @@ class ReplayConfig:
     kd_weight: float = 1.0               # KD of the old logits on the synthetic samples
     ce_weight: float = 0.0               # CE over all seen classes, label = the old model's argmax (off: KD only)
     update_bn: bool = True               # the synthetic forward updates BatchNorm running statistics (false: real batches only)
+
+
+@dataclass
+class ReplayConfig(GeneratorReplayFields):
+    """``--replay NAME`` and the shorthands of its options (``--replay.steps``, ...)."""
+    source: str | None = None            # None: the method's (dfgr recipes: dfgr); "none" turns it off
 
 
 @dataclass

@@ -101,10 +101,7 @@ class Method:
         (``--train.finetune-*``), then ``components.<name>`` of the config; an entry of
         ``components`` naming a component that is not in the run is a ConfigError."""
         names = cls.calibration_names(cfg)
-        replay = cfg.replay.source or cls.replay_source
-        chosen = [component_class("calibration", n) for n in names] + \
-            [component_class("term", n) for n in cls.term_component_names(cfg)] + \
-            ([component_class("replay", replay)] if replay not in (None, "none") else [])
+        chosen = cls.component_classes(cfg)
         recipe = cls.component_options(cfg.data.dataset)
         t, lc = cfg.train, cfg.loss
         legacy = {"balanced-finetune": {k: v for k, v in (("epochs", t.finetune_epochs), ("lr", t.finetune_lr),
@@ -128,6 +125,14 @@ class Method:
                 raise ConfigError(f"components.{n} must be a mapping of options, got {given!r}")
             merged[name].update({str(k).replace("-", "_"): v for k, v in given.items()})
         return names, effective_options(chosen, merged)
+
+    @classmethod
+    def component_classes(cls, cfg: "RunConfig") -> list[type]:
+        """The run's contract components in their order: calibration, loss terms, replay."""
+        replay = cfg.replay.source or cls.replay_source
+        return [component_class("calibration", n) for n in cls.calibration_names(cfg)] + \
+            [component_class("term", n) for n in cls.term_component_names(cfg)] + \
+            ([component_class("replay", replay)] if replay not in (None, "none") else [])
 
     @classmethod
     def term_component_names(cls, cfg: "RunConfig") -> list[str]:
@@ -163,13 +168,8 @@ class Method:
         self.kd_fn = DISTILL.get(self.distill) if self.distill else None
         self.lam = self.kd_weight if lc.kd_weight is None else lc.kd_weight
         self.T = lc.temperature
-        names, options = self.resolve_components(ctx.cfg)        # idempotent on a resolved config
-        replay = ctx.cfg.replay.source or self.replay_source
-        self.components = Components([build(component_class("calibration", n), options.get(n), ctx) for n in names]
-                                     + [build(component_class("term", n), options.get(n), ctx)
-                                        for n in self.term_component_names(ctx.cfg)]
-                                     + ([build(component_class("replay", replay), options.get(replay), ctx)]
-                                        if replay not in (None, "none") else []))
+        _, options = self.resolve_components(ctx.cfg)             # idempotent on a resolved config
+        self.components = Components([build(c, options[c.name], ctx) for c in self.component_classes(ctx.cfg)])
         self.components.attach(self.net)
         self.phase_data: PhaseData | None = None
         self.teacher = None

@@ -12,28 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from ..components import Component, register
+from ..config import GeneratorReplayFields
 from ..evaluate import predict
 from ..losses import DISTILL
 from .dfgr import GeneratorSettings, train_generator
 
 
-@dataclass(frozen=True)
-class DFGROptions:
-    """cilearn's values, measured on digits / Fashion-MNIST (the paper's could not be read,
-    METHODS.md); the shorthands ``--replay.<option>`` set them."""
-    steps: int = 500                     # generator training steps (Adam)
-    batch_size: int = 64                 # latent codes per generator step
-    lr: float = 1e-3
-    z_dim: int = 100
-    width: int = 64                      # generator channels (DAFL's generator: 128)
-    bn_weight: float = 1.0               # BatchNorm-statistics matching
-    bn_loss: str = "kl"                  # kl (Gaussians) | l2
-    entropy_weight: float = 1.0          # per-sample entropy, minimised
-    diversity_weight: float = 1.0        # entropy of the batch-mean prediction, maximised
-    samples_per_batch: int | None = None  # synthetic samples per training step; None: the training batch's size
-    kd_weight: float = 1.0               # KD of the old logits on the synthetic samples
-    ce_weight: float = 0.0               # CE over all seen classes, label = the old model's argmax (off: KD only)
-    update_bn: bool = True               # the synthetic forward updates BatchNorm running statistics
+@dataclass
+class DFGROptions(GeneratorReplayFields):
+    """The generator replay's options (``config.GeneratorReplayFields``, shorthands ``--replay.<option>``)
+    and the KD it applies to the samples."""
     distill: str = "kd"                  # the KD on the samples: the method's (kd, bce), kd without one
     temperature: float = 2.0             # its T (the run's --loss.temperature)
 
