@@ -121,6 +121,7 @@ def part_gpu(out: Path, epochs: int | None, nproc: int) -> str:
         imgs = sum(r["train_seconds"] * r["train_images_per_s"] for r in m["phases"])
         rows.append(f"| {name} | {imgs / secs:,.0f} | {secs:.0f} | {m['wall_seconds']:.0f} | {wall:.0f} | "
                     f"{m['avg_incremental_acc']:.2f} |")
+        print(rows[-1], flush=True)          # as it comes: a run cut short by a time limit keeps the rows before
     if len(variants) < 3:
         rows.append("| bf16 + compile | not measured (no train.compile option yet) | | | | |")
     gpu = torch.cuda.get_device_name(0)
