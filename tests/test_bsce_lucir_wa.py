@@ -18,7 +18,7 @@ from cilearn.methods import METHODS
 from cilearn.services import Context
 from cilearn.calibration import BalancedFinetune, clip_nonnegative, weight_align
 from cilearn.components import PhaseData
-from cilearn.methods.imprint import imprint_weights
+from cilearn.imprint import imprint_weights
 from cilearn.models.heads import HEADS, CosineHead
 from cilearn.models import build_net
 
@@ -163,7 +163,9 @@ def test_lucir_before_phase_imprints_and_freezes(quick):
         d = F.normalize(F.normalize(emb[y == c], dim=1).mean(0), dim=0)
         assert torch.allclose(w[c], d * old.norm(dim=1).mean(), atol=1e-5)
     assert torch.allclose(w[2:], expect, atol=1e-6) and torch.equal(w[:2], old)
-    assert m.lf_weight == pytest.approx(5.0 * 1.0)                # sqrt(2 old / 2 new)
+    parts = {c.name: c for c in m.components.parts}
+    assert list(parts) == ["balanced-finetune", "less-forget", "margin-ranking", "imprint", "freeze-old-rows"]
+    assert parts["less-forget"].weight == pytest.approx(5.0 * 1.0)   # sqrt(2 old / 2 new)
     # old rows are projected back before every step (frozen during the main stage)
     with torch.no_grad():
         ctx.net.head.weight.add_(1.0)
@@ -212,12 +214,12 @@ def test_wa_lambda_is_old_over_seen(quick):
     x = torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8)
     m.before_phase(Phase(3, 6, 8), x, torch.tensor([6, 7, 0, 1]))
     assert m.lam == pytest.approx(0.75) and m.cls_weight == pytest.approx(0.25)
-    assert [p.name for p in m.components.parts] == ["weight-align"] and m.clip
+    assert [p.name for p in m.components.parts] == ["weight-align", "weight-clip"]
     m2 = METHODS.get("wa")(_ctx(quick, "wa", loss={"kd_weight": 2.0}, train={"epochs": 6, "progress": False,
                                                                             "weight_clip": False}))
     m2.net.add_classes(6)
     m2.before_phase(Phase(3, 6, 8), x, torch.tensor([6, 7, 0, 1]))
-    assert m2.lam == 2.0 and m2.cls_weight == 1.0 and not m2.clip
+    assert m2.lam == 2.0 and m2.cls_weight == 1.0 and [p.name for p in m2.components.parts] == ["weight-align"]
 
 
 # ---------------------------------------------------------------- balanced fine-tuning
@@ -230,7 +232,7 @@ def test_balanced_finetune_is_balanced_and_trains_the_head_only(quick):
     x = torch.randint(0, 255, (30, 1, 8, 8), dtype=torch.uint8)
     y = torch.tensor([0] * 4 + [1] * 4 + [2] * 12 + [3] * 10)
     phase = Phase(1, 2, 4)
-    (ft_part,) = m.components.parts
+    ft_part = m.components.parts[0]
     assert isinstance(ft_part, BalancedFinetune) and ft_part.options.epochs == 20 and ft_part.options.head_only
     data = PhaseData(x, y, torch.bincount(y).float(), ctx.memory, m.cls_fn)
     sub = ft_part.select(phase, net, data)
@@ -320,11 +322,14 @@ def test_recipes_defaults():
     lucir, lb, ib = METHODS.get("lucir"), METHODS.get("lucir-bsce"), METHODS.get("icarl-bsce")
     assert lucir.head == "cosine" and lucir.calibration == ("balanced-finetune",) and lucir.uses_memory
     assert lucir.cls_loss == "ce" and lb.cls_loss == "bsce" and lb.calibration == () and lb.head == "cosine"
-    assert lb.margin_weight == 0 and not lb.freeze_old_head and lucir.margin_weight == 1 and lucir.freeze_old_head
+    assert lb.component_options("cifar100")["margin-ranking"] == {"weight": 0.0}
+    assert lucir.terms == lb.terms == ("less-forget", "margin-ranking") and "margin-ranking" not in lucir.component_options("x")
+    assert lucir.head_components == ("imprint", "freeze-old-rows") and lb.head_components == ("imprint",)
+    assert lucir.component_options("imagefolder")["less-forget"] == {"weight": 10.0}
     assert not lucir.last_relu and not lb.last_relu
     assert ib.cls_loss == "bsce" and ib.calibration == () and ib.distill == "kd"
     wa = METHODS.get("wa")
-    assert wa.calibration == ("weight-align",) and wa.weight_clip and wa.uses_memory
+    assert wa.calibration == ("weight-align",) and wa.head_components == ("weight-clip",) and wa.uses_memory
 
 
 def test_interrupted_inside_finetuning_resumes_exactly(tmp_path, quick, monkeypatch):

@@ -41,7 +41,9 @@ def test_only_the_options_the_run_uses(tmp_path, capsys):
                 "attention_weight"} & set(icarl["loss"])
     assert "proxies" not in icarl["model"] and "scale" not in icarl["model"] and "data_dir" not in icarl["data"]
     podnet = run(tmp_path, capsys, "podnet", "--method", "podnet")
-    assert podnet["loss"]["nca_margin"] == 0.6 and podnet["loss"]["pod_spatial_weight"] == 3.0
+    assert podnet["loss"]["nca_margin"] == 0.6 and "pod_spatial_weight" not in podnet["loss"]   # a shorthand of:
+    assert podnet["components"]["pod"] == {"spatial_weight": 3.0, "flat_weight": 1.0}
+    assert podnet["components"]["imprint"] == {} and podnet["train"]["freeze_old_head"] is True
     assert podnet["model"]["proxies"] == 10 and podnet["train"]["finetune_lr"] == 0.05
     lwm = run(tmp_path, capsys, "lwm", "--method", "lwm")
     assert lwm["components"] == {"attention": {"weight": 1.0}} and "attention_weight" not in lwm["loss"]
@@ -53,7 +55,7 @@ def test_only_the_options_the_run_uses(tmp_path, capsys):
     (["--method", "lwf", "--memory.selection", "random"], "--memory.selection 'random'", "runs with exemplars"),
     (["--method", "icarl", "--replay.steps", "10"], "--replay.steps 10", "replay source"),
     (["--method", "icarl", "--train.finetune-epochs", "3"], "--train.finetune-epochs 3", "balanced-finetune"),
-    (["--method", "finetune", "--loss.less-forget-weight", "2"], "--loss.less-forget-weight 2", "LUCIR"),
+    (["--method", "finetune", "--loss.less-forget-weight", "2"], "--loss.less-forget-weight 2", "less-forget"),
     (["--method", "icarl", "--data-dir", "/tmp"], "--data.data-dir '/tmp'", "not digits"),
 ])
 def test_an_option_the_run_does_not_use_is_refused(flags, option, applies, tmp_path, capsys):

@@ -12,7 +12,7 @@ from cilearn.losses import CLS_LOSSES, nca, pod_flat, pod_spatial, pod_vectors
 from cilearn.memory import Budget, Memory
 from cilearn.methods import METHODS
 from cilearn.services import Context
-from cilearn.methods.imprint import imprint_proxies, kmeans
+from cilearn.imprint import imprint_proxies, kmeans
 from cilearn.models.backbones import BACKBONES
 from cilearn.models.heads import HEADS, LSCHead
 from cilearn.models import build_net
@@ -162,7 +162,8 @@ def test_podnet_before_phase_imprints_freezes_and_weights(quick):
     w = ctx.net.head.weight.detach()
     assert w.shape[0] == 12 and torch.equal(w[:6], old)
     assert torch.allclose(w[6:].norm(dim=1), old.norm(dim=1).mean().expand(6), atol=1e-5)
-    assert m.adapt == pytest.approx(math.sqrt(4 / 2))
+    pod = next(c for c in m.components.parts if c.name == "pod")          # the pod term component
+    assert pod.adapt == pytest.approx(math.sqrt(4 / 2))
     with torch.no_grad():
         ctx.net.head.weight.add_(1.0)
     m.constrain()                                                # old proxies fixed in the main stage
@@ -175,7 +176,7 @@ def test_podnet_before_phase_imprints_freezes_and_weights(quick):
         ref = torch.cat(pod_vectors(m.teacher(xb).maps), dim=1)
     assert torch.allclose(t.extra, ref, atol=1e-5)
     out = ctx.net(xb)
-    terms = dict((n, (w_, v)) for n, w_, v in m.teacher_terms(batch, out))
+    terms = m.components.terms(batch, out)
     lc = ctx.cfg.loss
     assert terms["pod_spatial"][0] == pytest.approx(3.0 * math.sqrt(2)) and lc.pod_spatial_weight is None   # the default
     assert terms["pod_flat"][0] == pytest.approx(1.0 * math.sqrt(2))
@@ -190,7 +191,10 @@ def test_podnet_recipes_defaults():
     ft = p.component_options("cifar100")["balanced-finetune"]
     assert ft["lr"] == 0.05 and not ft["decay"] and p.uses_memory
     assert p.component_options("imagefolder")["balanced-finetune"]["lr"] == 0.01     # official ImageNet config
-    assert pb.cls_loss == "bsce" and pb.calibration == () and pb.head == "lsc" and not pb.freeze_old_head
+    assert p.component_options("cifar100")["pod"] == {"spatial_weight": 3.0, "flat_weight": 1.0}
+    assert p.component_options("imagefolder")["pod"] == {"spatial_weight": 8.0, "flat_weight": 10.0}
+    assert p.head_components == ("imprint", "freeze-old-rows") and p.terms == ("pod",)
+    assert pb.cls_loss == "bsce" and pb.calibration == () and pb.head == "lsc" and pb.head_components == ("imprint",)
 
 
 # ---------------------------------------------------------------- end to end

@@ -8,12 +8,22 @@ A component is a small class registered under its **kind** and a **name**
   (``--components.<name>.<option> VALUE`` on the command line); options of a component that is
   not in the run are an error;
 * ``needs_old_model``: its hooks run only in phases that have an old model (phases > 0);
+* ``needs_old_outputs``: it reads the old model's outputs on the training batches
+  (``PhaseData.old_outputs``, computed once per image and view where the augmentation allows);
+  ``old_output_extra()`` may name one more quantity of the old model to keep there;
 * only the hooks it needs, in this order within a phase:
 
   ``attach(model)``                              once, when the run's model is built (before any
                                                  state is restored): modules the component adds to it
   ``training_set(phase, x, y, memory) -> (x, y)`` what the phase trains on (e.g. hold out a split)
-  ``phase_start(phase, model, old_model, data)``  the phase's data is known, before training
+  ``phase_start(phase, model, old_model, data)``  the phase's data is known, before training and
+                                                 before the model grows by the new classes
+  ``new_classes(phase, model, data)``            the model has grown by the new classes (their
+                                                 head rows exist), before training
+  ``constrain(model)``                           before every training step of the main stage and
+                                                 once after its last one (projected SGD)
+  ``batch(batch) -> batch``                      each training batch of the main stage, before the
+                                                 forward (change or add samples)
   ``terms(batch, out) -> {name: (weight, value)}`` loss terms of one training step
   ``epoch_end(phase, epoch)``                    after each epoch of the main stage
   ``calibrate(phase, model, data) -> FitResult``  after training (calibration components)
@@ -94,6 +104,9 @@ class PhaseData:
     memory: Any
     cls_loss: Callable
     new_embeddings: torch.Tensor | None = None   # [N_new, D] of the phase's new images, when a stage computed them
+    # the frozen old model's outputs per training batch (``services.TeacherCache``: called with a
+    # ``Batch``; ``cached_embeddings(idx)``), when a component or the recipe needs them (phases > 0)
+    old_outputs: Any = None
 
 
 class Component:
@@ -101,9 +114,15 @@ class Component:
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     needs_old_model: ClassVar[bool] = False
+    needs_old_outputs: ClassVar[bool] = False
 
     def __init__(self, options: Any, services: Services):
         self.options, self.services = options, services
+
+    def old_output_extra(self) -> Callable | None:
+        """A function of the old model's ``NetOutput`` giving ``[B, F]`` to keep in
+        ``PhaseData.old_outputs`` (its ``extra``), or None. At most one component of a run."""
+        return None
 
     # ---------------------------------------------------------------- the lifecycle (all optional)
     def attach(self, model: torch.nn.Module) -> None:
@@ -116,6 +135,15 @@ class Component:
     def training_set(self, phase: "Phase", x: torch.Tensor, y: torch.Tensor,
                      memory: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         return x, y
+
+    def new_classes(self, phase: "Phase", model: torch.nn.Module, data: PhaseData) -> None:
+        pass
+
+    def constrain(self, model: torch.nn.Module) -> None:
+        pass
+
+    def batch(self, batch: "Batch") -> "Batch":
+        return batch
 
     def terms(self, batch: "Batch", out: Any) -> dict[str, tuple[float, torch.Tensor]]:
         return {}
@@ -200,6 +228,31 @@ class Components:
     def phase_start(self, phase, model, old_model, data: PhaseData) -> None:
         for p in self.active:
             p.phase_start(phase, model, old_model, data)
+
+    def old_output_extra(self) -> Callable | None:
+        """The one ``old_output_extra`` of the phase's components (a ConfigError when two ask)."""
+        got = [(p.name, f) for p in self.active if (f := p.old_output_extra()) is not None]
+        if len(got) > 1:
+            raise ConfigError(f"components {', '.join(n for n, _ in got)} each keep an extra output of the old "
+                              f"model; at most one can")
+        return got[0][1] if got else None
+
+    def needs(self, flag: str) -> bool:
+        """Whether an active component sets ``flag`` (``needs_old_model`` / ``needs_old_outputs``)."""
+        return any(getattr(p, flag) for p in self.active)
+
+    def new_classes(self, phase, model, data: PhaseData) -> None:
+        for p in self.active:
+            p.new_classes(phase, model, data)
+
+    def constrain(self, model) -> None:
+        for p in self.active:
+            p.constrain(model)
+
+    def batch(self, batch):
+        for p in self.active:
+            batch = p.batch(batch)
+        return batch
 
     def terms(self, batch, out) -> dict[str, tuple[float, torch.Tensor]]:
         got: dict[str, tuple[float, torch.Tensor]] = {}

@@ -463,15 +463,6 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"--train.{name} must be non-negative epochs, got {ms}")
 
 
-def pod_weights(cfg: RunConfig) -> tuple[float, float]:
-    """PODNet's (lambda_c, lambda_f): the configured values, else the official configs' defaults,
-    3 and 1 on CIFAR (and the other small data sets), 8 and 10 on ImageNet (image folders)."""
-    c, f = (8.0, 10.0) if cfg.data.dataset == "imagefolder" else (3.0, 1.0)
-    lc = cfg.loss
-    return (c if lc.pod_spatial_weight is None else lc.pod_spatial_weight,
-            f if lc.pod_flat_weight is None else lc.pod_flat_weight)
-
-
 def resolve(cfg: RunConfig, num_classes: int, image_size: int, training: TrainingDefaults) -> RunConfig:
     """Fill data-set and recipe dependent defaults (``training``: the recipe's) and check the
     scenario against the data set. Training options left unset take the recipe's ``Schedule`` for

@@ -7,6 +7,7 @@ Classification losses are registered in ``CLS_LOSSES`` as ``fn(logits, y, counts
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -154,9 +155,6 @@ def nca(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = Non
     return (torch.logsumexp(neg, dim=1) - pos).clamp_min(0).mean()
 
 
-# A classification loss with a ``margin`` in unscaled-similarity units names its LossConfig field;
-# ``Method`` binds ``margin = head scale (detached) * that value``.
-nca.margin_option = "nca_margin"
 
 
 def pod_vectors(maps: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -216,7 +214,20 @@ def logit_adjusted_ce(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tenso
     return F.cross_entropy(z, y)
 
 
-logit_adjusted_ce.beta_option = "la_beta"
+def classification_loss(name: str, loss_cfg, head: torch.nn.Module) -> Callable:
+    """The run's classification loss ``fn(logits, y, counts) -> scalar``: ``CLS_LOSSES[name]`` with
+    its options from the loss section bound. ``nca``: ``margin = eta * delta`` with ``delta`` =
+    ``--loss.nca-margin`` in unscaled-similarity units and ``eta`` the head's learnt scale,
+    detached (see ``nca``); ``la-ce``: ``beta`` = ``--loss.la-beta``."""
+    fn = CLS_LOSSES.get(name)
+    if name == "nca":
+        delta = loss_cfg.nca_margin
+        scale = lambda: head.sigma.detach() if hasattr(head, "sigma") else 1.0   # noqa: E731
+        return lambda logits, y, counts=None: fn(logits, y, counts, margin=scale() * delta)
+    if name == "la-ce":
+        beta = loss_cfg.la_beta
+        return lambda logits, y, counts=None: fn(logits, y, counts, beta=beta)
+    return fn
 
 
 def balanced_kd(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, T: float) -> torch.Tensor:

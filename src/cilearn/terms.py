@@ -1,5 +1,6 @@
-"""Loss-term components that need the frozen old model itself, not only its logits (kind ``term``
-of ``cilearn.components``): LwM's attention distillation and DT-ID's second teacher. A recipe
+"""Loss-term components (kind ``term`` of ``cilearn.components``) that need the frozen old model or
+its outputs, not only its logits: LUCIR's less-forget constraint and margin ranking, PODNet's
+pooled-output distillation, LwM's attention distillation and DT-ID's second teacher. A recipe
 lists its own in ``Method.terms``; a user adds more to any method with ``--distill NAME[,NAME]``.
 Each term gets the student's output of the training forward (one forward serves the
 classification loss, KD and every term) and adds ``weight * value``; they run in phases > 0.
@@ -7,16 +8,142 @@ classification loss, KD and every term) and adds ``weight * value``; they run in
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .attention import attention_distillation, gradcam, teacher_gradcam
 from .components import Component, register
-from .losses import CLS_LOSSES, kd_kl
+from .errors import ConfigError
+from .losses import CLS_LOSSES, kd_kl, less_forget, lucir_lambda, margin_ranking, pod_distance, pod_flat, pod_vectors
 from .services import TeacherCache
 from .models.net import freeze
 from .train import fit
+
+
+def _non_negative(name: str, **values: float) -> None:
+    for k, v in values.items():
+        if v < 0:
+            raise ConfigError(f"components.{name}.{k} must be >= 0, got {v}")
+
+
+@dataclass(frozen=True)
+class LessForgetOptions:
+    weight: float = 5.0       # lambda_base (LUCIR Sec. 4: 5 on CIFAR-100, 10 on ImageNet; recipes set it per data set)
+
+    def __post_init__(self):
+        _non_negative("less-forget", weight=self.weight)
+
+
+@register("term", "less-forget")
+class LessForget(Component):
+    """LUCIR's less-forget constraint (Hou et al. 2019, Sec. 3.2, Eq. 6): ``1 - cos(f_old(x), f(x))``
+    on every training sample's embedding, weight ``lambda = lambda_base sqrt(|old| / |new|)``
+    (``losses.lucir_lambda``), the old model's embedding from ``PhaseData.old_outputs``."""
+    Options = LessForgetOptions
+    needs_old_model = True
+    needs_old_outputs = True
+
+    def __init__(self, options, services):
+        super().__init__(options, services)
+        self.old_outputs, self.weight = None, 0.0
+
+    def phase_start(self, phase, model, old_model, data):
+        self.old_outputs = data.old_outputs
+        self.weight = lucir_lambda(self.options.weight, phase.num_old, phase.num_new)
+
+    def terms(self, batch, out):
+        return {"less_forget": (self.weight, less_forget(out.embedding, self.old_outputs(batch).embedding))}
+
+    def phase_end(self, phase, model, data):
+        self.old_outputs = None
+
+
+@dataclass(frozen=True)
+class MarginRankingOptions:
+    weight: float = 1.0       # LUCIR Sec. 3.3: L_mr added with weight 1 (official code: lw_mr = 1)
+    margin: float = 0.5       # m (Sec. 4.1)
+    k: int = 2                # the K hardest new classes (Sec. 4.1)
+
+    def __post_init__(self):
+        _non_negative("margin-ranking", weight=self.weight, margin=self.margin)
+        if self.k < 1:
+            raise ConfigError(f"components.margin-ranking.k must be >= 1, got {self.k}")
+
+
+@register("term", "margin-ranking")
+class MarginRanking(Component):
+    """LUCIR's inter-class separation (Hou et al. 2019, Sec. 3.3, Eq. 8): for each old-class
+    sample of the batch, its ground-truth score against the K hardest new classes' scores with a
+    margin (``losses.margin_ranking``), scores = the head's similarities (cosine head: cos).
+    Weight 0 skips it."""
+    Options = MarginRankingOptions
+    needs_old_model = True
+
+    def __init__(self, options, services):
+        super().__init__(options, services)
+        self.model, self.num_old = None, 0
+
+    def phase_start(self, phase, model, old_model, data):
+        self.model, self.num_old = model, phase.num_old
+
+    def terms(self, batch, out):
+        o = self.options
+        if o.weight == 0:
+            return {}
+        scores = self.model.head.similarity(out.embedding)
+        return {"margin": (o.weight, margin_ranking(scores, batch.y, self.num_old, o.k, o.margin))}
+
+    def phase_end(self, phase, model, data):
+        self.model = None
+
+
+@dataclass(frozen=True)
+class PODOptions:
+    spatial_weight: float = 3.0   # lambda_c (official options/podnet/podnet_cnn_cifar100.yaml: 3; ImageNet: 8)
+    flat_weight: float = 1.0      # lambda_f (same files: 1; ImageNet: 10)
+
+    def __post_init__(self):
+        _non_negative("pod", spatial_weight=self.spatial_weight, flat_weight=self.flat_weight)
+
+
+@register("term", "pod")
+class PODDistill(Component):
+    """PODNet's pooled outputs distillation (Douillard et al. 2020, Sec. 3.1): POD-spatial on every
+    stage's output maps (width and height poolings, Eq. 2-3, ``losses.pod_distance``) and POD-flat
+    on the embedding (``losses.pod_flat``), weights ``lambda sqrt(seen / new)`` (the official
+    code's adaptive factor). The old model's pooled maps are kept in ``PhaseData.old_outputs``."""
+    Options = PODOptions
+    needs_old_model = True
+    needs_old_outputs = True
+
+    def __init__(self, options, services):
+        super().__init__(options, services)
+        self.old_outputs, self.adapt = None, 1.0
+        self.sizes: list[int] | None = None   # POD vector sizes per stage
+
+    def old_output_extra(self):
+        def pooled(out):
+            vs = pod_vectors(out.maps)
+            self.sizes = [v.shape[1] for v in vs]
+            return torch.cat(vs, dim=1)        # [B, sum_s C_s (H_s + W_s)]
+        return pooled
+
+    def phase_start(self, phase, model, old_model, data):
+        self.old_outputs = data.old_outputs
+        self.adapt = math.sqrt(phase.seen / phase.num_new)
+
+    def terms(self, batch, out):
+        t = self.old_outputs(batch)
+        spatial = pod_distance(pod_vectors(out.maps), list(t.extra.split(self.sizes, dim=1)))
+        flat = pod_flat(out.embedding, t.embedding)
+        o = self.options
+        return {"pod_spatial": (o.spatial_weight * self.adapt, spatial),
+                "pod_flat": (o.flat_weight * self.adapt, flat)}
+
+    def phase_end(self, phase, model, data):
+        self.old_outputs = None
 
 
 @dataclass(frozen=True)

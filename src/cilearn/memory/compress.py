@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..components import Component, register
+from ..errors import ConfigError
 from ..models.net import eval_mode
 from ..registry import Registry
 
@@ -261,6 +263,42 @@ def random_box_artifacts(x: torch.Tensor, prob: float, s: int, gen: torch.Genera
     keep = inbox | ~changed.view(-1, 1, 1)                                    # [B, H, W]
     out = torch.where(keep[:, None], x, blur(x, s).to(x.dtype))
     return out, changed
+
+
+@dataclass(frozen=True)
+class ArtifactOptions:
+    prob: float = 0.1     # per new-class image and step (CIM Sec. 4.3; --memory.compression.artifact-prob)
+
+    def __post_init__(self):
+        if not 0 <= self.prob <= 1:
+            raise ConfigError(f"components.artifacts.prob must be in [0, 1], got {self.prob}")
+
+
+@register("compressor", "artifacts")
+class Artifacts(Component):
+    """The training side of exemplar compression (CIM, Luo et al. 2023, Sec. 4.3): with
+    probability ``prob`` a new-class image of a training batch is compressed around a random box
+    (``random_box_artifacts``, the memory's compressor's downsampling factor), so that compression
+    artifacts do not tell the old classes (the compressed exemplars) from the new; phases > 0, main
+    stage. A changed batch is no longer one of the old-output cache's views (``view=None``): the
+    old model then runs on the changed images. Draws from the run's generator. In every run with
+    an exemplar compressor."""
+    Options = ArtifactOptions
+    needs_old_model = True
+
+    def __init__(self, options, services):
+        super().__init__(options, services)
+        self.s, self.start = 1, 0
+
+    def phase_start(self, phase, model, old_model, data):
+        self.s, self.start = data.memory.compressor.s, phase.start
+
+    def batch(self, batch):
+        if self.options.prob <= 0:
+            return batch
+        x, changed = random_box_artifacts(batch.x, self.options.prob, self.s, self.services.gen,
+                                          rows=batch.y >= self.start)
+        return batch._replace(x=x, view=None) if bool(changed.any()) else batch
 
 
 # ---------------------------------------------------------------- the CIM model

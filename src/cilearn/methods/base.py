@@ -4,11 +4,13 @@ memory, head) plus, when its paper needs them, a few hooks; the runner owns the 
 
 Hooks, in phase order (see ``cilearn.runner``):
   ``training_set(phase, data)``  -> the (uint8 x, y) this phase trains on
-  ``before_phase(phase, x, y)``  -> grow the head, freeze a teacher, prepare caches
+  ``before_phase(phase, x, y)``  -> freeze a teacher, prepare caches, the components' phase
+                                    start, grow the head, the components' ``new_classes``
   ``train_phase(phase, x, y)``   -> one or more calls of ``fit`` (default: the main stage, then
                                     ``calibrate`` and, where enabled, class-balanced fine-tuning)
-  ``loss(batch)``                -> (loss, terms) for ``fit``; calls ``constrain`` first, the
-                                    student's ``forward(batch)``, then adds ``teacher_terms``
+  ``loss(batch)``                -> (loss, terms) for ``fit``; the components' ``constrain`` and
+                                    ``batch`` first, the student's ``forward(batch)``, then the
+                                    components' terms and the recipe's ``teacher_terms``
                                     (``train_parameters()``: what the main stage trains)
   ``after_phase(phase, data)``   -> memory update
   ``prototypes()``               -> class means for NME prediction, or None
@@ -21,7 +23,6 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..calibration import clip_nonnegative
 from ..components import (
     REGISTRIES,
     Components,
@@ -33,12 +34,10 @@ from ..components import (
 from ..data.scenario import Phase
 from ..errors import ConfigError
 from ..evaluate import kd_target_stats, predict
-from ..losses import CLS_LOSSES, DISTILL
-from ..memory.compress import random_box_artifacts
+from ..losses import DISTILL, classification_loss
 from ..registry import Registry
 from ..services import Context, SplitData, TeacherCache
 from ..train import Batch, FitResult
-from .imprint import imprint
 
 if TYPE_CHECKING:
     from ..config import RunConfig, TrainingDefaults
@@ -64,14 +63,14 @@ class Method:
     head: ClassVar[str] = "linear"
     last_relu: ClassVar[bool] = True        # default of model.last_relu (LUCIR, PODNet: False)
     head_scale: ClassVar[float] = 1.0       # default of model.scale: initial sigma of cosine / lsc heads
-    needs_teacher: ClassVar[bool] = False   # ``teacher_terms`` read the teacher's (logits, embedding)
+    needs_teacher: ClassVar[bool] = False   # ``teacher_terms`` / ``forward`` read the teacher's cached outputs
     own_terms: ClassVar[tuple[str, ...]] = ()  # names of the recipe's own terms (``teacher_terms``), for tables
     options_used: ClassVar[tuple[str, ...]] = ()  # run options the recipe's own code reads (methods.options)
     adaptive_kd_weight: ClassVar[bool] = False  # loss.kd_weight null means |old| / |seen| (WA, BiC)
     calibration: ClassVar[tuple[str, ...]] = ()  # calibration components (cilearn.calibration), phases > 0
-    weight_clip: ClassVar[bool] = False         # default of train.weight_clip (WA's clipping)
-    freeze_old_head: ClassVar[bool] = False     # default of train.freeze_old_head (LUCIR, PODNet)
-    imprint: ClassVar[bool] = False             # imprint the new classes' head rows (LUCIR, PODNet)
+    # head components (cilearn.head_parts): imprint, freeze-old-rows (default of
+    # train.freeze_old_head), weight-clip (default of train.weight_clip)
+    head_components: ClassVar[tuple[str, ...]] = ()
     expandable: ClassVar[bool] = False          # an ExpandableNet: one extractor per phase (DER, FOSTER)
 
     @classmethod
@@ -113,7 +112,14 @@ class Method:
                                    **({} if lc.dual_teacher_epochs is None else {"epochs": lc.dual_teacher_epochs})},
                   # the replay section's shorthands, the method's KD and its temperature
                   "dfgr": {**{k: v for k, v in dataclasses.asdict(cfg.replay).items() if k != "source"},
-                           "distill": cls.distill or "kd", "temperature": lc.temperature}}
+                           "distill": cls.distill or "kd", "temperature": lc.temperature},
+                  # the loss section's shorthands of LUCIR's and PODNet's terms
+                  "less-forget": {} if lc.less_forget_weight is None else {"weight": lc.less_forget_weight},
+                  "margin-ranking": {"margin": lc.margin, "k": lc.margin_k,
+                                     **({} if lc.margin_weight is None else {"weight": lc.margin_weight})},
+                  "pod": {k: v for k, v in (("spatial_weight", lc.pod_spatial_weight),
+                                            ("flat_weight", lc.pod_flat_weight)) if v is not None},
+                  "artifacts": {"prob": cfg.memory.compression.artifact_prob}}
         merged = {c.name: {**recipe.get(c.name, {}), **legacy.get(c.name, {})} for c in chosen}
         canonical = {c.name.replace("-", "_"): c.name for c in chosen}   # dotted flags turn - into _
         for n, given in cfg.components.items():
@@ -128,11 +134,27 @@ class Method:
 
     @classmethod
     def component_classes(cls, cfg: "RunConfig") -> list[type]:
-        """The run's contract components in their order: calibration, loss terms, replay."""
+        """The run's contract components in their order: calibration, loss terms, replay, head,
+        and the training side of exemplar compression when the run compresses exemplars."""
         replay = cfg.replay.source or cls.replay_source
+        compressor = cfg.memory.compressor or cls.memory_compressor
         return [component_class("calibration", n) for n in cls.calibration_names(cfg)] + \
             [component_class("term", n) for n in cls.term_component_names(cfg)] + \
-            ([component_class("replay", replay)] if replay not in (None, "none") else [])
+            ([component_class("replay", replay)] if replay not in (None, "none") else []) + \
+            [component_class("head", n) for n in cls.head_component_names(cfg)] + \
+            ([component_class("compressor", "artifacts")] if compressor not in (None, "none") else [])
+
+    @classmethod
+    def head_component_names(cls, cfg: "RunConfig") -> list[str]:
+        """The recipe's head components, with ``--train.weight-clip`` / ``--train.freeze-old-head``
+        adding or removing theirs; clipping before freezing (the rows are restored last)."""
+        names = [n for n in cls.head_components if n not in ("weight-clip", "freeze-old-rows")]
+        t = cfg.train
+        for flag, name in (("weight_clip", "weight-clip"), ("freeze_old_head", "freeze-old-rows")):
+            on = getattr(t, flag)
+            if on is True or (on is None and name in cls.head_components):
+                names.append(name)
+        return names
 
     @classmethod
     def term_component_names(cls, cfg: "RunConfig") -> list[str]:
@@ -156,15 +178,7 @@ class Method:
     def __init__(self, ctx: Context):
         self.ctx, self.net = ctx, ctx.net
         lc = ctx.cfg.loss
-        name = lc.cls or self.cls_loss
-        self.cls_fn = CLS_LOSSES.get(name)
-        if opt := getattr(self.cls_fn, "margin_option", None):   # NCA: margin eta * delta in logit units
-            fn, head, delta = self.cls_fn, self.net.head, getattr(lc, opt)
-            scale = lambda: head.sigma.detach() if hasattr(head, "sigma") else 1.0   # noqa: E731 (see losses.nca)
-            self.cls_fn = lambda logits, y, counts=None: fn(logits, y, counts, margin=scale() * delta)
-        elif opt := getattr(self.cls_fn, "beta_option", None):    # FOSTER's la-ce: --loss.la-beta
-            fn, beta = self.cls_fn, getattr(lc, opt)
-            self.cls_fn = lambda logits, y, counts=None: fn(logits, y, counts, beta=beta)
+        self.cls_fn = classification_loss(lc.cls or self.cls_loss, lc, self.net.head)
         self.kd_fn = DISTILL.get(self.distill) if self.distill else None
         self.lam = self.kd_weight if lc.kd_weight is None else lc.kd_weight
         self.T = lc.temperature
@@ -177,12 +191,8 @@ class Method:
         self.kd_stats: dict[str, float] | None = None   # this phase's ``teacher_target_stats``
         self.counts: torch.Tensor | None = None
         self.phase: Phase | None = None
-        self.cls_weight = 1.0                 # weight of the classification loss (WA: 1 - lambda)
-        t = ctx.cfg.train
-        self.clip = self.weight_clip if t.weight_clip is None else t.weight_clip
+        self.cls_weight = 1.0                 # weight of the classification loss (adaptive: 1 - lambda)
         self.finetune_seconds = 0.0           # this phase's calibration stages
-        self.freeze = self.freeze_old_head if t.freeze_old_head is None else t.freeze_old_head
-        self.frozen_old: list[tuple[torch.Tensor, torch.Tensor]] | None = None   # (parameter, old rows)
 
     # ---------------------------------------------------------------- hooks
     def training_set(self, phase: Phase, data: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,30 +209,26 @@ class Method:
         self.phase = phase
         self.finetune_seconds = 0.0
         self.kd_stats = None
-        old_model_terms = any(p.kind in ("term", "replay") and p.needs_old_model for p in self.components.active)
-        if phase.index > 0 and (self.kd_fn is not None or old_model_terms or self.needs_teacher):
+        comps = self.components
+        comps.start(phase)                   # (idempotent: ``training_set`` started them)
+        old_model_terms = any(p.kind in ("term", "replay") and p.needs_old_model for p in comps.active)
+        outputs = self.kd_fn is not None or self.needs_teacher or comps.needs("needs_old_outputs")
+        if phase.index > 0 and (outputs or old_model_terms):
             self.teacher = self.net.frozen_copy()
-            if self.kd_fn is not None or self.needs_teacher:
-                self.teacher_out = TeacherCache(self.teacher, x, self.ctx, self.teacher_extra())
+            if outputs:
+                self.teacher_out = TeacherCache(self.teacher, x, self.ctx, comps.old_output_extra())
             if self.kd_fn is not None:
                 self.kd_stats = self.teacher_target_stats(x)
+            if self.adaptive_kd_weight and self.ctx.cfg.loss.kd_weight is None:
+                self.lam = phase.num_old / phase.seen    # (1 - lambda) CE + lambda KD, lambda = |old| / |seen|
+                self.cls_weight = 1.0 - self.lam
         self.counts = torch.bincount(y, minlength=phase.seen).float()
-        mem = self.ctx.memory
-        self.phase_data = PhaseData(x, y, self.counts, mem, self.cls_fn)
+        self.phase_data = PhaseData(x, y, self.counts, self.ctx.memory, self.cls_fn, old_outputs=self.teacher_out)
         # the components' phase start: before the head grows (the old model is the teacher; a
         # generator's or a new teacher's draws come here, in this order, before the new rows')
-        self.components.phase_start(phase, self.net, self.teacher, self.phase_data)
+        comps.phase_start(phase, self.net, self.teacher, self.phase_data)
         self.net.add_classes(phase.num_new)
-        comp = mem.compressor if mem is not None else None
-        self.artifact_prob = comp.cfg.artifact_prob if comp is not None and phase.index > 0 else 0.0
-        self.frozen_old = None
-        if phase.index > 0 and self.imprint:
-            self.imprint_new(phase, x, y)
-        if phase.index > 0 and self.freeze:
-            head = self.net.head
-            per = head.weight.shape[0] // phase.seen          # rows per class (LSC: proxies)
-            self.frozen_old = [(p, p[: phase.num_old * per].detach().clone())
-                               for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+        comps.new_classes(phase, self.net, self.phase_data)
 
     def teacher_target_stats(self, x: torch.Tensor) -> dict[str, float]:
         """``evaluate.kd_target_stats`` of the teacher's logits on the unaugmented training images
@@ -238,21 +244,6 @@ class Method:
         out = {"kd_target_entropy": None, "kd_target_top_share": None, **(self.kd_stats or {}),
                **self.components.diagnostics()}
         return out
-
-    def teacher_extra(self):
-        """A function of the teacher's ``NetOutput`` giving ``[B, F]`` more for ``TeacherCache`` to
-        keep (PODNet: its pooled feature maps), or None."""
-        return None
-
-    def imprint_new(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Weight imprinting of the new classes' rows (``cilearn.methods.imprint``) from the
-        current model's embeddings of their images: the teacher's cached ones (unflipped view)
-        when the augmentation has finite views, else one embedding pass."""
-        new = (y >= phase.start).nonzero().flatten()
-        emb = self.teacher_out.cached_embeddings(new) if self.teacher_out is not None else None
-        if emb is None:
-            emb = self.ctx.embed(self.net, x[new])
-        imprint(self.net.head, emb, y[new], phase.classes, self.ctx.phase_generator(phase))
 
     def train_phase(self, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> FitResult:
         """The main stage, then (unless a resumed run continues a later stage of this phase) the
@@ -276,16 +267,10 @@ class Method:
         return None
 
     def constrain(self) -> None:
-        """Projection of the parameters onto the method's constraints (``--train.weight-clip``:
-        non-negative head weights; LUCIR: old-class rows fixed), run before every training step
-        of the main stage (i.e. after the previous optimizer step) and once after the stage:
-        projected SGD."""
-        if self.clip:
-            clip_nonnegative(self.net.head.weight)
-        if self.frozen_old is not None:     # --train.freeze-old-head: old classes' rows fixed
-            with torch.no_grad():
-                for p, rows in self.frozen_old:
-                    p[: len(rows)] = rows
+        """The components' projection of the parameters onto their constraints (``weight-clip``,
+        ``freeze-old-rows``), run before every training step of the main stage (i.e. after the
+        previous optimizer step) and once after the stage: projected SGD."""
+        self.components.constrain(self.net)
 
     def calibrate(self, phase: Phase) -> FitResult:
         """The phase's calibration components in order (``cilearn.calibration``; phases > 0): the
@@ -322,8 +307,7 @@ class Method:
         """One student forward serves ``objective``, the loss terms of the components (every
         phase), the teacher terms (``--distill attention``, ...) and the method's ``teacher_terms``."""
         self.constrain()
-        if self.artifact_prob > 0:
-            batch = self.with_artifacts(batch)
+        batch = self.components.batch(batch)
         out = self.forward(batch)
         loss, terms = self.objective(batch, out)
         for name, (w, v) in self.components.terms(batch, out).items():
@@ -335,17 +319,7 @@ class Method:
                 loss = loss + w * v
         return loss, terms
 
-    def with_artifacts(self, batch: Batch) -> Batch:
-        """CIM's artifact augmentation (``--memory.compression.artifact-prob``, phases > 0): new-class
-        images compressed around a random box, so that compression artifacts do not tell the old
-        classes (the compressed exemplars) from the new. A changed batch is no longer one of the
-        teacher cache's views (``view=None``): the teacher then runs on the changed images."""
-        x, changed = random_box_artifacts(batch.x, self.artifact_prob, self.ctx.memory.compressor.s, self.ctx.gen,
-                                          rows=batch.y >= self.phase.start)
-        return batch._replace(x=x, view=None) if bool(changed.any()) else batch
-
     def after_phase(self, phase: Phase, data: SplitData) -> None:
-        self.frozen_old = None
         self.teacher = self.teacher_out = None   # free the teacher's memory
         mem = self.ctx.memory
         pd, self.phase_data = self.phase_data, None

@@ -15,5 +15,5 @@ class BiC(WA):
     trained on the split, the model frozen), whose corrected logits the evaluation and the next
     phase's teacher use. No weight clipping or aligning (WA's). Reports CNN and NME."""
     calibration = ("bic",)
-    weight_clip = False
+    head_components = ()
     training = schedules.BIC

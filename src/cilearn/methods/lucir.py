@@ -2,7 +2,6 @@
 and the Balanced Softmax CE recipes (Jodelet, Liu & Murata 2021) built on LUCIR and iCaRL."""
 from __future__ import annotations
 
-from ..losses import less_forget, lucir_lambda, margin_ranking
 from . import schedules
 from .base import METHODS, Method
 from .baselines import ICaRL
@@ -25,37 +24,15 @@ class LUCIR(Method):
     head = "cosine"
     last_relu = False
     uses_memory = True
-    needs_teacher = True
-    own_terms = ("less-forget", "margin ranking")
-    options_used = ("loss.less_forget_weight", "loss.margin", "loss.margin_k", "loss.margin_weight")
+    terms = ("less-forget", "margin-ranking")
     calibration = ("balanced-finetune",)     # LUCIR's official 20 epochs at lr 0.01, x0.1 at 10 (the component's defaults)
-    freeze_old_head = True
-    imprint = True
-    margin_weight = 1.0      # default of loss.margin_weight
+    head_components = ("imprint", "freeze-old-rows")
     training = schedules.LUCIR
 
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        lc = ctx.cfg.loss
-        self.lf_base = 5.0 if lc.less_forget_weight is None else lc.less_forget_weight
-        self.lf_weight = 0.0
-        self.mr_weight = self.margin_weight if lc.margin_weight is None else lc.margin_weight
-
-    def before_phase(self, phase, x, y):
-        super().before_phase(phase, x, y)   # teacher and its cached outputs, head grown and imprinted
-        if phase.index > 0:
-            self.lf_weight = lucir_lambda(self.lf_base, phase.num_old, phase.num_new)
-
-    def teacher_terms(self, batch, out):
-        lc = self.ctx.cfg.loss
-        t_emb = self.teacher_out(batch).embedding
-        lf = less_forget(out.embedding, t_emb)
-        terms = [("less_forget", self.lf_weight, lf)]
-        if self.mr_weight > 0:
-            scores = self.net.head.similarity(out.embedding)
-            mr = margin_ranking(scores, batch.y, self.phase.num_old, lc.margin_k, lc.margin)
-            terms.append(("margin", self.mr_weight, mr))
-        return terms
+    @classmethod
+    def component_options(cls, dataset):
+        # lambda_base: 5 on CIFAR-100, 10 on ImageNet (Sec. 4.1), 10 on every image folder
+        return {"less-forget": {"weight": 10.0 if dataset == "imagefolder" else 5.0}}
 
 
 @METHODS.register("lucir-bsce")
@@ -70,10 +47,12 @@ class LUCIRBSCE(LUCIR):
     incremental accuracy 53 against 74 without them and 75 for LUCIR with fine-tuning).
     Cosine head, imprinting, less-forget and the removed last ReLU stay."""
     cls_loss = "bsce"
-    own_terms = ("less-forget",)
     calibration = ()
-    freeze_old_head = False
-    margin_weight = 0.0
+    head_components = ("imprint",)
+
+    @classmethod
+    def component_options(cls, dataset):
+        return {**super().component_options(dataset), "margin-ranking": {"weight": 0.0}}
 
 
 @METHODS.register("icarl-bsce")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..config import RunConfig, pod_weights
+from ..config import RunConfig
 from ..errors import ConfigError
 from ..memory.mnemonics import DEFAULTS as MNEMONICS_DEFAULTS
 
@@ -55,12 +55,12 @@ CONDITIONAL: dict[str, tuple[Callable[[RunConfig, type["Method"]], bool], str]] 
     "loss.dual_teacher_weight": (lambda c, m: "dual-teacher" in _terms(c, m), "--distill dual-teacher"),
     "loss.dual_teacher_init": (lambda c, m: "dual-teacher" in _terms(c, m), "--distill dual-teacher"),
     "loss.dual_teacher_epochs": (lambda c, m: "dual-teacher" in _terms(c, m), "--distill dual-teacher"),
-    "loss.less_forget_weight": (_recipe("loss.less_forget_weight"), "LUCIR's recipes"),
-    "loss.margin": (_recipe("loss.margin"), "LUCIR's recipes"),
-    "loss.margin_k": (_recipe("loss.margin_k"), "LUCIR's recipes"),
-    "loss.margin_weight": (_recipe("loss.margin_weight"), "LUCIR's recipes"),
-    "loss.pod_spatial_weight": (_recipe("loss.pod_spatial_weight"), "PODNet's recipes"),
-    "loss.pod_flat_weight": (_recipe("loss.pod_flat_weight"), "PODNet's recipes"),
+    "loss.less_forget_weight": (lambda c, m: "less-forget" in _terms(c, m), "the less-forget term (LUCIR)"),
+    "loss.margin": (lambda c, m: "margin-ranking" in _terms(c, m), "the margin-ranking term (LUCIR)"),
+    "loss.margin_k": (lambda c, m: "margin-ranking" in _terms(c, m), "the margin-ranking term (LUCIR)"),
+    "loss.margin_weight": (lambda c, m: "margin-ranking" in _terms(c, m), "the margin-ranking term (LUCIR)"),
+    "loss.pod_spatial_weight": (lambda c, m: "pod" in _terms(c, m), "the pod term (PODNet)"),
+    "loss.pod_flat_weight": (lambda c, m: "pod" in _terms(c, m), "the pod term (PODNet)"),
     "loss.aux_weight": (lambda c, m: m.expandable, "DER's and FOSTER's recipes"),
     "loss.bkd_beta": (_recipe("loss.bkd_beta"), "FOSTER's recipes"),
     "train.compression_epochs": (_recipe("train.compression_epochs"), "FOSTER's recipes"),
@@ -87,6 +87,8 @@ CONDITIONAL: dict[str, tuple[Callable[[RunConfig, type["Method"]], bool], str]] 
 ALWAYS = {"replay.source"}   # the choice itself
 # shorthands of a component's options (``components.<name>`` holds them in config.yaml)
 ALIASES = {"loss.attention_weight", "loss.dual_teacher_weight", "loss.dual_teacher_init", "loss.dual_teacher_epochs",
+           "loss.less_forget_weight", "loss.margin", "loss.margin_k", "loss.margin_weight", "loss.pod_spatial_weight",
+           "loss.pod_flat_weight", "memory.compression.artifact_prob",
            *(f"replay.{f.name}" for f in dataclasses.fields(RunConfig().replay) if f.name != "source")}
 
 
@@ -151,17 +153,10 @@ def resolve_options(cfg: RunConfig, method_cls: type["Method"], dataset_augment:
     lc.cls = lc.cls or m.cls_loss
     if lc.kd_weight is None and not m.adaptive_kd_weight:
         lc.kd_weight = m.kd_weight
-    if lc.less_forget_weight is None:                   # LUCIR Sec. 4: 5 on CIFAR, 10 on ImageNet
-        lc.less_forget_weight = 10.0 if cfg.data.dataset == "imagefolder" else 5.0
-    lc.pod_spatial_weight, lc.pod_flat_weight = pod_weights(cfg)   # PODNet's official configs
-    if lc.margin_weight is None and hasattr(m, "margin_weight"):
-        lc.margin_weight = m.margin_weight
     if lc.aux_weight is None:
         lc.aux_weight = 1.0                             # DER's lambda_a, FOSTER's feature enhancement
-    if t.weight_clip is None:
-        t.weight_clip = m.weight_clip
-    if t.freeze_old_head is None:
-        t.freeze_old_head = m.freeze_old_head
+    heads = m.head_component_names(cfg)
+    t.weight_clip, t.freeze_old_head = "weight-clip" in heads, "freeze-old-rows" in heads
     if t.compression_epochs is None:
         t.compression_epochs = t.epochs
     if t.compression_lr is None:

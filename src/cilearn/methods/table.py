@@ -9,15 +9,15 @@ from .base import METHODS
 
 def recipe_row(name: str) -> tuple[str, ...]:
     m = METHODS.get(name)
-    terms = ([f"KD ({m.distill})"] if m.distill else []) + list(m.own_terms) + list(m.terms)
+    off = {n for n, o in m.component_options("cifar100").items() if o.get("weight") == 0}   # in the recipe, switched off
+    terms = ([f"KD ({m.distill})"] if m.distill else []) + list(m.own_terms) + [t for t in m.terms if t not in off]
     memory = "herding" if m.uses_memory or m.train_on_seen else "-"
     if m.train_on_seen:
         memory = "all seen data"
     extra = [x for x, on in ((f"optimizer {m.memory_optimizer}", m.memory_optimizer != "none"),
                              (f"compressor {m.memory_compressor}", m.memory_compressor != "none")) if on]
     other = [x for x, on in (("expandable backbone", m.expandable), (f"replay {m.replay_source}", m.replay_source),
-                             ("imprinting", m.imprint), ("old head rows frozen", m.freeze_old_head),
-                             ("weight clipping", m.weight_clip), ("no last ReLU", not m.last_relu)) if on]
+                             ("no last ReLU", not m.last_relu)) if on] + list(m.head_components)
     return (name, m.head, m.cls_loss, ", ".join(terms) or "-", ", ".join([memory] + extra),
             ", ".join(m.calibration) or "-", ", ".join(other) or "-")
 

@@ -19,12 +19,6 @@ class WA(ICaRL):
     step, in all phases (Sec. 3.3; ``--train.weight-clip false`` turns it off,
     ``--train.weight-align false`` turns aligning off). Reports CNN and NME."""
     calibration = ("weight-align",)
-    weight_clip = True
+    head_components = ("weight-clip",)
     adaptive_kd_weight = True      # --loss.kd-weight unset (null in config.yaml): lambda = |old| / |seen|
     training = schedules.WA
-
-    def before_phase(self, phase, x, y):
-        super().before_phase(phase, x, y)
-        if phase.index > 0 and self.ctx.cfg.loss.kd_weight is None:
-            self.lam = phase.num_old / phase.seen
-            self.cls_weight = 1.0 - self.lam
