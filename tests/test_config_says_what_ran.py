@@ -46,7 +46,7 @@ def test_only_the_options_the_run_uses(tmp_path, capsys):
     assert podnet["components"]["imprint"] == {} and podnet["train"]["freeze_old_head"] is True
     assert podnet["model"]["proxies"] == 10 and podnet["train"]["finetune_lr"] == 0.05
     lwm = run(tmp_path, capsys, "lwm", "--method", "lwm")
-    assert lwm["components"] == {"attention": {"weight": 1.0}} and "attention_weight" not in lwm["loss"]
+    assert lwm["components"] == {"attention": {"weight": 1.0, "student_bn": "eval"}} and "attention_weight" not in lwm["loss"]
     assert "selection" not in lwm["memory"]
 
 

@@ -217,6 +217,11 @@ def test_replay_and_dual_teacher_compose_with_exemplar_methods_from_cli(base, ow
     (["--replay.bn-loss", "l1"], "--replay.bn-loss"),
     (["--loss.dual-teacher-init", "random"], "--loss.dual-teacher-init"),
     (["--replay.steps", "0"], "--replay.steps"),
+    (["--replay.forward", "both"], "--replay.forward must be joint or separate"),
+    (["--replay.update-bn", "false"], "--replay.update-bn false applies to --replay.forward separate"),
+    (["--distill", "dual-teacher", "--components.dual-teacher.rule", "mean"],
+     "components.dual-teacher.rule must be blockwise or joint"),
+    (["--components.dual-teacher.rule", "joint"], "components.dual-teacher: 'dual-teacher' is not a component of this run"),
 ])
 def test_bad_replay_options_one_line_exit_2(args, msg, tmp_path, capsys):
     out = tmp_path / "x"
@@ -245,3 +250,84 @@ def test_bn_running_stats_frozen_keeps_running_stats_and_counter():
     assert int(bn.num_batches_tracked) == before[2] and bn.momentum == 0.1
     net(x)                                           # outside: a real batch moves them again
     assert not torch.equal(bn.running_mean, before[0]) and int(bn.num_batches_tracked) == before[2] + 1
+
+
+@pytest.mark.parametrize("forward", ["joint", "separate"])
+def test_synthetic_samples_share_the_real_batch_forward(quick, forward):
+    """--replay.forward joint (default): one student forward over the real batch and the synthetic
+    samples, so BatchNorm's batch statistics (and the one running-statistics update) include them;
+    the method's own loss sees the real rows only. separate: two forwards, two updates."""
+    import copy
+    torch.manual_seed(0)
+    net = build_net("convnet", "linear", 1)
+    net.add_classes(4)
+    aug = Augmenter("none", 0, (0.5,), (0.5,), channels_last=False)
+    cfg = quick(method="dfgr", out=None, replay={"steps": 1, "samples_per_batch": 3, "forward": forward})
+    ctx = Context(cfg, net, None, aug, torch.device("cpu"), torch.Generator(), None)
+    method = METHODS.get("dfgr")(ctx)
+    phase = Phase(1, 2, 4)
+    method.components.start(phase)
+    comp = method.components.active[0]
+    fake = torch.linspace(0, 255, 64).view(1, 1, 8, 8)
+    comp.generator = lambda z: fake.expand(len(z), 1, 8, 8) * (1 + z[:, :1, None, None].abs())   # [n, 1, 8, 8] pixels
+    comp.model, comp.old_model = net, net.frozen_copy()
+    method.counts = torch.ones(4)
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    sizes = []
+    hook = bn.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[0]))
+    x = torch.rand(5, 1, 8, 8)
+    batch = Batch(x, torch.tensor([2, 3, 2, 3, 2]), torch.arange(5), None)
+    ref, real_only = copy.deepcopy(net), copy.deepcopy(net)
+    gen_state = ctx.gen.get_state()
+    loss, terms = method.loss(batch)
+    hook.remove()
+    assert {"cls", "replay_kd"} <= set(terms) and torch.isfinite(loss)
+    ctx.gen.set_state(gen_state)                           # the same samples again, for the reference
+    xs = comp.sample(3)
+    if forward == "joint":
+        assert sizes == [8]                                # 5 real + 3 synthetic in one BatchNorm batch
+        ref(torch.cat([x, xs]))
+    else:
+        assert sizes == [5, 3]
+        ref(x)
+        ref(xs)
+    ref_bn = next(m for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert torch.allclose(bn.running_mean, ref_bn.running_mean, atol=1e-6)
+    assert int(bn.num_batches_tracked) == (1 if forward == "joint" else 2)
+    real_only(x)                                           # what the real batch alone would have given
+    ro_bn = next(m for m in real_only.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not torch.allclose(bn.running_mean, ro_bn.running_mean, atol=1e-4)
+
+
+def test_dual_teacher_joint_rule_by_hand(quick):
+    """The joint rule: one softmax over all seen classes; the old block from the old teacher, the
+    new block from the new teacher shifted by T (LSE(old_t / T) - LSE(new_t[:old] / T))."""
+    from cilearn.losses import dual_teacher_joint_target
+    T = 2.0
+    old_t = torch.tensor([[2.0, 0.0]])                       # the old teacher, 2 old classes
+    new_t = torch.tensor([[0.0, 0.0, 4.0, 2.0]])             # the new teacher, old block 0, 0; new block 4, 2
+    target = dual_teacher_joint_target(old_t, new_t, 2, T)
+    c = T * (math.log(math.exp(1.0) + 1.0) - math.log(2.0))  # LSE(1, 0) - LSE(0, 0)
+    assert target.tolist()[0] == pytest.approx([2.0, 0.0, 4.0 + c, 2.0 + c], rel=1e-6)
+    p = torch.softmax(target / T, 1)[0]
+    q_new = torch.softmax(new_t / T, 1)[0]                   # the new teacher's own distribution
+    # its odds of new against old and its split within the new block are kept; the old split is the old teacher's
+    assert (p[2:].sum() / p[:2].sum()).item() == pytest.approx((q_new[2:].sum() / q_new[:2].sum()).item(), rel=1e-5)
+    assert (p[2] / p[3]).item() == pytest.approx(math.exp(1.0), rel=1e-5)
+    assert (p[0] / p[1]).item() == pytest.approx(math.exp(1.0), rel=1e-5)
+
+    method, _ = _dtid_method(quick)
+    term = next(t for t in method.components.parts if isinstance(t, DualTeacherDistill))
+    term.options = type(term.options)(rule="joint")
+    term.block = (2, 4)
+    term.cache = lambda batch: TeacherOut(new_t, None, None)
+    term.old_outputs = lambda batch: TeacherOut(old_t, None, None)
+    s = torch.tensor([[1.0, 0.0, 0.5, 0.5]])
+    out = NetOutput(s, torch.zeros(1, 3), [])
+    batch = Batch(torch.zeros(1, 1, 8, 8), torch.tensor([2]), torch.tensor([0]), None)
+    w, value = term.terms(batch, out)["dual-teacher"]
+    q = torch.softmax(s / T, 1)[0]
+    want = sum(float(a) * math.log(float(a) / float(b)) for a, b in zip(p, q))
+    assert float(value) == pytest.approx(want, rel=1e-5)
+    assert DualTeacherDistill(type(term.options)(rule="joint"), None).needs_old_outputs
+    assert not DualTeacherDistill(type(term.options)(), None).needs_old_outputs

@@ -127,3 +127,74 @@ def test_lwf_local_ce_keeps_old_classes_that_all_class_ce_loses(quick):
         return sum(r["acc_old"] for r in m["phases"][1:]) / 4
     local, full = old_acc(), old_acc(loss={"cls": "ce"}, out=None)
     assert local > full + 20.0, (local, full)
+
+
+def _attention_term(quick, student_bn):
+    from cilearn.components import build, component_class
+    torch.manual_seed(0)
+    net = build_net("convnet", "linear", 1)
+    net.add_classes(3)
+    aug = Augmenter("none", 0, (0.5,), (0.5,), channels_last=False)
+    ctx = Context(quick(method="lwm"), net, None, aug, torch.device("cpu"), torch.Generator(), None)
+    x = torch.randint(0, 255, (16, 1, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():                    # running statistics of the data (not the init's 0 / 1)
+        for _ in range(20):
+            net(aug.test(x))
+    teacher = net.frozen_copy()
+    term = build(component_class("term", "attention"), {"student_bn": student_bn}, ctx)
+    phase = Phase(1, 3, 5)
+    term.phase_start(phase, net, teacher, type("D", (), {"x": x})())
+    net.add_classes(2)
+    net.train()
+    xb = aug.test(x)
+    return net, term, Batch(xb, torch.full((16,), 3), torch.arange(16), None)
+
+
+@pytest.mark.parametrize("student_bn", ["eval", "train"])
+def test_attention_loss_at_student_equal_to_teacher(quick, student_bn):
+    """L_AD with the student equal to the old model (a phase's first step): exactly 0 when both
+    maps are taken in eval mode; with the student's map from the train-mode forward (BN batch
+    statistics) it is not, which is the artefact the default removes."""
+    net, term, batch = _attention_term(quick, student_bn)
+    batch = term.batch(batch)                           # the step's start
+    out = net(batch.x)                                  # the training forward (train mode, moves the BN statistics)
+    (w, loss), = term.terms(batch, out).values()
+    if student_bn == "eval":
+        assert loss.item() == 0.0
+    else:
+        assert loss.item() > 0.01
+    assert net.training                                 # the eval-mode forward left the student in train mode
+    assert term.diagnostics() == {"attention_loss_first_step": loss.item()}
+    assert term.diagnostics() == {"attention_loss_first_step": None}   # read once per phase
+
+
+def test_eval_mode_attention_loss_trains_the_student(quick):
+    """The eval-mode student map keeps its graph: L_AD of a perturbed student sends a gradient to
+    the backbone's convolutions (not only the head), and leaves the BN running statistics alone."""
+    net, term, batch = _attention_term(quick, "eval")
+    with torch.no_grad():
+        for p in net.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    stats = [b.clone() for n, b in net.named_buffers() if "running" in n]
+    batch = term.batch(batch)
+    out = net(batch.x)
+    after_train_forward = [b.clone() for n, b in net.named_buffers() if "running" in n]
+    (w, loss), = term.terms(batch, out).values()
+    assert loss.item() > 0.01
+    loss.backward()
+    grads = [p.grad for p in net.backbone.parameters() if p.dim() == 4]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    now = [b for n, b in net.named_buffers() if "running" in n]
+    assert all(torch.equal(a, b) for a, b in zip(after_train_forward, now))   # the eval forward updated none
+    assert not all(torch.equal(a, b) for a, b in zip(stats, after_train_forward))
+
+
+def test_lwm_records_the_first_step_attention_loss(quick):
+    m = cilearn.run(quick(method="lwm", train={"epochs": 2, "progress": False, "precision": "fp32"}),
+                    echo=False).metrics
+    firsts = [r["attention_loss_first_step"] for r in m["phases"]]
+    assert firsts[0] is None and all(v is not None and v < 1e-4 for v in firsts[1:]), firsts
+    m2 = cilearn.run(quick(method="lwm", out=None, components={"attention": {"student_bn": "train"}},
+                          train={"epochs": 2, "progress": False, "precision": "fp32"}), echo=False).metrics
+    assert all(r["attention_loss_first_step"] > 0.05 for r in m2["phases"][1:])

@@ -20,10 +20,13 @@ through its batch statistics (``tests/test_attention.py`` shows they are non-zer
 BatchNorm *before* the maps (the backbone's) does not couple the gradients, but in train mode it
 changes the maps' values: they are normalised with the batch's statistics, so a sample's map
 depends on the rest of its batch and differs from its eval-mode map (running statistics).
-Recommendation, followed by ``lwm_attention_loss``: the student's map uses the training forward
-as it is (BN in train mode), since one student forward serves CE, KD and the map and the
-gradient must flow through that forward; the teacher's map uses eval mode (it is frozen), so
-the teacher's map of an image does not depend on its batch.
+Consequence for LwM: the two maps must come from the same BN mode, or L_AD compares BatchNorm
+modes instead of attention (with the student equal to the teacher at a phase's start, a
+train-mode student map against an eval-mode teacher map gave L_AD = 3.77 on a digits batch, not
+0). The ``attention`` term component therefore takes the student's map from a second student
+forward in eval mode (``create_graph=True``, so the gradient still reaches the student's
+parameters), like the teacher's (FACIL's choice); ``components.attention.student_bn train`` keeps
+the training forward's map. ``lwm_attention_loss`` below takes a given student output as it is.
 """
 from __future__ import annotations
 

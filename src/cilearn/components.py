@@ -23,7 +23,11 @@ A component is a small class registered under its **kind** and a **name**
   ``constrain(model)``                           before every training step of the main stage and
                                                  once after its last one (projected SGD)
   ``batch(batch) -> batch``                      each training batch of the main stage, before the
-                                                 forward (change or add samples)
+                                                 forward (change its samples)
+  ``extra_rows(batch) -> x | None``              rows ``[n, C, H, W]`` (normalised) to append to the
+                                                 student's forward of the batch: one forward, one
+                                                 BatchNorm batch; their output comes back through
+  ``extra_output(out)``                          (the rows' part of the ``NetOutput``) before ``terms``
   ``terms(batch, out) -> {name: (weight, value)}`` loss terms of one training step
   ``epoch_end(phase, epoch)``                    after each epoch of the main stage
   ``calibrate(phase, model, data) -> FitResult``  after training (calibration components)
@@ -145,6 +149,12 @@ class Component:
     def batch(self, batch: "Batch") -> "Batch":
         return batch
 
+    def extra_rows(self, batch: "Batch") -> torch.Tensor | None:
+        return None
+
+    def extra_output(self, out: Any) -> None:
+        pass
+
     def terms(self, batch: "Batch", out: Any) -> dict[str, tuple[float, torch.Tensor]]:
         return {}
 
@@ -253,6 +263,10 @@ class Components:
         for p in self.active:
             batch = p.batch(batch)
         return batch
+
+    def extra_rows(self, batch) -> list[tuple[Component, torch.Tensor]]:
+        """The rows the phase's components append to the student's forward of ``batch``."""
+        return [(p, r) for p in self.active if (r := p.extra_rows(batch)) is not None]
 
     def terms(self, batch, out) -> dict[str, tuple[float, torch.Tensor]]:
         got: dict[str, tuple[float, torch.Tensor]] = {}

@@ -167,7 +167,10 @@ class GeneratorReplayFields:
     samples_per_batch: int | None = None  # synthetic samples per training step; None: the training batch size
     kd_weight: float = 1.0               # KD of the old logits on the synthetic samples
     ce_weight: float = 0.0               # CE over all seen classes, label = the old model's argmax (off: KD only)
-    update_bn: bool = True               # the synthetic forward updates BatchNorm running statistics (false: real batches only)
+    # joint: the samples go through the student in the same forward as the real batch (one BatchNorm
+    # batch, "mixed into each training batch"); separate: their own forward (cilearn's earlier form)
+    forward: str = "joint"
+    update_bn: bool = True               # separate forward: it updates BatchNorm running statistics (false: real batches only)
 
 
 @dataclass

@@ -120,6 +120,20 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tenso
     return (log_p.exp() * (log_p - log_q)).sum(1).mean()
 
 
+def dual_teacher_joint_target(old_t: torch.Tensor, new_t: torch.Tensor, num_old: int, T: float) -> torch.Tensor:
+    """DT-ID's joint target (cilearn's rule; docs/methods/dfgr-dtid.md): logits ``[B, K_seen]``
+    whose softmax at temperature T is one distribution over all seen classes, the old block from
+    the old teacher ``old_t`` ``[B, K_old]``, the new block from the new teacher ``new_t``
+    ``[B, K_seen]``, the new block shifted per sample by
+    ``c = T (LSE(old_t / T) - LSE(new_t[:, :K_old] / T))``: the new teacher's old-class logits are
+    calibrated onto the old teacher's, so that the target keeps the new teacher's odds of new
+    against old classes, the old teacher's distribution within the old classes and the new
+    teacher's within the new ones."""
+    old_t, new_t = old_t.float(), new_t.float()
+    c = T * (torch.logsumexp(old_t / T, 1) - torch.logsumexp(new_t[:, :num_old] / T, 1))    # [B]
+    return torch.cat([old_t, new_t[:, num_old:] + c[:, None]], 1)
+
+
 def kd_bce(student: torch.Tensor, teacher: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     """iCaRL's distillation: BCE of the student's old-class sigmoids against the teacher's
     sigmoids as soft targets, summed over old classes, mean over the batch (Rebuffi et al. 2017,

@@ -16,7 +16,8 @@ import torch
 from .attention import attention_distillation, gradcam, teacher_gradcam
 from .components import Component, register
 from .errors import ConfigError
-from .losses import CLS_LOSSES, kd_kl, less_forget, lucir_lambda, margin_ranking, pod_distance, pod_flat, pod_vectors
+from .losses import (CLS_LOSSES, dual_teacher_joint_target, kd_kl, less_forget, lucir_lambda, margin_ranking,
+                     pod_distance, pod_flat, pod_vectors)
 from .services import TeacherCache
 from .models.net import freeze
 from .train import fit
@@ -149,26 +150,44 @@ class PODDistill(Component):
 @dataclass(frozen=True)
 class AttentionOptions:
     weight: float = 1.0       # gamma of Eq. 3 (Dhar et al. 2019); Sec. 4 gives no value (FACIL notes the same)
+    # BatchNorm mode of the student's Grad-CAM. eval: a second student forward in eval mode, the
+    # same mode as the old model's map (FACIL's choice), so L_AD is exactly 0 when student == old
+    # model. train: the map of the training forward (BN batch statistics), cilearn's earlier form:
+    # L_AD is then not 0 at the phase start (3.77 on a digits batch) and trains BN artefacts.
+    student_bn: str = "eval"
+
+    def __post_init__(self):
+        _non_negative("attention", weight=self.weight)
+        if self.student_bn not in ("eval", "train"):
+            raise ConfigError(f"components.attention.student_bn must be eval or train, got {self.student_bn!r}")
 
 
 @register("term", "attention")
 class AttentionDistill(Component):
     """LwM's attention distillation (Dhar et al. 2019, Sec. 3), weight gamma. Grad-CAM on the last
-    stage for ``b``, the old model's top old class; the student's map from the training forward
-    with ``create_graph=True`` (BN in train mode), the old model's in eval mode (see
-    ``cilearn.attention``). With a finite augmentation (none, flip) the old model's maps and ``b``
-    are computed once per training image and view, exactly as it would per batch.
-    (``--save-attention N``: the reporting layer draws N test images' maps after each phase.)"""
+    stage for ``b``, the old model's top old class; both maps in the same BatchNorm mode: the old
+    model's in eval mode, the student's (``student_bn`` eval, the default) from a second forward of
+    the student in eval mode with ``create_graph=True``, so L_AD trains the student through its
+    activations and its Grad-CAM weights and is exactly 0 when the student equals the old model
+    (see ``cilearn.attention``). ``student_bn`` train takes the map of the training forward
+    instead (one forward less; BN batch statistics). With a finite augmentation (none, flip) the
+    old model's maps and ``b`` are computed once per training image and view, exactly as it would
+    per batch. ``attention_loss_first_step`` in each phase's metrics row: L_AD at the phase's
+    first training step. (``--save-attention N``: the reporting layer draws N test images' maps
+    after each phase.)"""
     Options = AttentionOptions
     needs_old_model = True
 
     def __init__(self, options, services):
         super().__init__(options, services)
         self.cam = self.b = None   # cached maps [V, N, h, w] and classes [V, N]
-        self.old_model, self.num_old = None, 0
+        self.old_model = self.model = None
+        self.num_old = 0
+        self.first: float | None = None   # L_AD at the phase's first step
+        self.stats: list = []             # (BatchNorm layer, running mean, running var) at the step's start
 
     def phase_start(self, phase, model, old_model, data):
-        self.old_model, self.num_old = old_model, phase.num_old
+        self.old_model, self.model, self.num_old = old_model, model, phase.num_old
         got = self.services.views(data.x, lambda xb: teacher_gradcam(old_model, xb, phase.num_old)[:2])
         self.cam, self.b = got if got is not None else (None, None)   # [V, N, h, w], [V, N]
 
@@ -178,13 +197,54 @@ class AttentionDistill(Component):
         cam, b, _ = teacher_gradcam(self.old_model, batch.x, self.num_old)
         return cam, b
 
+    def batch(self, batch):
+        """Before the training forward: the running statistics the student's eval-mode map uses
+        (the training forward will have moved them by one batch of momentum)."""
+        if self.options.student_bn == "eval":
+            self.stats = [(m, m.running_mean.clone(), m.running_var.clone()) for m in self.model.modules()
+                          if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+        return batch
+
+    def student_map(self, batch, out, b: torch.Tensor) -> torch.Tensor:
+        """The student's Grad-CAM ``[B, h, w]`` for classes ``b``, differentiable (create_graph).
+        eval: a forward of the student in eval mode with the running statistics it had at the start
+        of this step (before the training forward updated them), so that at a phase's first step
+        (student == old model) the map is the old model's."""
+        if self.options.student_bn == "train":
+            return gradcam(out.maps[-1], out.logits, b, create_graph=True)
+        model, was = self.model, self.model.training
+        now = [(m, m.running_mean, m.running_var) for m, _, _ in self.stats]
+        for m, mean, var in self.stats:
+            m.running_mean, m.running_var = mean, var
+        model.eval()
+        try:
+            o = model(batch.x)        # BN with those running statistics; parameters keep their gradients
+        finally:
+            model.train(was)
+            for m, mean, var in now:
+                m.running_mean, m.running_var = mean, var
+        return gradcam(o.maps[-1], o.logits, b, create_graph=True)
+
     def terms(self, batch, out):
         cam_t, b = self.teacher_maps(batch)
-        cam_s = gradcam(out.maps[-1], out.logits, b, create_graph=True)
-        return {"attention": (self.options.weight, attention_distillation(cam_s, cam_t))}
+        loss = attention_distillation(self.student_map(batch, out, b), cam_t)
+        if self.first is None:
+            self.first = float(loss.detach())
+        return {"attention": (self.options.weight, loss)}
 
     def phase_end(self, phase, model, data):
-        self.cam = self.b = self.old_model = None
+        self.cam = self.b = self.old_model = self.model = None
+        self.stats = []
+
+    def state_dict(self):
+        return {} if self.first is None else {"first": self.first}     # a resumed phase keeps its first step's
+
+    def load_state_dict(self, state):
+        self.first = state.get("first")
+
+    def diagnostics(self):
+        v, self.first = self.first, None
+        return {"attention_loss_first_step": v}
 
 
 @dataclass(frozen=True)
@@ -193,6 +253,14 @@ class DualTeacherOptions:
     init: str = "copy"           # copy: the new teacher starts from the old model; scratch: a fresh initialisation
     epochs: int | None = None    # its training epochs; None: the phase's
     temperature: float = 2.0     # T of its KD (the run's --loss.temperature)
+    # how the new teacher's logits are distilled (docs/methods/dfgr-dtid.md): blockwise, a softmax
+    # over the new-class block only; joint, one softmax over all seen classes with the old
+    # teacher's old block and the new teacher's new block calibrated onto it
+    rule: str = "blockwise"
+
+    def __post_init__(self):
+        if self.rule not in ("blockwise", "joint"):
+            raise ConfigError(f"components.dual-teacher.rule must be blockwise or joint, got {self.rule!r}")
 
 
 @register("term", "dual-teacher")
@@ -201,25 +269,33 @@ class DualTeacherDistill(Component):
     teacher is trained on the phase's new-class images alone (never on exemplars or generated
     samples), starting from a copy of the old model (``init`` copy) or from a fresh initialisation
     (``scratch``), with CE over the new classes, for ``epochs`` (default: the phase's). The student
-    then distils the new-class block of its logits from it:
+    then distils its logits from it, by ``rule``:
 
-        L = L_cls + beta * KL_T(old block | old teacher) + w * KL_T(new block | new teacher)
+    * blockwise: ``L = L_cls + beta KL_T(old block | old teacher) + w KL_T(new block | new teacher)``,
+      each KL a softmax at temperature T over its own block only (``losses.kd_kl``);
+    * joint: ``L = L_cls + beta KL_T(old block | old teacher) + w KL_T(all seen | joint target)``,
+      one softmax over all seen classes whose target joins the old teacher's old block and the new
+      teacher's new block calibrated onto it (``losses.dual_teacher_joint_target``), so the target
+      carries a scale between old and new classes.
 
-    where the old-block term is the method's own KD (LwF, iCaRL: ``kd`` at T). Each KL is a
-    softmax at temperature T over its own block only (``losses.kd_kl``), on every training image
-    of the batch. With a finite augmentation the new teacher's logits are computed once per image
-    and view. Its training draws from a generator seeded by (seed, phase), apart from the run's."""
+    The old-block term is the method's own KD (LwF, iCaRL: ``kd`` at T); the dual-teacher term is
+    on every training image of the batch. With a finite augmentation the teachers' logits are
+    computed once per image and view. The new teacher's training draws from a generator seeded by
+    (seed, phase), apart from the run's."""
     Options = DualTeacherOptions
     needs_old_model = True
 
     def __init__(self, options, services):
         super().__init__(options, services)
+        self.needs_old_outputs = options.rule == "joint"      # the old teacher's logits per batch
+        self.old_outputs = None
         self.new_teacher = self.cache = None
         self.seconds: float | None = None
         self.block = (0, 0)
 
     def phase_start(self, phase, model, old_model, data):
         s, o = self.services, self.options
+        self.old_outputs = data.old_outputs
         new = data.y >= phase.start
         xn, yn = data.x[new], data.y[new]
         seed = s.seed * 1_000_003 + phase.index * 7919 + 17      # apart from the run's RNG stream
@@ -249,11 +325,16 @@ class DualTeacherDistill(Component):
 
     def terms(self, batch, out):
         a, b = self.block
-        return {"dual-teacher": (self.options.weight,
-                                 kd_kl(out.logits[:, a:b], self.cache(batch).logits[:, a:b], self.options.temperature))}
+        o, new_t = self.options, self.cache(batch).logits          # [B, seen]
+        if o.rule == "blockwise":
+            value = kd_kl(out.logits[:, a:b], new_t[:, a:b], o.temperature)
+        else:
+            target = dual_teacher_joint_target(self.old_outputs(batch).logits, new_t[:, :b], a, o.temperature)
+            value = kd_kl(out.logits[:, :b], target, o.temperature)
+        return {"dual-teacher": (o.weight, value)}
 
     def phase_end(self, phase, model, data):
-        self.new_teacher = self.cache = None
+        self.new_teacher = self.cache = self.old_outputs = None
 
     def diagnostics(self):
         s, self.seconds = self.seconds, None

@@ -45,6 +45,11 @@ if TYPE_CHECKING:
 METHODS: Registry = Registry("method")
 
 
+def rows_of(out, a: int, b: int):
+    """Rows ``a:b`` of a ``NetOutput`` (logits, embedding, every stage's maps)."""
+    return type(out)(out.logits[a:b], out.embedding[a:b], [m[a:b] for m in out.maps])
+
+
 class Method:
     """Default recipe: classification loss on the phase's data (+ exemplars when the method
     keeps memory) + optional logit distillation from the previous model on the old classes."""
@@ -124,8 +129,8 @@ class Method:
         canonical = {c.name.replace("-", "_"): c.name for c in chosen}   # dotted flags turn - into _
         for n, given in cfg.components.items():
             name = canonical.get(str(n).replace("-", "_"), n)
-            if name not in merged:
-                merged[name] = {}       # effective_options names it in its error
+            if name not in merged:      # effective_options names it in its error (as component names are written)
+                merged[str(name).replace("_", "-")] = {}
                 continue
             if not isinstance(given, dict):
                 raise ConfigError(f"components.{n} must be a mapping of options, got {given!r}")
@@ -308,7 +313,16 @@ class Method:
         phase), the teacher terms (``--distill attention``, ...) and the method's ``teacher_terms``."""
         self.constrain()
         batch = self.components.batch(batch)
-        out = self.forward(batch)
+        extra = self.components.extra_rows(batch)
+        if not extra:
+            out = self.forward(batch)
+        else:     # one forward over the batch and the components' rows (one BatchNorm batch)
+            n = len(batch.x)
+            whole = self.forward(batch._replace(x=torch.cat([batch.x] + [r for _, r in extra]), view=None))
+            out = rows_of(whole, 0, n)
+            for p, r in extra:
+                p.extra_output(rows_of(whole, n, n + len(r)))
+                n += len(r)
         loss, terms = self.objective(batch, out)
         for name, (w, v) in self.components.terms(batch, out).items():
             terms[name] = v.detach()

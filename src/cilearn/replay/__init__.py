@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..components import Component, register
 from ..config import GeneratorReplayFields
+from ..errors import ConfigError
 from ..evaluate import predict
 from ..losses import DISTILL
 from .dfgr import GeneratorSettings, train_generator
@@ -25,19 +26,30 @@ class DFGROptions(GeneratorReplayFields):
     distill: str = "kd"                  # the KD on the samples: the method's (kd, bce), kd without one
     temperature: float = 2.0             # its T (the run's --loss.temperature)
 
+    def __post_init__(self):
+        if self.forward not in ("joint", "separate"):
+            raise ConfigError(f"--replay.forward must be joint or separate, got {self.forward!r}")
+        if self.forward == "joint" and not self.update_bn:
+            raise ConfigError("--replay.update-bn false applies to --replay.forward separate (a joint forward "
+                              "updates the BatchNorm statistics once, with real and synthetic samples together)")
+
 
 @register("replay", "dfgr")
 class DFGRReplay(Component):
     """Data-free generative replay. Before each phase > 0: ``train_generator`` against the old
     model and nothing else. In each training step: ``samples_per_batch`` generated samples
-    (default: the training batch's size) go through the student in their own forward pass (their
-    own BatchNorm batch statistics; the real batch's forward, which serves the method's losses, is
-    unchanged), and are distilled from the old model: ``kd_weight * KD_T(student old logits, old
-    model's logits)`` with ``distill``, ``+ ce_weight * CE(all seen logits, old model's argmax)``
-    (off by default). The synthetic forward updates the student's BatchNorm running statistics like
-    a real batch (``update_bn`` true, default); false keeps them to the real batches'
-    (``bn_running_stats_frozen``). With ``--save-samples N`` the reporting layer draws N samples
-    per old class after each generator training."""
+    (default: the training batch's size) are mixed into the training batch: with ``forward`` joint
+    (default) they go through the student in the same forward as the real images
+    (``extra_rows``), so BatchNorm normalises one mixed batch and updates its running statistics
+    once, with both (the paper: synthetic samples "mixed into each training batch"); the method's
+    own losses see only the real rows. They are distilled from the old model:
+    ``kd_weight * KD_T(student old logits, old model's logits)`` with ``distill``,
+    ``+ ce_weight * CE(all seen logits, old model's argmax)`` (off by default). ``forward``
+    separate (cilearn's earlier form, an ablation) runs them through the student in a forward of
+    their own, with their own batch statistics, updating the running statistics a second time per
+    step (``update_bn`` true) or not (false: ``bn_running_stats_frozen``). With
+    ``--save-samples N`` the reporting layer draws N samples per old class after each generator
+    training."""
     Options = DFGROptions
     needs_old_model = True
 
@@ -50,6 +62,7 @@ class DFGRReplay(Component):
                                           progress=services.progress)
         self.kd_fn = DISTILL.get(o.distill)
         self.generator = self.model = self.old_model = None
+        self.out = self.t_logits = None       # this step's samples: the student's output rows, the old model's logits
         self.summary: dict[str, float] = {}
 
     def phase_start(self, phase, model, old_model, data):
@@ -68,13 +81,28 @@ class DFGRReplay(Component):
         z = torch.randn(n, self.settings.z_dim, generator=s.gen, device=s.gen.device).to(s.device)
         return s.augmenter.normalize(self.generator(z))
 
+    def draw(self, batch) -> torch.Tensor:
+        """This step's samples ``[n, C, H, W]`` (normalised) and the old model's logits on them."""
+        xs = self.sample(self.options.samples_per_batch or len(batch.x))
+        with torch.no_grad():
+            self.t_logits = self.old_model(xs).logits.float()      # [n, K_old]
+        return xs
+
+    def extra_rows(self, batch):
+        return self.draw(batch) if self.options.forward == "joint" else None
+
+    def extra_output(self, out):
+        self.out = out
+
     def terms(self, batch, out):
         o = self.options
-        xs = self.sample(o.samples_per_batch or len(batch.x))
-        with torch.no_grad():
-            t_logits = self.old_model(xs).logits.float()
-        with contextlib.nullcontext() if o.update_bn else bn_running_stats_frozen(self.model):
-            logits = self.model(xs).logits
+        if o.forward == "joint":
+            logits, self.out = self.out.logits, None
+        else:
+            xs = self.draw(batch)
+            with contextlib.nullcontext() if o.update_bn else bn_running_stats_frozen(self.model):
+                logits = self.model(xs).logits
+        t_logits = self.t_logits
         got = {"replay_kd": (o.kd_weight, self.kd_fn(logits[:, : t_logits.shape[1]], t_logits, o.temperature))}
         if o.ce_weight > 0:
             got["replay_ce"] = (o.ce_weight, F.cross_entropy(logits.float(), t_logits.argmax(1)))
