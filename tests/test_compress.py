@@ -13,7 +13,7 @@ import cilearn
 from cilearn.config import CompressionConfig
 from cilearn.errors import ConfigError
 from cilearn.memory import Budget, Memory
-from cilearn.memory.compress import (BOX_BYTES, CIMModel, Compressor, blur, boxes_from_cam, cam, cim_outer_loss,
+from cilearn.memory.compress import (BOX_BYTES, CIMModel, Codes, Compressor, blur, boxes_from_cam, cam, cim_outer_loss,
                                      code_bytes, decode, downsample, encode, fit_prefix, paper_cost,
                                      random_box_artifacts, snap)
 from cilearn.models import build_net
@@ -51,20 +51,37 @@ def _images(n=3, C=2, H=8, W=8, seed=0):
     return torch.randint(0, 256, (n, C, H, W), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
-def test_compression_keeps_the_box_exactly_and_downsamples_the_rest():
+def test_nearest_resampling_by_hand():
+    """Official (PIL nearest) resampling: each 2 x 2 cell samples its centre pixel (1, 1), and up
+    sampling repeats it over the cell; a partial last cell samples its last pixel."""
+    x = torch.arange(25.0).view(1, 1, 5, 5)
+    low = downsample(x, 2)
+    assert low[0, 0].tolist() == [[6.0, 8.0, 9.0], [16.0, 18.0, 19.0], [21.0, 23.0, 24.0]]
+    b = blur(x, 2)
+    assert b[0, 0, :2, :2].tolist() == [[6.0, 6.0], [6.0, 6.0]] and b[0, 0, 4, 4] == 24.0
+    assert blur(x, 2, "area")[0, 0, 0, 0] != 6.0                       # the area + bilinear variant differs
+
+
+@pytest.mark.parametrize("mode", ["nearest", "area"])
+def test_compression_keeps_the_box_exactly_and_downsamples_the_rest(mode):
     x = _images()
     boxes = torch.tensor([[2, 2, 6, 6], [0, 0, 0, 0], [1, 3, 7, 8]])      # the last is snapped to (0, 2, 8, 8)
-    codes = encode(x, boxes, 2)
+    codes = encode(x, boxes, 2, mode=mode)
     out = decode(codes)
-    assert out.dtype == torch.uint8 and out.shape == x.shape
-    want = F.interpolate(torch.round(downsample(x, 2)), size=(8, 8), mode="bilinear", align_corners=False)
-    want = want.round().clamp(0, 255).to(torch.uint8)
+    assert out.dtype == torch.uint8 and out.shape == x.shape and codes.mode == mode
+    if mode == "nearest":                                                 # every other pixel, repeated 2 x 2
+        want = x[:, :, 1::2, 1::2].repeat_interleave(2, 2).repeat_interleave(2, 3)
+    else:
+        want = F.interpolate(torch.round(downsample(x, 2, "area")), size=(8, 8), mode="bilinear", align_corners=False)
+        want = want.round().clamp(0, 255).to(torch.uint8)
     for i, (y0, x0, y1, x1) in enumerate(codes.boxes.tolist()):
         inside = torch.zeros(8, 8, dtype=torch.bool)
         inside[y0:y1, x0:x1] = True
         assert torch.equal(out[i][:, inside], x[i][:, inside])            # box pixels exact
-        assert torch.equal(out[i][:, ~inside], want[i][:, ~inside])       # the rest: down 2x2, up bilinear
+        assert torch.equal(out[i][:, ~inside], want[i][:, ~inside])       # the rest: down 2x2, up again
     assert codes.boxes.tolist() == [[2, 2, 6, 6], [0, 0, 0, 0], [0, 2, 8, 8]]
+    again = Codes.from_state(codes.state(), "cpu")                        # the mode travels with the codes
+    assert again.mode == mode and torch.equal(decode(again), out)
 
 
 def test_codes_of_float_pixels_keep_their_dtype_and_head_truncates():
@@ -181,6 +198,15 @@ def test_outer_gradient_reaches_the_cim_parameters_through_the_inner_step():
     for i in torch.topk(g_gamma.abs(), 5).indices.tolist():
         up, down = shifted(i, eps), shifted(i, -eps)
         assert math.isclose((up - down) / (2 * eps), g_gamma[i].item(), rel_tol=1e-4, abs_tol=1e-9)
+    # the regulariser: the mean of the squared normalised CAM at feature resolution (official MSE(CAM, 0))
+    _, terms = cim_outer_loss(net, cim, trainable, fixed, x, y, ex, ey, vx, vy, 2, 0.5, 1.0, 0.0)
+    with torch.no_grad():
+        maps = cim(net(x).maps[-1])                                            # [4, D, 2, 2]
+        v = net.head.weight[y]
+        m = torch.einsum("bd,bdhw->bhw", v, maps)
+        lo, hi = m.flatten(1).min(1).values, m.flatten(1).max(1).values
+        want = (((m - lo[:, None, None]) / (hi - lo)[:, None, None]) ** 2).mean()
+    assert terms["reg"] == pytest.approx(want.item(), rel=1e-9)
     # the memory regulariser reaches phi directly (no inner step involved)
     g_reg = torch.autograd.grad(objective(with_reg=True) - objective(with_reg=False), cim.gamma)[0]
     assert g_reg.abs().sum() > 0

@@ -53,7 +53,7 @@ def test_weight_clip_and_freeze_old_rows_by_hand(quick):
 def test_artifacts_change_only_new_rows_with_the_run_generator(quick):
     ctx = _ctx(quick, "foster-cim")
     comp = build(component_class("compressor", "artifacts"), {"prob": 1.0}, ctx)
-    mem = type("M", (), {"compressor": type("C", (), {"s": 2})()})()
+    mem = type("M", (), {"compressor": type("C", (), {"s": 2, "mode": "nearest"})()})()
     x = torch.rand(6, 1, 8, 8)
     y = torch.tensor([0, 1, 2, 3, 2, 3])
     comp.phase_start(Phase(1, 2, 4), None, None, PhaseData(x, y, torch.ones(4), mem, None))

@@ -87,15 +87,17 @@ class TrainConfig:
 
 @dataclass
 class MnemonicsConfig:
-    """Options of the exemplar optimizers ``mnemonics`` / ``mnemonics-single`` (cilearn.memory.mnemonics)."""
-    iterations: int | None = None        # outer (pixel) steps per phase; None: the form's default
-    inner_steps: int = 1                 # K: unrolled SGD steps of the temporary model (bilevel)
-    inner_lr: float = 0.01               # lambda: their learning rate
-    lr: float | None = None              # beta: pixel step, normalised units; None: the form's default
-    batch_size: int = 128                # new-class images per outer step
-    step: str | None = None              # pixel update: sgd (paper, Eq. 8) | adam; None: the form's default
-    adjust_old: bool = True              # split-halves adjustment of old-class exemplars (bilevel)
-    quantize: bool = False               # store rounded uint8 pixels instead of float32
+    """Options of the exemplar optimizers ``mnemonics`` / ``mnemonics-single`` (cilearn.memory.mnemonics;
+    defaults from the authors' releases, docs/methods/mnemonics.md gives file and line)."""
+    epochs: int | None = None            # outer passes over all seen classes' data per phase; None: the form's (10 / 1)
+    iterations: int | None = None        # cap on the outer steps per phase; None: no cap
+    steps: int = 20                      # bilevel: step-sets of the inner loop (first release: mnemonics_steps)
+    inner_epochs: int = 5                # bilevel: inner passes over the step-sets (first release: mnemonics_epochs)
+    inner_lr: float = 0.01               # bilevel: initial learnable lr of each inner step (first release: mnemonics_lr)
+    lr: float | None = None              # pixel step, normalised units; None: the form's (1e-6 / 5e-6)
+    batch_size: int = 128                # validation images per outer step
+    step: str | None = None              # adam (first release) | sgd (current release); None: the form's
+    adjust_old: bool = True              # bilevel: the paper's split-halves adjustment of old-class exemplars
 
 
 @dataclass
@@ -103,13 +105,14 @@ class CompressionConfig:
     """Options of the exemplar compressors ``full`` / ``cam-threshold`` / ``cim``
     (cilearn.memory.compress). Defaults: CIM (Luo et al. 2023) Sec. 5 and its official configs."""
     eta: int = 4                         # compression ratio of the non-box pixels: downsampled sqrt(eta) per side
+    resample: str = "nearest"            # nearest down and up (official utils/transform.py) | area (average + bilinear, ours)
     tau: float = 0.6                     # CAM threshold of the mask (cam-threshold, cim)
     artifact_prob: float = 0.1           # phases > 0: probability of compressing a new-class training image around a random box
     iterations: int = 20                 # cim: bilevel (outer) steps on the CIM model at each phase end
     batch_size: int = 16                 # cim: new images (and as many exemplars) per step (official meta_batch_size)
     inner_lr: float | None = None        # cim: lr of the inner SGD step of the CIL model; None: --lr
     lr: float = 0.01                     # cim: Adam lr of the CIM parameters (official phi_lr)
-    reg_weight: float = 0.1              # cim: mu, weight of the memory regulariser (mean mask)^2
+    reg_weight: float = 0.1              # cim: mu, weight of the memory regulariser mean(CAM^2) at feature resolution
     cls_weight: float = 0.2              # cim: mu', weight of the CIM model's CE
     grad_clip: float = 1.0               # cim: gradient-norm clip of the CIM parameters (official max_phi_grad_norm)
 
@@ -428,13 +431,15 @@ def validate(cfg: RunConfig) -> None:
     if r.bn_loss not in ("kl", "l2"):
         raise ConfigError(f"--replay.bn-loss must be kl or l2, got '{r.bn_loss}'")
     mn = m.mnemonics
-    for key, zero in (("iterations", True), ("inner_steps", True), ("inner_lr", False), ("lr", False),
-                      ("batch_size", False)):
+    for key, zero in (("epochs", True), ("iterations", True), ("steps", False), ("inner_epochs", True),
+                      ("inner_lr", False), ("lr", False), ("batch_size", False)):
         positive("memory.mnemonics." + key.replace("_", "-"), getattr(mn, key), zero=zero)
     cc = m.compression
     if cc.eta < 1 or math.isqrt(cc.eta) ** 2 != cc.eta:
         raise ConfigError(f"--memory.compression.eta must be a square number >= 1 (the image is downsampled "
                           f"sqrt(eta) per side), got {cc.eta}")
+    if cc.resample not in ("nearest", "area"):
+        raise ConfigError(f"--memory.compression.resample must be nearest or area, got '{cc.resample}'")
     if not 0 < cc.tau <= 1:
         raise ConfigError(f"--memory.compression.tau must be in (0, 1], got {cc.tau}")
     if not 0 <= cc.artifact_prob <= 1:

@@ -527,6 +527,9 @@ def memory_row(memory: Memory | None) -> dict[str, Any]:
     if memory is None:
         return {}
     row = {"memory_images": len(memory), "memory_bytes": memory.nbytes}
+    st = memory.optimizer.stats
+    if st:      # an exemplar optimizer ran: its pixel change (grey levels) and seconds
+        row["exemplar_pixel_change"], row["exemplar_optimizer_seconds"] = st.get("exemplar_pixel_change"), st["seconds"]
     if memory.compressor is not None:
         row["compressor"] = dict(memory.compressor.stats)
     return row

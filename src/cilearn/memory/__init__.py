@@ -124,12 +124,13 @@ class Memory:
             # a code holds at least the C * ceil(H/s) * ceil(W/s) >= C*H*W / s^2 cells: at most per * s^2 fit
             order = self.select(features[idx], per * s * s, gen)
             cand = x[idx[order]]
-            codes = encode(cand, self.compressor.boxes(net, normalize, cand, c), s, self.compressor.with_boxes)
+            codes = encode(cand, self.compressor.boxes(net, normalize, cand, c), s, self.compressor.with_boxes,
+                           self.compressor.mode)
             n = fit_prefix(codes.sizes(), per * unit)
             whole = min(per, len(cand))
             if n <= whole:      # boxes keep no more than whole images would (near-whole boxes + coordinates):
                 H, W = cand.shape[-2:]        # store whole images, the class's box implied (no coordinates)
-                codes, n = encode(cand[:whole], torch.tensor([[0, 0, H, W]] * whole), s, with_boxes=False), whole
+                codes, n = encode(cand[:whole], torch.tensor([[0, 0, H, W]] * whole), s, False, self.compressor.mode), whole
             self.codes[c] = codes.head(n)
             self.exemplars[c] = decode(self.codes[c])
             originals[c] = cand[:n]
@@ -139,12 +140,12 @@ class Memory:
                  gen: torch.Generator) -> dict[int, torch.Tensor] | None:
         """Run the exemplar optimizer after ``update`` (``x`` uint8, ``y``: the phase's images of
         ``classes``); returns the exemplars as selected, before optimisation, or None when the
-        optimizer is ``none``. With a compressor, the optimised images are encoded again in their
-        boxes (float32 codes unless ``quantize``)."""
+        optimizer is ``none``. With a compressor, the optimised images (uint8) are encoded again in
+        their boxes."""
         before = self.optimizer(self, net, normalize, classes, x, y, gen)
         if before is not None and self.compressor is not None:
             for c, codes in self.codes.items():
-                self.codes[c] = encode(self.exemplars[c], codes.boxes, codes.s, codes.with_boxes)
+                self.codes[c] = encode(self.exemplars[c], codes.boxes, codes.s, codes.with_boxes, codes.mode)
                 self.exemplars[c] = decode(self.codes[c])
         return before
 

@@ -2,8 +2,10 @@
 Schiele & Sun, "Class-Incremental Exemplar Compression for Class-Incremental Learning", CVPR 2023.
 
 An exemplar keeps a tight bounding box B of its discriminative pixels at full resolution; the rest
-is downsampled by ``s = sqrt(eta)`` per side (area average) and upsampled back (bilinear):
-``x~ = M_B * x + (1 - M_B) * up(down(x))`` (paper Sec. 3, Fig. 2).
+is downsampled by ``s = sqrt(eta)`` per side and upsampled back, both nearest-neighbour as the
+official code (``utils/transform.py``; ``--memory.compression.resample area``: area average and
+bilinear, cilearn's earlier choice): ``x~ = M_B * x + (1 - M_B) * up(down(x))`` (paper Sec. 3,
+Fig. 2).
 
 * ``none``: exemplars stored as they are (cost 1 image each).
 * ``full``: the whole image downsampled, no box (the paper's ablation baseline): cost ``1 / eta``.
@@ -54,18 +56,42 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def downsample(x: torch.Tensor, s: int) -> torch.Tensor:
-    """``[N, C, H, W]`` -> ``[N, C, ceil(H/s), ceil(W/s)]`` float: the mean of each s x s cell."""
-    return F.avg_pool2d(_wide(x), s, s, ceil_mode=True, count_include_pad=False) if s > 1 else _wide(x)
+RESAMPLE = ("nearest", "area")
 
 
-def upsample(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(low, size=size, mode="bilinear", align_corners=False) if low.shape[-2:] != size else low
+def _cell_rows(n: int, s: int, device) -> torch.Tensor:
+    """The pixel each of the ``ceil(n / s)`` cells of a side samples: its centre ``s i + s // 2``
+    (PIL's nearest, which the official code uses), the last cell's clipped into the image."""
+    return (torch.arange(math.ceil(n / s), device=device) * s + s // 2).clamp(max=n - 1)
 
 
-def blur(x: torch.Tensor, s: int) -> torch.Tensor:
+def downsample(x: torch.Tensor, s: int, mode: str = "nearest") -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N, C, ceil(H/s), ceil(W/s)]`` float. ``nearest``: each s x s cell's
+    centre pixel; ``area``: the cell's mean."""
+    if s == 1:
+        return _wide(x)
+    if mode == "area":
+        return F.avg_pool2d(_wide(x), s, s, ceil_mode=True, count_include_pad=False)
+    H, W = x.shape[-2:]
+    return _wide(x).index_select(-2, _cell_rows(H, s, x.device)).index_select(-1, _cell_rows(W, s, x.device))
+
+
+def upsample(low: torch.Tensor, size: tuple[int, int], s: int = 1, mode: str = "nearest") -> torch.Tensor:
+    """Cells ``[N, C, h, w]`` back to ``size``. ``nearest``: each pixel takes its cell's value
+    (pixel I of a side is in cell I // s); ``area``: bilinear."""
+    if low.shape[-2:] == size:
+        return low
+    if mode == "area":
+        return F.interpolate(low, size=size, mode="bilinear", align_corners=False)
+    H, W = size
+    rows = torch.arange(H, device=low.device) // s
+    cols = torch.arange(W, device=low.device) // s
+    return low.index_select(-2, rows).index_select(-1, cols)
+
+
+def blur(x: torch.Tensor, s: int, mode: str = "nearest") -> torch.Tensor:
     """``up(down(x))``: the downsampled image at full size (float)."""
-    return upsample(downsample(x, s), tuple(x.shape[-2:]))
+    return upsample(downsample(x, s, mode), tuple(x.shape[-2:]), s, mode)
 
 
 def class_vectors(head: nn.Module) -> torch.Tensor:
@@ -156,6 +182,7 @@ class Codes:
     shape: tuple[int, int, int]  # (C, H, W)
     s: int                       # downsampling per side, sqrt(eta)
     with_boxes: bool             # box coordinates are part of the code (full: no box)
+    mode: str = "nearest"        # resampling of the cells outside the box (RESAMPLE)
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -176,39 +203,39 @@ class Codes:
         """The first ``n`` exemplars."""
         sharp, coarse = code_values(self.boxes, self.shape, self.s)
         return Codes(self.boxes[:n], self.sharp[: int(sharp[:n].sum())], self.coarse[: int(coarse[:n].sum())],
-                     self.shape, self.s, self.with_boxes)
+                     self.shape, self.s, self.with_boxes, self.mode)
 
     def state(self) -> dict:
         return {"boxes": self.boxes.cpu(), "sharp": self.sharp.cpu(), "coarse": self.coarse.cpu(),
-                "shape": list(self.shape), "s": self.s, "with_boxes": self.with_boxes}
+                "shape": list(self.shape), "s": self.s, "with_boxes": self.with_boxes, "mode": self.mode}
 
     @classmethod
     def from_state(cls, st: dict, device) -> "Codes":
         return cls(st["boxes"].to(device), st["sharp"].to(device), st["coarse"].to(device), tuple(st["shape"]),
-                   int(st["s"]), bool(st["with_boxes"]))
+                   int(st["s"]), bool(st["with_boxes"]), str(st.get("mode", "area")))   # (older checkpoints: area)
 
 
 def _store_dtype(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return v.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else v.to(x.dtype)
 
 
-def encode(x: torch.Tensor, boxes: torch.Tensor, s: int, with_boxes: bool = True) -> Codes:
+def encode(x: torch.Tensor, boxes: torch.Tensor, s: int, with_boxes: bool = True, mode: str = "nearest") -> Codes:
     """Codes of images ``x [N, C, H, W]`` (uint8, or float pixels in [0, 255]) with boxes
-    ``[N, 4]`` (snapped here to the s-grid)."""
+    ``[N, 4]`` (snapped here to the s-grid), the cells resampled by ``mode``."""
     N, C, H, W = x.shape
     boxes = snap(boxes.to(x.device).long(), s, H, W)
-    low = _store_dtype(x, downsample(x, s))                                   # [N, C, h, w]
+    low = _store_dtype(x, downsample(x, s, mode))                             # [N, C, h, w]
     h, w = low.shape[-2:]
     inside = inside_cells(boxes, s, h, w)                                     # [N, h, w]
     sharp = [x[i, :, y0:y1, x0:x1].reshape(-1) for i, (y0, x0, y1, x1) in enumerate(boxes.tolist())]
     coarse = low.permute(0, 2, 3, 1)[~inside]                                 # [cells, C], exemplar-major
     empty = x.new_zeros(0)
-    return Codes(boxes, torch.cat(sharp) if sharp else empty, coarse.reshape(-1), (C, H, W), s, with_boxes)
+    return Codes(boxes, torch.cat(sharp) if sharp else empty, coarse.reshape(-1), (C, H, W), s, with_boxes, mode)
 
 
 def decode(codes: Codes) -> torch.Tensor:
     """``[n, C, H, W]`` images (the codes' dtype): the stored cells, those under the box recomputed
-    from the box pixels (the average encode would have stored), upsampled, the box pasted."""
+    from the box pixels (the value encode would have stored), upsampled, the box pasted."""
     C, H, W = codes.shape
     n, s = len(codes), codes.s
     dev, dtype = codes.sharp.device, codes.sharp.dtype
@@ -223,9 +250,9 @@ def decode(codes: Codes) -> torch.Tensor:
     low = cells.permute(0, 3, 1, 2).float()                                   # [n, C, h, w]
     for i, ((y0, x0, y1, x1), crop) in enumerate(zip(codes.boxes.tolist(), crops)):
         if y1 > y0 and x1 > x0:
-            patch = _store_dtype(codes.sharp, downsample(crop.view(1, C, y1 - y0, x1 - x0), s))[0]
+            patch = _store_dtype(codes.sharp, downsample(crop.view(1, C, y1 - y0, x1 - x0), s, codes.mode))[0]
             low[i, :, y0 // s: y0 // s + patch.shape[1], x0 // s: x0 // s + patch.shape[2]] = patch.float()
-    out = _store_dtype(codes.sharp, upsample(low, (H, W)))
+    out = _store_dtype(codes.sharp, upsample(low, (H, W), s, codes.mode))
     for i, ((y0, x0, y1, x1), crop) in enumerate(zip(codes.boxes.tolist(), crops)):
         if y1 > y0 and x1 > x0:
             out[i, :, y0:y1, x0:x1] = crop.view(C, y1 - y0, x1 - x0)
@@ -238,7 +265,7 @@ def fit_prefix(sizes: torch.Tensor, budget_bytes: float) -> int:
 
 
 def random_box_artifacts(x: torch.Tensor, prob: float, s: int, gen: torch.Generator,
-                         rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         rows: torch.Tensor | None = None, mode: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's artifact augmentation of new-class images: each row of ``x [B, C, H, W]``
     (normalised float; ``rows [B]`` bool: the eligible ones) is, with probability ``prob``,
     compressed around a random box (side 25-100% of the image's, uniform position): outside it
@@ -261,7 +288,7 @@ def random_box_artifacts(x: torch.Tensor, prob: float, s: int, gen: torch.Genera
     inbox = (ii >= y0.view(-1, 1, 1)) & (ii < (y0 + bh).view(-1, 1, 1)) & (jj >= x0.view(-1, 1, 1)) \
         & (jj < (x0 + bw).view(-1, 1, 1))
     keep = inbox | ~changed.view(-1, 1, 1)                                    # [B, H, W]
-    out = torch.where(keep[:, None], x, blur(x, s).to(x.dtype))
+    out = torch.where(keep[:, None], x, blur(x, s, mode).to(x.dtype))
     return out, changed
 
 
@@ -288,16 +315,17 @@ class Artifacts(Component):
 
     def __init__(self, options, services):
         super().__init__(options, services)
-        self.s, self.start = 1, 0
+        self.s, self.start, self.mode = 1, 0, "nearest"
 
     def phase_start(self, phase, model, old_model, data):
-        self.s, self.start = data.memory.compressor.s, phase.start
+        comp = data.memory.compressor
+        self.s, self.start, self.mode = comp.s, phase.start, comp.mode
 
     def batch(self, batch):
         if self.options.prob <= 0:
             return batch
         x, changed = random_box_artifacts(batch.x, self.options.prob, self.s, self.services.gen,
-                                          rows=batch.y >= self.start)
+                                          rows=batch.y >= self.start, mode=self.mode)
         return batch._replace(x=x, view=None) if bool(changed.any()) else batch
 
 
@@ -318,40 +346,44 @@ class CIMModel(nn.Module):
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         return F.relu(_wide(maps) * self.gamma.view(1, -1, 1, 1) + self.beta.view(1, -1, 1, 1))
 
-    def cam_and_logits(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(soft masks ``[B, H, W]`` in [0, 1], CIM logits ``[B, K]``) of normalised ``x`` for the
-        labels ``y``; the CIL net's parameters are constants here."""
+    def cam_and_logits(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(soft masks ``[B, H, W]`` in [0, 1], CIM logits ``[B, K]``, the same CAM at feature
+        resolution ``[B, h, w]``) of normalised ``x`` for the labels ``y``; the CIL net's
+        parameters are constants here."""
         with torch.no_grad():
             maps = net(x).maps[-1]                                            # [B, D, h, w]
         m = self(maps)
         head = {k: v.detach() for k, v in net.head.named_parameters()}       # no gradient into the CIL head
         logits = functional_call(net.head, head, (m.mean((2, 3)),))
-        return self.masks(net.head, m, y, tuple(x.shape[-2:])), logits
+        return (self.masks(net.head, m, y, tuple(x.shape[-2:])), logits,
+                self.masks(net.head, m, y, tuple(m.shape[-2:])))
 
     def masks(self, head: nn.Module, activated: torch.Tensor, y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """The CAM ``[B, H, W]`` of classes ``y`` on the activated maps ``self(maps)``."""
         return cam(activated, class_vectors(head)[y].detach(), size)
 
 
-def soft_compress(x: torch.Tensor, c: torch.Tensor, s: int) -> torch.Tensor:
+def soft_compress(x: torch.Tensor, c: torch.Tensor, s: int, mode: str = "nearest") -> torch.Tensor:
     """``c * x + (1 - c) * up(down(x))`` (``c [B, H, W]``), differentiable in ``c``."""
-    return c[:, None] * x + (1 - c[:, None]) * blur(x, s)
+    return c[:, None] * x + (1 - c[:, None]) * blur(x, s, mode)
 
 
 def cim_outer_loss(net: nn.Module, cim: CIMModel, trainable: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
                    new_x: torch.Tensor, new_y: torch.Tensor, ex_x: torch.Tensor | None, ex_y: torch.Tensor | None,
-                   val_x: torch.Tensor, val_y: torch.Tensor, s: int, inner_lr: float, mu: float, mu_cls: float
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
+                   val_x: torch.Tensor, val_y: torch.Tensor, s: int, inner_lr: float, mu: float, mu_cls: float,
+                   mode: str = "nearest") -> tuple[torch.Tensor, dict[str, float]]:
     """The CIM bilevel objective (paper Sec. 4) for one outer step, a scalar differentiable in phi:
 
     * inner: one SGD step of the CIL parameters ``trainable`` (``fixed``: the frozen ones and the
       buffers) on CE over the exemplars ``(ex_x, ex_y)`` and the new images softly compressed by
       the CIM masks ``c``: ``theta' = theta - inner_lr * grad`` (the graph kept back to phi);
-    * outer: CE of ``theta'`` on a fresh real batch ``(val_x, val_y)`` + ``mu * mean(c)^2`` (the
-      memory regulariser: a larger mask costs memory) + ``mu_cls * CE`` of the CIM model.
+    * outer: CE of ``theta'`` on a fresh real batch ``(val_x, val_y)`` + ``mu * mean(c_f^2)``, the
+      memory regulariser on the normalised CAM at feature resolution ``c_f`` (the official code's
+      ``MSE(CAM, 0)``: a larger mask costs memory) + ``mu_cls * CE`` of the CIM model.
     All images normalised ``[B, C, H, W]``."""
-    c, cim_logits = cim.cam_and_logits(net, new_x, new_y)
-    soft = soft_compress(new_x, c, s)
+    c, cim_logits, c_feat = cim.cam_and_logits(net, new_x, new_y)
+    soft = soft_compress(new_x, c, s, mode)
     xs = soft if ex_x is None else torch.cat([ex_x, soft])
     ys = new_y if ex_y is None else torch.cat([ex_y, new_y])
     inner = F.cross_entropy(_wide(functional_call(net, {**fixed, **trainable}, (xs,)).logits), ys)
@@ -359,7 +391,7 @@ def cim_outer_loss(net: nn.Module, cim: CIMModel, trainable: dict[str, torch.Ten
     grads = torch.autograd.grad(inner, [trainable[k] for k in names], create_graph=True, allow_unused=True)
     updated = {k: trainable[k] if g is None else trainable[k] - inner_lr * g for k, g in zip(names, grads)}
     val = F.cross_entropy(_wide(functional_call(net, {**fixed, **updated}, (val_x,)).logits), val_y)
-    reg = c.mean() ** 2
+    reg = (c_feat ** 2).mean()
     ce_cim = F.cross_entropy(_wide(cim_logits), new_y)
     loss = val + mu * reg + mu_cls * ce_cim
     return loss, {k: float(v.detach()) for k, v in (("val", val), ("reg", reg), ("ce_cim", ce_cim), ("mask", c.mean()))}
@@ -375,6 +407,7 @@ class Compressor:
     def __init__(self, cfg: "CompressionConfig"):
         self.cfg = cfg
         self.s = math.isqrt(cfg.eta)
+        self.mode = cfg.resample          # nearest (official) | area
         self.stats: dict[str, float] = {}
 
     def fit(self, net, normalize, x, y, classes, memory_data, gen) -> None:
@@ -464,7 +497,7 @@ class CIMCompressor(Compressor):
                     val_x, val_y = torch.cat([val_x, mx[e[bs:]]]), torch.cat([val_y, my[e[bs:]]])
                 loss, terms = cim_outer_loss(net, model, trainable, fixed, normalize(x[new]), y[new], ex_x, ex_y,
                                              normalize(val_x), val_y, self.s, self.inner_lr(), cfg.reg_weight,
-                                             cfg.cls_weight)
+                                             cfg.cls_weight, self.mode)
                 params = list(model.parameters())       # phi only: no gradient for the CIL copies' leaves
                 for p, g in zip(params, torch.autograd.grad(loss, params)):
                     p.grad = g

@@ -2,37 +2,40 @@
 selection rule has picked a phase's exemplars, an optimizer may change their pixels.
 
 * ``none``: the selected images are stored as they are.
-* ``mnemonics``: Mnemonics Training as the paper describes it (Liu et al., "Mnemonics Training:
-  Multi-Class Incremental Learning without Forgetting", CVPR 2020, Sec. 4), a bilevel problem
-  solved per phase with the model of the phase fixed:
+* ``mnemonics``: Mnemonics Training's bilevel form (Liu et al., "Mnemonics Training: Multi-Class
+  Incremental Learning without Forgetting", CVPR 2020, Sec. 4) as the authors' first release
+  computes it (``trainer/mnemonics_train.py`` of the forks of yaoyao-liu/mnemonics; file and line
+  of every value in docs/methods/mnemonics.md). Per phase, with the phase's model fixed:
 
-  - new classes (Sec. 4, the exemplar-level problem): the exemplars E of the new classes become float
-    pixel parameters, initialised by the selection rule (herding). One iteration copies the model
-    (parameters theta), fine-tunes the copy on E for K differentiable SGD steps
-    ``theta_k = theta_{k-1} - lambda grad CE(theta_{k-1}; E)`` (unrolled, the graph kept), measures
-    the CE of the adapted copy theta_K on a batch of the new classes' training data D, and takes a
-    step on the pixels along ``-grad_E CE(theta_K(E); D)`` (``step: sgd``: the paper's plain
-    ``E <- E - beta grad``; default ``adam``, see the README for why).
-  - old classes (Sec. 4, adjusting the old exemplars): D of the old classes is gone, so their
-    exemplars are split into two halves A and B (alternate positions within each class, so both
-    halves span the selection order); A is optimised with B as the validation data and B with A,
-    by the same bilevel step, each validated on the other half as it was when the adjustment
-    began. Only old-class exemplars change in this step.
+  - the new classes' exemplars E (herding's choice) become pixel parameters (normalised input
+    space). They are split into ``steps`` step-sets, set k holding the exemplars at positions k,
+    k + S, k + 2S, ... of each class (S = the number of sets; one image per class and set when a
+    class has ``steps`` exemplars, as the release);
+  - inner problem: the **classifier (head) only** is adapted, from the model's head, by
+    ``inner_epochs x S`` unrolled SGD steps, step j on set ``j mod S`` with its own learnable
+    learning rate ``lr_j`` (initial ``inner_lr``), on the embeddings of E under the fixed backbone:
+    ``W_j = W_{j-1} - lr_j grad_W CE(head(W_{j-1}; f(E_k)), y_k)`` (graph kept);
+  - outer problem: CE of the adapted head on a batch of **all seen classes' data** (the phase's
+    new-class images and the old classes' exemplars, the release's training loader), minimised
+    over E's pixels and the learning rates by Adam (lr 1e-6, betas (0.5, 0.999)), ``epochs``
+    passes over that data;
+  - old classes (the paper's Sec. 4, not in the release): their exemplars are split into halves A
+    and B (alternate positions), A optimised with B as the validation data and B with A, by the
+    same bilevel step, each validated on the other half as it was before the adjustment.
 
-* ``mnemonics-single``: the single-level form of the released code (cheaper; not the paper's
-  form): the model is frozen, each training image of the new classes is classified by the
-  cosine similarity of its embedding to the normalised class means of the exemplars' embeddings,
-  and that CE is backpropagated to the exemplars' pixels, one epoch over the new classes' data at
-  lr 1e-5 (the released code's settings).
+* ``mnemonics-single``: the single-level form of the authors' current release
+  (``mnemonics-training/1_train/trainer/mnemonics.py`` of yaoyao-liu/class-incremental-learning):
+  frozen model; each image of all seen classes' data (new-class images and old exemplars) is
+  classified by the cosine of its embedding to the normalised class means (old classes: of their
+  stored exemplars, fixed; new classes: of the exemplars being optimised), CE, one epoch of SGD
+  (momentum 0.9, weight decay 5e-4) on the new exemplars' pixels; old exemplars are not changed.
 
-The pixels are optimised in the network's normalised input space and clamped to the image of
-[0, 255] there; the result is stored as float32 pixels in [0, 255] (the paper keeps the
-exemplars as float parameters; ``memory.mnemonics.quantize``: rounded back to uint8 instead, so
-the bytes equal the unoptimised memory's). The number of exemplars per class never changes; the
-bytes reported in ``metrics.json`` are the bytes actually stored (float32: 4 per pixel).
-
-The network runs in eval mode throughout (BatchNorm with its running statistics, so an
-exemplar's gradient does not pass through batch statistics) and in fp32.
+Storage: the optimised pixels are rounded (not truncated, which the releases do) to uint8 and
+stored as images, so an optimised memory costs the bytes of the same exemplars unoptimised. The
+network runs in eval mode throughout (BatchNorm with its running statistics) and in fp32. Per
+phase, ``stats`` (``metrics.json``: ``exemplar_pixel_change``, ``exemplar_optimizer_seconds`` and
+the ``exemplar_optimizer`` entry) hold the mean absolute change of the stored exemplars' pixels in
+grey levels and the seconds spent.
 """
 from __future__ import annotations
 
@@ -59,51 +62,66 @@ Params = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class MnemonicsSettings:
-    """Resolved options (``memory.mnemonics.*``; None there means the form's default below)."""
-    iterations: int | None   # outer steps per phase (single: None -> one epoch over the new data)
-    inner_steps: int         # K
-    inner_lr: float          # lambda
-    lr: float                # beta, on normalised pixels
-    batch_size: int          # new-class images per outer step
-    step: str                # pixel update: sgd (the paper's plain gradient step) | adam
-    adjust_old: bool         # split-halves adjustment of the old classes' exemplars (bilevel only)
-    quantize: bool           # store rounded uint8 instead of float32
+    """Resolved options (``memory.mnemonics.*``; None there means the form's default, ``DEFAULTS``)."""
+    epochs: int              # outer passes over all seen classes' data per phase
+    iterations: int | None   # cap on the outer steps per phase (None: the epochs' steps)
+    steps: int               # S: step-sets (bilevel)
+    inner_epochs: int        # passes of the inner loop over the step-sets (bilevel)
+    inner_lr: float          # initial per-step learning rate of the inner loop (bilevel)
+    lr: float                # the pixel step, normalised input units
+    batch_size: int          # validation images per outer step
+    step: str                # adam (first release: betas (0.5, 0.999)) | sgd (current release: momentum 0.9, wd 5e-4)
+    adjust_old: bool         # split-halves adjustment of the old classes' exemplars (bilevel)
 
 
 # ---------------------------------------------------------------- pure functions
-def model_state(net: torch.nn.Module) -> tuple[Params, Params]:
-    """Detached copies of ``net``'s parameters (requiring grad: the inner steps differentiate
-    with respect to them) and its buffers: the temporary model of the bilevel step."""
-    params = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters()}
-    buffers = {k: b.detach() for k, b in net.named_buffers()}
-    return params, buffers
+def step_sets(y: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Exemplar indices ``[E]`` (labels ``y``, grouped by class in selection order) in
+    ``S = min(steps, largest class)`` step-sets: set k holds the positions k, k + S, ... of each
+    class, so every exemplar is in exactly one set and consecutive sets start at different
+    exemplars (the first release starts every set at the same one: not copied)."""
+    pos = torch.zeros_like(y)
+    for c in y.unique():
+        idx = (y == c).nonzero().flatten()
+        pos[idx] = torch.arange(len(idx), device=y.device)
+    n = min(steps, int(pos.max()) + 1)
+    return [((pos % n) == k).nonzero().flatten() for k in range(n)]
 
 
-def logits_of(net: torch.nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
-    """``[B, K]`` logits of ``net`` with the given parameters, on normalised ``x [B, C, H, W]``."""
-    return functional_call(net, (params, buffers), (x,)).logits
+def head_params(head: torch.nn.Module) -> Params:
+    """Detached copies of the head's parameters, requiring grad (the inner loop's start)."""
+    return {k: p.detach().clone().requires_grad_(True) for k, p in head.named_parameters()}
 
 
-def unrolled_finetune(net: torch.nn.Module, params: Params, buffers: Params, x: torch.Tensor,
-                      y: torch.Tensor, steps: int, lr: float) -> Params:
-    """``steps`` plain SGD steps of CE on ``(x [B, C, H, W], y [B])`` from ``params``, each a
-    differentiable function of the previous parameters and of ``x`` (``create_graph``): the
-    returned parameters carry the graph back to ``x`` through every step."""
+def head_logits(head: torch.nn.Module, params: Params, emb: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` logits of ``head`` with ``params`` on embeddings ``emb [B, D]``."""
+    return functional_call(head, params, (emb,))
+
+
+def unrolled_head(head: torch.nn.Module, params: Params, emb: torch.Tensor, y: torch.Tensor,
+                  sets: list[torch.Tensor], inner_epochs: int, lrs: torch.Tensor) -> Params:
+    """The inner loop: ``inner_epochs * len(sets)`` SGD steps of CE on the head, step j on set
+    ``j mod len(sets)`` of ``(emb [E, D], y [E])`` with learning rate ``lrs[j]``; every step a
+    differentiable function of the previous parameters, of ``emb`` and of ``lrs``."""
     names = list(params)
-    for _ in range(steps):
-        loss = F.cross_entropy(logits_of(net, params, buffers, x), y)
-        grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=True, allow_unused=True)
-        params = {k: params[k] if g is None else params[k] - lr * g for k, g in zip(names, grads)}
+    j = 0
+    for _ in range(inner_epochs):
+        for idx in sets:
+            loss = F.cross_entropy(head_logits(head, params, emb[idx]), y[idx])
+            grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=True, allow_unused=True)
+            params = {k: params[k] if g is None else params[k] - lrs[j] * g for k, g in zip(names, grads)}
+            j += 1
     return params
 
 
-def bilevel_loss(net: torch.nn.Module, params: Params, buffers: Params, ex: torch.Tensor, ex_y: torch.Tensor,
-                 val_x: torch.Tensor, val_y: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
-    """The exemplar-level objective (Mnemonics Sec. 4): CE on the validation data
-    ``(val_x [V, C, H, W], val_y [V])`` of the model fine-tuned for ``steps`` SGD steps on the
-    exemplars ``(ex [E, C, H, W], ex_y [E])``; a scalar, differentiable in ``ex``."""
-    adapted = unrolled_finetune(net, params, buffers, ex, ex_y, steps, lr)
-    return F.cross_entropy(logits_of(net, adapted, buffers, val_x), val_y)
+def bilevel_loss(net: torch.nn.Module, params: Params, z: torch.Tensor, z_y: torch.Tensor, val_emb: torch.Tensor,
+                 val_y: torch.Tensor, sets: list[torch.Tensor], inner_epochs: int, lrs: torch.Tensor) -> torch.Tensor:
+    """The exemplar-level objective: CE on validation embeddings ``(val_emb [V, D], val_y [V])``
+    of the head adapted on the exemplars ``(z [E, C, H, W] normalised, z_y [E])``; a scalar,
+    differentiable in ``z`` (through the backbone's embedding of it) and in ``lrs``."""
+    emb = net(z).embedding                                                     # [E, D]
+    adapted = unrolled_head(net.head, params, emb, z_y, sets, inner_epochs, lrs)
+    return F.cross_entropy(head_logits(net.head, adapted, val_emb), val_y)
 
 
 def split_halves(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,16 +136,25 @@ def split_halves(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(a), torch.cat(b)
 
 
-def single_level_loss(net: torch.nn.Module, ex: torch.Tensor, ex_y: torch.Tensor, x: torch.Tensor,
-                      y: torch.Tensor, classes: range) -> torch.Tensor:
-    """The released code's single-level objective: CE of the cosine similarities ``[B, n]`` of
-    the embeddings of ``x [B, C, H, W]`` to the normalised class means of the exemplars'
-    normalised embeddings, over the ``classes`` (``y``, ``ex_y`` in ``classes``)."""
-    f_ex = F.normalize(net(ex).embedding, dim=1)                                        # [E, D]
-    onehot = F.one_hot(ex_y - classes.start, len(classes)).to(f_ex.dtype)              # [E, n]
-    means = F.normalize(onehot.t() @ f_ex / onehot.sum(0, keepdim=True).t(), dim=1)    # [n, D]
-    cos = F.normalize(net(x).embedding, dim=1) @ means.t()                              # [B, n]
-    return F.cross_entropy(cos, y - classes.start)
+def class_means(emb: torch.Tensor, y: torch.Tensor, num: int) -> torch.Tensor:
+    """``[num, D]`` normalised means of the normalised embeddings ``emb [E, D]`` per label
+    ``y [E]`` in ``0..num-1`` (every label present)."""
+    f = F.normalize(emb, dim=1)
+    sums = torch.zeros(num, f.shape[1], device=f.device, dtype=f.dtype).index_add(0, y, f)
+    return F.normalize(sums, dim=1)
+
+
+def single_level_loss(net: torch.nn.Module, z: torch.Tensor, z_y: torch.Tensor, old_means: torch.Tensor,
+                      x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The current release's objective: CE of the cosine similarities ``[B, K]`` of the
+    embeddings of ``x [B, C, H, W]`` (labels ``y`` in ``0..K-1``) to the class means of all seen
+    classes: the old ones' ``old_means [K_old, D]`` (fixed) followed by those of the new
+    exemplars ``z`` (labels ``z_y`` in ``K_old..K-1``)."""
+    k_old = old_means.shape[0]
+    new = class_means(net(z).embedding.float(), z_y - k_old, int(z_y.max()) - k_old + 1)   # [K_new, D]
+    means = torch.cat([old_means, new])                                                      # [K, D]
+    cos = F.normalize(net(x).embedding.float(), dim=1) @ means.t()                           # [B, K]
+    return F.cross_entropy(cos, y)
 
 
 # ---------------------------------------------------------------- pixel space
@@ -157,6 +184,8 @@ class ExemplarOptimizer:
     exemplars as they were before (``{class: [n, C, H, W]}``, for ``--save-tsne``), or None when
     nothing changed."""
 
+    stats: dict[str, float] = {}
+
     def __call__(self, memory: "Memory", net: torch.nn.Module, normalize, classes: range, x: torch.Tensor,
                  y: torch.Tensor, gen: torch.Generator) -> dict[int, torch.Tensor] | None:
         return None
@@ -168,7 +197,7 @@ MEMORY_OPTIMIZERS.register("none")(ExemplarOptimizer)
 class _PixelOptimizer(ExemplarOptimizer):
     def __init__(self, s: MnemonicsSettings):
         self.s = s
-        self.stats: dict[str, float] = {}     # the last phase's objective and pixel change (metrics.json)
+        self.stats: dict[str, float] = {}     # the last phase's objectives, pixel change, seconds (metrics.json)
 
     def __call__(self, memory, net, normalize, classes, x, y, gen):
         before = {c: v.clone() for c, v in memory.exemplars.items()}
@@ -176,18 +205,28 @@ class _PixelOptimizer(ExemplarOptimizer):
         net.eval()
         t0 = time.perf_counter()
         self.stats = {}
+        frozen = [p for p in net.parameters() if p.requires_grad]
+        for p in frozen:                       # the model is fixed: gradients go to pixels only
+            p.requires_grad_(False)
         try:
             with torch.enable_grad():
                 self.optimize(memory, net, normalize, classes, x, y, gen)
         finally:
+            for p in frozen:
+                p.requires_grad_(True)
             net.train(was)
-        for part, ids in (("new", [c for c in classes if c in before]),
-                          ("old", [c for c in before if c < classes.start])):
-            if ids:   # mean absolute change of a pixel, in [0, 255] units
+        targets = [c for c in self.targets(classes, before) if c in before]
+        for part, sel in (("new", [c for c in targets if c >= classes.start]),
+                          ("old", [c for c in targets if c < classes.start]), ("exemplar", targets)):
+            if sel:   # mean absolute change of a stored pixel over the optimisation, grey levels (0-255)
                 self.stats[f"{part}_pixel_change"] = float(torch.cat(
-                    [(memory.exemplars[c].float() - before[c].float()).abs().flatten() for c in ids]).mean())
+                    [(memory.exemplars[c].float() - before[c].float()).abs().flatten() for c in sel]).mean())
         self.stats["seconds"] = time.perf_counter() - t0
         return before
+
+    def targets(self, classes: range, stored: dict) -> list[int]:
+        """The classes whose exemplars this optimizer works on in a phase: the new ones."""
+        return list(classes)
 
     def optimize(self, memory, net, normalize, classes, x, y, gen) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -199,78 +238,109 @@ class _PixelOptimizer(ExemplarOptimizer):
         ys = [torch.full((len(v),), c, dtype=torch.long, device=v.device) for c, v in zip(ids, xs)]
         return torch.cat(xs), torch.cat(ys)
 
-    def store(self, memory: "Memory", pixels: torch.Tensor, labels: torch.Tensor) -> None:
-        """Write optimised float pixels back, per class, in the same (selection) order."""
-        pixels = pixels.detach().round().to(torch.uint8) if self.s.quantize else pixels.detach().float()
+    @staticmethod
+    def store(memory: "Memory", pixels: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write optimised float pixels back as images, rounded to uint8, per class, in the same
+        (selection) order."""
+        pixels = pixels.detach().round().clamp(0, 255).to(torch.uint8)
         for c in labels.unique().tolist():
             memory.exemplars[c] = pixels[labels == c].clone()
 
     def pixel_optimizer(self, z: list[torch.Tensor]) -> torch.optim.Optimizer:
-        """The pixel update: ``sgd``, plain gradient descent ``z <- z - beta g`` (as the paper writes the exemplar update),
-        or ``adam`` (``memory.mnemonics.step``)."""
+        """``adam``: the first release's outer optimizer (betas 0.5, 0.999); ``sgd``: the current
+        release's (momentum 0.9, weight decay 5e-4)."""
         if self.s.step == "sgd":
-            return torch.optim.SGD(z, lr=self.s.lr)
-        return torch.optim.Adam(z, lr=self.s.lr)
+            return torch.optim.SGD(z, lr=self.s.lr, momentum=0.9, weight_decay=5e-4)
+        return torch.optim.Adam(z, lr=self.s.lr, betas=(0.5, 0.999))
 
-    def descend(self, opt: torch.optim.Optimizer, z: torch.Tensor, loss: torch.Tensor, space: "PixelSpace") -> None:
-        """One pixel step on ``z`` (a leaf) from ``loss``, then the clamp to the valid range."""
-        (z.grad,) = torch.autograd.grad(loss, z)
+    @staticmethod
+    def descend(opt: torch.optim.Optimizer, leaves: list[torch.Tensor], loss: torch.Tensor, space: "PixelSpace") -> None:
+        """One step on ``leaves`` (the pixels first) from ``loss``, then the pixels' clamp."""
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        for leaf, g in zip(leaves, grads):
+            leaf.grad = torch.zeros_like(leaf) if g is None else g
         opt.step()
-        space.clamp_(z)
+        space.clamp_(leaves[0])
 
-    def batches(self, n: int, gen: torch.Generator, device: torch.device):
-        """Endless seeded random batches of indices into the ``n`` new-class images."""
-        bs = min(self.s.batch_size, n)
-        while True:
+    def outer_batches(self, n: int, gen: torch.Generator, device: torch.device):
+        """The outer steps' batches of indices into ``n`` validation images: ``epochs`` seeded
+        shuffled passes in batches of ``batch_size`` (the last one partial), capped at
+        ``iterations``."""
+        bs, done = min(self.s.batch_size, n), 0
+        for _ in range(self.s.epochs):
             perm = torch.randperm(n, generator=gen).to(device)
-            for i in range(0, n - bs + 1, bs):
+            for i in range(0, n, bs):
+                if self.s.iterations is not None and done >= self.s.iterations:
+                    return
+                done += 1
                 yield perm[i:i + bs]
 
-    def leaf(self, normalize, pixels: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def leaf(normalize, pixels: torch.Tensor) -> torch.Tensor:
         return normalize(pixels).contiguous().clone().requires_grad_(True)       # [E, C, H, W]
 
-    def fit_new(self, memory, normalize, classes, x, y, gen, space: "PixelSpace", steps: int,
-                objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        """``steps`` pixel steps on the new classes' exemplars ``z``, each on
-        ``objective(z, z labels, normalised batch of the new data, its labels)``, then stored;
-        ``stats``: the objective on the first batch before and after."""
-        ex, ex_y = self.gather(memory, [c for c in classes if c in memory.exemplars])
-        z = self.leaf(normalize, ex)
-        opt = self.pixel_optimizer([z])
-        batches = self.batches(len(x), gen, x.device)
-        first = None
-        for _ in range(steps):
-            idx = next(batches)
-            first = idx if first is None else first
-            loss = objective(z, ex_y, normalize(x[idx]), y[idx])
-            self.stats.setdefault("new_objective_before", float(loss.detach()))
-            self.descend(opt, z, loss, space)
-        if first is not None:
-            self.stats["new_objective_after"] = float(objective(z, ex_y, normalize(x[first]), y[first]).detach())
-        self.store(memory, space.to_pixels(z), ex_y)
+    @staticmethod
+    def seen_data(memory, x, y, classes) -> tuple[torch.Tensor, torch.Tensor]:
+        """All seen classes' data as the releases' training loader holds it: the phase's new-class
+        images and the old classes' stored exemplars (float pixels ``[N, C, H, W]``, labels)."""
+        old = sorted(c for c in memory.exemplars if c < classes.start)
+        if not old:
+            return x.float(), y
+        ox, oy = _PixelOptimizer.gather(memory, old)
+        return torch.cat([x.float(), ox]), torch.cat([y, oy])
 
 
 @MEMORY_OPTIMIZERS.register("mnemonics")
 class Mnemonics(_PixelOptimizer):
-    """The paper's bilevel form (module docstring), ``iterations`` pixel steps for the new
-    classes' exemplars, then ``iterations`` steps of each half of the old classes' exemplars.
+    """The bilevel form (module docstring): the new classes' exemplars, validated on all seen
+    classes' data, then each half of the old classes' exemplars validated on the other.
     ``stats``: the objective before and after on the same data (new: the first batch; old: the
     sum over both halves)."""
 
+    def targets(self, classes, stored):
+        """The new classes and, with ``adjust_old``, the old ones."""
+        return sorted(stored) if self.s.adjust_old else list(classes)
+
+    def fit(self, net, z: torch.Tensor, z_y: torch.Tensor, val, space: PixelSpace) -> tuple[float, float]:
+        """Outer steps on ``z`` (and its inner learning rates) over ``val``, an iterable of
+        ``(embeddings, labels)`` batches; (objective on the first batch before, after)."""
+        s = self.s
+        sets = step_sets(z_y, s.steps)
+        lrs = torch.full((s.inner_epochs * len(sets),), s.inner_lr, device=z.device, requires_grad=True)
+        params = head_params(net.head)
+        opt = self.pixel_optimizer([z, lrs])
+        first = before = None
+        for emb, vy in val:
+            first = (emb, vy) if first is None else first
+            loss = bilevel_loss(net, params, z, z_y, emb, vy, sets, s.inner_epochs, lrs)
+            before = float(loss.detach()) if before is None else before
+            self.descend(opt, [z, lrs], loss, space)
+            with torch.no_grad():
+                lrs.clamp_(min=0.0)          # a learning rate stays >= 0
+        if first is None:
+            return math.nan, math.nan
+        after = float(bilevel_loss(net, params, z, z_y, *first, sets, s.inner_epochs, lrs).detach())
+        return before, after
+
     def optimize(self, memory, net, normalize, classes, x, y, gen):
         s = self.s
-        if s.iterations == 0 or s.inner_steps == 0:
+        if s.epochs == 0 or s.inner_epochs == 0 or s.iterations == 0:
             return
         space = PixelSpace(normalize, x.shape[1], x.device)
-        params, buffers = model_state(net)
 
-        def objective(z, z_y, vx, vy):
-            return bilevel_loss(net, params, buffers, z, z_y, vx, vy, s.inner_steps, s.inner_lr)
+        def embed(px: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return net(normalize(px)).embedding.float()
 
-        # new classes (Sec. 4): validated on a batch of their training data D per step
-        self.fit_new(memory, normalize, classes, x, y, gen, space, s.iterations, objective)
+        # new classes: validated on all seen classes' data (new images + old exemplars)
+        ex, ex_y = self.gather(memory, [c for c in classes if c in memory.exemplars])
+        vx, vy = self.seen_data(memory, x, y, classes)
+        z = self.leaf(normalize, ex)
+        val = ((embed(vx[i]), vy[i]) for i in self.outer_batches(len(vx), gen, x.device))
+        self.stats["new_objective_before"], self.stats["new_objective_after"] = self.fit(net, z, ex_y, val, space)
+        self.store(memory, space.to_pixels(z), ex_y)
 
-        # old classes (Sec. 4): halves A and B, each the validation data of the other
+        # old classes (the paper's split halves): each half validated on the other as it was
         old_ids = sorted(c for c in memory.exemplars if c < classes.start)
         if not (s.adjust_old and old_ids):
             return
@@ -279,19 +349,13 @@ class Mnemonics(_PixelOptimizer):
         if len(ib) == 0:
             return
         za, zb = self.leaf(normalize, ex[ia]), self.leaf(normalize, ex[ib])
-        opt_a, opt_b = self.pixel_optimizer([za]), self.pixel_optimizer([zb])
-        # each half is validated on the other as it was before this adjustment: validating on the
-        # moving other half makes both objectives rise (measured on digits: 0.24 -> 0.40)
-        va, vb = za.detach().clone(), zb.detach().clone()
-
-        def both() -> float:
-            return float(objective(za, ex_y[ia], vb, ex_y[ib]).detach() + objective(zb, ex_y[ib], va, ex_y[ia]).detach())
-
-        self.stats["old_objective_before"] = both()
-        for _ in range(s.iterations):
-            self.descend(opt_a, za, objective(za, ex_y[ia], vb, ex_y[ib]), space)
-            self.descend(opt_b, zb, objective(zb, ex_y[ib], va, ex_y[ia]), space)
-        self.stats["old_objective_after"] = both()
+        ea, eb = embed(ex[ia]), embed(ex[ib])
+        before = after = 0.0
+        for z_h, y_h, e_o, y_o in ((za, ex_y[ia], eb, ex_y[ib]), (zb, ex_y[ib], ea, ex_y[ia])):
+            val = ((e_o[i], y_o[i]) for i in self.outer_batches(len(e_o), gen, x.device))
+            b, a = self.fit(net, z_h, y_h, val, space)
+            before, after = before + b, after + a
+        self.stats["old_objective_before"], self.stats["old_objective_after"] = before, after
         z = za.detach().new_empty((len(ex_y),) + tuple(za.shape[1:]))   # [E, C, H, W]
         z[ia], z[ib] = za.detach(), zb.detach()
         self.store(memory, space.to_pixels(z), ex_y)
@@ -299,32 +363,43 @@ class Mnemonics(_PixelOptimizer):
 
 @MEMORY_OPTIMIZERS.register("mnemonics-single")
 class MnemonicsSingle(_PixelOptimizer):
-    """The released code's single-level form (module docstring): frozen model, cosine-to-class-
-    mean CE on the new classes' data, pixel steps on the new classes' exemplars; old exemplars
-    are not adjusted."""
+    """The current release's single-level form (module docstring): frozen model, cosine-to-class-
+    mean CE over all seen classes on all seen classes' data, SGD on the new classes' exemplars;
+    old exemplars are not adjusted."""
 
     def optimize(self, memory, net, normalize, classes, x, y, gen):
-        s = self.s
         space = PixelSpace(normalize, x.shape[1], x.device)
-        frozen = [p for p in net.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            steps = s.iterations if s.iterations is not None else math.ceil(len(x) / min(s.batch_size, len(x)))
-            self.fit_new(memory, normalize, classes, x, y, gen, space, steps,
-                         lambda z, z_y, vx, vy: single_level_loss(net, z, z_y, vx, vy, classes))
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+        ex, ex_y = self.gather(memory, [c for c in classes if c in memory.exemplars])
+        old = sorted(c for c in memory.exemplars if c < classes.start)
+        with torch.no_grad():
+            if old:
+                ox, oy = self.gather(memory, old)
+                old_means = class_means(net(normalize(ox)).embedding.float(), oy, classes.start)   # [K_old, D]
+            else:
+                old_means = net(normalize(ex[:1])).embedding.float()[:0]                           # [0, D]
+        vx, vy = self.seen_data(memory, x, y, classes)
+        z = self.leaf(normalize, ex)
+        opt = self.pixel_optimizer([z])
+        first = None
+        for idx in self.outer_batches(len(vx), gen, x.device):
+            first = idx if first is None else first
+            loss = single_level_loss(net, z, ex_y, old_means, normalize(vx[idx]), vy[idx])
+            self.stats.setdefault("new_objective_before", float(loss.detach()))
+            self.descend(opt, [z], loss, space)
+        if first is not None:
+            self.stats["new_objective_after"] = float(
+                single_level_loss(net, z, ex_y, old_means, normalize(vx[first]), vy[first]).detach())
+        self.store(memory, space.to_pixels(z), ex_y)
 
 
 # ---------------------------------------------------------------- configuration
-# Defaults per form. Bilevel: the paper's experimental values could not be read here (no access to the
-# full text); these are cilearn's, chosen on Fashion-MNIST (benchmarks/RESULTS.md) and stated in
-# the README. Single-level: the released code's (one epoch over the new data, lr 1e-5).
+# Defaults per form, from the authors' releases (docs/methods/mnemonics.md gives file and line):
+# bilevel, the first release's main.py: 10 outer epochs, Adam lr 1e-6 (betas 0.5, 0.999 in
+# trainer/mnemonics_train.py); single-level, the current release's main.py: one epoch, SGD lr 1e-5
+# whose StepLR (step 1, gamma 0.5) is stepped before the epoch, so its steps are taken at 5e-6.
 DEFAULTS = {
-    "mnemonics": {"iterations": 20, "lr": 0.01, "step": "adam"},
-    "mnemonics-single": {"iterations": None, "lr": 1e-5, "step": "sgd"},
+    "mnemonics": {"epochs": 10, "lr": 1e-6, "step": "adam"},
+    "mnemonics-single": {"epochs": 1, "lr": 5e-6, "step": "sgd"},
 }
 
 
@@ -334,11 +409,10 @@ def settings(cfg: "RunConfig") -> MnemonicsSettings | None:
     if name in (None, "none"):
         return None
     d = DEFAULTS[name]
-    return MnemonicsSettings(iterations=d["iterations"] if m.iterations is None else m.iterations,
-                             inner_steps=m.inner_steps, inner_lr=m.inner_lr,
+    return MnemonicsSettings(epochs=d["epochs"] if m.epochs is None else m.epochs, iterations=m.iterations,
+                             steps=m.steps, inner_epochs=m.inner_epochs, inner_lr=m.inner_lr,
                              lr=d["lr"] if m.lr is None else m.lr, batch_size=m.batch_size,
-                             step=d["step"] if m.step is None else m.step,
-                             adjust_old=m.adjust_old, quantize=m.quantize)
+                             step=d["step"] if m.step is None else m.step, adjust_old=m.adjust_old)
 
 
 def build(cfg: "RunConfig") -> ExemplarOptimizer:

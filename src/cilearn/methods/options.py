@@ -168,7 +168,7 @@ def resolve_options(cfg: RunConfig, method_cls: type["Method"], dataset_augment:
     mn = cfg.memory.mnemonics
     d = MNEMONICS_DEFAULTS.get(cfg.memory.optimizer)
     if d is not None:
-        mn.iterations = d["iterations"] if mn.iterations is None else mn.iterations
+        mn.epochs = d["epochs"] if mn.epochs is None else mn.epochs
         mn.lr = d["lr"] if mn.lr is None else mn.lr
         mn.step = d["step"] if mn.step is None else mn.step
     if cfg.memory.compression.inner_lr is None and cfg.memory.compressor == "cim":
