@@ -161,15 +161,72 @@ def test_budget_in_units_and_bytes_is_never_exceeded(seed):
 
 
 # ---------------------------------------------------------------- the CIM model's bilevel gradient
+def _rational_by_hand(x, p, q):
+    num = sum(a * x ** k for k, a in enumerate(p))
+    den = 1 + sum(abs(b * x ** (k + 1)) for k, b in enumerate(q))
+    return num / den
+
+
+def test_rational_activation_by_hand():
+    """Version A, degrees 5 / 4: ``P(x) / (1 + sum |b_k x^k|)``, initially close to ReLU on [-3, 3];
+    value and gradient (in x and in a coefficient) against the formula by hand."""
+    from cilearn.memory.compress import RATIONAL_RELU_P, RATIONAL_RELU_Q, Rational
+    r = Rational().double()
+    assert torch.allclose(r.p, torch.tensor(RATIONAL_RELU_P, dtype=torch.float64), rtol=1e-7)   # the package's fit
+    P, Q = r.p.tolist(), r.q.tolist()
+    xs = [-2.0, -0.5, 0.0, 0.7, 1.0, 2.5]
+    x = torch.tensor(xs, dtype=torch.float64, requires_grad=True)
+    y = r(x)
+    for xi, yi in zip(xs, y.tolist()):
+        assert yi == pytest.approx(_rational_by_hand(xi, P, Q), rel=1e-12)
+        assert abs(yi - max(xi, 0.0)) < 0.06                              # close to ReLU
+    gx, gp = torch.autograd.grad(y.sum(), [x, r.p])
+    eps = 1e-6
+    for i, xi in enumerate(xs):
+        fd = (_rational_by_hand(xi + eps, P, Q)
+              - _rational_by_hand(xi - eps, P, Q)) / (2 * eps)
+        assert gx[i].item() == pytest.approx(fd, rel=1e-5, abs=1e-9)   # (x = 0: the |b_1 x| kink, O(eps))
+    den = [1 + sum(abs(b * v ** (k + 1)) for k, b in enumerate(Q)) for v in xs]
+    assert gp[2].item() == pytest.approx(sum(v ** 2 / d for v, d in zip(xs, den)), rel=1e-9)   # d f / d a_2 = x^2 / Q
+
+
+def test_mask_model_shares_the_cil_convolutions_and_owns_its_activations():
+    """phi is the CIL network with a rational in place of each backbone ReLU: the same convolution
+    tensors, its own activation parameters; the CIL model is unchanged outside phi's forward."""
+    torch.manual_seed(0)
+    net = build_net("resnet32", "linear", 1).eval()
+    net.add_classes(2)
+    cim = CIMModel().ensure(net)
+    relus = [m for m in net.backbone.modules() if isinstance(m, torch.nn.ReLU)]
+    assert len(cim.acts) == len(relus) == 1 + 2 * 15                # the stem and both of each of 15 blocks
+    own = {id(p) for p in cim.parameters()}
+    assert own and not own & {id(p) for p in net.parameters()}       # its parameters are only the rationals'
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: seen.append(mod.weight))
+             for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    x = torch.randn(2, 1, 8, 8)
+    masks = cim.masks(net, x, torch.tensor([0, 1]))
+    for h in hooks:
+        h.remove()
+    convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(seen) == len(convs) and all(a is b for a, b in zip(seen, convs))   # the same tensors, in order
+    assert masks.shape == (2, 8, 8)
+    assert [m for m in net.backbone.modules() if isinstance(m, torch.nn.ReLU)] == relus   # ReLUs back in place
+    with torch.no_grad():
+        for act in cim.acts:
+            act.p.zero_()                                          # phi's output changes with its own parameters...
+        out_phi = None
+        with cim.swapped(net):
+            out_phi = net(x).logits
+    assert torch.equal(out_phi, torch.zeros_like(out_phi) + net.head.bias)   # (all activations 0: logits = bias)
+    assert not torch.equal(net(x).logits, out_phi)                 # ... and the CIL model's does not
+
+
 def test_outer_gradient_reaches_the_cim_parameters_through_the_inner_step():
     torch.manual_seed(0)
     net = build_net("convnet", "linear", 1).double().eval()
     net.add_classes(3)
-    net = net.double()
-    cim = CIMModel(128).double()
-    with torch.no_grad():
-        cim.gamma.uniform_(0.5, 1.5)
-        cim.beta.uniform_(-0.1, 0.1)
+    cim = CIMModel().ensure(net).double()
     trainable = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters()}
     fixed = {k: b.detach() for k, b in net.named_buffers()}
     x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
@@ -183,32 +240,35 @@ def test_outer_gradient_reaches_the_cim_parameters_through_the_inner_step():
         return cim_outer_loss(net, cim, trainable, fixed, x, y, ex, ey, vx, vy, 2, 0.5,
                               0.1 if with_reg else 0.0, 0.0)[0]
 
+    coef = cim.acts[-1].p                    # the last rational's numerator: it shapes the last-stage maps
     loss = objective(with_reg=False)          # validation CE only: reaches phi through the inner step alone
-    g_gamma, g_beta = torch.autograd.grad(loss, [cim.gamma, cim.beta])
-    assert g_gamma.abs().sum() > 0 and torch.isfinite(g_gamma).all()
+    (g,) = torch.autograd.grad(loss, [coef])
+    assert g.abs().sum() > 0 and torch.isfinite(g).all()
     eps = 1e-6
-    def shifted(i, d):           # the objective at gamma + d e_i (it needs autograd: its inner step)
+
+    def shifted(i, d):           # the objective at coef + d e_i (it needs autograd: its inner step)
         with torch.no_grad():
-            cim.gamma[i] += d
+            coef[i] += d
         v = objective(False).item()
         with torch.no_grad():
-            cim.gamma[i] -= d
+            coef[i] -= d
         return v
 
-    for i in torch.topk(g_gamma.abs(), 5).indices.tolist():
+    for i in torch.topk(g.abs(), 3).indices.tolist():
         up, down = shifted(i, eps), shifted(i, -eps)
-        assert math.isclose((up - down) / (2 * eps), g_gamma[i].item(), rel_tol=1e-4, abs_tol=1e-9)
+        assert math.isclose((up - down) / (2 * eps), g[i].item(), rel_tol=1e-4, abs_tol=1e-9)
     # the regulariser: the mean of the squared normalised CAM at feature resolution (official MSE(CAM, 0))
     _, terms = cim_outer_loss(net, cim, trainable, fixed, x, y, ex, ey, vx, vy, 2, 0.5, 1.0, 0.0)
     with torch.no_grad():
-        maps = cim(net(x).maps[-1])                                            # [4, D, 2, 2]
+        with cim.swapped(net):
+            maps = net(x).maps[-1]                                            # [4, D, 2, 2]
         v = net.head.weight[y]
         m = torch.einsum("bd,bdhw->bhw", v, maps)
         lo, hi = m.flatten(1).min(1).values, m.flatten(1).max(1).values
         want = (((m - lo[:, None, None]) / (hi - lo)[:, None, None]) ** 2).mean()
     assert terms["reg"] == pytest.approx(want.item(), rel=1e-9)
     # the memory regulariser reaches phi directly (no inner step involved)
-    g_reg = torch.autograd.grad(objective(with_reg=True) - objective(with_reg=False), cim.gamma)[0]
+    g_reg = torch.autograd.grad(objective(with_reg=True) - objective(with_reg=False), coef)[0]
     assert g_reg.abs().sum() > 0
 
 
@@ -279,14 +339,14 @@ def test_checkpoint_holds_the_codes_and_they_load(runs):
     _, out = runs["icarl", "cim"]
     from cilearn.checkpoint import load_checkpoint
     st = load_checkpoint(out / "checkpoint-phase.pt")["memory"]
-    assert set(st) == {"codes", "compressor"} and "gamma" in st["compressor"]["cim"]
+    assert set(st) == {"codes", "compressor"} and "acts.0.p" in st["compressor"]["cim"]
     from cilearn.config import RunConfig, from_dict
     from cilearn.memory.compress import build
     mem = Memory(Budget(per_class=2), compressor=build(from_dict(RunConfig, {"memory": {"compressor": "cim"}})))
     mem.load_state(st, torch.device("cpu"))
     assert sum(len(v) for v in mem.codes.values()) == len(mem) == runs["icarl", "cim"][0]["memory"]["total_images"]
     assert mem.nbytes == runs["icarl", "cim"][0]["memory"]["total_bytes"]
-    assert mem.compressor.model.gamma.numel() == 128
+    assert len(mem.compressor.model.acts) == 3                   # convnet: one ReLU per stage
 
 
 def test_recipes_default_to_cim(quick, monkeypatch):

@@ -29,6 +29,7 @@ checkpoints hold the codes only.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -330,38 +331,97 @@ class Artifacts(Component):
 
 
 # ---------------------------------------------------------------- the CIM model
-class CIMModel(nn.Module):
-    """The mask model: the CIL net's convolutions (shared, not trained here) and phi, a learnable
-    activation of the last-stage maps, one slope and one offset per channel:
-    ``maps' = relu(gamma * maps + beta)`` (gamma = 1, beta = 0 at the start: the CIL model's own
-    CAM for its post-ReLU maps). Its CAM ``class_vector . maps'`` gives the masks; its logits
-    ``head(mean(maps'))`` the CIM model's CE (cilearn's reading of the paper's "learnable
-    activation functions", see the README)."""
+# A rational (Pade) activation, version A of Molina et al. (ICLR 2020), the form the official CIM
+# code uses through the rational-activations package (degrees 5 / 4, "safe" denominator), with its
+# coefficients initialised to that package's fit of ReLU on [-3, 3] (rationals_config.json, key
+# Rational_version_A5/4, relu).
+RATIONAL_RELU_P = (0.029963801610813613, 0.6168978366891341, 2.37534759733888, 3.0659900472408443,
+                   1.5246831881677423, 0.2528070864040542)
+RATIONAL_RELU_Q = (-1.191550121923625, 4.4080487697236626, 0.9110357113686055, 0.34884977946384615)
 
-    def __init__(self, channels: int):
+
+class Rational(nn.Module):
+    """``f(x) = (a_0 + a_1 x + ... + a_5 x^5) / (1 + |b_1 x| + |b_2 x^2| + |b_3 x^3| + |b_4 x^4|)``,
+    one set of coefficients for all channels, learnable; initially close to ReLU on [-3, 3]."""
+
+    def __init__(self):
         super().__init__()
-        self.gamma = nn.Parameter(torch.ones(channels))
-        self.beta = nn.Parameter(torch.zeros(channels))
+        self.p = nn.Parameter(torch.tensor(RATIONAL_RELU_P))
+        self.q = nn.Parameter(torch.tensor(RATIONAL_RELU_Q))
 
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        return F.relu(_wide(maps) * self.gamma.view(1, -1, 1, 1) + self.beta.view(1, -1, 1, 1))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xw = _wide(x)
+        p, q = self.p.to(xw.dtype), self.q.to(xw.dtype)
+        num = p[5]
+        for k in range(4, -1, -1):                       # Horner
+            num = num * xw + p[k]
+        den = 1.0
+        xp = xw
+        for k in range(4):
+            den = den + (q[k] * xp).abs()
+            xp = xp * xw
+        return num / den
+
+
+def _relus(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute name) of every ``nn.ReLU`` inside ``module``, in module order."""
+    return [(parent, name) for parent in module.modules() for name, child in parent.named_children()
+            if isinstance(child, nn.ReLU)]
+
+
+class CIMModel(nn.Module):
+    """The mask model phi (official ``convs/resnet.py``, ``activation='ratl'``): the CIL network
+    itself with every ReLU of its backbone (the stem's, and both of each residual block: after
+    the first convolution and after the addition) replaced by a learnable ``Rational`` of its own.
+    Convolutions, BatchNorm and head are the CIL model's, the same tensors: phi owns only the
+    rationals' coefficients. Its CAM ``class_vector . maps'`` (last-stage maps of that forward)
+    gives the masks; its logits the CIM model's CE."""
+
+    def __init__(self, n: int = 0):
+        super().__init__()
+        self.acts = nn.ModuleList([Rational() for _ in range(n)])
+
+    def ensure(self, net: nn.Module) -> "CIMModel":
+        """One rational per ReLU of ``net``'s backbone (an expandable backbone grows: new ones are
+        added, the existing ones kept)."""
+        n = len(_relus(net.backbone))
+        dev = next(net.parameters()).device
+        while len(self.acts) < n:
+            self.acts.append(Rational().to(dev))
+        return self
+
+    @contextlib.contextmanager
+    def swapped(self, net: nn.Module):
+        """Inside: ``net``'s backbone runs with the rationals in place of its ReLUs."""
+        slots = _relus(net.backbone)
+        saved = [getattr(parent, name) for parent, name in slots]
+        for (parent, name), act in zip(slots, self.acts):
+            setattr(parent, name, act)
+        try:
+            yield
+        finally:
+            for (parent, name), relu in zip(slots, saved):
+                setattr(parent, name, relu)
 
     def cam_and_logits(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(soft masks ``[B, H, W]`` in [0, 1], CIM logits ``[B, K]``, the same CAM at feature
-        resolution ``[B, h, w]``) of normalised ``x`` for the labels ``y``; the CIL net's
-        parameters are constants here."""
-        with torch.no_grad():
-            maps = net(x).maps[-1]                                            # [B, D, h, w]
-        m = self(maps)
+        resolution ``[B, h, w]``) of normalised ``x`` for the labels ``y``; differentiable in
+        phi only (the CIL model's parameters and head are constants here)."""
+        with self.swapped(net):
+            out = net(x)
+        maps = out.maps[-1]                                                   # [B, D, h, w]
         head = {k: v.detach() for k, v in net.head.named_parameters()}       # no gradient into the CIL head
-        logits = functional_call(net.head, head, (m.mean((2, 3)),))
-        return (self.masks(net.head, m, y, tuple(x.shape[-2:])), logits,
-                self.masks(net.head, m, y, tuple(m.shape[-2:])))
+        logits = functional_call(net.head, head, (maps.mean((2, 3)),))
+        v = class_vectors(net.head)[y].detach()
+        return cam(maps, v, tuple(x.shape[-2:])), logits, cam(maps, v, tuple(maps.shape[-2:]))
 
-    def masks(self, head: nn.Module, activated: torch.Tensor, y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """The CAM ``[B, H, W]`` of classes ``y`` on the activated maps ``self(maps)``."""
-        return cam(activated, class_vectors(head)[y].detach(), size)
+    @torch.no_grad()
+    def masks(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The CAM ``[B, H, W]`` of classes ``y`` on normalised ``x`` (for the boxes)."""
+        with self.swapped(net):
+            maps = net(x).maps[-1]
+        return cam(maps, class_vectors(net.head)[y], tuple(x.shape[-2:]))
 
 
 def soft_compress(x: torch.Tensor, c: torch.Tensor, s: int, mode: str = "nearest") -> torch.Tensor:
@@ -465,17 +525,16 @@ class CIMCompressor(Compressor):
         super().__init__(cfg)
         self.model: CIMModel | None = None
 
-    def _ensure(self, channels: int, device) -> CIMModel:
-        if self.model is None or self.model.gamma.numel() != channels:   # DER: the maps widen each phase
-            self.model = CIMModel(channels).to(device)
-        return self.model
+    def _ensure(self, net) -> CIMModel:
+        """phi, with one rational per ReLU of ``net`` (an expandable net adds extractors, hence ReLUs)."""
+        if self.model is None:
+            self.model = CIMModel()
+        return self.model.ensure(net)
 
     def fit(self, net, normalize, x, y, classes, memory_data, gen) -> None:
         cfg = self.cfg
         with eval_mode(net):              # BatchNorm with running statistics, as the Mnemonics step
-            with torch.no_grad():
-                channels = net(normalize(x[:1])).maps[-1].shape[1]
-            model = self._ensure(channels, x.device)
+            model = self._ensure(net)
             if cfg.iterations == 0 or len(x) == 0:
                 return
             trainable = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters()
@@ -516,10 +575,9 @@ class CIMCompressor(Compressor):
     @torch.no_grad()
     def boxes(self, net, normalize, x, c):
         def one(xb):
-            maps = net(normalize(xb)).maps[-1]
-            model = self._ensure(maps.shape[1], xb.device)
+            model = self._ensure(net)
             y = torch.full((len(xb),), c, dtype=torch.long, device=xb.device)
-            return boxes_from_cam(model.masks(net.head, model(maps), y, tuple(xb.shape[-2:])), self.cfg.tau)
+            return boxes_from_cam(model.masks(net, normalize(xb), y), self.cfg.tau)
         with eval_mode(net):
             return _batched_boxes(one, x)
 
@@ -527,9 +585,11 @@ class CIMCompressor(Compressor):
         return {"cim": {k: v.cpu() for k, v in self.model.state_dict().items()}} if self.model is not None else {}
 
     def load_state(self, state: dict, device) -> None:
-        if "cim" in state:
-            self.model = CIMModel(state["cim"]["gamma"].numel()).to(device)
-            self.model.load_state_dict(state["cim"])
+        st = state.get("cim", {})
+        n = sum(1 for k in st if k.startswith("acts.") and k.endswith(".p"))
+        if n:                               # (a checkpoint of the earlier per-channel phi starts phi afresh)
+            self.model = CIMModel(n).to(device)
+            self.model.load_state_dict(st)
 
 
 def build(cfg) -> Compressor | None:

@@ -37,6 +37,10 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, shortcut: str = "B", relu_out: bool = True):
         super().__init__()
         self.relu_out = relu_out
+        # activations as modules (no parameters: the state_dict is unchanged), so that a mask model
+        # can run the block with other activations (CIM's phi, cilearn.memory.compress.CIMModel)
+        self.act1 = nn.ReLU()
+        self.act2 = nn.ReLU() if relu_out else nn.Identity()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
@@ -48,14 +52,14 @@ class BasicBlock(nn.Module):
         self.option_a = (stride != 1 or cin != cout) and shortcut == "A"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.proj is not None:
             x = self.proj(x)
         elif self.option_a:
             x = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.pad_channels))
         out = out + x
-        return F.relu(out) if self.relu_out else out
+        return self.act2(out)
 
 
 class ResNet(Backbone):
