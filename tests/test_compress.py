@@ -412,3 +412,12 @@ def test_a_class_shrunk_to_no_exemplar_shrinks_again():
     assert len(mem.exemplars[0]) == 0 and mem.class_bytes(0) == 0
     mem.shrink(1)                                     # the unit comes from the codes, not from an exemplar
     assert len(mem.codes[0]) == 0
+
+
+def test_cim_meta_iterations_after_every_epoch(quick):
+    """The mask model trains alongside the CIL model: max(1, int(0.5 x new classes)) bilevel steps
+    after every training epoch of every phase (official num_meta_iters_per_cls), recorded per phase."""
+    m = cilearn.run(quick(method="foster-cim", train={"epochs": 2, "progress": False, "precision": "fp32"},
+                          scenario={"base": 2, "increment": 4}), echo=False).metrics
+    assert [r["cim_meta_steps"] for r in m["phases"]] == [2 * 1, 2 * 2, 2 * 2]       # 2, 4, 4 new classes
+    assert all(r["cim_meta_seconds"] > 0 for r in m["phases"])

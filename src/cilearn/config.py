@@ -108,7 +108,8 @@ class CompressionConfig:
     resample: str = "nearest"            # nearest down and up (official utils/transform.py) | area (average + bilinear, ours)
     tau: float = 0.6                     # CAM threshold of the mask (cam-threshold, cim)
     artifact_prob: float = 0.1           # phases > 0: probability of compressing a new-class training image around a random box
-    iterations: int = 20                 # cim: bilevel (outer) steps on the CIM model at each phase end
+    iterations: int = 0                  # cim: extra bilevel steps on the CIM model at each phase end (official: none;
+                                         # it trains after every epoch, components.cim-meta)
     batch_size: int = 16                 # cim: new images (and as many exemplars) per step (official meta_batch_size)
     inner_lr: float | None = None        # cim: lr of the inner SGD step of the CIL model; None: --lr
     lr: float = 0.01                     # cim: Adam lr of the CIM parameters (official phi_lr)

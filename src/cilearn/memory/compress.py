@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,7 @@ from ..components import Component, register
 from ..errors import ConfigError
 from ..models.net import eval_mode
 from ..registry import Registry
+from ..train import lr_at
 
 if TYPE_CHECKING:
     from ..config import CompressionConfig
@@ -330,6 +332,124 @@ class Artifacts(Component):
         return batch._replace(x=x, view=None) if bool(changed.any()) else batch
 
 
+@dataclass(frozen=True)
+class CIMMetaOptions:
+    per_class: float = 0.5        # meta-iterations per new class after each epoch (official num_meta_iters_per_cls)
+    lr: float = 0.01              # Adam lr of phi (official phi_lr)
+    weight_decay: float = 5e-4    # Adam weight decay of phi (official models/foster.py:102, 116)
+    batch_size: int = 16          # new images (and as many exemplars) per meta-iteration (official meta_batch_size)
+    inner_ratio: float = 0.1      # the inner step's lr: this x the CIL model's lr of the epoch (official lr_ratio)
+
+    def __post_init__(self):
+        if self.per_class < 0 or self.lr <= 0 or self.weight_decay < 0 or self.batch_size < 1 or self.inner_ratio <= 0:
+            raise ConfigError("components.cim-meta: per_class >= 0, lr > 0, weight_decay >= 0, batch_size >= 1 and "
+                              "inner_ratio > 0 are expected")
+
+
+@register("compressor", "cim-meta")
+class CIMMeta(Component):
+    """CIM's mask model trained alongside the CIL model (the official ``models/foster.py:155-196,
+    242-287``): after every training epoch of every phase, ``max(1, int(per_class x new classes))``
+    meta-iterations of the bilevel step (``cim_outer_loss``) on phi, Adam (lr 0.01, weight decay
+    5e-4) with a cosine schedule over the phase's epochs, gradient norm clipped at
+    ``memory.compression.grad-clip`` (x sqrt 2 after the first phase, as the official code); the
+    inner step at ``inner_ratio`` x the epoch's lr. The CIL model runs in eval mode for it. Its
+    batches draw from the run's generator; phi, Adam and the schedule are this component's state,
+    so a run stopped inside a phase resumes exactly. ``cim_meta_steps`` / ``cim_meta_seconds`` per
+    phase in ``metrics.json``. In runs with the ``cim`` compressor."""
+    Options = CIMMetaOptions
+
+    def __init__(self, options, services):
+        super().__init__(options, services)
+        self.model = self.data = self.phase = self.opt = self.sched = None
+        self.steps, self.seconds = 0, 0.0
+        self.pending: dict | None = None      # a resumed phase's state, applied at phase start
+
+    def phase_start(self, phase, model, old_model, data):
+        self.model, self.data, self.phase, self.comp = model, data, phase, data.memory.compressor
+        self.opt = self.sched = None          # set up at the first epoch's end: an expandable net grows after this hook
+        self.steps, self.seconds = 0, 0.0
+
+    def setup(self, phase) -> None:
+        """phi with a rational for every ReLU of the (grown) net, its Adam and cosine schedule, and
+        the state of a run resumed inside this phase."""
+        o = self.options
+        phi = self.comp._ensure(self.model)
+        self.opt = torch.optim.Adam(phi.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        epochs = self.services.fit_settings(phase).epochs
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(epochs, 1))
+        if self.pending is not None:
+            st, self.pending = self.pending, None
+            phi.load_state_dict(st["phi"])
+            self.opt.load_state_dict(st["opt"])
+            self.sched.load_state_dict(st["sched"])
+            self.steps, self.seconds = st["steps"], st["seconds"]
+
+    def epoch_end(self, phase, epoch):
+        if self.opt is None:
+            self.setup(phase)
+        o, s, data, comp = self.options, self.services, self.data, self.comp
+        new = (data.y >= phase.start).nonzero().flatten()
+        n = max(1, int(o.per_class * phase.num_new))
+        if len(new) == 0:
+            return
+        t0 = time.perf_counter()
+        settings = s.fit_settings(phase)
+        inner_lr = o.inner_ratio * lr_at(settings, epoch, 0, 1)
+        clip = comp.cfg.grad_clip * (1.0 if phase.index == 0 else math.sqrt(2))
+        net, phi = self.model, comp.model
+        mem = data.memory.data() if data.memory is not None else None
+        old = None
+        if mem is not None and phase.index > 0:
+            keep = mem[1] < phase.start
+            old = (mem[0][keep], mem[1][keep]) if bool(keep.any()) else None
+        with eval_mode(net):
+            trainable = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters()
+                         if p.requires_grad}
+            fixed = {k: p.detach() for k, p in net.named_parameters() if not p.requires_grad}
+            fixed.update({k: b.detach() for k, b in net.named_buffers()})
+            norm = s.test_view
+            for _ in range(n):
+                pick = new[torch.randint(len(new), (2 * o.batch_size,), generator=s.gen, device=s.gen.device)
+                           .to(new.device)]
+                nb, vb = pick[: o.batch_size], pick[o.batch_size:]
+                ex_x = ex_y = None
+                val_x, val_y = data.x[vb], data.y[vb]
+                if old is not None:
+                    e = torch.randint(len(old[0]), (2 * o.batch_size,), generator=s.gen,
+                                      device=s.gen.device).to(old[0].device)
+                    ex_x, ex_y = norm(old[0][e[: o.batch_size]]), old[1][e[: o.batch_size]]
+                    val_x, val_y = torch.cat([val_x, old[0][e[o.batch_size:]]]), torch.cat([val_y, old[1][e[o.batch_size:]]])
+                loss, _ = cim_outer_loss(net, phi, trainable, fixed, norm(data.x[nb]), data.y[nb], ex_x, ex_y,
+                                         norm(val_x), val_y, comp.s, inner_lr, comp.cfg.reg_weight,
+                                         comp.cfg.cls_weight, comp.mode)
+                params = list(phi.parameters())
+                for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+                    p.grad = torch.zeros_like(p) if g is None else g
+                torch.nn.utils.clip_grad_norm_(params, clip)
+                self.opt.step()
+                self.steps += 1
+        self.sched.step()
+        self.seconds += time.perf_counter() - t0
+
+    def state_dict(self):
+        if self.opt is None:
+            return {}
+        return {"phi": {k: v.cpu() for k, v in self.comp.model.state_dict().items()}, "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "steps": self.steps, "seconds": self.seconds}
+
+    def load_state_dict(self, state):
+        self.pending = state or None              # applied at the next epoch's end (``setup``)
+
+    def phase_end(self, phase, model, data):
+        self.model = self.data = self.opt = self.sched = None
+
+    def diagnostics(self):
+        out = {"cim_meta_steps": self.steps, "cim_meta_seconds": self.seconds}
+        self.steps, self.seconds = 0, 0.0
+        return out
+
+
 # ---------------------------------------------------------------- the CIM model
 # A rational (Pade) activation, version A of Molina et al. (ICLR 2020), the form the official CIM
 # code uses through the rational-activations package (degrees 5 / 4, "safe" denominator), with its
@@ -382,18 +502,22 @@ class CIMModel(nn.Module):
         self.acts = nn.ModuleList([Rational() for _ in range(n)])
 
     def ensure(self, net: nn.Module) -> "CIMModel":
-        """One rational per ReLU of ``net``'s backbone (an expandable backbone grows: new ones are
-        added, the existing ones kept)."""
+        """One rational per ReLU of ``net``'s backbone, in module order (an expandable backbone
+        grows: new ones are added, the existing ones kept; a compressed one shrinks: the first kept)."""
         n = len(_relus(net.backbone))
         dev = next(net.parameters()).device
         while len(self.acts) < n:
             self.acts.append(Rational().to(dev))
+        if len(self.acts) > n:            # FOSTER compresses back to one extractor: the first one's stay
+            self.acts = nn.ModuleList(list(self.acts)[:n])
         return self
 
     @contextlib.contextmanager
     def swapped(self, net: nn.Module):
         """Inside: ``net``'s backbone runs with the rationals in place of its ReLUs."""
         slots = _relus(net.backbone)
+        if len(slots) != len(self.acts):
+            raise RuntimeError(f"CIMModel: {len(self.acts)} activations for {len(slots)} ReLUs (call ensure(net))")
         saved = [getattr(parent, name) for parent, name in slots]
         for (parent, name), act in zip(slots, self.acts):
             setattr(parent, name, act)

@@ -147,7 +147,8 @@ class Method:
             [component_class("term", n) for n in cls.term_component_names(cfg)] + \
             ([component_class("replay", replay)] if replay not in (None, "none") else []) + \
             [component_class("head", n) for n in cls.head_component_names(cfg)] + \
-            ([component_class("compressor", "artifacts")] if compressor not in (None, "none") else [])
+            ([component_class("compressor", "artifacts")] if compressor not in (None, "none") else []) + \
+            ([component_class("compressor", "cim-meta")] if compressor == "cim" else [])
 
     @classmethod
     def head_component_names(cls, cfg: "RunConfig") -> list[str]:
