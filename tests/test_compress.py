@@ -173,6 +173,7 @@ def test_rational_activation_by_hand():
     from cilearn.memory.compress import RATIONAL_RELU_P, RATIONAL_RELU_Q, Rational
     r = Rational().double()
     assert torch.allclose(r.p, torch.tensor(RATIONAL_RELU_P, dtype=torch.float64), rtol=1e-7)   # the package's fit
+    assert torch.allclose(r.q, torch.tensor(RATIONAL_RELU_Q, dtype=torch.float64), rtol=1e-7)
     P, Q = r.p.tolist(), r.q.tolist()
     xs = [-2.0, -0.5, 0.0, 0.7, 1.0, 2.5]
     x = torch.tensor(xs, dtype=torch.float64, requires_grad=True)
