@@ -422,3 +422,35 @@ def test_cim_meta_iterations_after_every_epoch(quick):
                           scenario={"base": 2, "increment": 4}), echo=False).metrics
     assert [r["cim_meta_steps"] for r in m["phases"]] == [2 * 1, 2 * 2, 2 * 2]       # 2, 4, 4 new classes
     assert all(r["cim_meta_seconds"] > 0 for r in m["phases"])
+
+
+@pytest.mark.parametrize("select_on", ["compressed", "original"])
+def test_herding_runs_on_the_compressed_images_features(select_on):
+    """Official: herding orders a class by the features of its compressed images (the boxes kept,
+    the rest downsampled); ``select_on original``: by the given features of the originals."""
+    from cilearn.memory.compress import compressed_features
+
+    class CornerBoxes(Compressor):
+        name = "corner"
+
+        def boxes(self, net, normalize, x, c):
+            return torch.tensor([[0, 0, 4, 4]] * len(x))
+
+    torch.manual_seed(0)
+    net = build_net("convnet", "linear", 1).eval()
+    net.add_classes(2)
+    norm = lambda x: (x.float() / 255.0 - 0.5) / 0.25          # noqa: E731
+    comp = CornerBoxes(CompressionConfig(eta=4, select_on=select_on))
+    mem = Memory(Budget(per_class=2), "herding", compressor=comp)
+    got = []
+    real = mem.select
+    mem.select = lambda f, m, gen=None: (got.append(f), real(f, m, gen))[1]
+    x = _images(n=10, C=1, H=8, W=8)
+    y = torch.tensor([0] * 5 + [1] * 5)
+    given = torch.randn(10, 3)
+    mem.update(x, y, range(0, 2), given, 2, net=net, normalize=norm)
+    want = compressed_features(net, norm, decode(encode(x[:5], torch.tensor([[0, 0, 4, 4]] * 5), 2)))
+    if select_on == "compressed":
+        assert torch.allclose(got[0], want) and not torch.allclose(got[0], compressed_features(net, norm, x[:5]))
+    else:
+        assert torch.equal(got[0], given[:5])

@@ -106,6 +106,7 @@ class CompressionConfig:
     (cilearn.memory.compress). Defaults: CIM (Luo et al. 2023) Sec. 5 and its official configs."""
     eta: int = 4                         # compression ratio of the non-box pixels: downsampled sqrt(eta) per side
     resample: str = "nearest"            # nearest down and up (official utils/transform.py) | area (average + bilinear, ours)
+    select_on: str = "compressed"        # herding on the compressed images' features (official) | original (ours, earlier)
     tau: float = 0.6                     # CAM threshold of the mask (cam-threshold, cim)
     artifact_prob: float = 0.1           # phases > 0: probability of compressing a new-class training image around a random box
     iterations: int = 0                  # cim: extra bilevel steps on the CIM model at each phase end (official: none;
@@ -439,6 +440,8 @@ def validate(cfg: RunConfig) -> None:
     if cc.eta < 1 or math.isqrt(cc.eta) ** 2 != cc.eta:
         raise ConfigError(f"--memory.compression.eta must be a square number >= 1 (the image is downsampled "
                           f"sqrt(eta) per side), got {cc.eta}")
+    if cc.select_on not in ("compressed", "original"):
+        raise ConfigError(f"--memory.compression.select-on must be compressed or original, got '{cc.select_on}'")
     if cc.resample not in ("nearest", "area"):
         raise ConfigError(f"--memory.compression.resample must be nearest or area, got '{cc.resample}'")
     if not 0 < cc.tau <= 1:

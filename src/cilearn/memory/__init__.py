@@ -1,7 +1,7 @@
 """Exemplar memory: a budget, a selection rule, an optimizer (``cilearn.memory.mnemonics``:
 none, mnemonics, mnemonics-single), a compressor (``cilearn.memory.compress``: none, full,
-cam-threshold, cim) and the stored exemplars per class (uint8; float32 pixels in [0, 255] once an
-optimizer has changed them).
+cam-threshold, cim) and the stored exemplars per class (uint8 images; with a compressor, their
+codes and a decoded working copy).
 
 With a compressor the budget is in full-image units (one unit = ``C * H * W`` pixel bytes) and a
 class's share holds as many compressed exemplars as fit, in selection order (``compress``).
@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from . import mnemonics
-from .compress import COMPRESSORS, Codes, Compressor, decode, encode, fit_prefix
+from .compress import COMPRESSORS, Codes, Compressor, compressed_features, decode, encode, fit_prefix
 from .compress import build as build_compressor
 from .mnemonics import ExemplarOptimizer
 from .mnemonics import build as build_optimizer
@@ -120,12 +120,19 @@ class Memory:
                 self.exemplars[c] = originals[c] = x[idx[order]].clone()
                 continue
             unit = x[0].numel()
-            s = self.compressor.s
+            s, comp = self.compressor.s, self.compressor
             # a code holds at least the C * ceil(H/s) * ceil(W/s) >= C*H*W / s^2 cells: at most per * s^2 fit
-            order = self.select(features[idx], per * s * s, gen)
-            cand = x[idx[order]]
-            codes = encode(cand, self.compressor.boxes(net, normalize, cand, c), s, self.compressor.with_boxes,
-                           self.compressor.mode)
+            if comp.cfg.select_on == "compressed" and net is not None:   # official: herding on the compressed images' features
+                xc = x[idx]
+                boxes = comp.boxes(net, normalize, xc, c)
+                feats = compressed_features(net, normalize, decode(encode(xc, boxes, s, comp.with_boxes, comp.mode)))
+                order = self.select(feats, per * s * s, gen)
+                cand = xc[order]
+                codes = encode(cand, boxes[order], s, comp.with_boxes, comp.mode)
+            else:                                      # the original images' features (cilearn's earlier choice)
+                order = self.select(features[idx], per * s * s, gen)
+                cand = x[idx[order]]
+                codes = encode(cand, comp.boxes(net, normalize, cand, c), s, comp.with_boxes, comp.mode)
             n = fit_prefix(codes.sizes(), per * unit)
             whole = min(per, len(cand))
             if n <= whole:      # boxes keep no more than whole images would (near-whole boxes + coordinates):

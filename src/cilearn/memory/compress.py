@@ -262,6 +262,14 @@ def decode(codes: Codes) -> torch.Tensor:
     return out
 
 
+@torch.no_grad()
+def compressed_features(net: nn.Module, normalize, x: torch.Tensor, bs: int = 256) -> torch.Tensor:
+    """Embeddings ``[N, D]`` of (decoded, compressed) images ``x [N, C, H, W]`` under ``net`` in eval
+    mode, in batches: what the official code herds on (``models/base.py:253-283``)."""
+    with eval_mode(net):
+        return torch.cat([net(normalize(x[i:i + bs])).embedding.float() for i in range(0, len(x), bs)])
+
+
 def fit_prefix(sizes: torch.Tensor, budget_bytes: float) -> int:
     """How many of the first exemplars (bytes ``sizes [N]``, in selection order) fit the budget."""
     return int((sizes.cumsum(0) <= budget_bytes).sum()) if len(sizes) else 0
