@@ -454,3 +454,64 @@ def test_herding_runs_on_the_compressed_images_features(select_on):
         assert torch.allclose(got[0], want) and not torch.allclose(got[0], compressed_features(net, norm, x[:5]))
     else:
         assert torch.equal(got[0], given[:5])
+
+
+def test_own_box_artifacts_by_hand():
+    from cilearn.memory.compress import own_box_artifacts
+    x = torch.arange(32.0).view(2, 1, 4, 4)
+    boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 4, 4]])
+    out = own_box_artifacts(x, boxes, torch.tensor([True, False]), 2)
+    b = blur(x, 2)
+    assert torch.equal(out[1], x[1])                                     # not chosen: unchanged
+    inside = torch.zeros(4, 4, dtype=torch.bool)
+    inside[0:2, 0:2] = True
+    assert torch.equal(out[0, 0][inside], x[0, 0][inside]) and torch.equal(out[0, 0][~inside], b[0, 0][~inside])
+
+
+def test_artifacts_use_each_images_own_box_with_the_ramped_probability():
+    """Official artifact augmentation: probability ``prob x (epochs done // refresh)`` (0 before the
+    first refresh, no draw from the generator then), each chosen new-class image compressed around
+    its own box from the compressor, recomputed at each refresh."""
+    from cilearn.components import PhaseData, build, component_class
+    from cilearn.data.augment import Augmenter
+    from cilearn.data.scenario import Phase
+    from cilearn.services import Context
+    from cilearn.train import Batch
+    from conftest import quick_config
+
+    class IndexBoxes(Compressor):                 # image i of class c: the box (0, 0, 2 + i % 3, 4)
+        name = "index"
+
+        def boxes(self, net, normalize, x, c):
+            h = 2 + torch.arange(len(x)) % 3
+            return torch.stack([torch.zeros_like(h), torch.zeros_like(h), h, torch.full_like(h, 4)], 1)
+
+    comp = IndexBoxes(CompressionConfig(eta=4))
+    mem = type("M", (), {"compressor": comp})()
+    aug = Augmenter("none", 0, (0.5,), (0.5,), channels_last=False)
+    import tempfile
+    from pathlib import Path
+    ctx = Context(quick_config(Path(tempfile.mkdtemp())), None, None, aug, torch.device("cpu"),
+                  torch.Generator().manual_seed(0), None)
+    art = build(component_class("compressor", "artifacts"), {"prob": 0.5, "refresh": 2}, ctx)
+    assert not art.needs_old_model                                       # every phase, phase 0 included
+    x = torch.rand(6, 1, 4, 4)
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    art.phase_start(Phase(0, 0, 2), None, None, PhaseData(x, y, torch.ones(2), mem, None))
+    batch = Batch(x, y, torch.arange(6), 0)
+    state = ctx.gen.get_state()
+    assert art.batch(batch) is batch and torch.equal(ctx.gen.get_state(), state)   # 0 before the first refresh
+    art.epoch_end(Phase(0, 0, 2), 0)
+    assert art.probability() == 0.0
+    art.epoch_end(Phase(0, 0, 2), 1)                                      # 2 epochs done: refresh, 0.5
+    assert art.probability() == 0.5 and art.boxes.tolist()[:3] == [[0, 0, 2, 4], [0, 0, 3, 4], [0, 0, 4, 4]]
+    art.epochs_done = 4
+    assert art.probability() == 1.0                                       # 0.5 x (4 // 2), at most 1
+    out = art.batch(batch)
+    b = blur(x, 2)
+    for i in range(6):                                                    # all chosen (p = 1): own box kept
+        h = 2 + (i % 3)
+        assert torch.equal(out.x[i, :, :h], x[i, :, :h]) and torch.equal(out.x[i, :, h:], b[i, :, h:])
+    assert out.view is None
+    rb = build(component_class("compressor", "artifacts"), {"mode": "random-box", "prob": 0.1}, ctx)
+    assert rb.needs_old_model and rb.probability() == 0.1                # the earlier form: phases > 0, fixed

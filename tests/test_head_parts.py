@@ -52,7 +52,7 @@ def test_weight_clip_and_freeze_old_rows_by_hand(quick):
 
 def test_artifacts_change_only_new_rows_with_the_run_generator(quick):
     ctx = _ctx(quick, "foster-cim")
-    comp = build(component_class("compressor", "artifacts"), {"prob": 1.0}, ctx)
+    comp = build(component_class("compressor", "artifacts"), {"mode": "random-box", "prob": 1.0}, ctx)
     mem = type("M", (), {"compressor": type("C", (), {"s": 2, "mode": "nearest"})()})()
     x = torch.rand(6, 1, 8, 8)
     y = torch.tensor([0, 1, 2, 3, 2, 3])
@@ -61,8 +61,8 @@ def test_artifacts_change_only_new_rows_with_the_run_generator(quick):
     assert out.view is None                            # no longer one of the cached views
     assert torch.equal(out.x[:2], x[:2])               # old classes (exemplars) untouched
     assert not torch.equal(out.x[2:], x[2:])
-    assert component_class("compressor", "artifacts").needs_old_model       # phases > 0 only
-    zero = build(component_class("compressor", "artifacts"), {"prob": 0.0}, ctx)
+    assert comp.needs_old_model                                                 # random-box: phases > 0 only
+    zero = build(component_class("compressor", "artifacts"), {"mode": "random-box", "prob": 0.0}, ctx)
     b = Batch(x, y, torch.arange(6), 0)
     assert zero.batch(b) is b
 

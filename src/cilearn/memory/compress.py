@@ -305,39 +305,112 @@ def random_box_artifacts(x: torch.Tensor, prob: float, s: int, gen: torch.Genera
 
 @dataclass(frozen=True)
 class ArtifactOptions:
-    prob: float = 0.1     # per new-class image and step (CIM Sec. 4.3; --memory.compression.artifact-prob)
+    # official: each new-class image compressed around its own box, probability stepped up by
+    # ``prob`` every ``refresh`` epochs of a phase (0 before the first refresh; official
+    # models/foster.py:137, 214 with cam_update_interval 40, randombbxblur_prob_incre 0.1), boxes
+    # recomputed at each refresh; random-box: cilearn's earlier form (a random box, fixed ``prob``,
+    # phases > 0)
+    mode: str = "official"
+    prob: float = 0.1     # the ramp's step (official) or the fixed probability (random-box); --memory.compression.artifact-prob
+    refresh: int = 40     # epochs between box refreshes and ramp steps (official)
 
     def __post_init__(self):
         if not 0 <= self.prob <= 1:
             raise ConfigError(f"components.artifacts.prob must be in [0, 1], got {self.prob}")
+        if self.mode not in ("official", "random-box") or self.refresh < 1:
+            raise ConfigError(f"components.artifacts: mode must be official or random-box and refresh >= 1, "
+                              f"got {self.mode!r}, {self.refresh}")
+
+
+def own_box_artifacts(x: torch.Tensor, boxes: torch.Tensor, changed: torch.Tensor, s: int,
+                      mode: str = "nearest") -> torch.Tensor:
+    """Rows ``changed [B]`` of ``x [B, C, H, W]`` compressed around their own boxes ``[B, 4]``
+    (y0, x0, y1, x1): outside the box ``up(down(x))``, inside the pixels as they are."""
+    H, W = x.shape[-2:]
+    ii = torch.arange(H, device=x.device).view(1, H, 1)
+    jj = torch.arange(W, device=x.device).view(1, 1, W)
+    y0, x0, y1, x1 = (b.view(-1, 1, 1).to(x.device) for b in boxes.unbind(1))
+    inbox = (ii >= y0) & (ii < y1) & (jj >= x0) & (jj < x1)                      # [B, H, W]
+    keep = inbox | ~changed.view(-1, 1, 1)
+    return torch.where(keep[:, None], x, blur(x, s, mode).to(x.dtype))
 
 
 @register("compressor", "artifacts")
 class Artifacts(Component):
-    """The training side of exemplar compression (CIM, Luo et al. 2023, Sec. 4.3): with
-    probability ``prob`` a new-class image of a training batch is compressed around a random box
-    (``random_box_artifacts``, the memory's compressor's downsampling factor), so that compression
-    artifacts do not tell the old classes (the compressed exemplars) from the new; phases > 0, main
-    stage. A changed batch is no longer one of the old-output cache's views (``view=None``): the
-    old model then runs on the changed images. Draws from the run's generator. In every run with
-    an exemplar compressor."""
+    """The training side of exemplar compression (CIM, Luo et al. 2023, Sec. 4.3): new-class images
+    of a training batch compressed like exemplars, so that compression artifacts do not tell the
+    old classes (the compressed exemplars) from the new. ``official`` (default): every phase; each
+    image around its own box (the compressor's boxes of the phase's new-class images under the
+    current model, recomputed every ``refresh`` epochs), with probability
+    ``prob x (epochs done // refresh)`` (0 until the first refresh: with fewer than ``refresh``
+    epochs per phase it never applies). ``random-box``: a random box, probability ``prob``, phases
+    > 0. A changed batch is no longer one of the old-output cache's views (``view=None``): the old
+    model then runs on the changed images. Draws from the run's generator; the epoch count and
+    boxes are component state (exact resume). In every run with an exemplar compressor."""
     Options = ArtifactOptions
-    needs_old_model = True
 
     def __init__(self, options, services):
         super().__init__(options, services)
+        self.needs_old_model = options.mode == "random-box"
         self.s, self.start, self.mode = 1, 0, "nearest"
+        self.model = self.data = self.comp = self.boxes = self.phase = None
+        self.epochs_done = 0
 
     def phase_start(self, phase, model, old_model, data):
         comp = data.memory.compressor
-        self.s, self.start, self.mode = comp.s, phase.start, comp.mode
+        self.s, self.start, self.mode, self.comp = comp.s, phase.start, comp.mode, comp
+        self.model, self.data, self.boxes, self.epochs_done, self.phase = model, data, None, 0, phase
+
+    def probability(self) -> float:
+        o = self.options
+        return o.prob if o.mode == "random-box" else min(1.0, o.prob * (self.epochs_done // o.refresh))
+
+    def refresh_boxes(self, phase) -> None:
+        """The compressor's boxes ``[N, 4]`` of the phase's new-class training images (exemplar rows: empty)."""
+        x, y = self.data.x, self.data.y
+        boxes = torch.zeros(len(y), 4, dtype=torch.long, device=x.device)
+        for c in phase.classes:
+            idx = (y == c).nonzero().flatten()
+            if len(idx):
+                boxes[idx] = self.comp.boxes(self.model, self.services.test_view, x[idx], c).to(x.device)
+        self.boxes = boxes
+
+    def epoch_end(self, phase, epoch):
+        self.epochs_done = epoch + 1
+        o = self.options
+        if o.mode == "official" and o.prob > 0 and self.epochs_done % o.refresh == 0:
+            self.refresh_boxes(phase)
 
     def batch(self, batch):
-        if self.options.prob <= 0:
+        p = self.probability()
+        if p <= 0:
             return batch
-        x, changed = random_box_artifacts(batch.x, self.options.prob, self.s, self.services.gen,
-                                          rows=batch.y >= self.start, mode=self.mode)
+        if self.options.mode == "random-box":
+            x, changed = random_box_artifacts(batch.x, p, self.s, self.services.gen,
+                                              rows=batch.y >= self.start, mode=self.mode)
+        else:
+            g = self.services.gen
+            changed = (torch.rand(len(batch.y), generator=g, device=g.device).to(batch.y.device) < p) \
+                & (batch.y >= self.start)
+            if not bool(changed.any()):
+                return batch
+            x = own_box_artifacts(batch.x, self.boxes[batch.idx], changed, self.s, self.mode)
         return batch._replace(x=x, view=None) if bool(changed.any()) else batch
+
+    def state_dict(self):
+        if not self.epochs_done:
+            return {}
+        return {"epochs_done": self.epochs_done, **({} if self.boxes is None else {"boxes": self.boxes.cpu()})}
+
+    def load_state_dict(self, state):
+        self.epochs_done = int(state.get("epochs_done", 0))
+        b = state.get("boxes")
+        if b is not None and self.data is not None:
+            self.boxes = b.to(self.data.x.device)
+
+    def phase_end(self, phase, model, data):
+        self.model = self.data = self.boxes = None
+        self.epochs_done = 0
 
 
 @dataclass(frozen=True)
