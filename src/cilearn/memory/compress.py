@@ -443,13 +443,14 @@ class CIMMeta(Component):
     def __init__(self, options, services):
         super().__init__(options, services)
         self.model = self.data = self.phase = self.opt = self.sched = None
-        self.steps, self.seconds = 0, 0.0
-        self.pending: dict | None = None      # a resumed phase's state, applied at phase start
+        self.steps, self.seconds, self.skipped = 0, 0.0, 0
+        self.pending: dict | None = None      # a resumed phase's state, applied at the first epoch's end
 
     def phase_start(self, phase, model, old_model, data):
         self.model, self.data, self.phase, self.comp = model, data, phase, data.memory.compressor
         self.opt = self.sched = None          # set up at the first epoch's end: an expandable net grows after this hook
-        self.steps, self.seconds = 0, 0.0
+        self.steps, self.seconds, self.skipped = 0, 0.0, 0
+        data.memory.compressor._ensure(model).fallbacks = 0
 
     def setup(self, phase) -> None:
         """phi with a rational for every ReLU of the (grown) net, its Adam and cosine schedule, and
@@ -464,7 +465,7 @@ class CIMMeta(Component):
             phi.load_state_dict(st["phi"])
             self.opt.load_state_dict(st["opt"])
             self.sched.load_state_dict(st["sched"])
-            self.steps, self.seconds = st["steps"], st["seconds"]
+            self.steps, self.seconds, self.skipped = st["steps"], st["seconds"], st.get("skipped", 0)
 
     def epoch_end(self, phase, epoch):
         if self.opt is None:
@@ -504,12 +505,17 @@ class CIMMeta(Component):
                 loss, _ = cim_outer_loss(net, phi, trainable, fixed, norm(data.x[nb]), data.y[nb], ex_x, ex_y,
                                          norm(val_x), val_y, comp.s, inner_lr, comp.cfg.reg_weight,
                                          comp.cfg.cls_weight, comp.mode)
+                self.steps += 1
                 params = list(phi.parameters())
-                for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
-                    p.grad = torch.zeros_like(p) if g is None else g
+                grads = [torch.zeros_like(p) if g is None else g
+                         for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+                if not (torch.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)):
+                    self.skipped += 1         # phi's forward overflowed (see docs/methods/cim.md): no update
+                    continue
+                for p, g in zip(params, grads):
+                    p.grad = g
                 torch.nn.utils.clip_grad_norm_(params, clip)
                 self.opt.step()
-                self.steps += 1
         self.sched.step()
         self.seconds += time.perf_counter() - t0
 
@@ -517,7 +523,7 @@ class CIMMeta(Component):
         if self.opt is None:
             return {}
         return {"phi": {k: v.cpu() for k, v in self.comp.model.state_dict().items()}, "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(), "steps": self.steps, "seconds": self.seconds}
+                "sched": self.sched.state_dict(), "steps": self.steps, "seconds": self.seconds, "skipped": self.skipped}
 
     def load_state_dict(self, state):
         self.pending = state or None              # applied at the next epoch's end (``setup``)
@@ -526,8 +532,10 @@ class CIMMeta(Component):
         self.model = self.data = self.opt = self.sched = None
 
     def diagnostics(self):
-        out = {"cim_meta_steps": self.steps, "cim_meta_seconds": self.seconds}
-        self.steps, self.seconds = 0, 0.0
+        phi = self.comp.model if getattr(self, "comp", None) is not None else None
+        out = {"cim_meta_steps": self.steps, "cim_meta_seconds": self.seconds, "cim_meta_skipped": self.skipped,
+               "cim_fallback_boxes": phi.fallbacks if phi is not None else 0}
+        self.steps, self.seconds, self.skipped = 0, 0.0, 0
         return out
 
 
@@ -551,17 +559,30 @@ class Rational(nn.Module):
         self.q = nn.Parameter(torch.tensor(RATIONAL_RELU_Q))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function in two evaluations, so that large inputs do not overflow (x^5 does in
+        float32 above ~4e7, which deep activations of a young extractor reach): for |x| <= 1 as
+        written; for |x| > 1 numerator and denominator divided by x^4 (t = 1/x):
+        ``(a_5 x + a_4 + a_3 t + ... + a_0 t^4) / (|b_4| + |b_3| |t| + |b_2| t^2 + |b_1| |t|^3 + t^4)``."""
         xw = _wide(x)
         p, q = self.p.to(xw.dtype), self.q.to(xw.dtype)
+        small = xw.abs() <= 1
+        xs = torch.where(small, xw, torch.zeros_like(xw))                # |x| <= 1
         num = p[5]
         for k in range(4, -1, -1):                       # Horner
-            num = num * xw + p[k]
+            num = num * xs + p[k]
         den = 1.0
-        xp = xw
+        xp = xs
         for k in range(4):
             den = den + (q[k] * xp).abs()
-            xp = xp * xw
-        return num / den
+            xp = xp * xs
+        t = 1.0 / torch.where(small, torch.ones_like(xw), xw)           # |x| > 1: t = 1 / x, |t| < 1
+        num_l = p[5] * torch.where(small, torch.zeros_like(xw), xw) + p[4]
+        tp = t
+        for k in range(3, -1, -1):
+            num_l = num_l + p[k] * tp
+            tp = tp * t
+        den_l = q[3].abs() + q[2].abs() * t.abs() + q[1].abs() * t * t + q[0].abs() * (t * t * t).abs() + t ** 4
+        return torch.where(small, num / den, num_l / den_l)
 
 
 def _relus(module: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -581,6 +602,7 @@ class CIMModel(nn.Module):
     def __init__(self, n: int = 0):
         super().__init__()
         self.acts = nn.ModuleList([Rational() for _ in range(n)])
+        self.fallbacks = 0          # images whose boxes came from the CIL model's CAM (phi not finite)
 
     def ensure(self, net: nn.Module) -> "CIMModel":
         """One rational per ReLU of ``net``'s backbone, in module order (an expandable backbone
@@ -623,10 +645,17 @@ class CIMModel(nn.Module):
 
     @torch.no_grad()
     def masks(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The CAM ``[B, H, W]`` of classes ``y`` on normalised ``x`` (for the boxes)."""
+        """The CAM ``[B, H, W]`` of classes ``y`` on normalised ``x`` (for the boxes). An image whose
+        phi forward is not finite (see ``CIMMeta``) gets the CIL model's own CAM instead."""
         with self.swapped(net):
             maps = net(x).maps[-1]
-        return cam(maps, class_vectors(net.head)[y], tuple(x.shape[-2:]))
+        v = class_vectors(net.head)[y]
+        out = cam(maps, v, tuple(x.shape[-2:]))
+        bad = ~torch.isfinite(maps.flatten(1)).all(1)
+        if bool(bad.any()):
+            out[bad] = cam(net(x[bad]).maps[-1], v[bad], tuple(x.shape[-2:]))
+            self.fallbacks += int(bad.sum())
+        return out
 
 
 def soft_compress(x: torch.Tensor, c: torch.Tensor, s: int, mode: str = "nearest") -> torch.Tensor:
