@@ -26,15 +26,8 @@ def cheap(method: str) -> dict:
     """CHEAP, and the extra stages' costs for the recipes that have them (a run refuses options it
     does not use)."""
     from cilearn.methods import METHODS
-    m = METHODS.get(method)
-    d = dict(CHEAP)
-    if m.replay_source:
-        d["replay"] = {"steps": 10}
-    mem = {**({"mnemonics": {"iterations": 2}} if m.memory_optimizer != "none" else {}),
-           **({"compression": {"iterations": 2}} if m.memory_compressor != "none" else {})}
-    if mem:
-        d["memory"] = mem
-    return d
+    from cilearn.methods.options import cheap_extra_stages
+    return {**CHEAP, **cheap_extra_stages(METHODS.get(method), replay_steps=10, iterations=2)}
 
 
 def matrices(method: str, seed: int) -> dict:

@@ -8,6 +8,7 @@ import pytest
 import cilearn
 from cilearn.checkpoint import Checkpointer, Interrupted
 from cilearn.methods import METHODS
+from cilearn.methods.options import cheap_extra_stages
 
 # 3 phases (4 + 3 + 3 classes), 30 images per class, 2 epochs; extra stages kept cheap (each option
 # only where the recipe has the component: a run refuses options it does not use)
@@ -18,13 +19,7 @@ OVER = dict(scenario={"base": 4, "increment": 3}, data={"dataset": "digits", "tr
 def over(method: str) -> dict:
     m = METHODS.get(method)
     d = {**OVER, "train": {**OVER["train"], **({"finetune_epochs": 2} if "balanced-finetune" in m.calibration else {})}}
-    if m.replay_source:
-        d["replay"] = {"steps": 5}
-    mem = {**({"mnemonics": {"iterations": 2}} if m.memory_optimizer != "none" else {}),
-           **({"compression": {"iterations": 2}} if m.memory_compressor != "none" else {})}
-    if mem:
-        d["memory"] = mem
-    return d
+    return {**d, **cheap_extra_stages(m, replay_steps=5, iterations=2)}
 
 
 def _stop_after_phase(monkeypatch, phase: int):

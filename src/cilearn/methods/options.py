@@ -92,6 +92,20 @@ ALIASES = {"loss.attention_weight", "loss.dual_teacher_weight", "loss.dual_teach
            *(f"replay.{f.name}" for f in dataclasses.fields(RunConfig().replay) if f.name != "source")}
 
 
+def cheap_extra_stages(method_cls: type["Method"], replay_steps: int, iterations: int) -> dict[str, dict]:
+    """Config sections that make a recipe's extra stages cheap, each only where the recipe has the
+    stage (a run refuses options it does not use): the generator's steps, the exemplar optimizer's
+    and the compressor's iterations. For quick runs (tests, benchmarks/behaviour_matrices.py)."""
+    m, d = method_cls, {}
+    if m.replay_source:
+        d["replay"] = {"steps": replay_steps}
+    mem = {**({"mnemonics": {"iterations": iterations}} if m.memory_optimizer != "none" else {}),
+           **({"compression": {"iterations": iterations}} if m.memory_compressor != "none" else {})}
+    if mem:
+        d["memory"] = mem
+    return d
+
+
 def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(obj):
