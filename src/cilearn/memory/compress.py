@@ -413,6 +413,32 @@ class Artifacts(Component):
         self.epochs_done = 0
 
 
+def cil_split(net: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The CIL model's tensors for the CIM step's inner update: (its trainable parameters as fresh
+    leaves, the frozen parameters and buffers detached)."""
+    trainable = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters() if p.requires_grad}
+    fixed = {k: p.detach() for k, p in net.named_parameters() if not p.requires_grad}
+    fixed.update({k: b.detach() for k, b in net.named_buffers()})
+    return trainable, fixed
+
+
+def meta_batch(x: torch.Tensor, y: torch.Tensor, old: tuple[torch.Tensor, torch.Tensor] | None, bs: int,
+               gen: torch.Generator, normalize) -> tuple:
+    """One CIM step's data: ``bs`` new images ``(x, y)`` to compress and ``bs`` more as validation,
+    and with exemplars ``old`` (uint8, labels) ``bs`` of them for the inner step and ``bs`` more for
+    the validation. Returns normalised ``(new_x, new_y, ex_x | None, ex_y | None, val_x, val_y)``."""
+    pick = torch.randint(len(x), (2 * bs,), generator=gen, device=gen.device).to(x.device)
+    new, val = pick[:bs], pick[bs:]
+    ex_x = ex_y = None
+    val_x, val_y = x[val], y[val]
+    if old is not None:
+        mx, my = old
+        e = torch.randint(len(mx), (2 * bs,), generator=gen, device=gen.device).to(mx.device)
+        ex_x, ex_y = normalize(mx[e[:bs]]), my[e[:bs]]
+        val_x, val_y = torch.cat([val_x, mx[e[bs:]]]), torch.cat([val_y, my[e[bs:]]])
+    return normalize(x[new]), y[new], ex_x, ex_y, normalize(val_x), val_y
+
+
 @dataclass(frozen=True)
 class CIMMetaOptions:
     per_class: float = 0.5        # meta-iterations per new class after each epoch (official num_meta_iters_per_cls)
@@ -442,7 +468,7 @@ class CIMMeta(Component):
 
     def __init__(self, options, services):
         super().__init__(options, services)
-        self.model = self.data = self.phase = self.opt = self.sched = None
+        self.model = self.data = self.phase = self.comp = self.opt = self.sched = None
         self.steps, self.seconds, self.skipped = 0, 0.0, 0
         self.pending: dict | None = None      # a resumed phase's state, applied at the first epoch's end
 
@@ -485,26 +511,13 @@ class CIMMeta(Component):
         if mem is not None and phase.index > 0:
             keep = mem[1] < phase.start
             old = (mem[0][keep], mem[1][keep]) if bool(keep.any()) else None
+        xn, yn = data.x[new], data.y[new]
         with eval_mode(net):
-            trainable = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters()
-                         if p.requires_grad}
-            fixed = {k: p.detach() for k, p in net.named_parameters() if not p.requires_grad}
-            fixed.update({k: b.detach() for k, b in net.named_buffers()})
-            norm = s.test_view
+            trainable, fixed = cil_split(net)
             for _ in range(n):
-                pick = new[torch.randint(len(new), (2 * o.batch_size,), generator=s.gen, device=s.gen.device)
-                           .to(new.device)]
-                nb, vb = pick[: o.batch_size], pick[o.batch_size:]
-                ex_x = ex_y = None
-                val_x, val_y = data.x[vb], data.y[vb]
-                if old is not None:
-                    e = torch.randint(len(old[0]), (2 * o.batch_size,), generator=s.gen,
-                                      device=s.gen.device).to(old[0].device)
-                    ex_x, ex_y = norm(old[0][e[: o.batch_size]]), old[1][e[: o.batch_size]]
-                    val_x, val_y = torch.cat([val_x, old[0][e[o.batch_size:]]]), torch.cat([val_y, old[1][e[o.batch_size:]]])
-                loss, _ = cim_outer_loss(net, phi, trainable, fixed, norm(data.x[nb]), data.y[nb], ex_x, ex_y,
-                                         norm(val_x), val_y, comp.s, inner_lr, comp.cfg.reg_weight,
-                                         comp.cfg.cls_weight, comp.mode)
+                loss, _ = cim_outer_loss(net, phi, trainable, fixed,
+                                         *meta_batch(xn, yn, old, o.batch_size, s.gen, s.test_view),
+                                         comp.s, inner_lr, comp.cfg.reg_weight, comp.cfg.cls_weight, comp.mode)
                 self.steps += 1
                 params = list(phi.parameters())
                 grads = [torch.zeros_like(p) if g is None else g
@@ -532,7 +545,7 @@ class CIMMeta(Component):
         self.model = self.data = self.opt = self.sched = None
 
     def diagnostics(self):
-        phi = self.comp.model if getattr(self, "comp", None) is not None else None
+        phi = self.comp.model if self.comp is not None else None
         out = {"cim_meta_steps": self.steps, "cim_meta_seconds": self.seconds, "cim_meta_skipped": self.skipped,
                "cim_fallback_boxes": phi.fallbacks if phi is not None else 0}
         self.steps, self.seconds, self.skipped = 0, 0.0, 0
@@ -771,26 +784,13 @@ class CIMCompressor(Compressor):
             model = self._ensure(net)
             if cfg.iterations == 0 or len(x) == 0:
                 return
-            trainable = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters()
-                         if p.requires_grad}
-            fixed = {k: p.detach() for k, p in net.named_parameters() if not p.requires_grad}
-            fixed.update({k: b.detach() for k, b in net.named_buffers()})
+            trainable, fixed = cil_split(net)
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-            bs = cfg.batch_size
             first = last = None
             for _ in range(cfg.iterations):
-                pick = torch.randint(len(x), (2 * bs,), generator=gen, device=gen.device).to(x.device)
-                new, val = pick[:bs], pick[bs:]
-                ex_x = ex_y = None
-                val_x, val_y = x[val], y[val]
-                if memory_data is not None:
-                    mx, my = memory_data
-                    e = torch.randint(len(mx), (2 * bs,), generator=gen, device=gen.device).to(mx.device)
-                    ex_x, ex_y = normalize(mx[e[:bs]]), my[e[:bs]]
-                    val_x, val_y = torch.cat([val_x, mx[e[bs:]]]), torch.cat([val_y, my[e[bs:]]])
-                loss, terms = cim_outer_loss(net, model, trainable, fixed, normalize(x[new]), y[new], ex_x, ex_y,
-                                             normalize(val_x), val_y, self.s, self.inner_lr(), cfg.reg_weight,
-                                             cfg.cls_weight, self.mode)
+                loss, terms = cim_outer_loss(net, model, trainable, fixed,
+                                             *meta_batch(x, y, memory_data, cfg.batch_size, gen, normalize),
+                                             self.s, self.inner_lr(), cfg.reg_weight, cfg.cls_weight, self.mode)
                 params = list(model.parameters())       # phi only: no gradient for the CIL copies' leaves
                 for p, g in zip(params, torch.autograd.grad(loss, params)):
                     p.grad = g
