@@ -28,7 +28,9 @@ PROTOCOL = ["--dataset", "fashion-mnist", "--train-per-class", "300", "--backbon
 KINDS = ("herding", "mnemonics", "single")
 KEYS = [("avg_incremental_acc", "avg inc. acc (CNN)"), ("avg_incremental_acc_nme", "avg inc. acc (NME)"),
         ("last_acc", "last acc (CNN)"), ("last_acc_nme", "last acc (NME)"), ("opt_s", "exemplar opt. s"),
-        ("train_s", "train s"), ("wall_seconds", "wall s"), ("bytes", "memory bytes")]
+        ("opt_s_phase", "opt. s per phase"), ("moved", "pixels moved (grey levels)"),
+        ("stored", "stored change (grey levels)"), ("train_s", "train s"), ("wall_seconds", "wall s"),
+        ("bytes", "memory bytes")]
 
 
 def variants(base: str, kinds: tuple[str, ...] = KINDS, flags: list[str] | None = None) -> list[tuple[str, str, list[str]]]:
@@ -43,19 +45,28 @@ def variants(base: str, kinds: tuple[str, ...] = KINDS, flags: list[str] | None 
 
 
 def summary(m: dict) -> dict[str, float]:
-    """The table's numbers from a run's metrics.json."""
+    """The table's numbers from a run's metrics.json; per phase (mean over the phases that
+    optimised): the optimizer's seconds, how far it moved the exemplars' float pixels and how far
+    the stored (rounded) images changed, grey levels."""
     nan = float("nan")
+    opt = [r for r in m["phases"] if r.get("exemplar_optimizer")]
+    per = (lambda key: statistics.mean(float(r.get(key) or 0.0) for r in opt)) if opt else (lambda key: nan)
     return {"avg_incremental_acc": m["avg_incremental_acc"], "avg_incremental_acc_nme": m["avg_incremental_acc_nme"] or nan,
             "last_acc": m["last_acc"], "last_acc_nme": m["last_acc_nme"] or nan,
             "opt_s": sum(r.get("exemplar_optimizer", {}).get("seconds", 0.0) for r in m["phases"]),
             "train_s": sum(r["train_seconds"] for r in m["phases"]), "wall_seconds": m["wall_seconds"],
-            "bytes": float(m["memory"]["total_bytes"])}
+            "bytes": float(m["memory"]["total_bytes"]), "opt_s_phase": per("exemplar_optimizer_seconds"),
+            "moved": per("exemplar_pixel_change"), "stored": per("exemplar_stored_pixel_change")}
 
 
 def fmt(vals: list[float], key: str) -> str:
     if key == "bytes":
         return f"{statistics.mean(vals):.0f}"
-    if len(vals) == 1 or any(math.isnan(v) for v in vals):
+    if any(math.isnan(v) for v in vals):
+        return "-"
+    if key in ("moved", "stored"):
+        return f"{statistics.mean(vals):.4f}"
+    if len(vals) == 1:
         return f"{statistics.mean(vals):.2f}"
     return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
 

@@ -528,8 +528,9 @@ def memory_row(memory: Memory | None) -> dict[str, Any]:
         return {}
     row = {"memory_images": len(memory), "memory_bytes": memory.nbytes}
     st = memory.optimizer.stats
-    if st:      # an exemplar optimizer ran: its pixel change (grey levels) and seconds
+    if st:      # an exemplar optimizer ran: its pixel change (grey levels: optimised floats, stored images), seconds
         row["exemplar_pixel_change"], row["exemplar_optimizer_seconds"] = st.get("exemplar_pixel_change"), st["seconds"]
+        row["exemplar_stored_pixel_change"] = st.get("exemplar_stored_pixel_change")
     if memory.compressor is not None:
         row["compressor"] = dict(memory.compressor.stats)
     return row

@@ -33,9 +33,11 @@ selection rule has picked a phase's exemplars, an optimizer may change their pix
 Storage: the optimised pixels are rounded (not truncated, which the releases do) to uint8 and
 stored as images, so an optimised memory costs the bytes of the same exemplars unoptimised. The
 network runs in eval mode throughout (BatchNorm with its running statistics) and in fp32. Per
-phase, ``stats`` (``metrics.json``: ``exemplar_pixel_change``, ``exemplar_optimizer_seconds`` and
-the ``exemplar_optimizer`` entry) hold the mean absolute change of the stored exemplars' pixels in
-grey levels and the seconds spent.
+phase, ``stats`` (``metrics.json``: ``exemplar_pixel_change``, ``exemplar_stored_pixel_change``,
+``exemplar_optimizer_seconds`` and the ``exemplar_optimizer`` entry) hold the mean absolute change
+of the exemplars' pixels in grey levels over the optimisation, of the float pixels the optimizer
+moved and of the stored images after rounding (at the releases' step sizes the first is a
+fraction of a grey level and the second 0), and the seconds spent.
 """
 from __future__ import annotations
 
@@ -198,6 +200,7 @@ class _PixelOptimizer(ExemplarOptimizer):
     def __init__(self, s: MnemonicsSettings):
         self.s = s
         self.stats: dict[str, float] = {}     # the last phase's objectives, pixel change, seconds (metrics.json)
+        self.moved: dict[int, torch.Tensor] = {}
 
     def __call__(self, memory, net, normalize, classes, x, y, gen):
         before = {c: v.clone() for c, v in memory.exemplars.items()}
@@ -205,6 +208,7 @@ class _PixelOptimizer(ExemplarOptimizer):
         net.eval()
         t0 = time.perf_counter()
         self.stats = {}
+        self.moved = {}                        # class -> |float pixel change| before rounding, by store()
         frozen = [p for p in net.parameters() if p.requires_grad]
         for p in frozen:                       # the model is fixed: gradients go to pixels only
             p.requires_grad_(False)
@@ -218,8 +222,11 @@ class _PixelOptimizer(ExemplarOptimizer):
         targets = [c for c in self.targets(classes, before) if c in before]
         for part, sel in (("new", [c for c in targets if c >= classes.start]),
                           ("old", [c for c in targets if c < classes.start]), ("exemplar", targets)):
-            if sel:   # mean absolute change of a stored pixel over the optimisation, grey levels (0-255)
+            if sel:   # mean absolute change of a pixel over the optimisation, grey levels (0-255):
+                      # of the float pixels the optimizer moved, and of the stored (rounded) images
                 self.stats[f"{part}_pixel_change"] = float(torch.cat(
+                    [self.moved.get(c, torch.zeros(before[c].numel(), device=before[c].device)) for c in sel]).mean())
+                self.stats[f"{part}_stored_pixel_change"] = float(torch.cat(
                     [(memory.exemplars[c].float() - before[c].float()).abs().flatten() for c in sel]).mean())
         self.stats["seconds"] = time.perf_counter() - t0
         return before
@@ -238,13 +245,18 @@ class _PixelOptimizer(ExemplarOptimizer):
         ys = [torch.full((len(v),), c, dtype=torch.long, device=v.device) for c, v in zip(ids, xs)]
         return torch.cat(xs), torch.cat(ys)
 
-    @staticmethod
-    def store(memory: "Memory", pixels: torch.Tensor, labels: torch.Tensor) -> None:
-        """Write optimised float pixels back as images, rounded to uint8, per class, in the same
-        (selection) order."""
-        pixels = pixels.detach().round().clamp(0, 255).to(torch.uint8)
+    def store(self, memory: "Memory", space: "PixelSpace", z: torch.Tensor, start: torch.Tensor,
+              labels: torch.Tensor) -> None:
+        """Write the optimised exemplars ``z`` (normalised, ``[E, C, H, W]``) back as images,
+        rounded to uint8, per class, in the same (selection) order; ``start``: their float pixels
+        before the optimisation. Records each class's movement before the rounding (grey levels,
+        ``[n * C * H * W]``) for the ``*_pixel_change`` statistics."""
+        moved = space.to_pixels(z.detach())                                          # [E, C, H, W] float
+        shift = (moved - space.to_pixels(space.normalize(start))).abs()              # same round trip: 0 if unmoved
+        pixels = moved.round().clamp(0, 255).to(torch.uint8)
         for c in labels.unique().tolist():
             memory.exemplars[c] = pixels[labels == c].clone()
+            self.moved[c] = shift[labels == c].flatten()
 
     def pixel_optimizer(self, z: list[torch.Tensor]) -> torch.optim.Optimizer:
         """``adam``: the first release's outer optimizer (betas 0.5, 0.999); ``sgd``: the current
@@ -338,7 +350,7 @@ class Mnemonics(_PixelOptimizer):
         z = self.leaf(normalize, ex)
         val = ((embed(vx[i]), vy[i]) for i in self.outer_batches(len(vx), gen, x.device))
         self.stats["new_objective_before"], self.stats["new_objective_after"] = self.fit(net, z, ex_y, val, space)
-        self.store(memory, space.to_pixels(z), ex_y)
+        self.store(memory, space, z, ex, ex_y)
 
         # old classes (the paper's split halves): each half validated on the other as it was
         old_ids = sorted(c for c in memory.exemplars if c < classes.start)
@@ -358,7 +370,7 @@ class Mnemonics(_PixelOptimizer):
         self.stats["old_objective_before"], self.stats["old_objective_after"] = before, after
         z = za.detach().new_empty((len(ex_y),) + tuple(za.shape[1:]))   # [E, C, H, W]
         z[ia], z[ib] = za.detach(), zb.detach()
-        self.store(memory, space.to_pixels(z), ex_y)
+        self.store(memory, space, z, ex, ex_y)
 
 
 @MEMORY_OPTIMIZERS.register("mnemonics-single")
@@ -389,7 +401,7 @@ class MnemonicsSingle(_PixelOptimizer):
         if first is not None:
             self.stats["new_objective_after"] = float(
                 single_level_loss(net, z, ex_y, old_means, normalize(vx[first]), vy[first]).detach())
-        self.store(memory, space.to_pixels(z), ex_y)
+        self.store(memory, space, z, ex, ex_y)
 
 
 # ---------------------------------------------------------------- configuration
