@@ -191,6 +191,27 @@ def test_rational_activation_by_hand():
     assert gp[2].item() == pytest.approx(sum(v ** 2 / d for v, d in zip(xs, den)), rel=1e-9)   # d f / d a_2 = x^2 / Q
 
 
+def test_rational_activation_large_inputs_and_gradients_across_branches():
+    """Beyond |x| = 1 the rational is evaluated divided by x^5: the same values as the formula (by
+    hand, in Python floats), finite in float32 where x^5 overflows (6e8: a young extractor's
+    activations), and gradients in x and in both coefficient sets right on both sides of |x| = 1
+    and at 0 (gradcheck, float64)."""
+    from cilearn.memory.compress import Rational
+    r = Rational().double()
+    P, Q = r.p.tolist(), r.q.tolist()
+    xs = [-1e9, -50.0, -1.0000001, 1.0, 1.5, 3e3, 1e12]
+    y = r(torch.tensor(xs, dtype=torch.float64))
+    for xi, yi in zip(xs, y.tolist()):
+        assert yi == pytest.approx(_rational_by_hand(xi, P, Q), rel=1e-10)
+    big = Rational()(torch.tensor([6e8, -6e8]))                        # float32: x^5 = 7.8e43 overflows
+    assert torch.isfinite(big).all()
+    assert big[0].item() == pytest.approx(P[5] / abs(Q[3]) * 6e8, rel=1e-6)   # ~ (a_5 / |b_4|) x
+    x = torch.tensor([-7.0, -1.2, -1.0, -0.4, 0.0, 0.3, 1.0, 1.01, 4.0], dtype=torch.float64, requires_grad=True)
+    p, q = r.p.detach().clone().requires_grad_(True), r.q.detach().clone().requires_grad_(True)
+
+    assert torch.autograd.gradcheck(lambda x, p, q: torch.func.functional_call(r, {"p": p, "q": q}, (x,)), (x, p, q))
+
+
 def test_mask_model_shares_the_cil_convolutions_and_owns_its_activations():
     """phi is the CIL network with a rational in place of each backbone ReLU: the same convolution
     tensors, its own activation parameters; the CIL model is unchanged outside phi's forward."""
