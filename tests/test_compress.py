@@ -17,6 +17,7 @@ from cilearn.memory.compress import (BOX_BYTES, CIMModel, Codes, Compressor, blu
                                      code_bytes, decode, downsample, encode, fit_prefix, paper_cost,
                                      random_box_artifacts, snap)
 from cilearn.models import build_net
+from cilearn.train import Batch
 
 
 # ---------------------------------------------------------------- boxes and CAMs by hand
@@ -292,6 +293,49 @@ def test_outer_gradient_reaches_the_cim_parameters_through_the_inner_step():
     # the memory regulariser reaches phi directly (no inner step involved)
     g_reg = torch.autograd.grad(objective(with_reg=True) - objective(with_reg=False), coef)[0]
     assert g_reg.abs().sum() > 0
+
+
+def test_inner_step_on_the_methods_full_loss_and_the_extractor_only():
+    """The official inner step: the phase's full training loss (here a stand-in with a second term
+    and a look at ``batch.view``) with the extractor's parameters replaced, the classifier not
+    among the stepped ones; same value as the loss on a copy of the net holding those parameters,
+    gradients to the given leaves only, the net itself untouched."""
+    import copy
+
+    from cilearn.memory.compress import cil_split, method_inner_loss
+    torch.manual_seed(0)
+    net = build_net("convnet", "linear", 1).eval()
+    net.add_classes(3)
+    views = []
+
+    def loss_of(model):
+        def loss(batch):
+            views.append(batch.view)
+            out = model(batch.x)
+            return F.cross_entropy(out.logits, batch.y) + 0.5 * out.embedding.pow(2).mean(), {}
+        return loss
+
+    trainable, fixed = cil_split(net, "backbone.")
+    assert trainable and all(k.startswith("backbone.") for k in trainable)
+    assert {k for k, _ in net.head.named_parameters(prefix="head")} <= set(fixed)      # the classifier left alone
+    assert set(cil_split(net)[0]) == {k for k, p in net.named_parameters()}            # "all": every parameter
+    moved = {k: (v + 0.05 * torch.randn_like(v)).detach().requires_grad_(True) for k, v in trainable.items()}
+    x, y = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1])
+    own = {k: v.clone() for k, v in net.state_dict().items()}
+    got = method_inner_loss(net, loss_of(net))(moved, x, y)
+    twin = copy.deepcopy(net)
+    twin.load_state_dict({**net.state_dict(), **{k: v.detach() for k, v in moved.items()}})
+    want = loss_of(twin)(Batch(x, y, torch.arange(5), None))[0]
+    assert got.item() == pytest.approx(want.item(), rel=1e-6) and views[0] is None
+    grads = torch.autograd.grad(got, list(moved.values()))
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(torch.equal(v, own[k]) for k, v in net.state_dict().items())              # the net untouched
+    # in the bilevel objective the outer gradient still reaches phi through this inner step
+    cim = CIMModel().ensure(net)
+    loss, _ = cim_outer_loss(net, cim, moved, fixed, x[:3], y[:3], x[3:], y[3:], x, y, 2, 0.5, 0.0, 0.0,
+                             inner_loss=method_inner_loss(net, loss_of(net)))
+    (g,) = torch.autograd.grad(loss, [cim.acts[-1].p])
+    assert g.abs().sum() > 0 and torch.isfinite(g).all()
 
 
 # ---------------------------------------------------------------- artifact augmentation

@@ -111,6 +111,10 @@ class PhaseData:
     # the frozen old model's outputs per training batch (``services.TeacherCache``: called with a
     # ``Batch``; ``cached_embeddings(idx)``), when a component or the recipe needs them (phases > 0)
     old_outputs: Any = None
+    # the phase's training loss of a ``Batch`` as the main stage computes it (the method's
+    # objective, teacher and component terms; no batch transforms): ``loss(batch) -> (scalar,
+    # terms)``, for a component that steps on it (CIM's inner step); None outside a method
+    loss: Callable | None = None
 
 
 class Component:

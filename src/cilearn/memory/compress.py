@@ -44,7 +44,7 @@ from ..components import Component, register
 from ..errors import ConfigError
 from ..models.net import eval_mode
 from ..registry import Registry
-from ..train import lr_at
+from ..train import Batch, lr_at
 
 if TYPE_CHECKING:
     from ..config import CompressionConfig
@@ -413,13 +413,39 @@ class Artifacts(Component):
         self.epochs_done = 0
 
 
-def cil_split(net: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The CIL model's tensors for the CIM step's inner update: (its trainable parameters as fresh
-    leaves, the frozen parameters and buffers detached)."""
-    trainable = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters() if p.requires_grad}
-    fixed = {k: p.detach() for k, p in net.named_parameters() if not p.requires_grad}
+def cil_split(net: nn.Module, only: str = "") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The CIL model's tensors for the CIM step's inner update: (its trainable parameters whose
+    names start with ``only`` as fresh leaves, everything else (parameters and buffers) detached).
+    ``only="backbone."``: the official inner step, which leaves the classifier alone."""
+    trainable = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters()
+                 if p.requires_grad and k.startswith(only)}
+    fixed = {k: p.detach() for k, p in net.named_parameters() if k not in trainable}
     fixed.update({k: b.detach() for k, b in net.named_buffers()})
     return trainable, fixed
+
+
+class _LossOf(nn.Module):
+    """``loss_fn`` (a ``PhaseData.loss``, which runs ``net``) as a module holding ``net``, so
+    that ``functional_call`` can run it with some of ``net``'s parameters replaced."""
+
+    def __init__(self, net: nn.Module, loss_fn):
+        super().__init__()
+        self.net, self.loss_fn = net, loss_fn
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.loss_fn(batch)[0]
+
+
+def method_inner_loss(net: nn.Module, loss_fn):
+    """``inner(params, x, y) -> scalar``: the phase's full training loss ``loss_fn`` of the batch
+    ``(x [B, C, H, W] normalised, y [B])`` with ``net``'s parameters ``params`` (names as in
+    ``net``) in place of its own; the teacher's outputs computed on ``x`` (``view`` None)."""
+    holder = _LossOf(net, loss_fn)
+
+    def inner(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        batch = Batch(x, y, torch.arange(len(y), device=y.device), None)
+        return functional_call(holder, {f"net.{k}": v for k, v in params.items()}, (batch,))
+    return inner
 
 
 def meta_batch(x: torch.Tensor, y: torch.Tensor, old: tuple[torch.Tensor, torch.Tensor] | None, bs: int,
@@ -446,11 +472,19 @@ class CIMMetaOptions:
     weight_decay: float = 5e-4    # Adam weight decay of phi (official models/foster.py:102, 116)
     batch_size: int = 16          # new images (and as many exemplars) per meta-iteration (official meta_batch_size)
     inner_ratio: float = 0.1      # the inner step's lr: this x the CIL model's lr of the epoch (official lr_ratio)
+    # the inner step's loss and parameters: the method's full training loss (FOSTER's: CE, the
+    # auxiliary CE, the KD) on the extractor, the classifier left alone, as the official
+    # models/foster.py meta step; "ce" / "all": CE of the logits on every trainable parameter (ours, earlier)
+    inner_loss: str = "method"    # method | ce
+    inner_params: str = "backbone"   # backbone | all
 
     def __post_init__(self):
         if self.per_class < 0 or self.lr <= 0 or self.weight_decay < 0 or self.batch_size < 1 or self.inner_ratio <= 0:
             raise ConfigError("components.cim-meta: per_class >= 0, lr > 0, weight_decay >= 0, batch_size >= 1 and "
                               "inner_ratio > 0 are expected")
+        if self.inner_loss not in ("method", "ce") or self.inner_params not in ("backbone", "all"):
+            raise ConfigError("components.cim-meta: inner_loss must be method or ce, inner_params backbone or all, "
+                              f"got '{self.inner_loss}', '{self.inner_params}'")
 
 
 @register("compressor", "cim-meta")
@@ -512,12 +546,15 @@ class CIMMeta(Component):
             keep = mem[1] < phase.start
             old = (mem[0][keep], mem[1][keep]) if bool(keep.any()) else None
         xn, yn = data.x[new], data.y[new]
+        use_method = o.inner_loss == "method" and data.loss is not None
         with eval_mode(net):
-            trainable, fixed = cil_split(net)
+            trainable, fixed = cil_split(net, "backbone." if o.inner_params == "backbone" else "")
+            inner = method_inner_loss(net, data.loss) if use_method else None
             for _ in range(n):
                 loss, _ = cim_outer_loss(net, phi, trainable, fixed,
                                          *meta_batch(xn, yn, old, o.batch_size, s.gen, s.test_view),
-                                         comp.s, inner_lr, comp.cfg.reg_weight, comp.cfg.cls_weight, comp.mode)
+                                         comp.s, inner_lr, comp.cfg.reg_weight, comp.cfg.cls_weight, comp.mode,
+                                         inner_loss=inner)
                 self.steps += 1
                 params = list(phi.parameters())
                 grads = [torch.zeros_like(p) if g is None else g
@@ -678,12 +715,14 @@ def soft_compress(x: torch.Tensor, c: torch.Tensor, s: int, mode: str = "nearest
 def cim_outer_loss(net: nn.Module, cim: CIMModel, trainable: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
                    new_x: torch.Tensor, new_y: torch.Tensor, ex_x: torch.Tensor | None, ex_y: torch.Tensor | None,
                    val_x: torch.Tensor, val_y: torch.Tensor, s: int, inner_lr: float, mu: float, mu_cls: float,
-                   mode: str = "nearest") -> tuple[torch.Tensor, dict[str, float]]:
+                   mode: str = "nearest", inner_loss=None) -> tuple[torch.Tensor, dict[str, float]]:
     """The CIM bilevel objective (paper Sec. 4) for one outer step, a scalar differentiable in phi:
 
-    * inner: one SGD step of the CIL parameters ``trainable`` (``fixed``: the frozen ones and the
-      buffers) on CE over the exemplars ``(ex_x, ex_y)`` and the new images softly compressed by
-      the CIM masks ``c``: ``theta' = theta - inner_lr * grad`` (the graph kept back to phi);
+    * inner: one SGD step of the CIL parameters ``trainable`` (``fixed``: the others and the
+      buffers) on ``inner_loss(params, x, y)`` (default: CE of the net's logits; ``cim-meta``:
+      the method's full training loss, ``method_inner_loss``) over the exemplars ``(ex_x,
+      ex_y)`` and the new images softly compressed by the CIM masks ``c``:
+      ``theta' = theta - inner_lr * grad`` (the graph kept back to phi);
     * outer: CE of ``theta'`` on a fresh real batch ``(val_x, val_y)`` + ``mu * mean(c_f^2)``, the
       memory regulariser on the normalised CAM at feature resolution ``c_f`` (the official code's
       ``MSE(CAM, 0)``: a larger mask costs memory) + ``mu_cls * CE`` of the CIM model.
@@ -692,7 +731,10 @@ def cim_outer_loss(net: nn.Module, cim: CIMModel, trainable: dict[str, torch.Ten
     soft = soft_compress(new_x, c, s, mode)
     xs = soft if ex_x is None else torch.cat([ex_x, soft])
     ys = new_y if ex_y is None else torch.cat([ex_y, new_y])
-    inner = F.cross_entropy(_wide(functional_call(net, {**fixed, **trainable}, (xs,)).logits), ys)
+    if inner_loss is None:
+        inner = F.cross_entropy(_wide(functional_call(net, {**fixed, **trainable}, (xs,)).logits), ys)
+    else:
+        inner = _wide(inner_loss(trainable, xs, ys))
     names = list(trainable)
     grads = torch.autograd.grad(inner, [trainable[k] for k in names], create_graph=True, allow_unused=True)
     updated = {k: trainable[k] if g is None else trainable[k] - inner_lr * g for k, g in zip(names, grads)}

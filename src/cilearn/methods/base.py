@@ -229,7 +229,8 @@ class Method:
                 self.lam = phase.num_old / phase.seen    # (1 - lambda) CE + lambda KD, lambda = |old| / |seen|
                 self.cls_weight = 1.0 - self.lam
         self.counts = torch.bincount(y, minlength=phase.seen).float()
-        self.phase_data = PhaseData(x, y, self.counts, self.ctx.memory, self.cls_fn, old_outputs=self.teacher_out)
+        self.phase_data = PhaseData(x, y, self.counts, self.ctx.memory, self.cls_fn, old_outputs=self.teacher_out,
+                                    loss=self.batch_loss)
         # the components' phase start: before the head grows (the old model is the teacher; a
         # generator's or a new teacher's draws come here, in this order, before the new rows')
         comps.phase_start(phase, self.net, self.teacher, self.phase_data)
@@ -310,10 +311,17 @@ class Method:
         return self.net(batch.x)
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One student forward serves ``objective``, the loss terms of the components (every
-        phase), the teacher terms (``--distill attention``, ...) and the method's ``teacher_terms``."""
+        """A training step's loss: the constraints' projection, the components' batch transforms
+        (e.g. CIM's artifact augmentation), then ``batch_loss``."""
         self.constrain()
-        batch = self.components.batch(batch)
+        return self.batch_loss(self.components.batch(batch))
+
+    def batch_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of ``batch`` as given: one student forward serves ``objective``, the loss
+        terms of the components (every phase), the teacher terms (``--distill attention``, ...)
+        and the method's ``teacher_terms``. ``PhaseData.loss`` (a component's step on the full
+        training loss, e.g. CIM's inner step; ``batch.view`` None: teacher outputs computed on
+        ``batch.x``)."""
         extra = self.components.extra_rows(batch)
         if not extra:
             out = self.forward(batch)
