@@ -65,7 +65,7 @@ def fmt(vals: list[float], key: str) -> str:
     if any(math.isnan(v) for v in vals):
         return "-"
     if key in ("moved", "stored"):
-        return f"{statistics.mean(vals):.4f}"
+        return f"{statistics.mean(vals):.2g}"      # (the releases move pixels by 1e-10 to 1e-2)
     if len(vals) == 1:
         return f"{statistics.mean(vals):.2f}"
     return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
