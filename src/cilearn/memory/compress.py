@@ -29,7 +29,6 @@ checkpoints hold the codes only.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
