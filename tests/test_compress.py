@@ -211,47 +211,65 @@ def test_rational_activation_large_inputs_and_gradients_across_branches():
     p, q = r.p.detach().clone().requires_grad_(True), r.q.detach().clone().requires_grad_(True)
 
     assert torch.autograd.gradcheck(lambda x, p, q: torch.func.functional_call(r, {"p": p, "q": q}, (x,)), (x, p, q))
+    # a tensor larger than a piece (CHUNK elements) goes through in pieces: the same values and gradients
+    r32 = Rational()
+    big = (torch.randn(3, Rational.CHUNK // 2 + 7) * 3).requires_grad_(True)
+    whole = r32._values(big)
+    pieces = r32(big)
+    assert big.numel() > Rational.CHUNK and torch.equal(pieces, whole)
+    (g_pieces,) = torch.autograd.grad(pieces.square().sum(), big)
+    (g_whole,) = torch.autograd.grad(whole.square().sum(), big)
+    assert torch.equal(g_pieces, g_whole)
 
 
 def test_mask_model_shares_the_cil_convolutions_and_owns_its_activations():
-    """phi is the CIL network with a rational in place of each backbone ReLU: the same convolution
-    tensors, its own activation parameters; the CIL model is unchanged outside phi's forward."""
+    """phi is the CIL network with a rational in place of each backbone ReLU (one network, as the
+    official code): the same convolution tensors; its own parameters are only the rationals', which
+    the training loop leaves to phi's optimizer; an expandable backbone's new extractors get them too."""
+    from cilearn.memory.compress import Rational
+    from cilearn.train import FitSettings, fit
+    from cilearn.data.augment import Augmenter
     torch.manual_seed(0)
-    net = build_net("resnet32", "linear", 1).eval()
+    net = build_net("resnet32", "linear", 1)
     net.add_classes(2)
-    cim = CIMModel().ensure(net)
-    relus = [m for m in net.backbone.modules() if isinstance(m, torch.nn.ReLU)]
-    assert len(cim.acts) == len(relus) == 1 + 2 * 15                # the stem and both of each of 15 blocks
-    own = {id(p) for p in cim.parameters()}
-    assert own and not own & {id(p) for p in net.parameters()}       # its parameters are only the rationals'
-    seen = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: seen.append(mod.weight))
-             for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-    x = torch.randn(2, 1, 8, 8)
-    masks = cim.masks(net, x, torch.tensor([0, 1]))
-    for h in hooks:
-        h.remove()
+    n_relu = sum(isinstance(m, torch.nn.ReLU) for m in net.backbone.modules())
     convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert len(seen) == len(convs) and all(a is b for a, b in zip(seen, convs))   # the same tensors, in order
-    assert masks.shape == (2, 8, 8)
-    assert [m for m in net.backbone.modules() if isinstance(m, torch.nn.ReLU)] == relus   # ReLUs back in place
-    with torch.no_grad():
-        for act in cim.acts:
-            act.p.zero_()                                          # phi's output changes with its own parameters...
-        out_phi = None
-        with cim.swapped(net):
-            out_phi = net(x).logits
-    assert torch.equal(out_phi, torch.zeros_like(out_phi) + net.head.bias)   # (all activations 0: logits = bias)
-    assert not torch.equal(net(x).logits, out_phi)                 # ... and the CIL model's does not
+    cim = CIMModel().ensure(net)
+    assert len(cim.acts) == n_relu == 1 + 2 * 15                     # the stem and both of each of 15 blocks
+    assert not any(isinstance(m, torch.nn.ReLU) for m in net.backbone.modules())
+    assert [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)] == convs   # the same tensors
+    own = {id(p) for p in cim.parameters()}
+    assert len(own) == 2 * n_relu and own <= {id(p) for p in net.parameters()}
+    # one step of the training loop moves the convolutions, not phi
+    before = [a.p.detach().clone() for a in cim.acts]
+    conv0 = convs[0].detach().clone()
+    x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    y = torch.tensor([0, 1] * 4)
+    aug = Augmenter("none", 0, (0.5,), (0.5,), channels_last=False)
+
+    def loss(batch):
+        v = F.cross_entropy(net(batch.x).logits, batch.y)
+        return v, {}
+    fit(net, x, y, loss, FitSettings(epochs=1, lr=0.1, batch_size=8, progress=False), aug, torch.Generator())
+    assert not torch.equal(convs[0], conv0) and all(torch.equal(a.p, b) for a, b in zip(cim.acts, before))
+    ex = build_net("resnet32", "linear", 1, expandable=True)
+    ex.add_classes(2)
+    CIMModel().ensure(ex)
+    ex.expand()
+    assert sum(isinstance(m, Rational) for m in ex.backbone.modules()) == 2 * n_relu   # the new extractor's too
 
 
 def test_outer_gradient_reaches_the_cim_parameters_through_the_inner_step():
     torch.manual_seed(0)
     net = build_net("convnet", "linear", 1).double().eval()
     net.add_classes(3)
-    cim = CIMModel().ensure(net).double()
-    trainable = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters()}
-    fixed = {k: b.detach() for k, b in net.named_buffers()}
+    cim = CIMModel().ensure(net)
+    net.double()
+    from cilearn.memory.compress import phi_names
+    keys = phi_names(net)
+    trainable = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters() if k not in keys}
+    fixed = {k: p for k, p in net.named_parameters() if k in keys}    # phi itself (not stepped by the inner step)
+    fixed.update({k: b.detach() for k, b in net.named_buffers()})
     x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 1])
     ex = torch.randn(3, 1, 8, 8, dtype=torch.float64)
@@ -283,8 +301,7 @@ def test_outer_gradient_reaches_the_cim_parameters_through_the_inner_step():
     # the regulariser: the mean of the squared normalised CAM at feature resolution (official MSE(CAM, 0))
     _, terms = cim_outer_loss(net, cim, trainable, fixed, x, y, ex, ey, vx, vy, 2, 0.5, 1.0, 0.0)
     with torch.no_grad():
-        with cim.swapped(net):
-            maps = net(x).maps[-1]                                            # [4, D, 2, 2]
+        maps = net(x).maps[-1]                                                # [4, D, 2, 2]
         v = net.head.weight[y]
         m = torch.einsum("bd,bdhw->bhw", v, maps)
         lo, hi = m.flatten(1).min(1).values, m.flatten(1).max(1).values
@@ -405,14 +422,15 @@ def test_checkpoint_holds_the_codes_and_they_load(runs):
     _, out = runs["icarl", "cim"]
     from cilearn.checkpoint import load_checkpoint
     st = load_checkpoint(out / "checkpoint-phase.pt")["memory"]
-    assert set(st) == {"codes", "compressor"} and "acts.0.p" in st["compressor"]["cim"]
+    assert set(st) == {"codes", "compressor"}
     from cilearn.config import RunConfig, from_dict
     from cilearn.memory.compress import build
     mem = Memory(Budget(per_class=2), compressor=build(from_dict(RunConfig, {"memory": {"compressor": "cim"}})))
     mem.load_state(st, torch.device("cpu"))
     assert sum(len(v) for v in mem.codes.values()) == len(mem) == runs["icarl", "cim"][0]["memory"]["total_images"]
     assert mem.nbytes == runs["icarl", "cim"][0]["memory"]["total_bytes"]
-    assert len(mem.compressor.model.acts) == 3                   # convnet: one ReLU per stage
+    net_state = load_checkpoint(out / "checkpoint-phase.pt")["net"]
+    assert sum(k.endswith(".p") for k in net_state) == 3          # phi: the net's rationals (convnet: one per stage)
 
 
 def test_recipes_default_to_cim(quick, monkeypatch):

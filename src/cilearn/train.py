@@ -141,7 +141,9 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
     host = isinstance(x, HostRows)    # images on the host: each step fetches its rows (perm on the CPU, once per epoch)
     if s.epochs == 0 or n == 0 or (ckpt is not None and ckpt.skip_stage(desc)):
         return FitResult(0.0, 0, {})
-    params = list(model.parameters() if params is None else params)
+    own = {id(p) for m in model.modules() if getattr(m, "trained_by_component", False) for p in m.parameters()}
+    # (a module flagged ``trained_by_component`` is trained by a component's own optimizer only)
+    params = [p for p in (model.parameters() if params is None else params) if id(p) not in own]
     opt = make_optimizer(params, s)
     bs = min(s.batch_size, n)
     steps = n // bs if s.drop_last else math.ceil(n / bs)
