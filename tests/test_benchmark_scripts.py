@@ -78,3 +78,30 @@ def test_behaviour_matrices_record_then_compare(tmp_path, monkeypatch, capsys):
     assert bm.main(["compare", str(f)]) == 0
     result = {"cnn": [[100.0], [90.0, 80.00001]], "nme": None}
     assert bm.main(["compare", str(f)]) == 1 and "DIFFERS" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+                    reason="apt-get install dataset-fashion-mnist")
+def test_fmnist_imagefolder_places_each_item_unchanged_on_a_larger_canvas(tmp_path):
+    """The image folder for CIM at 64 px: every written image holds one 28 x 28 Fashion-MNIST
+    item, pixel for pixel (PNG is lossless), on black; cilearn reads the folder back at 64 px."""
+    import fmnist_imagefolder
+    import numpy as np
+    from PIL import Image
+
+    from cilearn.data.base import DataOptions
+    from cilearn.data.datasets import load_dataset, load_fashion_mnist, subsample_per_class
+    out = tmp_path / "fm64"
+    assert fmnist_imagefolder.main([str(out), "--train-per-class", "3", "--test-per-class", "2"]) == 0
+    assert len(list((out / "train").rglob("*.png"))) == 30 and len(list((out / "val").rglob("*.png"))) == 20
+    src = load_fashion_mnist(DataOptions())
+    tx, ty = subsample_per_class(src.train_x, src.train_y, 3, 0)       # the script's seeded choice
+    name = src.class_names[int(ty[0])].replace("/", "-").replace(" ", "_")
+    img = np.asarray(Image.open(out / "train" / name / "000000.png"))
+    item = tx[0, 0].numpy()
+    assert img.shape == (64, 64) and img.dtype == np.uint8 and int(img.sum()) == int(item.sum())   # black around it
+    assert any(np.array_equal(img[r:r + 28, c:c + 28], item) for r in range(37) for c in range(37))
+    ds = load_dataset("imagefolder", DataOptions(data_dir=str(out), image_size=64, workers=1))
+    assert tuple(ds.train_x.shape) == (30, 3, 64, 64) and ds.num_classes == 10
+    with pytest.raises(SystemExit):                                 # a non-empty folder is refused
+        fmnist_imagefolder.main([str(out)])
