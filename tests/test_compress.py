@@ -498,12 +498,20 @@ def test_a_class_shrunk_to_no_exemplar_shrinks_again():
     assert len(mem.codes[0]) == 0
 
 
-def test_cim_meta_iterations_after_every_epoch(quick):
+def test_cim_meta_iterations_after_every_epoch(quick, monkeypatch):
     """The mask model trains alongside the CIL model: max(1, int(0.5 x new classes)) bilevel steps
     after every training epoch of every phase (official num_meta_iters_per_cls), recorded per phase."""
+    import cilearn.memory.compress as compress
+    real, calls = compress.cim_outer_loss, []
+
+    def watched(net, cim, *args, **kw):         # every step differentiates phi (also after the training rested it)
+        calls.append(all(p.requires_grad for a in cim.acts for p in a.parameters()))
+        return real(net, cim, *args, **kw)
+    monkeypatch.setattr(compress, "cim_outer_loss", watched)
     m = cilearn.run(quick(method="foster-cim", train={"epochs": 2, "progress": False, "precision": "fp32"},
                           scenario={"base": 2, "increment": 4}), echo=False).metrics
     assert [r["cim_meta_steps"] for r in m["phases"]] == [2 * 1, 2 * 2, 2 * 2]       # 2, 4, 4 new classes
+    assert len(calls) == 10 and all(calls)
     assert all(r["cim_meta_seconds"] > 0 for r in m["phases"])
 
 

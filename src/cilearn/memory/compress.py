@@ -560,6 +560,7 @@ class CIMMeta(Component):
             old = (mem[0][keep], mem[1][keep]) if bool(keep.any()) else None
         xn, yn = data.x[new], data.y[new]
         use_method = o.inner_loss == "method" and data.loss is not None
+        params = list(phi.parameters())       # (with their gradient on again: the training rests them)
         with eval_mode(net):
             trainable, fixed = cil_split(net, "backbone." if o.inner_params == "backbone" else "")
             inner = method_inner_loss(net, data.loss) if use_method else None
@@ -569,7 +570,6 @@ class CIMMeta(Component):
                                          comp.s, inner_lr, comp.cfg.reg_weight, comp.cfg.cls_weight, comp.mode,
                                          inner_loss=inner)
                 self.steps += 1
-                params = list(phi.parameters())
                 grads = [torch.zeros_like(p) if g is None else g
                          for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
                 if not (torch.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)):
