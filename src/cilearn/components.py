@@ -113,7 +113,7 @@ class PhaseData:
     old_outputs: Any = None
     # the phase's training loss of a ``Batch`` as the main stage computes it (the method's
     # objective, teacher and component terms; no batch transforms): ``loss(batch) -> (scalar,
-    # terms)``, for a component that steps on it (CIM's inner step); None outside a method
+    # terms)``, for a component that takes a differentiable step on it; None outside a method
     loss: Callable | None = None
 
 
