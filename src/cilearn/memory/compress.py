@@ -560,7 +560,7 @@ class CIMMeta(Component):
             old = (mem[0][keep], mem[1][keep]) if bool(keep.any()) else None
         xn, yn = data.x[new], data.y[new]
         use_method = o.inner_loss == "method" and data.loss is not None
-        params = list(phi.parameters())       # (with their gradient on again: the training rests them)
+        params = phi.wake()                   # (the training rests phi: gradient on for the steps)
         with eval_mode(net):
             trainable, fixed = cil_split(net, "backbone." if o.inner_params == "backbone" else "")
             inner = method_inner_loss(net, data.loss) if use_method else None
@@ -715,19 +715,20 @@ class CIMModel:
     def acts(self) -> list[nn.Module]:
         return [m for m in self.net.backbone.modules() if isinstance(m, Rational)] if self.net is not None else []
 
-    def parameters(self):
-        """phi's coefficients, requiring grad (a frozen extractor's rationals too: the official code
-        trains the old backbone's rationals with phi, ``models/foster.py:51-54``)."""
-        for a in self.acts:
-            for p in a.parameters():
-                yield p.requires_grad_(True)
+    def parameters(self) -> list[nn.Parameter]:
+        """phi's coefficients (a frozen extractor's rationals too: the official code trains the old
+        backbone's rationals with phi, ``models/foster.py:51-54``)."""
+        return [p for a in self.acts for p in a.parameters()]
+
+    def wake(self) -> list[nn.Parameter]:
+        """phi's coefficients with their gradient on, for a CIM step (``rest`` turns it off)."""
+        return [p.requires_grad_(True) for p in self.parameters()]
 
     def rest(self) -> None:
         """phi's coefficients without gradient between CIM steps: the CIL training does not train
         them, and computing their gradient in every training step would only cost time."""
-        for a in self.acts:
-            for p in a.parameters():
-                p.requires_grad_(False)
+        for p in self.parameters():
+            p.requires_grad_(False)
 
     def cam_and_logits(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -867,13 +868,13 @@ class CIMCompressor(Compressor):
             if cfg.iterations == 0 or len(x) == 0:
                 return
             trainable, fixed = cil_split(net)
-            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            params = model.wake()                   # phi only: no gradient for the CIL copies' leaves
+            opt = torch.optim.Adam(params, lr=cfg.lr)
             first = last = None
             for _ in range(cfg.iterations):
                 loss, terms = cim_outer_loss(net, model, trainable, fixed,
                                              *meta_batch(x, y, memory_data, cfg.batch_size, gen, normalize),
                                              self.s, self.inner_lr(), cfg.reg_weight, cfg.cls_weight, self.mode)
-                params = list(model.parameters())       # phi only: no gradient for the CIL copies' leaves
                 for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
                     p.grad = torch.zeros_like(p) if g is None else g
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
