@@ -223,21 +223,38 @@ def test_rational_activation_large_inputs_and_gradients_across_branches():
 
 
 def test_mask_model_shares_the_cil_convolutions_and_owns_its_activations():
-    """phi is the CIL network with a rational in place of each backbone ReLU (one network, as the
-    official code): the same convolution tensors; its own parameters are only the rationals', which
-    the training loop leaves to phi's optimizer; an expandable backbone's new extractors get them too."""
+    """phi is the CIL network with a rational in each backbone ReLU slot (as the official code's
+    two activations): the CIL forward is unchanged (ReLU), the CIM forward (``active()``) runs the
+    rationals through the same convolution tensors; phi's own parameters are only the rationals',
+    which the training loop leaves to phi's optimizer; an expandable backbone's new extractors get
+    them too."""
     from cilearn.memory.compress import Rational
     from cilearn.train import FitSettings, fit
     from cilearn.data.augment import Augmenter
     torch.manual_seed(0)
-    net = build_net("resnet32", "linear", 1)
+    net = build_net("resnet32", "linear", 1).eval()
     net.add_classes(2)
     n_relu = sum(isinstance(m, torch.nn.ReLU) for m in net.backbone.modules())
     convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    probe = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        relu_out = net(probe).logits
     cim = CIMModel().ensure(net)
     assert len(cim.acts) == n_relu == 1 + 2 * 15                     # the stem and both of each of 15 blocks
     assert not any(isinstance(m, torch.nn.ReLU) for m in net.backbone.modules())
     assert [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)] == convs   # the same tensors
+    with torch.no_grad():
+        assert torch.equal(net(probe).logits, relu_out)             # the CIL forward: still the ReLUs
+        with cim.active():
+            cim_out = net(probe).logits                             # the CIM forward: the rationals
+        assert not torch.allclose(cim_out, relu_out, atol=1e-4)
+        with torch.no_grad():
+            cim.acts[0].p[1] += 0.5                                 # phi moves the CIM forward only
+        assert torch.equal(net(probe).logits, relu_out)
+        with cim.active():
+            assert not torch.allclose(net(probe).logits, cim_out)
+            cim.acts[0].p[1] -= 0.5
+    net.train()
     own = {id(p) for p in cim.parameters()}
     assert len(own) == 2 * n_relu and own <= {id(p) for p in net.parameters()}
     # one step of the training loop moves the convolutions, not phi
@@ -300,7 +317,7 @@ def test_outer_gradient_reaches_the_cim_parameters_through_the_inner_step():
         assert math.isclose((up - down) / (2 * eps), g[i].item(), rel_tol=1e-4, abs_tol=1e-9)
     # the regulariser: the mean of the squared normalised CAM at feature resolution (official MSE(CAM, 0))
     _, terms = cim_outer_loss(net, cim, trainable, fixed, x, y, ex, ey, vx, vy, 2, 0.5, 1.0, 0.0)
-    with torch.no_grad():
+    with torch.no_grad(), cim.active():                                       # the CIM forward: rationals
         maps = net(x).maps[-1]                                                # [4, D, 2, 2]
         v = net.head.weight[y]
         m = torch.einsum("bd,bdhw->bhw", v, maps)

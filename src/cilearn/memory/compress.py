@@ -29,6 +29,7 @@ checkpoints hold the codes only.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -510,8 +511,8 @@ class CIMMeta(Component):
         self.rested = None                    # the phase whose training runs with phi's gradient off
 
     def attach(self, model):
-        """The CIL network becomes phi's network: rationals in place of its backbone's ReLUs, before
-        any state is restored (its checkpoints hold them)."""
+        """The CIL network gets phi's rationals in its backbone's ReLU slots (ReLUs still outside
+        the CIM forward), before any state is restored (its checkpoints hold them)."""
         CIMModel().ensure(model).rest()
 
     def batch(self, batch):
@@ -616,15 +617,27 @@ RATIONAL_RELU_Q = (-1.191550121923625, 4.4080487697236626, 0.9110357113686055, 0
 class Rational(nn.Module):
     """``f(x) = (a_0 + a_1 x + ... + a_5 x^5) / (1 + |b_1 x| + |b_2 x^2| + |b_3 x^3| + |b_4 x^4|)``,
     one set of coefficients for all channels, learnable; initially close to ReLU on [-3, 3].
-    Trained by CIM's own step only (``trained_by_component``: the training loop leaves it out)."""
+    Trained by CIM's own step only (``trained_by_component``: the training loop leaves it out).
+
+    ``relu_outside``: installed in a CIL backbone (``install_rationals``) the module is a ReLU
+    except inside ``CIMModel.active()``, the official network's two activations in one slot
+    (``convs/resnet.py``: ``forward(..., activation='relu')`` by default, ``'ratl'`` for the CIM
+    forward only). A lone ``Rational()`` is the rational everywhere."""
     trained_by_component = True
 
-    def __init__(self):
+    def __init__(self, relu_outside: bool = False):
         super().__init__()
         self.p = nn.Parameter(torch.tensor(RATIONAL_RELU_P))
         self.q = nn.Parameter(torch.tensor(RATIONAL_RELU_Q))
+        self.relu_outside = relu_outside
+        self.active = False           # set by CIMModel.active() for the CIM forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.relu_outside and not self.active:
+            return F.relu(x)
+        return self.rational(x)
+
+    def rational(self, x: torch.Tensor) -> torch.Tensor:
         """The same function in two evaluations, so that large inputs do not overflow (x^5 does in
         float32 above ~4e7, which deep activations of a young extractor reach): for |x| <= 1 as
         written; for |x| > 1 numerator and denominator divided by x^5 (t = 1/x, |t| < 1):
@@ -669,10 +682,12 @@ def _relus(module: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 def install_rationals(module: nn.Module) -> nn.Module:
-    """Every ``nn.ReLU`` inside ``module`` replaced by a new ``Rational`` (in place); returns it."""
+    """Every ``nn.ReLU`` inside ``module`` replaced by a new ``Rational(relu_outside=True)`` (in
+    place: a ReLU still, the rational inside ``CIMModel.active()``); returns it."""
     dev = next((p.device for p in module.parameters()), None)
     for parent, name in _relus(module):
-        setattr(parent, name, Rational().to(dev) if dev is not None else Rational())
+        r = Rational(relu_outside=True)
+        setattr(parent, name, r.to(dev) if dev is not None else r)
     return module
 
 
@@ -683,14 +698,18 @@ def phi_names(net: nn.Module) -> set[str]:
 
 
 class CIMModel:
-    """The mask model phi as the official code builds it (``convs/resnet.py:44-63, 100-125``,
-    ``activation='ratl'``; ``utils/inc_net.py``): **one network**. In a CIM run every ReLU of the
-    CIL backbone (the stem's, and both of each residual block) is a learnable ``Rational``, in the
-    CIL model's own forward too, so its BatchNorm statistics are those of the rational network.
-    The rationals' coefficients are phi: trained only by the CIM step (``Rational`` is
-    ``trained_by_component``: the training loop leaves it out), convolutions, BatchNorm and head
-    are the CIL model's. An expandable backbone gets rationals in each new extractor. The CAM
-    ``class_vector . maps`` of the net's last stage gives the masks, its logits the CIM model's CE."""
+    """The mask model phi as the official code builds it (``convs/resnet.py:44-63, 100-125``;
+    ``utils/inc_net.py`` ``FOSTERNet.forward(x, params=None, activation='relu')``): the CIL
+    network with a second activation in every ReLU slot of its backbone (the stem's, and both of
+    each residual block). The CIL model's own forward (training, the CIM inner step and its
+    validation, evaluation) runs the ReLUs; the CIM forward (``active()``: the masks and the CIM
+    model's logits, official ``activation='ratl'``) runs learnable ``Rational``s in their place
+    through the **same** convolutions, BatchNorm layers (their running statistics are the ReLU
+    network's) and head. phi is the rationals' coefficients: the training loop leaves them out
+    (``trained_by_component``) and only the CIM step trains them, also those of a frozen old
+    extractor (``models/foster.py:51-54``). An expandable backbone gets rationals in each new
+    extractor. The CAM ``class_vector . maps`` of the CIM forward's last stage gives the masks,
+    its logits the CIM model's CE."""
 
     def __init__(self):
         self.net: nn.Module | None = None
@@ -725,17 +744,30 @@ class CIMModel:
         return [p.requires_grad_(True) for p in self.parameters()]
 
     def rest(self) -> None:
-        """phi's coefficients without gradient between CIM steps: the CIL training does not train
-        them, and computing their gradient in every training step would only cost time."""
+        """phi's coefficients without gradient between CIM steps (the CIL training neither runs
+        nor trains them)."""
         for p in self.parameters():
             p.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def active(self):
+        """The block runs the net with phi's rationals in place of its ReLUs (the CIM forward)."""
+        acts = self.acts
+        for a in acts:
+            a.active = True
+        try:
+            yield
+        finally:
+            for a in acts:
+                a.active = False
 
     def cam_and_logits(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(soft masks ``[B, H, W]`` in [0, 1], CIM logits ``[B, K]``, the same CAM at feature
-        resolution ``[B, h, w]``) of normalised ``x`` for the labels ``y``; differentiable in
-        phi (the head's parameters are constants here)."""
-        maps = net(x).maps[-1]                                                # [B, D, h, w]
+        resolution ``[B, h, w]``) of normalised ``x`` for the labels ``y`` by the CIM forward;
+        differentiable in phi (the head's parameters are constants here)."""
+        with self.active():
+            maps = net(x).maps[-1]                                            # [B, D, h, w]
         head = {k: v.detach() for k, v in net.head.named_parameters()}       # no gradient into the CIL head
         logits = functional_call(net.head, head, (maps.mean((2, 3)),))
         v = class_vectors(net.head)[y].detach()
@@ -743,8 +775,9 @@ class CIMModel:
 
     @torch.no_grad()
     def masks(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The CAM ``[B, H, W]`` of classes ``y`` on normalised ``x`` (for the boxes)."""
-        maps = net(x).maps[-1]
+        """The CAM ``[B, H, W]`` of classes ``y`` on normalised ``x`` by the CIM forward (for the boxes)."""
+        with self.active():
+            maps = net(x).maps[-1]
         self.fallbacks += int((~torch.isfinite(maps.flatten(1)).all(1)).sum())
         return cam(maps, class_vectors(net.head)[y], tuple(x.shape[-2:]))
 
