@@ -105,3 +105,27 @@ def test_fmnist_imagefolder_places_each_item_unchanged_on_a_larger_canvas(tmp_pa
     assert tuple(ds.train_x.shape) == (30, 3, 64, 64) and ds.num_classes == 10
     with pytest.raises(SystemExit):                                 # a non-empty folder is refused
         fmnist_imagefolder.main([str(out)])
+
+
+def test_cim_table_means_over_seeds_and_counts_the_meta_steps(tmp_path, capsys):
+    import json
+    import cim_table
+
+    def write(label, seed, acc, images, cim):
+        d = tmp_path / f"{label}-s{seed}"
+        d.mkdir()
+        phases = [{"acc": acc, "cim_meta_steps": 6, "cim_meta_seconds": 2.0 * seed, "cim_meta_skipped": seed}
+                  if cim else {"acc": acc} for _ in range(2)]
+        m = {"avg_incremental_acc": acc, "avg_incremental_acc_nme": acc + 10, "last_acc": acc - 10,
+             "forgetting": 0.0, "accuracy_matrix": [], "phases": phases,
+             "memory": {"total_images": images, "total_bytes": 100 * images, "class_images": [images // 4] * 4}}
+        (d / "metrics.json").write_text(json.dumps(m))
+    for seed, acc in ((1, 30.0), (2, 34.0)):
+        write("foster", seed, acc, 8, False)
+        write("foster_--compressor_cim", seed, acc + 2, 12 + 4 * seed, True)
+    assert cim_table.main([str(tmp_path), "--labels", "foster,foster --compressor cim", "--seeds", "1,2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "| foster | 2.00 ± 0.00 | 800 ± 0 | 32.00 ± 2.83 | 42.00 ± 2.83 | 22.00 ± 2.83 | - | - |"
+    assert out[3] == ("| foster --compressor cim | 4.50 ± 0.71 | 1800 ± 283 | 34.00 ± 2.83 | 44.00 ± 2.83 | "
+                      "24.00 ± 2.83 | 3.00 ± 1.41 | 12/12 / 2/4 |")
+    assert cim_table.main([str(tmp_path / "none"), "--labels", "foster", "--seeds", "1"]) == 2

@@ -2,6 +2,7 @@
 pixels, the cost accounting by hand, the budget as a property over random boxes and budgets, the
 outer gradient through the inner step (finite differences), and end-to-end runs of every
 compressor on iCaRL and FOSTER."""
+import copy
 import math
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import cilearn
 from cilearn.config import CompressionConfig
 from cilearn.errors import ConfigError
 from cilearn.memory import Budget, Memory
-from cilearn.memory.compress import (BOX_BYTES, CIMModel, Codes, Compressor, blur, boxes_from_cam, cam, cim_outer_loss,
-                                     code_bytes, decode, downsample, encode, fit_prefix, paper_cost,
+from cilearn.memory.compress import (BOX_BYTES, CIMMetaOptions, CIMModel, Codes, Compressor, blur, boxes_from_cam,
+                                     cam, cim_outer_loss, code_bytes, decode, downsample, encode, fit_prefix, paper_cost,
                                      random_box_artifacts, snap)
 from cilearn.models import build_net
 from cilearn.train import Batch
@@ -334,7 +335,6 @@ def test_inner_step_on_the_methods_full_loss_and_the_extractor_only():
     and a look at ``batch.view``) with the extractor's parameters replaced, the classifier not
     among the stepped ones; same value as the loss on a copy of the net holding those parameters,
     gradients to the given leaves only, the net itself untouched."""
-    import copy
 
     from cilearn.memory.compress import cil_split, method_inner_loss
     torch.manual_seed(0)
@@ -530,6 +530,55 @@ def test_cim_meta_iterations_after_every_epoch(quick, monkeypatch):
     assert [r["cim_meta_steps"] for r in m["phases"]] == [2 * 1, 2 * 2, 2 * 2]       # 2, 4, 4 new classes
     assert len(calls) == 10 and all(calls)
     assert all(r["cim_meta_seconds"] > 0 for r in m["phases"])
+
+
+def test_batch_statistics_normalises_by_the_batch_and_keeps_the_running_statistics():
+    """``bn batch`` for the CIM step: training-mode BatchNorm on the batch's own statistics, the
+    running statistics and the module modes as they were; a frozen extractor stays in eval mode."""
+    from cilearn.memory.compress import batch_statistics
+    torch.manual_seed(0)
+    net = build_net("resnet32", "linear", 1, expandable=True)
+    net.add_classes(2)
+    net.expand()                                           # extractor 0 frozen (eval mode), 1 trains
+    net.add_classes(2)
+    net.eval()
+    x = torch.randn(6, 1, 8, 8) * 3 + 1
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        twin = copy.deepcopy(net).train()
+        want = twin(x).logits                              # training mode (updates the twin's statistics)
+        with batch_statistics(net):
+            assert net.training and not net.backbone.extractors[0].training
+            got = net(x).logits
+        running = net(x).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, running, atol=1e-3)
+    assert not net.training and all(not m.training for m in net.modules())
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())     # nothing updated
+    assert all(m.track_running_stats for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_cim_meta_step_on_batch_statistics_end_to_end(quick, monkeypatch):
+    """``--components.cim-meta.bn batch``: the steps run with the net in training mode on batch
+    statistics (the CIM forward included), and leave the CIL model's running statistics alone;
+    a bad value is a config error naming the option."""
+    import cilearn.memory.compress as compress
+    real, seen = compress.cim_outer_loss, []
+
+    def watched(net, cim, *args, **kw):
+        bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.training]
+        before = [m.running_mean.clone() for m in bns]
+        out = real(net, cim, *args, **kw)
+        seen.append((net.training, bool(bns) and not any(m.track_running_stats for m in bns),
+                     all(torch.equal(m.running_mean, b) for m, b in zip(bns, before))))
+        return out
+    monkeypatch.setattr(compress, "cim_outer_loss", watched)
+    cfg = quick(method="foster-cim", train={"epochs": 1, "progress": False, "precision": "fp32"},
+                scenario={"base": 2, "increment": 4}, components={"cim-meta": {"bn": "batch"}})
+    m = cilearn.run(cfg, echo=False).metrics
+    assert seen and all(s == (True, True, True) for s in seen)
+    assert [r["cim_meta_steps"] for r in m["phases"]] == [1, 2, 2]
+    with pytest.raises(ConfigError, match="bn running or batch"):
+        CIMMetaOptions(bn="none")
 
 
 @pytest.mark.parametrize("select_on", ["compressed", "original"])

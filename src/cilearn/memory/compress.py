@@ -451,6 +451,25 @@ def method_inner_loss(net: nn.Module, loss_fn):
     return inner
 
 
+@contextlib.contextmanager
+def batch_statistics(net: nn.Module):
+    """The block runs ``net`` in training mode (a frozen extractor stays in eval mode, as in the
+    training) with each BatchNorm that trains normalising by the batch's own statistics and its
+    running statistics left as they are (``track_running_stats`` off for the block)."""
+    was = net.training
+    net.train()
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+           and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield net
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+        net.train(was)
+
+
 def meta_batch(x: torch.Tensor, y: torch.Tensor, old: tuple[torch.Tensor, torch.Tensor] | None, bs: int,
                gen: torch.Generator, normalize) -> tuple:
     """One CIM step's data: ``bs`` new images ``(x, y)`` to compress and ``bs`` more as validation,
@@ -480,14 +499,20 @@ class CIMMetaOptions:
     # models/foster.py meta step; "ce" / "all": CE of the logits on every trainable parameter (ours, earlier)
     inner_loss: str = "method"    # method | ce
     inner_params: str = "backbone"   # backbone | all
+    # BatchNorm in the step: "running" = the CIL model in eval mode (official models/foster.py:155,
+    # 242 self._network.eval()); "batch" = in training mode on each batch's own statistics, the
+    # running ones left untouched (ours: with few batches per epoch the running statistics lag
+    # the weights and the eval-mode forward of a young extractor explodes, RESULTS.md issue 23)
+    bn: str = "running"           # running | batch
 
     def __post_init__(self):
         if self.per_class < 0 or self.lr <= 0 or self.weight_decay < 0 or self.batch_size < 1 or self.inner_ratio <= 0:
             raise ConfigError("components.cim-meta: per_class >= 0, lr > 0, weight_decay >= 0, batch_size >= 1 and "
                               "inner_ratio > 0 are expected")
-        if self.inner_loss not in ("method", "ce") or self.inner_params not in ("backbone", "all"):
+        if self.inner_loss not in ("method", "ce") or self.inner_params not in ("backbone", "all") \
+                or self.bn not in ("running", "batch"):
             raise ConfigError("components.cim-meta: inner_loss must be method or ce, inner_params backbone or all, "
-                              f"got '{self.inner_loss}', '{self.inner_params}'")
+                              f"bn running or batch, got '{self.inner_loss}', '{self.inner_params}', '{self.bn}'")
 
 
 @register("compressor", "cim-meta")
@@ -497,8 +522,8 @@ class CIMMeta(Component):
     meta-iterations of the bilevel step (``cim_outer_loss``) on phi, Adam (lr 0.01, weight decay
     5e-4) with a cosine schedule over the phase's epochs, gradient norm clipped at
     ``memory.compression.grad-clip`` (x sqrt 2 after the first phase, as the official code); the
-    inner step at ``inner_ratio`` x the epoch's lr. The CIL model runs in eval mode for it. Its
-    batches draw from the run's generator; phi, Adam and the schedule are this component's state,
+    inner step at ``inner_ratio`` x the epoch's lr. The CIL model runs in eval mode for it
+    (``bn="batch"``: on batch statistics, ``batch_statistics``). Its batches draw from the run's generator; phi, Adam and the schedule are this component's state,
     so a run stopped inside a phase resumes exactly. ``cim_meta_steps`` / ``cim_meta_seconds`` per
     phase in ``metrics.json``. In runs with the ``cim`` compressor."""
     Options = CIMMetaOptions
@@ -562,7 +587,7 @@ class CIMMeta(Component):
         xn, yn = data.x[new], data.y[new]
         use_method = o.inner_loss == "method" and data.loss is not None
         params = phi.wake()                   # (the training rests phi: gradient on for the steps)
-        with eval_mode(net):
+        with eval_mode(net) if o.bn == "running" else batch_statistics(net):
             trainable, fixed = cil_split(net, "backbone." if o.inner_params == "backbone" else "")
             inner = method_inner_loss(net, data.loss) if use_method else None
             for _ in range(n):
