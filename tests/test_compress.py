@@ -532,6 +532,18 @@ def test_cim_meta_iterations_after_every_epoch(quick, monkeypatch):
     assert all(r["cim_meta_seconds"] > 0 for r in m["phases"])
 
 
+def test_phi_step_skips_a_step_that_is_not_finite():
+    """Both CIM step loops (the epoch-end meta-iterations and the phase-end ones) update phi only
+    on a finite loss with finite gradients, the norm clipped."""
+    from cilearn.memory.compress import phi_step
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = torch.optim.SGD([w], lr=0.5)
+    assert not phi_step((w * float("inf")).sum(), [w], opt, 1.0) and w.tolist() == [1.0, 2.0]
+    assert not phi_step((w * w).sum() * float("nan"), [w], opt, 1.0) and w.tolist() == [1.0, 2.0]
+    assert phi_step((3 * w).sum(), [w], opt, 1.0)              # gradient (3, 3), clipped to norm 1
+    assert w.tolist() == pytest.approx([1.0 - 0.5 / math.sqrt(2), 2.0 - 0.5 / math.sqrt(2)])
+
+
 def test_batch_statistics_normalises_by_the_batch_and_keeps_the_running_statistics():
     """``bn batch`` for the CIM step: training-mode BatchNorm on the batch's own statistics, the
     running statistics and the module modes as they were; a frozen extractor stays in eval mode."""

@@ -451,6 +451,21 @@ def method_inner_loss(net: nn.Module, loss_fn):
     return inner
 
 
+def phi_step(loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer, clip: float) -> bool:
+    """One step of phi's optimizer on ``loss`` (gradient norm clipped at ``clip``); False, and
+    no update, when the loss or a gradient is not finite (a young network's eval-mode forward can
+    overflow, docs/methods/cim.md)."""
+    grads = [torch.zeros_like(p) if g is None else g
+             for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+    if not (torch.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)):
+        return False
+    for p, g in zip(params, grads):
+        p.grad = g
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    return True
+
+
 @contextlib.contextmanager
 def batch_statistics(net: nn.Module):
     """The block runs ``net`` in training mode (a frozen extractor stays in eval mode, as in the
@@ -596,15 +611,7 @@ class CIMMeta(Component):
                                          comp.s, inner_lr, comp.cfg.reg_weight, comp.cfg.cls_weight, comp.mode,
                                          inner_loss=inner)
                 self.steps += 1
-                grads = [torch.zeros_like(p) if g is None else g
-                         for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
-                if not (torch.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)):
-                    self.skipped += 1         # phi's forward overflowed (see docs/methods/cim.md): no update
-                    continue
-                for p, g in zip(params, grads):
-                    p.grad = g
-                torch.nn.utils.clip_grad_norm_(params, clip)
-                self.opt.step()
+                self.skipped += not phi_step(loss, params, self.opt, clip)
         self.sched.step()
         phi.rest()
         self.seconds += time.perf_counter() - t0
@@ -929,19 +936,17 @@ class CIMCompressor(Compressor):
             params = model.wake()                   # phi only: no gradient for the CIL copies' leaves
             opt = torch.optim.Adam(params, lr=cfg.lr)
             first = last = None
+            skipped = 0
             for _ in range(cfg.iterations):
                 loss, terms = cim_outer_loss(net, model, trainable, fixed,
                                              *meta_batch(x, y, memory_data, cfg.batch_size, gen, normalize),
                                              self.s, self.inner_lr(), cfg.reg_weight, cfg.cls_weight, self.mode)
-                for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
-                    p.grad = torch.zeros_like(p) if g is None else g
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+                skipped += not phi_step(loss, params, opt, cfg.grad_clip)
                 last = {**terms, "loss": float(loss.detach())}
                 first = first or last
             model.rest()
             self.stats = {"cim_loss_first": first["loss"], "cim_loss_last": last["loss"],
-                          "cim_mask_first": first["mask"], "cim_mask_last": last["mask"]}
+                          "cim_mask_first": first["mask"], "cim_mask_last": last["mask"], "cim_skipped": skipped}
 
     def inner_lr(self) -> float:
         return self.cfg.inner_lr if self.cfg.inner_lr is not None else self.default_inner_lr
