@@ -129,3 +129,18 @@ def test_cim_table_means_over_seeds_and_counts_the_meta_steps(tmp_path, capsys):
     assert out[3] == ("| foster --compressor cim | 4.50 ± 0.71 | 1800 ± 283 | 34.00 ± 2.83 | 44.00 ± 2.83 | "
                       "24.00 ± 2.83 | 3.00 ± 1.41 | 12/12 / 2/4 |")
     assert cim_table.main([str(tmp_path / "none"), "--labels", "foster", "--seeds", "1"]) == 2
+
+
+def test_cim_boxes_box_area_and_item_share():
+    """Box area as a fraction of the image and the share of the (bright, on black) item's pixels
+    inside the box, per stored exemplar."""
+    import torch
+    import cim_boxes
+    from cilearn.memory.compress import encode
+    x = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    x[:, :, 0:4, 0:4] = 200                                  # a 4 x 4 item in the top-left corner
+    boxes = torch.tensor([[0, 0, 4, 4], [0, 0, 2, 8]])       # covers all of it / its top half
+    area, share = cim_boxes.box_stats(encode(x, boxes, 2))
+    assert area == pytest.approx([16 / 64, 16 / 64]) and share == pytest.approx([1.0, 0.5])
+    st = {"memory": {"codes": {"0": encode(x, boxes, 2).state()}}, "other": [1, {"boxes": 1}]}
+    assert len(list(cim_boxes.code_states(st))) == 1
