@@ -547,7 +547,7 @@ def test_phi_step_skips_a_step_that_is_not_finite():
 def test_batch_statistics_normalises_by_the_batch_and_keeps_the_running_statistics():
     """``bn batch`` for the CIM step: training-mode BatchNorm on the batch's own statistics, the
     running statistics and the module modes as they were; a frozen extractor stays in eval mode."""
-    from cilearn.memory.compress import batch_statistics
+    from cilearn.models.net import batch_statistics
     torch.manual_seed(0)
     net = build_net("resnet32", "linear", 1, expandable=True)
     net.add_classes(2)

@@ -42,7 +42,7 @@ from torch.func import functional_call
 
 from ..components import Component, register
 from ..errors import ConfigError
-from ..models.net import eval_mode
+from ..models.net import batch_statistics, eval_mode
 from ..registry import Registry
 from ..train import Batch, lr_at
 
@@ -466,25 +466,6 @@ def phi_step(loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Op
     return True
 
 
-@contextlib.contextmanager
-def batch_statistics(net: nn.Module):
-    """The block runs ``net`` in training mode (a frozen extractor stays in eval mode, as in the
-    training) with each BatchNorm that trains normalising by the batch's own statistics and its
-    running statistics left as they are (``track_running_stats`` off for the block)."""
-    was = net.training
-    net.train()
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-           and m.track_running_stats]
-    for m in bns:
-        m.track_running_stats = False
-    try:
-        yield net
-    finally:
-        for m in bns:
-            m.track_running_stats = True
-        net.train(was)
-
-
 def meta_batch(x: torch.Tensor, y: torch.Tensor, old: tuple[torch.Tensor, torch.Tensor] | None, bs: int,
                gen: torch.Generator, normalize) -> tuple:
     """One CIM step's data: ``bs`` new images ``(x, y)`` to compress and ``bs`` more as validation,
@@ -538,8 +519,8 @@ class CIMMeta(Component):
     5e-4) with a cosine schedule over the phase's epochs, gradient norm clipped at
     ``memory.compression.grad-clip`` (x sqrt 2 after the first phase, as the official code); the
     inner step at ``inner_ratio`` x the epoch's lr. The CIL model runs in eval mode for it
-    (``bn="batch"``: on batch statistics, ``batch_statistics``). Its batches draw from the run's generator; phi, Adam and the schedule are this component's state,
-    so a run stopped inside a phase resumes exactly. ``cim_meta_steps`` / ``cim_meta_seconds`` per
+    (``bn="batch"``: on batch statistics, ``batch_statistics``). Its batches draw from the run's
+    generator; phi, Adam and the schedule are this component's state, so a run stopped inside a phase resumes exactly. ``cim_meta_steps`` / ``cim_meta_seconds`` per
     phase in ``metrics.json``. In runs with the ``cim`` compressor."""
     Options = CIMMetaOptions
 

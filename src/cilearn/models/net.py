@@ -35,6 +35,25 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was)
 
 
+@contextlib.contextmanager
+def batch_statistics(net: nn.Module) -> Iterator[nn.Module]:
+    """The block runs ``net`` in training mode (a frozen extractor stays in eval mode, as in the
+    training) with each BatchNorm that trains normalising by the batch's own statistics and its
+    running statistics left as they are (``track_running_stats`` off for the block)."""
+    was = net.training
+    net.train()
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+           and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield net
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+        net.train(was)
+
+
 class LogitBias(nn.Module):
     """A per-class affine correction of the logits, ``z_k -> scale_k z_k + shift_k``, identity for
     the classes no calibration has corrected (BiC's bias layers, ``cilearn.calibration``).
