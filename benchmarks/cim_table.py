@@ -10,11 +10,13 @@ A label whose runs are missing is reported on stderr and left out (exit 2 if non
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 from cilearn.results import ResultsError, format_stat, load_run, mean_std
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compare_seeds import run_dir  # noqa: E402
 
 
 def run_row(m: dict) -> dict[str, float]:
@@ -48,9 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     for label in a.labels.split(","):
         rows = []
         for seed in seeds:
-            d = out / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', label)}-s{seed}"
             try:
-                rows.append(run_row(load_run(d).metrics))
+                rows.append(run_row(load_run(run_dir(out, label, seed)).metrics))
             except ResultsError as e:
                 print(f"cim_table: {e}", file=sys.stderr)
         if len(rows) != len(seeds):

@@ -37,6 +37,12 @@ def summary(m: dict) -> dict:
     return {k: float("nan") if v is None else v for k, v in run_summary(m).items()}
 
 
+def run_dir(out: Path, label: str, seed: str) -> Path:
+    """``OUT/<label>-s<seed>``: where a variant's run of one seed goes (the label's characters
+    outside ``[A-Za-z0-9.-]`` as ``_``)."""
+    return out / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', label)}-s{seed}"
+
+
 def run_variants(variants: list[tuple[str, str, list[str]]], seeds: list[str], out: Path,
                  passthrough: list[str]) -> list[tuple[str, dict[str, list[float]]]] | int:
     """``variants``: (label, method, extra flags). Returns [(label, {key: per-seed values})], or
@@ -45,7 +51,7 @@ def run_variants(variants: list[tuple[str, str, list[str]]], seeds: list[str], o
     for label, method, flags in variants:
         per: dict[str, list[float]] = {k: [] for k, _ in KEYS}
         for seed in seeds:
-            d = out / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', label)}-s{seed}"
+            d = run_dir(out, label, seed)
             if not (d / "metrics.json").exists():
                 code = cli_main(["run", "--method", method, "--seed", seed, "--out", str(d), "--no-progress",
                                  "--quiet", "--overwrite", *passthrough, *flags])

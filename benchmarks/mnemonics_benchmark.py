@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compare_seeds import run_variants, split_argv  # noqa: E402
+from compare_seeds import run_dir, run_variants, split_argv  # noqa: E402
 
 PROTOCOL = ["--dataset", "fashion-mnist", "--train-per-class", "300", "--backbone", "resnet32", "--increment", "2",
             "--epochs", "10", "--batch-size", "64", "--memory-per-class", "5"]
@@ -94,8 +93,8 @@ def main() -> int:
     got = run_variants(vs, seeds, out, passthrough or PROTOCOL)
     if isinstance(got, int):
         return got
-    rows = [(label, [summary(json.loads((out / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', label)}-s{s}" / "metrics.json")
-                                        .read_text())) for s in seeds]) for label, _, _ in vs]
+    rows = [(label, [summary(json.loads((run_dir(out, label, s) / "metrics.json").read_text())) for s in seeds])
+            for label, _, _ in vs]
     print("\n" + table(rows))
     return 0
 
