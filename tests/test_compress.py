@@ -451,7 +451,7 @@ def test_checkpoint_holds_the_codes_and_they_load(runs):
 
 
 def test_recipes_default_to_cim(quick, monkeypatch):
-    from cilearn.runner import prepare
+    from cilearn.prepare import prepare
     for name in ("foster-cim", "der-cim"):
         cfg, _, cls = prepare(quick(method=name))
         assert cfg.memory.compressor == "cim"

@@ -6,7 +6,7 @@ import torch
 
 import cilearn
 from cilearn.errors import ConfigError
-from cilearn.runner import PRECISION_ENV, cpu_has_fast_bf16, resolve_precision
+from cilearn.prepare import PRECISION_ENV, cpu_has_fast_bf16, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -20,7 +20,7 @@ def test_cpu_flags_that_make_bf16_fast():
 
 def test_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
     monkeypatch.delenv(PRECISION_ENV)
-    import cilearn.runner as runner
+    import cilearn.prepare as runner
     monkeypatch.setattr(runner, "cpu_has_fast_bf16", lambda: True)
     assert resolve_precision("auto", CPU) is torch.bfloat16
     monkeypatch.setattr(runner, "cpu_has_fast_bf16", lambda: False)
@@ -29,7 +29,7 @@ def test_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
 
 
 def test_environment_pins_auto_only(monkeypatch, tmp_path, capsys):
-    import cilearn.runner as runner
+    import cilearn.prepare as runner
     monkeypatch.setattr(runner, "cpu_has_fast_bf16", lambda: False)
     monkeypatch.setenv(PRECISION_ENV, "bf16")
     assert resolve_precision("auto", CPU) is torch.bfloat16

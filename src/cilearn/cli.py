@@ -22,7 +22,7 @@ from .models.backbones import BACKBONES
 from .references import load_references, references_markdown, references_text
 from .report import compare_dirs, html_report
 from .results import default_seeds, parse_seeds
-from .runner import config_from_dict
+from .prepare import config_from_dict
 
 # flag -> dotted config key
 FLAGS: dict[str, tuple[str, type, str]] = {
