@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import runner
 from .config import RunConfig
+from .prepare import prepare
 from .errors import ConfigError
 from .report import Reporter, compare_dirs, write_seed_summary
 from .results import SEED_DIR, Comparison, Group, check_free, format_stat, group_stats
@@ -62,7 +63,7 @@ def compare_methods(cfgs: list[RunConfig], out: str | Path | None = None, seeds:
     dirs = [base / c.method for c in cfgs]
     check_free([d / SEED_DIR.format(s) for d in dirs for s in seeds] if seeds else dirs, overwrite)
     for c in cfgs:      # every configuration is valid before the first run starts
-        runner.prepare(copy.deepcopy(c))
+        prepare(copy.deepcopy(c))
         Reporter.check(c)
     for c, d in zip(cfgs, dirs):
         c.out = str(d)

@@ -104,7 +104,7 @@ def teacher_gradcam(teacher_net: "IncrementalNet", x: torch.Tensor,
     ``b = argmax(logits[:, :num_old])``. The teacher runs in eval mode (it is switched there for
     the call and switched back if it was training, so its BN statistics never change); its
     parameters get no gradient. Since the teacher is frozen, these outputs depend on ``x`` only
-    and may be cached per image (as ``TeacherCache`` does for logits).
+    and may be cached per image (as ``services.OldOutputs`` does for logits).
     """
     if num_old <= 0:
         raise ValueError(f"teacher_gradcam: num_old must be positive, got {num_old}")

@@ -4,7 +4,7 @@ recipes choose defaults), in the order given, in phases > 0:
 
 * ``weight-align``: WA's weight aligning (Zhao et al. 2020); ``--train.weight-align`` adds or
   removes it. WA's weight clipping is a constraint of the training, not a calibration
-  (``clip_nonnegative``, ``--train.weight-clip``).
+  (``cilearn.constraints``, ``--train.weight-clip``).
 * ``balanced-finetune``: class-balanced fine-tuning (LUCIR's "CBF", Hou et al. 2019; PODNet and DER
   retrain their classifier on balanced data too); ``--balanced-finetune`` / ``--no-balanced-finetune``.
 * ``bic``: BiC's bias correction (Wu et al. 2019): a held-out validation split of the phase's
@@ -20,12 +20,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .components import Component, PhaseData, register
+from .components import Component, PhaseContext, option, register
+from .errors import ConfigError
 from .models.net import eval_mode
 from .train import Batch, FitResult
 
@@ -34,9 +35,9 @@ if TYPE_CHECKING:
 
 
 class Calibration(Component):
-    """A calibration component: ``calibrate`` returns the FitResult of the stage it ran (or None)."""
-    needs_old_model = True
-    needs_memory: ClassVar[bool] = False      # refused without exemplars (``Method.check_config``)
+    """A calibration component: ``after_training`` returns the FitResult of the stage it ran (or
+    None); phases > 0."""
+    from_phase = 1
 
 
 @torch.no_grad()
@@ -64,15 +65,16 @@ def clip_nonnegative(weight: torch.Tensor) -> None:
 @register("calibration", "weight-align")
 class WeightAlign(Calibration):
     """Weight aligning of the head's new-class rows to the old rows' mean norm."""
+    switch = "train.weight_align"
 
     def __init__(self, options, services):
         super().__init__(options, services)
         self.gamma: float | None = None      # the last phase's gamma
 
-    def calibrate(self, phase, model, data):
+    def after_training(self, ctx):
         if self.services.resuming_later_stage():   # a resumed run continues a later stage: done before it
             return None
-        self.gamma = weight_align(model.head.weight.data, phase.num_old)
+        self.gamma = weight_align(ctx.model.head.weight.data, ctx.phase.num_old)
         return None
 
 
@@ -80,10 +82,15 @@ class WeightAlign(Calibration):
 class BalancedFinetuneOptions:
     """Defaults: LUCIR's official code (class_incremental_cosine_cifar100.py: 20 epochs at lr 0.01,
     x0.1 at epoch 10); recipes set their own (PODNet: constant 0.05, DER: 30 epochs at 0.1)."""
-    epochs: int = 20
-    lr: float = 0.01
+    epochs: int = option(20, alias="train.finetune_epochs")
+    lr: float = option(0.01, alias="train.finetune_lr")
     decay: bool = True                   # x0.1 at half the epochs; false: constant lr
-    head_only: bool = True               # the head alone (backbone frozen, BatchNorm in eval mode)
+    # the head alone (backbone frozen, BatchNorm in eval mode); false: the whole network
+    head_only: bool = option(True, alias="train.finetune_head_only")
+
+    def __post_init__(self):
+        if self.epochs < 0 or not self.lr > 0:
+            raise ConfigError(f"components.balanced-finetune: epochs must be >= 0 and lr > 0, got {self.epochs}, {self.lr}")
 
 
 @register("calibration", "balanced-finetune")
@@ -99,12 +106,13 @@ class BalancedFinetune(Calibration):
     CE."""
     Options = BalancedFinetuneOptions
     needs_memory = True
+    switch = "train.balanced_finetune"
 
     def __init__(self, options, services):
         super().__init__(options, services)
         self.subset: dict | None = None      # the stage's selection {phase, per_class, new_idx}
 
-    def select(self, phase: "Phase", model: torch.nn.Module, data: PhaseData) -> dict:
+    def select(self, phase: "Phase", model: torch.nn.Module, data: PhaseContext) -> dict:
         """The balanced set, as indices: ``m`` samples of every seen class, with ``m`` the memory's
         per-class share after this phase (``--memory N``: N // seen; ``--memory-per-class P``: P),
         capped by the smallest class. Old classes: their first ``m`` exemplars (selection order,
@@ -131,9 +139,9 @@ class BalancedFinetune(Calibration):
         idx = torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long, device=y.device)
         return {"phase": phase.index, "per_class": m, "new_idx": idx.cpu()}
 
-    def calibrate(self, phase, model, data):
+    def after_training(self, ctx):
         t0 = time.perf_counter()
-        o = self.options
+        o, phase, model, data = self.options, ctx.phase, ctx.model, ctx
         if self.subset is None or self.subset["phase"] != phase.index:
             self.subset = self.select(phase, model, data)
         m = self.subset["per_class"]
@@ -192,6 +200,11 @@ class BiCOptions:
     lr: float = 0.1                      # SGD, momentum 0.9, no weight decay, constant lr (FACIL: the training lr, 0.1)
     beta_decay: float = 0.1              # + beta_decay * beta^2 / 2 in the loss (the official code's, FACIL notes)
 
+    def __post_init__(self):
+        if not 0 <= self.val_fraction < 1 or self.epochs < 0 or not self.lr > 0 or self.beta_decay < 0:
+            raise ConfigError("components.bic: val_fraction in [0, 1), epochs >= 0, lr > 0 and beta_decay >= 0 "
+                              f"are expected, got {self.val_fraction}, {self.epochs}, {self.lr}, {self.beta_decay}")
+
 
 @register("calibration", "bic")
 class BiC(Calibration):
@@ -224,7 +237,7 @@ class BiC(Calibration):
     def attach(self, model):
         model.enable_logit_bias()
 
-    def training_set(self, phase, x, y, memory=None):
+    def training_set(self, phase, x, y, memory, data):
         v = math.ceil(self.options.val_fraction * memory.budget.share(phase.seen)) if memory is not None else 0
         keep = torch.ones(len(y), dtype=torch.bool, device=y.device)
         held = []
@@ -238,12 +251,13 @@ class BiC(Calibration):
         self.val = (x[idx], y[idx])
         return x[keep], y[keep]
 
-    def phase_start(self, phase, model, old_model, data):
+    def phase_start(self, ctx):
         dev = self.services.device
         self.alpha = torch.nn.Parameter(torch.ones((), device=dev))
         self.beta = torch.nn.Parameter(torch.zeros((), device=dev))
 
-    def calibrate(self, phase, model, data):
+    def after_training(self, ctx):
+        phase, model = ctx.phase, ctx.model
         xv, yv = self.val
         if len(yv) == 0 or self.options.epochs == 0:
             return FitResult(0.0, 0, {})

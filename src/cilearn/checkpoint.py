@@ -192,6 +192,7 @@ class Checkpointer:
 
     def __init__(self, out: Path | None, every: int, gen: torch.Generator):
         self.out, self.every, self.gen = out, every, gen
+        self.net: torch.nn.Module | None = None     # the run's network: what an epoch checkpoint holds
         self.phase = 0
         # on_epoch(phase, stage, epoch (0-based), stage's epochs, {"loss": mean, term: mean, "lr": last})
         self.on_epoch: Callable[[int, str, int, int, dict[str, float]], None] | None = None
@@ -245,8 +246,11 @@ class Checkpointer:
         return self.resume_fit is not None and self.resume_fit["desc"] != desc
 
     def save_fit(self, net: torch.nn.Module, fit_state: dict[str, Any]) -> None:
+        """The epoch checkpoint: the run's network (``self.net``; ``net``, the stage's, when unset),
+        the fit position, the RNG and the components' state (a stage's own network among them)."""
         if self.out is None:
             return
+        net = self.net if self.net is not None else net
         save_checkpoint(self.out / EPOCH_FILE, {"kind": "epoch", "phase": self.phase, "fit": fit_state,
                                                 "net": net.state_dict(), "rng": rng_state(self.gen),
                                                 "method": self.method_state()})

@@ -14,11 +14,10 @@ from .checkpoint import Interrupted
 from .config import load_yaml, merge, set_dotted
 from .data.datasets import DATASETS
 from .errors import CilearnError, ConfigError
-from .memory.mnemonics import MEMORY_OPTIMIZERS
-from .components import REGISTRIES
+from .components import KINDS, REGISTRIES
 from .methods import METHODS
+from .methods.recipe import FLAG
 from .methods.table import recipes_table, training_table
-from .models.backbones import BACKBONES
 from .references import load_references, references_markdown, references_text
 from .report import compare_dirs, html_report
 from .results import default_seeds, parse_seeds
@@ -45,6 +44,12 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "distill": ("loss.distill", lambda v: [t for t in v.split(",") if t], "extra distillation terms for any method: attention, dual-teacher"),
     "calibration": ("calibration", lambda v: [t for t in v.split(",") if t and t != "none"],
                     "calibration after each phase > 0 (any method with exemplars): weight-align, balanced-finetune, bic, none"),
+    "constraints": ("constraints", lambda v: [t for t in v.split(",") if t and t != "none"],
+                    "what the main stage may change: freeze-old-rows, weight-clip, freeze-backbone, none"),
+    "head-init": ("head_init", lambda v: [t for t in v.split(",") if t and t != "none"],
+                  "how new head rows start: imprint, none"),
+    "stages": ("stages", lambda v: [t for t in v.split(",") if t and t != "none"],
+               "extra stages after the main one: feature-compression, none"),
     "save-attention": ("report.save_attention", int, "after each phase, PNG of N test images' Grad-CAMs"),
     "replay": ("replay.source", str, "replay source for any method: dfgr (data-free generative replay), none"),
     "save-samples": ("report.save_samples", int, "DF-GR: PNG of N generated samples per old class, each phase"),
@@ -169,10 +174,8 @@ def cmd_list(args: argparse.Namespace) -> None:
 
     print("methods:   " + ", ".join(METHODS.names()))
     print("data sets: " + ", ".join(DATASETS.names()))
-    print("backbones: " + ", ".join(BACKBONES.names()))
-    print("memory optimizers: " + ", ".join(MEMORY_OPTIMIZERS.names()))
-    print("calibration: " + ", ".join(REGISTRIES["calibration"].names()) + " (--calibration)")
-    print("loss terms: " + ", ".join(REGISTRIES["term"].names()) + " (--distill)")
+    for kind in KINDS:                    # every kind of component, with the option that chooses it
+        print(f"{kind} ({FLAG[kind]}): " + ", ".join(REGISTRIES[kind].names()))
 
 
 def add_run_flags(p: argparse.ArgumentParser, out_help: str | None = None) -> None:

@@ -1,8 +1,13 @@
 """Typed run configuration: dataclasses with defaults in code, loaded from YAML and CLI overrides.
 
-Every key is validated (unknown keys and wrong types are a ``ConfigError`` naming the key);
-``resolve`` fills the data-set dependent ``None`` defaults so that the ``config.yaml`` saved next
-to the results is exactly what ran.
+These are the run's own options (data, scenario, training schedule, memory budget, reporting) and
+its choice of components by kind; each component's options are declared by the component itself
+(``cilearn.components``) and live under ``components.<name>``. A key that is none of these
+(``loss.kd_weight``, a component option's short name) is kept in ``RunConfig.aliases`` and resolved
+with the run's components (``cilearn.methods.recipe.plan``), which refuses it if no component of
+the run declares it. Every key is validated (unknown keys and wrong types are a ``ConfigError``
+naming the key); ``resolve`` fills the data-set dependent ``None`` defaults so that the
+``config.yaml`` saved next to the results is exactly what ran.
 """
 from __future__ import annotations
 
@@ -15,7 +20,6 @@ from typing import Any
 
 from .data.rows import RESIDENT_MODES
 from .errors import ConfigError
-from .models.backbones import auto_backbone
 
 
 @dataclass
@@ -42,10 +46,7 @@ class ScenarioConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "auto"               # auto: convnet <= 16 px, resnet32 <= 32 px, else resnet18
-    head: str | None = None              # None: the method's default head
-    last_relu: bool | None = None        # ReLU after the backbone's last block; None: the method's default
-    proxies: int = 10                    # lsc head: proxies per class (PODNet Sec. 4.1: 10)
-    scale: float | None = None           # cosine / lsc heads: initial learnable scale (sigma, eta); None: the method's
+    head: str | None = None              # None: the recipe's head
 
 
 @dataclass
@@ -72,116 +73,34 @@ class TrainConfig:
     eval_batch_size: int = 512
     progress: bool = True
     checkpoint_every: int = 10           # epochs between checkpoints inside a phase (0: only at phase ends)
-    # shorthands for calibration components (cilearn.calibration); None: the recipe's. The resolved
-    # config says what ran (``calibration`` and ``components`` hold the same)
-    balanced_finetune: bool | None = None  # adds / removes the balanced-finetune component (lucir: on)
-    finetune_epochs: int | None = None   # its epochs and lr: components.balanced-finetune (LUCIR's code: 20 epochs,
-    finetune_lr: float | None = None     #   lr 0.01, x0.1 at epoch 10; PODNet's: constant lr 0.05, 0.01 on image folders)
-    finetune_head_only: bool = True      # train the head only (backbone frozen, BN in eval mode)
-    weight_align: bool | None = None     # adds / removes the weight-align component (wa: on)
-    weight_clip: bool | None = None      # WA's non-negative head weights (wa: on)
-    freeze_old_head: bool | None = None  # old classes' head rows fixed in the main stage (lucir: on)
-    compression_epochs: int | None = None  # FOSTER's compression stage (phases > 0); None: the phase's epochs
-    compression_lr: float | None = None    # ... and its lr; None: the phase's lr
-
-
-@dataclass
-class MnemonicsConfig:
-    """Options of the exemplar optimizers ``mnemonics`` / ``mnemonics-single`` (cilearn.memory.mnemonics;
-    defaults from the authors' releases, docs/methods/mnemonics.md gives file and line)."""
-    epochs: int | None = None            # outer passes over all seen classes' data per phase; None: the form's (10 / 1)
-    iterations: int | None = None        # cap on the outer steps per phase; None: no cap
-    steps: int = 20                      # bilevel: step-sets of the inner loop (first release: mnemonics_steps)
-    inner_epochs: int = 5                # bilevel: inner passes over the step-sets (first release: mnemonics_epochs)
-    inner_lr: float = 0.01               # bilevel: initial learnable lr of each inner step (first release: mnemonics_lr)
-    lr: float | None = None              # pixel step, normalised units; None: the form's (1e-6 / 5e-6)
-    batch_size: int = 128                # validation images per outer step
-    step: str | None = None              # adam (first release) | sgd (current release); None: the form's
-    adjust_old: bool = True              # bilevel: the paper's split-halves adjustment of old-class exemplars
-
-
-@dataclass
-class CompressionConfig:
-    """Options of the exemplar compressors ``full`` / ``cam-threshold`` / ``cim``
-    (cilearn.memory.compress). Defaults: CIM (Luo et al. 2023) Sec. 5 and its official configs."""
-    eta: int = 4                         # compression ratio of the non-box pixels: downsampled sqrt(eta) per side
-    resample: str = "nearest"            # nearest down and up (official utils/transform.py) | area (average + bilinear, ours)
-    select_on: str = "compressed"        # herding on the compressed images' features (official) | original (ours, earlier)
-    tau: float = 0.6                     # CAM threshold of the mask (cam-threshold, cim)
-    artifact_prob: float = 0.1           # phases > 0: probability of compressing a new-class training image around a random box
-    iterations: int = 0                  # cim: extra bilevel steps on the CIM model at each phase end (official: none;
-                                         # it trains after every epoch, components.cim-meta)
-    batch_size: int = 16                 # cim: new images (and as many exemplars) per step (official meta_batch_size)
-    inner_lr: float | None = None        # cim: lr of the inner SGD step of the CIL model; None: --lr
-    lr: float = 0.01                     # cim: Adam lr of the CIM parameters (official phi_lr)
-    reg_weight: float = 0.1              # cim: mu, weight of the memory regulariser mean(CAM^2) at feature resolution
-    cls_weight: float = 0.2              # cim: mu', weight of the CIM model's CE
-    grad_clip: float = 1.0               # cim: gradient-norm clip of the CIM parameters (official max_phi_grad_norm)
 
 
 @dataclass
 class MemoryConfig:
     total: int | None = None             # fixed total budget, shared by all seen classes
     per_class: int | None = None         # fixed per class, total grows with the classes
-    selection: str = "herding"           # herding | random | closest
-    optimizer: str | None = None         # none | mnemonics | mnemonics-single; None: the method's
-    mnemonics: MnemonicsConfig = field(default_factory=MnemonicsConfig)
-    compressor: str | None = None        # none | full | cam-threshold | cim; None: the method's (foster-cim, der-cim: cim)
-    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    selection: str = "herding"           # herding | random | closest (cilearn.memory.selection)
+    optimizer: str | None = None         # none | mnemonics | mnemonics-single; None: the recipe's
+    compressor: str | None = None        # none | full | cam-threshold | cim; None: the recipe's (foster-cim, der-cim: cim)
 
 
 @dataclass
 class LossConfig:
-    cls: str | None = None               # classification loss; None: the method's default
-    kd_weight: float | None = None       # None: the method's default
-    temperature: float = 2.0             # KD temperature (LwF/iCaRL: T = 2)
-    distill: list[str] = field(default_factory=list)   # extra teacher terms for any method: attention
-    attention_weight: float | None = None  # gamma of LwM's attention term; None: 1
-    less_forget_weight: float | None = None  # LUCIR's lambda_base; None: 5, 10 on image folders (ImageNet)
-    margin: float = 0.5                  # LUCIR's margin ranking: margin m
-    margin_k: int = 2                    # ... against the K hardest new classes
-    margin_weight: float | None = None   # ... and its weight; None: the method's (lucir 1, lucir-bsce 0)
-    nca_margin: float = 0.6              # PODNet's NCA margin delta (Sec. 4.1), on the unscaled similarity
-    pod_spatial_weight: float | None = None  # PODNet's lambda_c; None: 3, 8 on image folders (official configs)
-    pod_flat_weight: float | None = None     # PODNet's lambda_f; None: 1, 10 on image folders (official configs)
-    aux_weight: float | None = None      # DER's auxiliary loss lambda_a / FOSTER's feature-enhancement CE; None: 1
-    la_beta: float = 0.96                # FOSTER: effective-number beta of the logit-adjusted CE (boosting)
-    bkd_beta: float = 0.97               # FOSTER: effective-number beta of the balanced KD (compression)
-    # DT-ID (--distill dual-teacher): KD of the new-class logit block from a new-class teacher
-    dual_teacher_weight: float = 1.0     # weight of that KD (the old block keeps the method's own KD)
-    dual_teacher_init: str = "copy"      # copy: the new teacher starts from the old model; scratch: fresh init
-    dual_teacher_epochs: int | None = None  # its training epochs; None: the phase's
+    cls: str | None = None               # classification loss (cilearn.classification); None: the recipe's
+    distill: list[str] = field(default_factory=list)   # loss terms added to the recipe's (cilearn.terms): attention, ...
 
 
 @dataclass
-class GeneratorReplayFields:
-    """The options of DF-GR's generator replay (the ``dfgr`` component's, ``cilearn.replay``; the
-    ``replay`` section holds them as shorthands): a generator trained against the old model alone
-    before each phase > 0, its samples distilled from the old model in every training step. The
-    paper's values could not be read (METHODS.md); these are cilearn's, measured on digits /
-    Fashion-MNIST."""
-    steps: int = 500                     # generator training steps (Adam)
-    batch_size: int = 64                 # latent codes per generator step
-    lr: float = 1e-3
-    z_dim: int = 100
-    width: int = 64                      # generator channels (DAFL's generator: 128)
-    bn_weight: float = 1.0               # BatchNorm-statistics matching
-    bn_loss: str = "kl"                  # kl (Gaussians) | l2
-    entropy_weight: float = 1.0          # per-sample entropy, minimised
-    diversity_weight: float = 1.0        # entropy of the batch-mean prediction, maximised
-    samples_per_batch: int | None = None  # synthetic samples per training step; None: the training batch size
-    kd_weight: float = 1.0               # KD of the old logits on the synthetic samples
-    ce_weight: float = 0.0               # CE over all seen classes, label = the old model's argmax (off: KD only)
-    # joint: the samples go through the student in the same forward as the real batch (one BatchNorm
-    # batch, "mixed into each training batch"); separate: their own forward (cilearn's earlier form)
-    forward: str = "joint"
-    update_bn: bool = True               # separate forward: it updates BatchNorm running statistics (false: real batches only)
+class ReplayConfig:
+    source: str | None = None            # replay component (cilearn.replay); None: the recipe's; "none" turns it off
 
 
 @dataclass
-class ReplayConfig(GeneratorReplayFields):
-    """``--replay NAME`` and the shorthands of its options (``--replay.steps``, ...)."""
-    source: str | None = None            # None: the method's (dfgr recipes: dfgr); "none" turns it off
+class EvalConfig:
+    # nearest-mean-of-exemplars accuracy (NME); None: for runs with exemplars or recipes that say so
+    # (true: also for classes without exemplars, from the mean embedding of their training images at
+    # the end of the phase that learnt them)
+    nme: bool | None = None
 
 
 @dataclass
@@ -206,12 +125,19 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
-    # calibration components after each phase > 0 (cilearn.calibration), in order; None: the recipe's
-    calibration: list[str] | None = None
-    # options of the run's contract components by name (cilearn.components): {"bic": {"epochs": 50}};
-    # the resolved config holds every option of every component in the run
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # component lists, each in order; None: the recipe's (cilearn.methods.recipe)
+    head_init: list[str] | None = None      # new head rows' initialisation (imprint)
+    constraints: list[str] | None = None    # freeze-old-rows, weight-clip, freeze-backbone
+    calibration: list[str] | None = None    # after each phase > 0: weight-align, balanced-finetune, bic
+    stages: list[str] | None = None         # extra stages after the main one (feature-compression)
+    # options of the run's components by name (cilearn.components): {"bic": {"epochs": 50}}; the
+    # resolved config holds every option of every component in the run
     components: dict = field(default_factory=dict)
     plugins: list[str] = field(default_factory=list)   # Python files whose registrations the run uses (cilearn.plugins)
+    # keys that are no run option: short names of component options and switches (``loss.kd_weight``,
+    # ``train.weight_clip``), resolved with the run's components; never written to config.yaml
+    aliases: dict = field(default_factory=dict)
 
 
 # The small data sets for quick runs train every phase for this many epochs (no reference code
@@ -236,7 +162,7 @@ class Schedule:
     base_weight_decay: float = 5e-4
     batch_size: int = 128
     warmup_epochs: int = 0
-    compression_epochs: int | None = None  # FOSTER's compression stage; None: the phase's epochs
+    compression_epochs: int | None = None  # FOSTER's compression stage (feature-compression); None: the phase's epochs
 
 
 @dataclass(frozen=True)
@@ -310,20 +236,40 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types are ConfigErrors."""
+def _flat(d: dict, prefix: str, out: dict) -> None:
+    for k, v in d.items():
+        key = f"{prefix}{str(k).replace('-', '_')}"
+        if isinstance(v, dict):
+            _flat(v, key + ".", out)
+        else:
+            out[key] = v
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", rest: dict | None = None) -> Any:
+    """Build dataclass ``cls`` from a nested dict; wrong types are ConfigErrors, and so are unknown
+    keys, unless ``rest`` is given: then the unknown keys of sections (dotted, ``loss.kd_weight``)
+    go there. A ``RunConfig`` keeps them in its ``aliases`` (a run's component options by short
+    name, resolved with its components: ``cilearn.methods.recipe.plan``)."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {type(data).__name__}")
+    if cls is RunConfig and rest is None:      # a whole run's config: short names of component options kept
+        rest = {}
+        cfg = from_dict(cls, data, prefix, rest)
+        cfg.aliases = {**cfg.aliases, **rest}
+        return cfg
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
+            if rest is not None and prefix:
+                _flat({name: value}, prefix, rest)
+                continue
             raise ConfigError(f"unknown config key '{prefix}{key}'; expected one of: {', '.join(sorted(known))}")
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value or {}, f"{prefix}{name}.")
+            kwargs[name] = from_dict(tp, value or {}, f"{prefix}{name}.", rest)
             continue
         ok, coerced = _type_ok(value, tp)
         if not ok:
@@ -334,6 +280,17 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def section_keys(dotted: str) -> list[str]:
+    """The option names of the ``RunConfig`` section ``dotted`` (``"loss"``), [] if it is none."""
+    cls: Any = RunConfig
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(cls)
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            return []
+        cls = hints[part]
+    return sorted(f.name for f in fields(cls))
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -376,7 +333,8 @@ def load_yaml(path: str) -> dict:
 
 # ---------------------------------------------------------------- validation
 def validate(cfg: RunConfig) -> None:
-    """Checks that need no data set (numbers, names). Data-set checks are in ``resolve``."""
+    """Checks that need no data set (numbers, names). Data-set checks are in ``resolve``; the
+    components check their own options."""
     def positive(name: str, v: Any, allow_none: bool = True, zero: bool = False) -> None:
         if v is None and allow_none:
             return
@@ -394,63 +352,8 @@ def validate(cfg: RunConfig) -> None:
     positive("train.momentum", t.momentum, zero=True)
     positive("train.weight-decay", t.weight_decay, zero=True)
     positive("train.base-weight-decay", t.base_weight_decay, zero=True)
-    positive("loss.temperature", cfg.loss.temperature)
-    positive("loss.kd-weight", cfg.loss.kd_weight, zero=True)
-    positive("loss.attention-weight", cfg.loss.attention_weight, zero=True)
-    positive("loss.less-forget-weight", cfg.loss.less_forget_weight, zero=True)
-    positive("loss.margin", cfg.loss.margin, zero=True)
-    positive("loss.margin-k", cfg.loss.margin_k)
-    positive("loss.margin-weight", cfg.loss.margin_weight, zero=True)
-    positive("loss.nca-margin", cfg.loss.nca_margin, zero=True)
-    positive("loss.pod-spatial-weight", cfg.loss.pod_spatial_weight, zero=True)
-    positive("loss.pod-flat-weight", cfg.loss.pod_flat_weight, zero=True)
-    positive("loss.aux-weight", cfg.loss.aux_weight, zero=True)
-    positive("train.compression-epochs", t.compression_epochs, zero=True)
-    positive("train.compression-lr", t.compression_lr)
-    for name in ("la_beta", "bkd_beta"):
-        b = getattr(cfg.loss, name)
-        if not 0 <= b < 1:
-            raise ConfigError(f"--loss.{name.replace('_', '-')} must be in [0, 1), got {b}")
-    positive("model.proxies", cfg.model.proxies)
-    positive("model.scale", cfg.model.scale)
-    positive("train.finetune-epochs", t.finetune_epochs, zero=True)
-    positive("train.finetune-lr", t.finetune_lr)
     positive("save-attention", cfg.report.save_attention, zero=True)
     positive("save-samples", cfg.report.save_samples, zero=True)
-    positive("loss.dual-teacher-weight", cfg.loss.dual_teacher_weight, zero=True)
-    positive("loss.dual-teacher-epochs", cfg.loss.dual_teacher_epochs, zero=True)
-    if cfg.loss.dual_teacher_init not in ("copy", "scratch"):
-        raise ConfigError(f"--loss.dual-teacher-init must be copy or scratch, got '{cfg.loss.dual_teacher_init}'")
-    r = cfg.replay
-    positive("replay.steps", r.steps)
-    positive("replay.batch-size", r.batch_size)
-    positive("replay.lr", r.lr)
-    positive("replay.z-dim", r.z_dim)
-    positive("replay.width", r.width)
-    positive("replay.samples-per-batch", r.samples_per_batch)
-    for name in ("bn_weight", "entropy_weight", "diversity_weight", "kd_weight", "ce_weight"):
-        positive("replay." + name.replace("_", "-"), getattr(r, name), zero=True)
-    if r.bn_loss not in ("kl", "l2"):
-        raise ConfigError(f"--replay.bn-loss must be kl or l2, got '{r.bn_loss}'")
-    mn = m.mnemonics
-    for key, zero in (("epochs", True), ("iterations", True), ("steps", False), ("inner_epochs", True),
-                      ("inner_lr", False), ("lr", False), ("batch_size", False)):
-        positive("memory.mnemonics." + key.replace("_", "-"), getattr(mn, key), zero=zero)
-    cc = m.compression
-    if cc.eta < 1 or math.isqrt(cc.eta) ** 2 != cc.eta:
-        raise ConfigError(f"--memory.compression.eta must be a square number >= 1 (the image is downsampled "
-                          f"sqrt(eta) per side), got {cc.eta}")
-    if cc.select_on not in ("compressed", "original"):
-        raise ConfigError(f"--memory.compression.select-on must be compressed or original, got '{cc.select_on}'")
-    if cc.resample not in ("nearest", "area"):
-        raise ConfigError(f"--memory.compression.resample must be nearest or area, got '{cc.resample}'")
-    if not 0 < cc.tau <= 1:
-        raise ConfigError(f"--memory.compression.tau must be in (0, 1], got {cc.tau}")
-    if not 0 <= cc.artifact_prob <= 1:
-        raise ConfigError(f"--memory.compression.artifact-prob must be in [0, 1], got {cc.artifact_prob}")
-    for key, zero in (("iterations", True), ("batch_size", False), ("inner_lr", False), ("lr", False),
-                      ("reg_weight", True), ("cls_weight", True), ("grad_clip", False)):
-        positive("memory.compression." + key.replace("_", "-"), getattr(cc, key), zero=zero)
     positive("save-exemplars", cfg.report.save_exemplars, zero=True)
     positive("base", s.base, zero=True)
     positive("increment", s.increment)
@@ -482,7 +385,7 @@ def resolve(cfg: RunConfig, num_classes: int, image_size: int, training: Trainin
     one was given (``--epochs 5`` trains every phase 5 epochs), else the schedule's."""
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), scenario=dataclasses.replace(cfg.scenario),
-                              model=dataclasses.replace(cfg.model), loss=dataclasses.replace(cfg.loss))
+                              model=dataclasses.replace(cfg.model))
     t, ref = cfg.train, training.for_dataset(cfg.data.dataset)
     quick = QUICK_EPOCHS.get(cfg.data.dataset)
     given = {k: getattr(t, k) is not None for k in ("epochs", "lr", "weight_decay", "milestones")}
@@ -510,10 +413,6 @@ def resolve(cfg: RunConfig, num_classes: int, image_size: int, training: Trainin
                              if t.schedule == ref.schedule else [])
     if t.warmup_epochs is None:
         t.warmup_epochs = ref.warmup_epochs
-    if t.compression_epochs is None and ref.compression_epochs is not None and quick is None and not given["epochs"]:
-        t.compression_epochs = ref.compression_epochs
-    if cfg.model.backbone == "auto":
-        cfg.model.backbone = auto_backbone(image_size)
     s = cfg.scenario
     if s.base > num_classes:
         raise ConfigError(f"--base {s.base} is larger than the number of classes ({num_classes}) of {cfg.data.dataset}")

@@ -123,21 +123,16 @@ def exit_process(code: int) -> NoReturn:
 
 
 # ---------------------------------------------------------------- config
-def check_config(cfg, method_cls) -> None:
-    """Refuse, with one line naming the option, what cannot run correctly in several processes yet.
-    Called on every rank before anything is written."""
+def check_config(cfg, components: list[type]) -> None:
+    """Refuse, with one line naming the component, what cannot run correctly in several processes
+    yet (a component's ``single_process`` says why). Called on every rank before anything is written."""
     if not launched():
         return
     n = os.environ.get("WORLD_SIZE")
-    replay = cfg.replay.source or method_cls.replay_source
-    if replay not in (None, "none"):
-        raise ConfigError(f"--replay {replay} (method {cfg.method}) does not run under torchrun yet ({n} processes): "
-                          "its generator is trained outside the training loop and its samples are not sharded; "
-                          "run it in one process")
-    comp = cfg.memory.compressor or method_cls.memory_compressor
-    if comp not in (None, "none"):
-        raise ConfigError(f"--memory.compressor {comp} does not run under torchrun yet ({n} processes): its codes "
-                          "are not broadcast between ranks; run it in one process")
+    for c in components:
+        if c.single_process:
+            raise ConfigError(f"{c.kind} component {c.name} (method {cfg.method}) does not run under torchrun yet "
+                              f"({n} processes): {c.single_process}; run it in one process")
 
 
 # ---------------------------------------------------------------- sharding

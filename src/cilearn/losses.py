@@ -1,29 +1,21 @@
 """Loss terms: pure functions of tensors. Shapes: logits ``[B, K]``, labels ``[B]`` (int64).
 
-Classification losses are registered in ``CLS_LOSSES`` as ``fn(logits, y, counts) -> scalar``;
-``counts`` (``[K]`` float, training samples per class in this phase) is for prior-aware losses
-(``bsce``) and ignored by the others.
+Classification losses are ``fn(logits, y, counts) -> scalar``; ``counts`` (``[K]`` float, training
+samples per class in this phase) is for prior-aware losses (``bsce``) and ignored by the others.
+The components that use them (their options, their weights) are in ``cilearn.classification``
+and ``cilearn.terms``.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-from .registry import Registry
-
-CLS_LOSSES: Registry = Registry("classification loss")
-
-
-@CLS_LOSSES.register("ce")
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax cross-entropy, mean over the batch."""
     return F.cross_entropy(logits.float(), y)
 
 
-@CLS_LOSSES.register("ce-local")
 def local_cross_entropy(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax CE over the classes that have training samples in this phase (``counts > 0``),
     mean over the batch. Without exemplars these are the new classes: LwF's new-task loss
@@ -36,7 +28,6 @@ def local_cross_entropy(logits: torch.Tensor, y: torch.Tensor, counts: torch.Ten
     return F.cross_entropy(z, y)
 
 
-@CLS_LOSSES.register("bce")
 def binary_cross_entropy(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
     """iCaRL's classification loss (Rebuffi et al. 2017, Alg. 3): one sigmoid per class against
     one-hot targets, summed over classes, mean over the batch. (The paper's code averages over
@@ -49,7 +40,6 @@ def binary_cross_entropy(logits: torch.Tensor, y: torch.Tensor, counts: torch.Te
 BSCE_MIN_COUNT = 1e-4
 
 
-@CLS_LOSSES.register("bsce")
 def balanced_softmax_ce(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Balanced Softmax CE (Jodelet, Liu & Murata 2021, after Ren et al. 2020):
     ``-log(n_y e^{z_y} / sum_j n_j e^{z_j}) = CE(z + log n, y)``, mean over the batch.
@@ -142,12 +132,6 @@ def kd_bce(student: torch.Tensor, teacher: torch.Tensor, T: float = 1.0) -> torc
     return F.binary_cross_entropy_with_logits(student.float(), target, reduction="sum") / student.shape[0]
 
 
-DISTILL: Registry = Registry("distillation")
-DISTILL.register("kd")(kd_kl)
-DISTILL.register("bce")(kd_bce)
-
-
-@CLS_LOSSES.register("nca")
 def nca(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = None,
         margin: torch.Tensor | float = 0.0) -> torch.Tensor:
     """PODNet's NCA loss on the local-similarity classifier (Douillard et al. 2020, Eq. 7):
@@ -156,7 +140,7 @@ def nca(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = Non
 
     ``logits`` ``[B, K]`` are the scaled scores ``eta * s`` (``LSCHead``); the paper's margin
     delta applies to the unscaled scores, ``eta (s_y - delta)``, so pass ``margin = eta * delta``
-    (``Method`` does this with ``--loss.nca-margin``, eta detached: with eta's gradient through
+    (the ``nca`` component does this with its ``margin`` option, eta detached: with eta's gradient through
     the margin, ``d loss / d eta`` gets ``+delta`` wherever the hinge is active, which at
     initialisation (no separation yet) drives the learnt eta to 0 and the logits with it; measured
     on digits: 20% accuracy on 5 classes with it, 100% without). The positive class is left out of the denominator and the loss is
@@ -213,7 +197,6 @@ def effective_number_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
     return w / w.sum() * len(w)
 
 
-@CLS_LOSSES.register("la-ce")
 def logit_adjusted_ce(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = None,
                       beta: float = 0.96) -> torch.Tensor:
     """FOSTER's logit-adjusted CE (Wang et al. 2022, "logits alignment"):
@@ -226,22 +209,6 @@ def logit_adjusted_ce(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tenso
     if counts is not None:
         z = z / effective_number_weights(counts, beta).to(z.device)
     return F.cross_entropy(z, y)
-
-
-def classification_loss(name: str, loss_cfg, head: torch.nn.Module) -> Callable:
-    """The run's classification loss ``fn(logits, y, counts) -> scalar``: ``CLS_LOSSES[name]`` with
-    its options from the loss section bound. ``nca``: ``margin = eta * delta`` with ``delta`` =
-    ``--loss.nca-margin`` in unscaled-similarity units and ``eta`` the head's learnt scale,
-    detached (see ``nca``); ``la-ce``: ``beta`` = ``--loss.la-beta``."""
-    fn = CLS_LOSSES.get(name)
-    if name == "nca":
-        delta = loss_cfg.nca_margin
-        scale = lambda: head.sigma.detach() if hasattr(head, "sigma") else 1.0   # noqa: E731
-        return lambda logits, y, counts=None: fn(logits, y, counts, margin=scale() * delta)
-    if name == "la-ce":
-        beta = loss_cfg.la_beta
-        return lambda logits, y, counts=None: fn(logits, y, counts, beta=beta)
-    return fn
 
 
 def balanced_kd(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, T: float) -> torch.Tensor:

@@ -40,7 +40,7 @@ def memory_row(memory: Memory | None) -> dict[str, Any]:
     if memory is None:
         return {}
     row = {"memory_images": len(memory), "memory_bytes": memory.nbytes}
-    st = memory.optimizer.stats
+    st = memory.optimizer.stats if memory.optimizer is not None else {}
     if st:      # an exemplar optimizer ran: its pixel change (grey levels: optimised floats, stored images), seconds
         row["exemplar_pixel_change"], row["exemplar_optimizer_seconds"] = st.get("exemplar_pixel_change"), st["seconds"]
         row["exemplar_stored_pixel_change"] = st.get("exemplar_stored_pixel_change")

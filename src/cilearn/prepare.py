@@ -13,21 +13,16 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .components import REGISTRIES
-from .config import RunConfig, describe_stage, from_dict, resolve, validate
+from .config import QUICK_EPOCHS, RunConfig, describe_stage, from_dict, resolve, validate
 from .data.augment import Augmenter
 from .data.base import DataOptions
 from .data.datasets import load_dataset, subsample_per_class
 from .data.scenario import class_order
 from .errors import ConfigError
-from .losses import CLS_LOSSES
 from .memory import Budget
-from .memory import check_parts as check_memory_parts
-from .memory.selection import SELECTIONS
 from .methods import METHODS
-from .methods.options import check_unused, resolve_options
-from .models.backbones import BACKBONES
-from .models.heads import HEADS
+from .methods.options import check_unused
+from .methods.recipe import RunFacts, plan, resolved_config
 from .plugins import load_plugins
 
 def resolve_device(name: str) -> torch.device:
@@ -86,6 +81,7 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
 
+
 def load_data(cfg: RunConfig):
 
     d = cfg.data
@@ -107,63 +103,43 @@ def _compile_supported() -> bool:
 
 def prepare(cfg: RunConfig, strict: bool = True):
     """Validate everything that can be validated before any output is written; returns the resolved
-    configuration (the caller's is not changed), the data set and the recipe. ``strict``: an option
-    the run does not use but that was set is an error (``methods.options.check_unused``)."""
+    configuration (the caller's is not changed; ``config.yaml`` is it), the data set and the run's
+    plan (its components and their options). ``strict``: an option the run does not use but that
+    was set is an error (not on ``--resume``: older runs' ``config.yaml`` held every option)."""
     cfg = copy.deepcopy(cfg)
     cfg.plugins = load_plugins(cfg.plugins)      # before any name is looked up: their registrations count
     validate(cfg)
-    method_cls = METHODS.get(cfg.method)
-    if cfg.model.backbone != "auto":
-        BACKBONES.get(cfg.model.backbone)       # raises a ConfigError naming the choices
-    HEADS.get(cfg.model.head or method_cls.head)
-    SELECTIONS.get(cfg.memory.selection)
-    if cfg.loss.cls:
-        CLS_LOSSES.get(cfg.loss.cls)
-    if cfg.replay.source not in (None, "none") and cfg.replay.source not in REGISTRIES["replay"]:
-        raise ConfigError(f"--replay: unknown replay source '{cfg.replay.source}'; expected one of: "
-                          f"{', '.join(REGISTRIES['replay'].names() + ['none'])}")
+    recipe = METHODS.get(cfg.method)
     if cfg.train.compile and not _compile_supported():
         raise ConfigError(f"--train.compile: torch.compile is not supported by this PyTorch ({torch.__version__}) "
                           "and Python; run without --compile")
-    budget_given = cfg.memory.total is not None or cfg.memory.per_class is not None
-    if method_cls.train_on_seen and budget_given:
-        raise ConfigError(f"--method {cfg.method} trains on all data seen so far: a memory budget does not apply")
-    method_cls.check_config(cfg, uses_memory(method_cls, cfg))
-    cfg.calibration, cfg.components = method_cls.resolve_components(cfg)   # config.yaml says what ran
-    cfg.train.weight_align = "weight-align" in cfg.calibration
-    cfg.train.balanced_finetune = "balanced-finetune" in cfg.calibration
-    if cfg.train.balanced_finetune:
-        ft = cfg.components["balanced-finetune"]
-        cfg.train.finetune_epochs, cfg.train.finetune_lr, cfg.train.finetune_head_only = ft["epochs"], ft["lr"], ft["head_only"]
-    if strict:                                    # (not on --resume: older runs' config.yaml held every option)
-        check_unused(cfg, method_cls)             # an option this run does not use, set by the user
-    distributed.check_config(cfg, method_cls)
-    cfg.memory.optimizer = cfg.memory.optimizer or method_cls.memory_optimizer
-    cfg.memory.compressor = cfg.memory.compressor or method_cls.memory_compressor
-    check_memory_parts(cfg, uses_memory(method_cls, cfg))
+    early = plan(cfg, None, strict)               # names, options and their use, before the data set is read
+    if strict:
+        check_unused(cfg, early)                  # a run option this run does not use, set by the user
+    distributed.check_config(cfg, early.classes)
     ds = load_data(cfg)
-    cfg = resolve(cfg, ds.num_classes, ds.image_shape[-1], method_cls.training)
-    resolve_options(cfg, method_cls, ds.augment)  # the values that run, in place of "the recipe's"
-    BACKBONES.get(cfg.model.backbone)
-    Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std)  # validates the policy name
-    if uses_memory(method_cls, cfg):
+    epochs_given = cfg.train.epochs is not None
+    cfg = resolve(cfg, ds.num_classes, ds.image_shape[-1], recipe.training)
+    facts = RunFacts(cfg, recipe.training.for_dataset(cfg.data.dataset), cfg.data.dataset in QUICK_EPOCHS, epochs_given)
+    p = plan(cfg, ds.image_shape[-1], strict, facts)
+    resolved_config(cfg, p)                       # the choices and options that run, in place of "the recipe's"
+    cfg.data.augment = cfg.data.augment or ds.augment
+    cfg.eval.nme = p.memory or recipe.nme if cfg.eval.nme is None else cfg.eval.nme
+    Augmenter(cfg.data.augment, ds.pad, ds.mean, ds.std)  # validates the policy name
+    if p.memory:
         if cfg.memory.total is None and cfg.memory.per_class is None:
             cfg.memory.total = 20 * ds.num_classes   # 20 per class at the end: 2000 for CIFAR-100
         Budget(cfg.memory.total, cfg.memory.per_class).check(ds.num_classes)
     order = cfg.scenario.class_order or class_order(ds.num_classes, cfg.seed)
     cfg.scenario.class_order = list(order)
-    return cfg, ds, method_cls
+    return cfg, ds, p
 
 
-def uses_memory(method_cls, cfg: RunConfig) -> bool:
-    """Methods that keep exemplars, and any other method given a budget (any method given --memory N)."""
-    return method_cls.uses_memory or cfg.memory.total is not None or cfg.memory.per_class is not None
-
-def describe_training(cfg: RunConfig, method_cls) -> str:
+def describe_training(cfg: RunConfig, recipe) -> str:
     """The phase banner's training lines: what each phase trains with (the effective milestones
     included) and where the recipe's defaults come from."""
     t = cfg.train
-    ref = method_cls.training.for_dataset(cfg.data.dataset)
+    ref = recipe.training.for_dataset(cfg.data.dataset)
     warm = f", {t.warmup_epochs} warm-up epochs" if t.warmup_epochs else ""
     first = describe_stage(t.base_epochs, t.base_lr, t.schedule, t.base_milestones, t.base_weight_decay, t.gamma)
     later = describe_stage(t.epochs, t.lr, t.schedule, t.milestones, t.weight_decay, t.gamma)
@@ -172,6 +148,9 @@ def describe_training(cfg: RunConfig, method_cls) -> str:
             f"  (defaults of {cfg.method}: {ref.source}; options given override them, milestones past a "
             f"phase's epochs do not fire)")
 
+
 def config_from_dict(d: dict) -> RunConfig:
+    """The ``RunConfig`` of a YAML / CLI mapping; keys of its sections that are no run option
+    (component options' short names) go to ``aliases``, resolved with the run's components."""
     d = {k: v for k, v in d.items() if k != "meta"}   # config.yaml's meta section is informational
     return from_dict(RunConfig, d)

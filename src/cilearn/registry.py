@@ -11,8 +11,8 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps names to components. ``@REG.register("name")`` adds one, ``REG.get(name)`` looks it up."""
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, hint: str = ""):
+        self.kind, self.hint = kind, hint      # hint: appended to the unknown-name error (e.g. --plugin)
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -28,7 +28,8 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             raise ConfigError(
-                f"unknown {self.kind} '{name}'; expected one of: {', '.join(self.names())}") from None
+                f"unknown {self.kind} '{name}'; expected one of: {', '.join(self.names())}"
+                + (f"; {self.hint}" if self.hint else "")) from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

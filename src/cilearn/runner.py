@@ -26,15 +26,15 @@ from .errors import CilearnError, ConfigError
 from .evaluate import PhaseEval, confusion_matrix, evaluate_phase, predict
 from .events import NULL, Observer
 from .files import atomic_write
-from .memory import Memory
-from .memory import build as build_memory
+from .components import Components
+from .learner import Learner
+from .memory import Budget, Memory
 from .methods.options import prune
-from .models import build_net
-from .models.heads import head_options
+from .methods.recipe import RunPlan
+from .models import create_net
 from .outputs import Results, memory_row, summarize, write_outputs
-from .prepare import (config_from_dict, describe_training, git_commit, prepare, resolve_device, resolve_precision,
-                      uses_memory)
-from .services import Context, SplitData
+from .prepare import config_from_dict, describe_training, git_commit, prepare, resolve_device, resolve_precision
+from .services import RunServices, SplitData
 from .train import FitResult
 
 
@@ -105,11 +105,11 @@ def run(cfg: RunConfig, echo: bool = True, overwrite: bool = False, observer: Ob
     ``cilearn.api.run`` hands it ``cilearn.report.Reporter``)."""
     wall0 = time.perf_counter()
     distributed.init()
-    cfg, ds, method_cls = distributed.main_first(lambda: prepare(cfg))
+    cfg, ds, plan = distributed.main_first(lambda: prepare(cfg))
     device = resolve_device(cfg.train.device)
     amp = resolve_precision(cfg.train.precision, device)
     out = distributed.on_main(lambda: make_out_dir(cfg, overwrite))
-    return _execute(cfg, ds, method_cls, device, amp, out, echo, wall0, None, None, observer)
+    return _execute(cfg, ds, plan, device, amp, out, echo, wall0, None, None, observer)
 
 
 def resume(run_dir: str | Path, echo: bool = True, device: str | None = None,
@@ -124,7 +124,7 @@ def resume(run_dir: str | Path, echo: bool = True, device: str | None = None,
         cfg.train.device = device
     if progress is not None:
         cfg.train.progress = progress
-    cfg, ds, method_cls = distributed.main_first(lambda: prepare(cfg, strict=False))
+    cfg, ds, plan = distributed.main_first(lambda: prepare(cfg, strict=False))
     dev = resolve_device(cfg.train.device)
     amp = resolve_precision(cfg.train.precision, dev)
     phase_state, epoch_state = distributed.on_main(lambda: tuple(
@@ -133,7 +133,7 @@ def resume(run_dir: str | Path, echo: bool = True, device: str | None = None,
     next_phase = phase_state["next_phase"] if phase_state else 0
     if epoch_state is not None and epoch_state["phase"] != next_phase:
         epoch_state = None   # stale: its phase was finished and checkpointed after it
-    return _execute(cfg, ds, method_cls, dev, amp, out, echo, wall0, phase_state, epoch_state, observer)
+    return _execute(cfg, ds, plan, dev, amp, out, echo, wall0, phase_state, epoch_state, observer)
 
 
 def _resume_config(out: Path) -> dict:
@@ -144,7 +144,7 @@ def _resume_config(out: Path) -> dict:
     return load_yaml(str(out / "config.yaml"))
 
 
-def _execute(cfg, ds, method_cls, device, amp, out: Path, echo: bool, wall0: float,
+def _execute(cfg, ds, plan: RunPlan, device, amp, out: Path, echo: bool, wall0: float,
              phase_state: dict | None, epoch_state: dict | None, observer: Observer | None) -> Results:
     writes = distributed.is_main()       # under torchrun: rank 0 writes, the others compute
     log = Log(out / "log.txt" if writes else None, echo and writes)
@@ -156,7 +156,7 @@ def _execute(cfg, ds, method_cls, device, amp, out: Path, echo: bool, wall0: flo
         ckpt = Checkpointer(out if writes else None, cfg.train.checkpoint_every, gen)
         ckpt.on_epoch = events.on_epoch
         ckpt.install_signal_handlers()
-        return _phases(cfg, ds, method_cls, device, amp, out, log, wall0, gen, ckpt, phase_state, epoch_state, events)
+        return _phases(cfg, ds, plan, device, amp, out, log, wall0, gen, ckpt, phase_state, epoch_state, events)
     except CilearnError as e:
         log.record(f"stopped: {e}")
         raise
@@ -167,7 +167,7 @@ def _execute(cfg, ds, method_cls, device, amp, out: Path, echo: bool, wall0: flo
         log.close()
 
 
-def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float, gen: torch.Generator,
+def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: float, gen: torch.Generator,
             ckpt: Checkpointer, phase_state: dict | None, epoch_state: dict | None, events: Observer = NULL) -> Results:
     import yaml
 
@@ -183,7 +183,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
                                                             device))
     meta["resident"] = resident          # where the uint8 images live: device, or host (batches moved)
     if writes and not (out / "config.yaml").exists():
-        used = prune(to_dict(cfg), cfg, method_cls)   # only the options this run uses
+        used = prune(to_dict(cfg), cfg, plan)   # only the options this run uses
         atomic_write(out / "config.yaml", yaml.safe_dump({**used, "meta": meta}, sort_keys=False))
 
     scenario = Scenario.make(ds.num_classes, cfg.scenario.base, cfg.scenario.increment, cfg.scenario.class_order)
@@ -191,22 +191,20 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     data = SplitData(place(ds.train_x), scenario.relabel(ds.train_y).to(device),
                      place(ds.test_x), scenario.relabel(ds.test_y).to(device))
     aug = Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std, cfg.train.channels_last)
-    last_relu = method_cls.last_relu if cfg.model.last_relu is None else cfg.model.last_relu
-    head = cfg.model.head or method_cls.head
-    scale = method_cls.head_scale if cfg.model.scale is None else cfg.model.scale
-    opts = head_options(head, proxies=cfg.model.proxies, sigma=scale)
-    net = build_net(cfg.model.backbone, head, ds.image_shape[0], last_relu, method_cls.expandable, **opts).to(device)
+    net = create_net(plan.factory("backbone"), plan.factory("head"), ds.image_shape[0], plan.recipe.expandable).to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    memory = build_memory(cfg) if uses_memory(method_cls, cfg) else None
-    ctx = Context(cfg, net, memory, aug, device, gen, amp, ckpt, events)
-    method = method_cls(ctx)
-    ckpt.method_state = method.state_dict  # type: ignore[method-assign]
-
-    def on_epoch(phase_index: int, stage: str, epoch: int, epochs: int, scalars: dict[str, float]) -> None:
-        events.on_epoch(phase_index, stage, epoch, epochs, scalars)
-        method.epoch_end(stage, epoch)                 # the components' epoch_end (main stage)
-    ckpt.on_epoch = on_epoch
+    services = RunServices(cfg, net, None, aug, device, gen, amp, ckpt, events, data)
+    parts = plan.build(services)
+    memory = None
+    if plan.memory:
+        one = {p.kind: p for p in parts if p.kind in ("selection", "exemplar-optimizer", "compressor")}
+        memory = Memory(Budget(cfg.memory.total, cfg.memory.per_class), one.get("selection"),
+                        one.get("exemplar-optimizer"), one.get("compressor"))
+    services.memory = memory
+    learner = Learner(services, Components(parts), nme=bool(cfg.eval.nme))
+    ckpt.net = net
+    ckpt.method_state = learner.state_dict  # type: ignore[method-assign]
 
     events.on_start(RunView(cfg, out, net, memory, aug, amp, data))
     evals: list[PhaseEval] = []
@@ -218,7 +216,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
             net.load_state_dict(phase_state["net"])
             if memory is not None:
                 memory.load_state(phase_state["memory"], device)
-            method.load_state_dict(phase_state["method"])
+            learner.load_state_dict(phase_state["method"])
             evals = [PhaseEval(**e) for e in phase_state["evals"]]
             phase_rows = phase_state["rows"]
             set_rng_state(gen, phase_state["rng"])
@@ -232,7 +230,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
             f"{ds.num_classes} classes, {'x'.join(map(str, ds.image_shape))}), backbone {cfg.model.backbone}, "
             f"{device} {meta['precision']}, seed {cfg.seed}")
         log(scenario.describe())
-        log(describe_training(cfg, method_cls))
+        log(describe_training(cfg, plan.recipe))
         if resident == "host":
             log(f"images stay on the host ({(ds.train_x.nbytes + ds.test_x.nbytes) / 2**30:.1f} GiB"
                 + (", memory-mapped cache" if ds.info.get("cache") else "") + f"), batches moved to {device}")
@@ -244,39 +242,39 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
             unit = "image units" if memory.compressor is not None else "exemplars"
             log(f"memory: {f'%d {unit} in total' % b.total if b.total is not None else f'%d {unit} per class' % b.per_class}, "
                 f"selection {cfg.memory.selection}"
-                + (f", compressor {cfg.memory.compressor} (eta {cfg.memory.compression.eta})"
+                + (f", compressor {cfg.memory.compressor} (eta {memory.compressor.options.eta})"
                    if memory.compressor is not None else "")
                 + (f", optimizer {cfg.memory.optimizer}" if cfg.memory.optimizer != "none" else ""))
     log(f"{'phase':>5} {'classes':>7} {'acc':>6} {'nme':>6} {'old':>6} {'new':>6} {'top5':>6} {'train s':>8} {'img/s':>7}")
 
     for phase in scenario.phases[first:]:
         ckpt.phase = phase.index
-        x, y = method.training_set(phase, data)
-        method.before_phase(phase, x, y)
+        x, y = learner.training_set(phase, data)
+        learner.begin(phase, x, y)                       # the old model, the grown network, the components' start
         if epoch_state is not None:   # continue inside this phase: model, RNG, optimizer position
             with restoring(out / EPOCH_FILE):
                 net.load_state_dict(epoch_state["net"])
-                method.load_state_dict(epoch_state["method"])
+                learner.load_state_dict(epoch_state["method"])
                 set_rng_state(gen, epoch_state["rng"])
             ckpt.resume_fit = epoch_state["fit"]
             epoch_state = None
-        fr = method.train_phase(phase, x, y)             # train
-        cal = method.calibrate(phase)                    # calibrate
-        fr = FitResult(fr.seconds + cal.seconds, fr.images + cal.images, fr.loss)
-        method.after_phase(phase, data)                  # update memory
+        fr = learner.train()                             # train
+        after = learner.after_training()                 # calibrate, extra stages
+        fr = FitResult(fr.seconds + after.seconds, fr.images + after.images, {**fr.loss, **after.loss})
+        learner.update_memory(data)                      # update memory
         ranks = sync_ranks(net, memory, gen, device) if world > 1 else None
         seen = data.test_y < phase.end
         logits, emb = distributed.gather_rows(lambda xs: predict(net, xs, aug, cfg.train.eval_batch_size, amp),
                                               data.test_x[seen])
         ev = evaluate_phase(logits, emb, data.test_y[seen], [(p.start, p.end) for p in scenario.phases[:phase.index + 1]],
-                            method.prototypes())
+                            learner.prototypes())
         evals.append(ev)
         row = {"phase": phase.index, "classes_seen": phase.seen, "acc": ev.acc, "acc_nme": ev.acc_nme,
                "acc_old": ev.acc_old, "acc_new": ev.acc_new, "acc_old_among_old": ev.acc_old_among_old,
                "acc_new_among_new": ev.acc_new_among_new, "top5": ev.top5, "train_seconds": fr.seconds,
-               "finetune_seconds": method.finetune_seconds, "train_images_per_s": fr.images_per_s, "loss": fr.loss,
-               "exemplar_optimizer": dict(getattr(memory.optimizer, "stats", {})) if memory is not None else {},
-               "params": sum(p.numel() for p in net.parameters()), **method.diagnostics(),
+               "finetune_seconds": learner.finetune_seconds, "train_images_per_s": fr.images_per_s, "loss": fr.loss,
+               "exemplar_optimizer": dict(memory.optimizer.stats) if memory is not None and memory.optimizer else {},
+               "params": sum(p.numel() for p in net.parameters()), **learner.diagnostics(),
                **memory_row(memory),
                "per_class_acc": ev.class_acc}
         if ranks is not None:
@@ -288,8 +286,9 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
         f = lambda v: f"{v:6.2f}" if v is not None else f"{'-':>6}"  # noqa: E731
         log(f"{phase.index:>5} {phase.seen:>7} {f(ev.acc)} {f(ev.acc_nme)} {f(ev.acc_old)} {f(ev.acc_new)} "
             f"{f(ev.top5)} {fr.seconds:8.1f} {fr.images_per_s:7.0f}")
+        learner.end()                                    # the components' phase end, after the evaluation
         ckpt.save_phase({"next_phase": phase.index + 1, "num_classes": net.num_classes, "net": net.state_dict(),
-                         "memory": memory.state() if memory is not None else None, "method": method.state_dict(),
+                         "memory": memory.state() if memory is not None else None, "method": learner.state_dict(),
                          "evals": [dataclasses.asdict(e) for e in evals], "rows": phase_rows,
                          "wall_seconds": wall_before + time.perf_counter() - wall0})
         if distributed.any_rank(ckpt.stop_requested) and phase.index + 1 < len(scenario.phases):

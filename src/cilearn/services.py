@@ -1,5 +1,6 @@
-"""What the runner hands a method and its parts: the data split, the run's context (config, net,
-memory, augmentation, RNG, the one training loop), and the frozen teacher's cached outputs."""
+"""What the engine hands the components: the data split, the run's services (the one training loop,
+embeddings, views, seeded generators, evaluation: ``RunServices``, the ``components.Services``
+protocol), and the frozen old model's cached outputs (``OldOutputs``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ import torch
 from . import distributed
 from .data.augment import Augmenter
 from .data.scenario import Phase
-from .evaluate import predict
+from .evaluate import evaluate_phase, predict
 from .events import NULL, Observer
 from .train import Batch, FitResult, FitSettings, fit
 
@@ -35,8 +36,10 @@ class SplitData:
 
 
 @dataclass
-class Context:
-    """What the runner hands a method."""
+class RunServices:
+    """The engine's facilities for the components (``components.Services``): the run's training
+    settings, network, augmentation, RNG, checkpoints and observer; ``data`` (the split on the
+    device) for the evaluation of a model other than the run's."""
     cfg: "RunConfig"
     net: "IncrementalNet"
     memory: "Memory | None"
@@ -46,6 +49,7 @@ class Context:
     autocast_dtype: torch.dtype | None
     ckpt: "Checkpointer | None" = None
     events: Observer = NULL                  # the reporting layer's observer (figures), a no-op in unit tests
+    data: "SplitData | None" = None
 
     def fit_settings(self, phase: Phase, **over) -> FitSettings:
         t = self.cfg.train
@@ -61,11 +65,25 @@ class Context:
         return s
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, loss_fn, settings: FitSettings, desc: str,
-            params=None) -> FitResult:
-        """The one training loop, with this run's augmentation, RNG and checkpoints. ``desc`` names
-        the stage (unique within a phase: a resumed run continues the stage of that name)."""
-        return fit(self.net, x, y, loss_fn, settings, self.augmenter, self.gen, params=params, desc=desc,
-                   ckpt=self.ckpt)
+            params=None, model: torch.nn.Module | None = None, epoch_end=None) -> FitResult:
+        """The one training loop, with this run's augmentation, RNG and checkpoints, on the run's
+        network or ``model`` (a stage that trains another network, e.g. a student: the checkpoints
+        inside the stage still hold the run's network; the stage's network is its component's
+        state). ``desc`` names the stage (unique within a phase: a resumed run continues the stage
+        of that name)."""
+        return fit(self.net if model is None else model, x, y, loss_fn, settings, self.augmenter, self.gen,
+                   params=params, desc=desc, ckpt=self.ckpt, epoch_end=epoch_end)
+
+    def evaluate(self, net: torch.nn.Module, phase: Phase) -> dict[str, float | None]:
+        """The CNN accuracy of ``net`` on the test images of the classes seen by ``phase`` (``acc``,
+        ``acc_old``, ``acc_new``), as the phase's own evaluation computes it."""
+        seen = self.data.test_y < phase.end
+        logits, emb = distributed.gather_rows(
+            lambda xs: predict(net, xs, self.augmenter, self.cfg.train.eval_batch_size, self.autocast_dtype),
+            self.data.test_x[seen])
+        bounds = ([(0, phase.start)] if phase.start > 0 else []) + [(phase.start, phase.end)]
+        ev = evaluate_phase(logits, emb, self.data.test_y[seen], bounds, None)
+        return {"acc": ev.acc, "acc_old": ev.acc_old, "acc_new": ev.acc_new}
 
     def embed(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Embeddings ``[N, D]`` (eval mode, no augmentation). Under torchrun a collective: each rank
@@ -111,7 +129,7 @@ class Context:
         return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + phase.index)
 
 
-def over_views(ctx: Context, x: torch.Tensor, fn) -> tuple[torch.Tensor, ...] | None:
+def over_views(ctx: RunServices, x: torch.Tensor, fn) -> tuple[torch.Tensor, ...] | None:
     """``fn`` over every deterministic training view of ``x`` (uint8 ``[N, C, H, W]``), in
     batches of ``eval_batch_size``: ``fn(normalised batch [b, C, H, W]) -> tuple of [b, ...]``
     tensors; returns the tuple of ``[V, N, ...]`` stacks, or None when the augmentation's views
@@ -128,20 +146,20 @@ def over_views(ctx: Context, x: torch.Tensor, fn) -> tuple[torch.Tensor, ...] | 
     return tuple(torch.stack(p) for p in zip(*views))
 
 
-class TeacherOut(NamedTuple):
+class OldOutput(NamedTuple):
     logits: torch.Tensor            # [B, K_old]
     embedding: torch.Tensor         # [B, D]
     extra: torch.Tensor | None      # [B, F]: the cache's ``extra(output)``, e.g. PODNet's pooled maps
 
 
-class TeacherCache:
-    """Outputs of a frozen teacher on the training set. When the augmentation has a finite set
-    of views (none, flip) they are computed once per view and looked up per batch, which is
-    exact (the teacher is frozen, in eval mode) and saves one forward pass per training step;
-    otherwise the teacher runs on each batch. ``extra``: a function of the teacher's
+class OldOutputs:
+    """Outputs of a frozen model (the old model, a teacher) on the training set. When the
+    augmentation has a finite set of views (none, flip) they are computed once per view and looked
+    up per batch, which is exact (the model is frozen, in eval mode) and saves one forward pass per
+    training step; otherwise the model runs on each batch. ``extra``: a function of the model's
     ``NetOutput`` giving ``[B, F]`` more to keep (PODNet's pooled feature maps)."""
 
-    def __init__(self, teacher: torch.nn.Module, x: torch.Tensor, ctx: Context, extra=None):
+    def __init__(self, teacher: torch.nn.Module, x: torch.Tensor, ctx: RunServices, extra=None):
         @torch.no_grad()
         def outputs(xb: torch.Tensor) -> tuple[torch.Tensor, ...]:
             o = teacher(xb)
@@ -151,15 +169,15 @@ class TeacherCache:
         self._outputs = outputs
         self.cached = over_views(ctx, x, outputs)   # ([V, N, K_old], [V, N, D][, [V, N, F]]) or None
 
-    def __call__(self, batch: Batch) -> TeacherOut:
-        """The teacher's outputs for the batch (looked up, or computed on it)."""
+    def __call__(self, batch: Batch) -> OldOutput:
+        """The model's outputs for the batch (looked up, or computed on it)."""
         if self.cached is not None and batch.view is not None:
             got = [c[batch.view, batch.idx] for c in self.cached]
         else:
             got = list(self._outputs(batch.x))
-        return TeacherOut(got[0], got[1], got[2] if len(got) > 2 else None)
+        return OldOutput(got[0], got[1], got[2] if len(got) > 2 else None)
 
     def cached_embeddings(self, idx: torch.Tensor) -> torch.Tensor | None:
-        """The teacher's cached embeddings ``[len(idx), D]`` of training images ``idx``,
+        """The model's cached embeddings ``[len(idx), D]`` of training images ``idx``,
         unaugmented view; None when nothing is cached (continuous augmentation)."""
         return self.cached[1][0, idx] if self.cached is not None else None

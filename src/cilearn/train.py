@@ -96,18 +96,21 @@ def lr_at(s: FitSettings, epoch: int, step: int, steps_per_epoch: int) -> float:
 
 def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, s: FitSettings,
         augmenter: Augmenter, gen: torch.Generator, params: Iterable[torch.nn.Parameter] | None = None,
-        desc: str = "train", ckpt: "Checkpointer | None" = None) -> FitResult:
+        desc: str = "train", ckpt: "Checkpointer | None" = None,
+        epoch_end: Callable[[int], None] | None = None) -> FitResult:
     """Train ``params`` (default: all of ``model``'s) on ``(x uint8, y)`` for ``s.epochs``.
 
     ``x``: uint8 ``[N, C, H, W]`` on the training device, or a ``HostRows`` view whose rows are
     fetched a batch at a time. With a ``ckpt``: saves the position every ``ckpt.every`` epochs, stops
     after the current step (checkpoint + ``Interrupted``) when a SIGINT/SIGTERM was received, and
     continues from a saved position when the run is resumed in the middle of this stage (``desc``
-    names the stage). ``s.compile``: see ``compiled_backbone``."""
+    names the stage). ``epoch_end(epoch)``: called after each finished epoch (0-based), after the
+    checkpointer's observers, before a checkpoint of that epoch is written (the components'
+    end-of-epoch work of the main stage). ``s.compile``: see ``compiled_backbone``."""
     if not s.compile:
-        return _fit(model, x, y, loss_fn, s, augmenter, gen, params, desc, ckpt)
+        return _fit(model, x, y, loss_fn, s, augmenter, gen, params, desc, ckpt, epoch_end)
     with compiled_backbone(model):
-        return _fit(model, x, y, loss_fn, s, augmenter, gen, params, desc, ckpt)
+        return _fit(model, x, y, loss_fn, s, augmenter, gen, params, desc, ckpt, epoch_end)
 
 
 @contextlib.contextmanager
@@ -136,7 +139,7 @@ def compiled_backbone(model: torch.nn.Module):
 
 def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, s: FitSettings,
          augmenter: Augmenter, gen: torch.Generator, params: Iterable[torch.nn.Parameter] | None,
-         desc: str, ckpt: "Checkpointer | None") -> FitResult:
+         desc: str, ckpt: "Checkpointer | None", epoch_end: Callable[[int], None] | None = None) -> FitResult:
     n = x.shape[0]
     host = isinstance(x, HostRows)    # images on the host: each step fetches its rows (perm on the CPU, once per epoch)
     if s.epochs == 0 or n == 0 or (ckpt is not None and ckpt.skip_stage(desc)):
@@ -229,6 +232,8 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
         if ckpt is not None:
             ckpt.end_epoch(desc, epoch, s.epochs, {"loss": total_f / steps, **terms_mean,
                                                    "lr": opt.param_groups[0]["lr"]})
+        if epoch_end is not None:
+            epoch_end(epoch)
         if bar is not None:
             el = time.perf_counter() - start
             bar.set_postfix(loss=f"{total_f / steps:.3f}", img_s=f"{(seen_images - done_images) / max(el, 1e-9):.0f}")

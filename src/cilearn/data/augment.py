@@ -6,7 +6,7 @@ flip); ``rrc-flip`` (random-resized-crop, scale (0.08, 1), ratio (3/4, 4/3), bac
 
 ``none`` and ``flip`` have a finite set of views (1 and 2). ``train`` then also returns the view
 id of each sample, so a frozen teacher's outputs can be computed once per view and looked up
-(``cilearn.methods.base.TeacherCache``) instead of running the teacher on every batch.
+(``cilearn.services.OldOutputs``) instead of running the teacher on every batch.
 """
 from __future__ import annotations
 

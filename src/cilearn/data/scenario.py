@@ -20,6 +20,7 @@ class Phase:
     index: int
     start: int          # first incremental id learned in this phase
     end: int            # one past the last
+    last: bool = False  # the scenario's last phase
 
     @property
     def classes(self) -> range:
@@ -47,7 +48,8 @@ class Scenario:
     def make(cls, num_classes: int, base: int, increment: int, order: list[int]) -> "Scenario":
         first = base or increment
         bounds = [0, first] + list(range(first + increment, num_classes + 1, increment))
-        phases = [Phase(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        pairs = list(zip(bounds[:-1], bounds[1:]))
+        phases = [Phase(i, a, b, i == len(pairs) - 1) for i, (a, b) in enumerate(pairs)]
         return cls(list(order), phases)
 
     def relabel(self, y: torch.Tensor) -> torch.Tensor:
@@ -55,9 +57,6 @@ class Scenario:
         lut = torch.empty(len(self.order), dtype=torch.long)
         lut[torch.tensor(self.order)] = torch.arange(len(self.order))
         return lut.to(y.device)[y]
-
-    def task_of(self, inc_id: int) -> int:
-        return next(p.index for p in self.phases if p.start <= inc_id < p.end)
 
     def describe(self) -> str:
         rows = [f"phase {p.index}: {p.num_new} classes (ids {p.start}-{p.end - 1}), "

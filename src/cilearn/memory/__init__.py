@@ -1,7 +1,8 @@
-"""Exemplar memory: a budget, a selection rule, an optimizer (``cilearn.memory.mnemonics``:
-none, mnemonics, mnemonics-single), a compressor (``cilearn.memory.compress``: none, full,
-cam-threshold, cim) and the stored exemplars per class (uint8 images; with a compressor, their
-codes and a decoded working copy).
+"""Exemplar memory: a budget, a selection rule (``cilearn.memory.selection``), an optimizer
+(``cilearn.memory.mnemonics``: mnemonics, mnemonics-single, or none), a compressor
+(``cilearn.memory.compressors``: full, cam-threshold, cim, or none) and the stored exemplars per
+class (uint8 images; with a compressor, their codes and a decoded working copy). The selection
+rule, the optimizer and the compressor are the run's components of those kinds.
 
 With a compressor the budget is in full-image units (one unit = ``C * H * W`` pixel bytes) and a
 class's share holds as many compressed exemplars as fit, in selection order (``compress``).
@@ -18,12 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from . import mnemonics
-from .compress import COMPRESSORS, Codes, Compressor, compressed_features, decode, encode, fit_prefix
-from .compress import build as build_compressor
+from .codec import Codes, compressed_features, decode, encode, fit_prefix
+from .compressors import Compressor
 from .mnemonics import ExemplarOptimizer
-from .mnemonics import build as build_optimizer
-from .selection import SELECTIONS
+from .selection import Herding, Selection
 
 
 @dataclass(frozen=True)
@@ -51,11 +50,11 @@ class Memory:
     selection order. With a compressor, ``codes`` (class -> ``Codes``) is what is stored and
     counted; ``exemplars`` holds their decoded images, the working copy the training reads."""
 
-    def __init__(self, budget: Budget, selection: str = "herding", optimizer: ExemplarOptimizer | None = None,
+    def __init__(self, budget: Budget, selection: Selection | None = None, optimizer: ExemplarOptimizer | None = None,
                  compressor: Compressor | None = None):
         self.budget = budget
-        self.select = SELECTIONS.get(selection)
-        self.optimizer = optimizer or ExemplarOptimizer()
+        self.select = (selection or Herding(None, None)).select
+        self.optimizer = optimizer
         self.compressor = compressor
         self.exemplars: dict[int, torch.Tensor] = {}
         self.codes: dict[int, Codes] = {}
@@ -122,7 +121,7 @@ class Memory:
             unit = x[0].numel()
             s, comp = self.compressor.s, self.compressor
             # a code holds at least the C * ceil(H/s) * ceil(W/s) >= C*H*W / s^2 cells: at most per * s^2 fit
-            if comp.cfg.select_on == "compressed" and net is not None:   # official: herding on the compressed images' features
+            if comp.options.select_on == "compressed" and net is not None:   # official: herding on the compressed images' features
                 xc = x[idx]
                 boxes = comp.boxes(net, normalize, xc, c)
                 feats = compressed_features(net, normalize, decode(encode(xc, boxes, s, comp.with_boxes, comp.mode)))
@@ -149,39 +148,23 @@ class Memory:
         ``classes``); returns the exemplars as selected, before optimisation, or None when the
         optimizer is ``none``. With a compressor, the optimised images (uint8) are encoded again in
         their boxes."""
+        if self.optimizer is None:
+            return None
         before = self.optimizer(self, net, normalize, classes, x, y, gen)
-        if before is not None and self.compressor is not None:
+        if self.compressor is not None:
             for c, codes in self.codes.items():
                 self.codes[c] = encode(self.exemplars[c], codes.boxes, codes.s, codes.with_boxes, codes.mode)
                 self.exemplars[c] = decode(self.codes[c])
         return before
 
     def state(self) -> dict:
-        if self.compressor is not None:       # the codes are what is stored
-            return {"codes": {c: v.state() for c, v in self.codes.items()}, "compressor": self.compressor.state()}
+        if self.compressor is not None:       # the codes are what is stored (the compressor's own state is a component's)
+            return {"codes": {c: v.state() for c, v in self.codes.items()}}
         return {"exemplars": {c: v.cpu() for c, v in self.exemplars.items()}}
 
     def load_state(self, state: dict, device: torch.device) -> None:
         if "codes" in state:
             self.codes = {int(c): Codes.from_state(v, device) for c, v in state["codes"].items()}
             self.exemplars = {c: decode(v) for c, v in self.codes.items()}
-            if self.compressor is not None:
-                self.compressor.load_state(state.get("compressor", {}), device)
         else:
             self.exemplars = {int(c): v.to(device) for c, v in state["exemplars"].items()}
-
-
-def check_parts(cfg, has_memory: bool) -> None:
-    """The run's exemplar optimizer and compressor (``cfg``: the RunConfig, names already resolved):
-    known names, valid options, and exemplars to work on; ConfigErrors naming the option."""
-    mnemonics.check(cfg, cfg.method, has_memory)
-    COMPRESSORS.get(cfg.memory.compressor)          # a ConfigError naming the choices
-    if cfg.memory.compressor != "none" and not has_memory:
-        raise ConfigError(f"--memory.compressor {cfg.memory.compressor} compresses exemplars and --method "
-                          f"{cfg.method} keeps none here: give --memory N or --memory-per-class N")
-
-
-def build(cfg) -> "Memory":
-    """The run's memory: its budget, selection rule, exemplar optimizer and compressor."""
-    return Memory(Budget(cfg.memory.total, cfg.memory.per_class), cfg.memory.selection,
-                  build_optimizer(cfg), build_compressor(cfg))

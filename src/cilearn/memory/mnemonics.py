@@ -1,7 +1,8 @@
-"""Exemplar optimizers (registry ``MEMORY_OPTIMIZERS``, ``--memory.optimizer``): after the
-selection rule has picked a phase's exemplars, an optimizer may change their pixels.
+"""Exemplar optimizers (kind ``exemplar-optimizer`` of ``cilearn.components``,
+``--memory.optimizer``): after the selection rule has picked a phase's exemplars, an optimizer may
+change their pixels.
 
-* ``none``: the selected images are stored as they are.
+* ``none`` (no component): the selected images are stored as they are.
 * ``mnemonics``: Mnemonics Training's bilevel form (Liu et al., "Mnemonics Training: Multi-Class
   Incremental Learning without Forgetting", CVPR 2020, Sec. 4) as the authors' first release
   computes it (``trainer/mnemonics_train.py`` of the forks of yaoyao-liu/mnemonics; file and line
@@ -50,30 +51,56 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..components import Component, option, register
 from ..errors import ConfigError
-from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
     from . import Memory
-
-MEMORY_OPTIMIZERS: Registry = Registry("memory optimizer")
 
 Params = dict[str, torch.Tensor]
 
 
+def _check_pixel_options(o) -> None:
+    if o.epochs < 0 or (o.iterations is not None and o.iterations < 0) or not o.lr > 0 or o.batch_size < 1:
+        raise ConfigError("--memory.mnemonics: epochs >= 0, iterations >= 0, lr > 0 and batch-size >= 1 are expected, "
+                          f"got {o.epochs}, {o.iterations}, {o.lr}, {o.batch_size}")
+    if o.step not in ("sgd", "adam"):
+        raise ConfigError(f"--memory.mnemonics.step must be sgd or adam, got '{o.step}'")
+
+
+# Defaults per form, from the authors' releases (docs/methods/mnemonics.md gives file and line):
+# bilevel, the first release's main.py: 10 outer epochs, Adam lr 1e-6 (betas 0.5, 0.999 in
+# trainer/mnemonics_train.py); single-level, the current release's main.py: one epoch, SGD lr 1e-5
+# whose StepLR (step 1, gamma 0.5) is stepped before the epoch, so its steps are taken at 5e-6.
 @dataclass(frozen=True)
-class MnemonicsSettings:
-    """Resolved options (``memory.mnemonics.*``; None there means the form's default, ``DEFAULTS``)."""
-    epochs: int              # outer passes over all seen classes' data per phase
-    iterations: int | None   # cap on the outer steps per phase (None: the epochs' steps)
-    steps: int               # S: step-sets (bilevel)
-    inner_epochs: int        # passes of the inner loop over the step-sets (bilevel)
-    inner_lr: float          # initial per-step learning rate of the inner loop (bilevel)
-    lr: float                # the pixel step, normalised input units
-    batch_size: int          # validation images per outer step
-    step: str                # adam (first release: betas (0.5, 0.999)) | sgd (current release: momentum 0.9, wd 5e-4)
-    adjust_old: bool         # split-halves adjustment of the old classes' exemplars (bilevel)
+class BilevelOptions:
+    epochs: int = option(10, alias="memory.mnemonics.epochs")          # outer passes over all seen classes' data per phase
+    iterations: int | None = option(None, alias="memory.mnemonics.iterations")  # cap on the outer steps per phase
+    steps: int = option(20, alias="memory.mnemonics.steps")            # S: step-sets (first release: mnemonics_steps)
+    inner_epochs: int = option(5, alias="memory.mnemonics.inner_epochs")   # inner passes over the step-sets
+    inner_lr: float = option(0.01, alias="memory.mnemonics.inner_lr")  # initial learnable lr of each inner step
+    lr: float = option(1e-6, alias="memory.mnemonics.lr")              # the pixel step, normalised input units
+    batch_size: int = option(128, alias="memory.mnemonics.batch_size")  # validation images per outer step
+    step: str = option("adam", alias="memory.mnemonics.step")          # adam (betas 0.5, 0.999) | sgd (momentum 0.9, wd 5e-4)
+    adjust_old: bool = option(True, alias="memory.mnemonics.adjust_old")  # the paper's split-halves adjustment of old exemplars
+
+    def __post_init__(self):
+        _check_pixel_options(self)
+        if self.steps < 1 or self.inner_epochs < 0 or not self.inner_lr > 0:
+            raise ConfigError("--memory.mnemonics: steps >= 1, inner-epochs >= 0 and inner-lr > 0 are expected, "
+                              f"got {self.steps}, {self.inner_epochs}, {self.inner_lr}")
+
+
+@dataclass(frozen=True)
+class SingleLevelOptions:
+    epochs: int = option(1, alias="memory.mnemonics.epochs")
+    iterations: int | None = option(None, alias="memory.mnemonics.iterations")
+    lr: float = option(5e-6, alias="memory.mnemonics.lr")
+    batch_size: int = option(128, alias="memory.mnemonics.batch_size")
+    step: str = option("sgd", alias="memory.mnemonics.step")
+
+    def __post_init__(self):
+        _check_pixel_options(self)
 
 
 # ---------------------------------------------------------------- pure functions
@@ -179,27 +206,18 @@ class PixelSpace:
 
 
 # ---------------------------------------------------------------- the optimizers
-class ExemplarOptimizer:
-    """``opt(memory, net, normalize, classes, x, y, gen)``: change the stored exemplars in place
-    after the selection rule has picked those of ``classes`` from the phase's training images
+class ExemplarOptimizer(Component):
+    """``optimize(memory, net, normalize, classes, x, y, gen)``: change the stored exemplars in
+    place after the selection rule has picked those of ``classes`` from the phase's training images
     ``(x uint8 [N, C, H, W], y [N])``; ``normalize``: pixels -> network input. Returns the
-    exemplars as they were before (``{class: [n, C, H, W]}``, for ``--save-tsne``), or None when
-    nothing changed."""
+    exemplars as they were before (``{class: [n, C, H, W]}``, for ``--save-tsne``). ``stats``: the
+    last phase's objectives, pixel change and seconds (metrics.json). Refused without exemplars."""
+    needs_memory = True
 
-    stats: dict[str, float] = {}
-
-    def __call__(self, memory: "Memory", net: torch.nn.Module, normalize, classes: range, x: torch.Tensor,
-                 y: torch.Tensor, gen: torch.Generator) -> dict[int, torch.Tensor] | None:
-        return None
-
-
-MEMORY_OPTIMIZERS.register("none")(ExemplarOptimizer)
-
-
-class _PixelOptimizer(ExemplarOptimizer):
-    def __init__(self, s: MnemonicsSettings):
-        self.s = s
-        self.stats: dict[str, float] = {}     # the last phase's objectives, pixel change, seconds (metrics.json)
+    def __init__(self, options, services):
+        super().__init__(options, services)
+        self.s = options
+        self.stats: dict[str, float] = {}
         self.moved: dict[int, torch.Tensor] = {}
 
     def __call__(self, memory, net, normalize, classes, x, y, gen):
@@ -298,16 +316,17 @@ class _PixelOptimizer(ExemplarOptimizer):
         old = sorted(c for c in memory.exemplars if c < classes.start)
         if not old:
             return x.float(), y
-        ox, oy = _PixelOptimizer.gather(memory, old)
+        ox, oy = ExemplarOptimizer.gather(memory, old)
         return torch.cat([x.float(), ox]), torch.cat([y, oy])
 
 
-@MEMORY_OPTIMIZERS.register("mnemonics")
-class Mnemonics(_PixelOptimizer):
+@register("exemplar-optimizer", "mnemonics")
+class Mnemonics(ExemplarOptimizer):
     """The bilevel form (module docstring): the new classes' exemplars, validated on all seen
     classes' data, then each half of the old classes' exemplars validated on the other.
     ``stats``: the objective before and after on the same data (new: the first batch; old: the
     sum over both halves)."""
+    Options = BilevelOptions
 
     def targets(self, classes, stored):
         """The new classes and, with ``adjust_old``, the old ones."""
@@ -373,11 +392,12 @@ class Mnemonics(_PixelOptimizer):
         self.store(memory, space, z, ex, ex_y)
 
 
-@MEMORY_OPTIMIZERS.register("mnemonics-single")
-class MnemonicsSingle(_PixelOptimizer):
+@register("exemplar-optimizer", "mnemonics-single")
+class MnemonicsSingle(ExemplarOptimizer):
     """The current release's single-level form (module docstring): frozen model, cosine-to-class-
     mean CE over all seen classes on all seen classes' data, SGD on the new classes' exemplars;
     old exemplars are not adjusted."""
+    Options = SingleLevelOptions
 
     def optimize(self, memory, net, normalize, classes, x, y, gen):
         space = PixelSpace(normalize, x.shape[1], x.device)
@@ -402,45 +422,3 @@ class MnemonicsSingle(_PixelOptimizer):
             self.stats["new_objective_after"] = float(
                 single_level_loss(net, z, ex_y, old_means, normalize(vx[first]), vy[first]).detach())
         self.store(memory, space, z, ex, ex_y)
-
-
-# ---------------------------------------------------------------- configuration
-# Defaults per form, from the authors' releases (docs/methods/mnemonics.md gives file and line):
-# bilevel, the first release's main.py: 10 outer epochs, Adam lr 1e-6 (betas 0.5, 0.999 in
-# trainer/mnemonics_train.py); single-level, the current release's main.py: one epoch, SGD lr 1e-5
-# whose StepLR (step 1, gamma 0.5) is stepped before the epoch, so its steps are taken at 5e-6.
-DEFAULTS = {
-    "mnemonics": {"epochs": 10, "lr": 1e-6, "step": "adam"},
-    "mnemonics-single": {"epochs": 1, "lr": 5e-6, "step": "sgd"},
-}
-
-
-def settings(cfg: "RunConfig") -> MnemonicsSettings | None:
-    """The resolved settings of ``cfg.memory.optimizer`` (None for ``none``)."""
-    name, m = cfg.memory.optimizer, cfg.memory.mnemonics
-    if name in (None, "none"):
-        return None
-    d = DEFAULTS[name]
-    return MnemonicsSettings(epochs=d["epochs"] if m.epochs is None else m.epochs, iterations=m.iterations,
-                             steps=m.steps, inner_epochs=m.inner_epochs, inner_lr=m.inner_lr,
-                             lr=d["lr"] if m.lr is None else m.lr, batch_size=m.batch_size,
-                             step=d["step"] if m.step is None else m.step, adjust_old=m.adjust_old)
-
-
-def build(cfg: "RunConfig") -> ExemplarOptimizer:
-    s = settings(cfg)
-    return ExemplarOptimizer() if s is None else MEMORY_OPTIMIZERS.get(cfg.memory.optimizer)(s)
-
-
-def check(cfg: "RunConfig", method: str, has_memory: bool) -> None:
-    """Config checks, before anything is written: the name, the pixel update, and that the method
-    keeps exemplars to optimise (the numbers: ``config.validate``)."""
-    name = cfg.memory.optimizer
-    if name not in MEMORY_OPTIMIZERS:
-        raise ConfigError(f"--memory.optimizer must be one of {', '.join(MEMORY_OPTIMIZERS.names())}, got '{name}'")
-    m = cfg.memory.mnemonics
-    if m.step not in (None, "sgd", "adam"):
-        raise ConfigError(f"--memory.mnemonics.step must be sgd or adam, got '{m.step}'")
-    if name != "none" and not has_memory:
-        raise ConfigError(f"--memory.optimizer {name} optimises exemplars and --method {method} keeps none here: "
-                          "give --memory N or --memory-per-class N, or use a method with exemplars")

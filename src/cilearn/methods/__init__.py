@@ -1,4 +1,14 @@
-from .base import METHODS, Method  # noqa: F401
-from . import baselines, bic, der, foster, lucir, lwm, mnemonics, podnet, wa  # noqa: F401  (register the recipes)
-from .. import head_parts, replay, terms  # noqa: F401  (register the head, replay and loss-term components)
-from ..memory import compress  # noqa: F401  (registers the artifacts component)
+"""The recipes (``--method NAME``): each a ``Recipe``, data naming components and option defaults.
+Importing the package registers them and every component they name."""
+from .. import calibration as _calibration  # noqa: F401  (the components the recipes name)
+from .. import classification as _classification  # noqa: F401
+from .. import constraints as _constraints  # noqa: F401
+from .. import feature_compression as _feature_compression  # noqa: F401
+from .. import imprint as _imprint  # noqa: F401
+from .. import replay as _replay  # noqa: F401
+from .. import terms as _terms  # noqa: F401
+from ..memory import compressors as _compressors  # noqa: F401
+from ..memory import mnemonics as _exemplar_optimizers  # noqa: F401
+from ..memory import selection as _selection  # noqa: F401
+from . import baselines, der, foster, lucir, lwm, mnemonics, podnet, wa  # noqa: F401  (register the recipes)
+from .recipe import METHODS, Recipe, register_recipe  # noqa: F401

@@ -4,27 +4,27 @@ the README's table is this) and its training defaults with their sources (``cile
 from __future__ import annotations
 
 from ..config import describe_stage
-from .base import METHODS
+from .recipe import METHODS
 
 
 def recipe_row(name: str) -> tuple[str, ...]:
-    m = METHODS.get(name)
-    off = {n for n, o in m.component_options("cifar100").items() if o.get("weight") == 0}   # in the recipe, switched off
-    terms = ([f"KD ({m.distill})"] if m.distill else []) + list(m.own_terms) + [t for t in m.terms if t not in off]
-    memory = "herding" if m.uses_memory or m.train_on_seen else "-"
-    if m.train_on_seen:
-        memory = "all seen data"
-    extra = [x for x, on in ((f"optimizer {m.memory_optimizer}", m.memory_optimizer != "none"),
-                             (f"compressor {m.memory_compressor}", m.memory_compressor != "none")) if on]
-    other = [x for x, on in (("expandable backbone", m.expandable), (f"replay {m.replay_source}", m.replay_source),
-                             ("no last ReLU", not m.last_relu)) if on] + list(m.head_components)
-    return (name, m.head, m.cls_loss, ", ".join(terms) or "-", ", ".join([memory] + extra),
-            ", ".join(m.calibration) or "-", ", ".join(other) or "-")
+    r = METHODS.get(name)
+    off = {n for n, o in r.options.items() if o.get("weight") == 0}       # in the recipe, switched off
+    cls = r.classification + (", old-class targets" if r.options.get(r.classification, {}).get("old_targets") else "")
+    memory = "all seen data" if r.replay == "all-data" else ("herding" if r.exemplars else "-")
+    extra = [x for x, on in ((f"optimizer {r.optimizer}", r.optimizer != "none"),
+                             (f"compressor {r.compressor}", r.compressor != "none")) if on]
+    other = [x for x, on in (("expandable backbone", r.expandable),
+                             (f"replay {r.replay}", r.replay not in (None, "all-data")),
+                             ("no last ReLU", r.options.get("backbone", {}).get("last_relu") is False)) if on]
+    other += list(r.head_init) + list(r.constraints) + list(r.stages)
+    return (name, r.head, cls, ", ".join(t for t in r.terms if t not in off) or "-", ", ".join([memory] + extra),
+            ", ".join(r.calibration) or "-", ", ".join(other) or "-")
 
 
 def recipes_table(markdown: bool = False) -> str:
     rows = [recipe_row(n) for n in METHODS.names()]
-    head = ("recipe", "head", "classification", "distillation / terms", "exemplars", "calibration", "other")
+    head = ("recipe", "head", "classification", "terms", "exemplars", "calibration", "other")
     if markdown:
         return "\n".join([f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
                          + [f"| `{r[0]}` | " + " | ".join(r[1:]) + " |" for r in rows])

@@ -1,19 +1,32 @@
-"""Networks: backbones, heads, the incremental net and its expandable variant, and ``build_net``,
-the one factory of networks (it alone knows both net classes, so neither imports the other)."""
+"""Networks: backbones, heads, the incremental net and its expandable variant, and ``create_net``,
+the one factory of networks (it alone knows both net classes, so neither imports the other).
+Backbones and heads are components (kinds ``backbone`` and ``head``) whose ``create`` builds the
+module."""
 from __future__ import annotations
 
-from .backbones import BACKBONES
+from ..components import REGISTRIES, Component, build
+from . import backbones, heads  # noqa: F401  (register the backbone and head components)
 from .expandable import ExpandableBackbone, ExpandableNet
-from .heads import HEADS
 from .net import IncrementalNet
 
 
-def build_net(backbone: str, head: str, in_channels: int, last_relu: bool = True, expandable: bool = False,
-              **head_opts) -> IncrementalNet:
-    """``head_opts``: options of the head's builder (``lsc``: ``proxies``). ``expandable``: an
-    ``ExpandableNet`` of ``backbone`` extractors (DER, FOSTER), starting with one."""
+def create_net(backbone: Component, head: Component, in_channels: int, expandable: bool = False) -> IncrementalNet:
+    """The run's network from its backbone and head components. ``expandable``: an ``ExpandableNet``
+    of ``backbone`` extractors (one per phase: DER, FOSTER), starting with one."""
     if expandable:
-        eb = ExpandableBackbone(lambda: BACKBONES.get(backbone)(in_channels, last_relu=last_relu))
-        return ExpandableNet(eb, HEADS.get(head)(eb.out_dim, **head_opts))
-    bb = BACKBONES.get(backbone)(in_channels, last_relu=last_relu)
-    return IncrementalNet(bb, HEADS.get(head)(bb.out_dim, **head_opts))
+        eb = ExpandableBackbone(lambda: backbone.create(in_channels))
+        return ExpandableNet(eb, head.create(eb.out_dim))
+    bb = backbone.create(in_channels)
+    return IncrementalNet(bb, head.create(bb.out_dim))
+
+
+def part(kind: str, name: str, **options) -> Component:
+    """A backbone or head component by name with ``options`` (its declared defaults otherwise)."""
+    return build(REGISTRIES[kind].get(name), options, None)
+
+
+def build_net(backbone: str, head: str, in_channels: int, expandable: bool = False, backbone_options=None,
+              **head_options) -> IncrementalNet:
+    """``create_net`` by names (tests, benchmarks), with the components' options."""
+    return create_net(part("backbone", backbone, **(backbone_options or {})), part("head", head, **head_options),
+                      in_channels, expandable)

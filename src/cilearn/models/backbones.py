@@ -5,7 +5,8 @@
   all of them what POD-spatial reads.
 * ``embedding``: ``[B, out_dim]``, global average pool of the last stage.
 
-Every builder takes ``(in_channels, last_relu=True)``. ``last_relu=False`` drops the ReLU after
+Every backbone is a component of kind ``backbone`` (``--backbone NAME``) whose ``create(in_channels)``
+builds the module; its option ``last_relu`` (``--model.last-relu``). ``last_relu=False`` drops the ReLU after
 the last block (the residual sum goes out as is), as the official LUCIR and PODNet ResNets do:
 the embedding can then have negative coordinates, which a cosine classifier needs to spread
 classes over the whole sphere rather than one orthant (LUCIR Sec. 3.2, "we remove the ReLU of
@@ -17,10 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..registry import Registry
+from dataclasses import dataclass
 
-# A builder is ``fn(in_channels: int, last_relu: bool = True) -> Backbone``.
-BACKBONES: Registry = Registry("backbone")
+from ..components import Component, NoOptions, option, register
 
 
 class Backbone(nn.Module):
@@ -38,7 +38,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.relu_out = relu_out
         # activations as modules (no parameters: the state_dict is unchanged), so that a mask model
-        # can run the block with other activations (CIM's phi, cilearn.memory.compress.CIMModel)
+        # can run the block with other activations (CIM's phi, cilearn.memory.cim.CIMModel)
         self.act1 = nn.ReLU()
         self.act2 = nn.ReLU() if relu_out else nn.Identity()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -96,32 +96,53 @@ class ResNet(Backbone):
         return maps, x.mean((2, 3))
 
 
-@BACKBONES.register("resnet32")
-def resnet32(in_channels: int, last_relu: bool = True) -> Backbone:
+@dataclass(frozen=True)
+class BackboneOptions:
+    # the ReLU after the last block; LUCIR and PODNet remove it (LUCIR Sec. 3.2; their recipes set false)
+    last_relu: bool = option(True, alias="model.last_relu")
+
+
+class BackboneFactory(Component):
+    """A backbone choice: ``create(in_channels)`` builds the module (a new one each call: an
+    expandable net adds one extractor per phase)."""
+    Options = BackboneOptions
+
+    def create(self, in_channels: int) -> Backbone:  # pragma: no cover
+        raise NotImplementedError
+
+
+@register("backbone", "resnet32")
+class ResNet32(BackboneFactory):
     """CIFAR ResNet-32 (He et al. 2016 Sec. 4.2): 3 stages x 5 blocks, widths 16/32/64, option-A
     shortcuts, 64-d embedding; the backbone of iCaRL/LUCIR/PODNet/PyCIL on CIFAR-100."""
-    return ResNet(in_channels, [16, 32, 64], [5, 5, 5], stem="small", shortcut="A", last_relu=last_relu)
+
+    def create(self, in_channels):
+        return ResNet(in_channels, [16, 32, 64], [5, 5, 5], stem="small", shortcut="A",
+                      last_relu=self.options.last_relu)
 
 
-@BACKBONES.register("resnet18")
-def resnet18(in_channels: int, last_relu: bool = True) -> Backbone:
+@register("backbone", "resnet18")
+class ResNet18(BackboneFactory):
     """ImageNet ResNet-18 (7x7/2 stem + max-pool), 512-d embedding."""
-    return ResNet(in_channels, [64, 128, 256, 512], [2, 2, 2, 2], stem="imagenet", shortcut="B", last_relu=last_relu)
+
+    def create(self, in_channels):
+        return ResNet(in_channels, [64, 128, 256, 512], [2, 2, 2, 2], stem="imagenet", shortcut="B",
+                      last_relu=self.options.last_relu)
 
 
-@BACKBONES.register("resnet18-32")
-def resnet18_32(in_channels: int, last_relu: bool = True) -> Backbone:
+@register("backbone", "resnet18-32")
+class ResNet18Small(BackboneFactory):
     """ResNet-18 with a 3x3/1 stem and no max-pool, for 32 px inputs (as in PyCIL/DER on CIFAR)."""
-    return ResNet(in_channels, [64, 128, 256, 512], [2, 2, 2, 2], stem="small", shortcut="B", last_relu=last_relu)
+
+    def create(self, in_channels):
+        return ResNet(in_channels, [64, 128, 256, 512], [2, 2, 2, 2], stem="small", shortcut="B",
+                      last_relu=self.options.last_relu)
 
 
 class ConvNet(Backbone):
     """Small 3-stage convnet for 8x8 (digits) to 28x28 inputs: 32-64-128 channels, 128-d."""
 
-    def __init__(self, in_channels: int, last_relu: bool = True):
-        """``last_relu`` is accepted and ignored: without a residual path, dropping the last ReLU
-        would make the whole last stage (conv, BN, mean pool) affine, i.e. remove a layer
-        (measured on digits: LUCIR's phase-0 accuracy drops from >90% to 88% at 6 epochs)."""
+    def __init__(self, in_channels: int):
         super().__init__()
 
         def stage(cin, cout, pool):
@@ -139,7 +160,16 @@ class ConvNet(Backbone):
         return maps, x.mean((2, 3))
 
 
-BACKBONES.register("convnet")(ConvNet)
+@register("backbone", "convnet")
+class ConvNetFactory(BackboneFactory):
+    """The small convnet (``ConvNet``). It has no ``last_relu`` option: without a residual path,
+    dropping the last ReLU would make the whole last stage (conv, BN, mean pool) affine, i.e.
+    remove a layer (measured on digits: LUCIR's phase-0 accuracy drops from >90% to 88% at 6
+    epochs), so the recipes' ``last_relu: false`` does not apply to it."""
+    Options = NoOptions
+
+    def create(self, in_channels):
+        return ConvNet(in_channels)
 
 
 def auto_backbone(image_size: int) -> str:

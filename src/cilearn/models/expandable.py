@@ -13,7 +13,7 @@ feature extractor per phase, the old ones frozen, their embeddings concatenated.
   ``nn.Linear``, old columns kept: the old classes' logits on the old features are those of the
   previous model plus the new branch's contribution). ``compress(extractor, head)`` replaces all
   extractors by one (FOSTER's compression). ``forward(x, old_embedding)`` takes the frozen
-  extractors' embedding from a cache (the previous model's, ``TeacherCache``) and runs only the
+  extractors' embedding from a cache (the previous model's, ``services.OldOutputs``) and runs only the
   trainable extractor. ``load_state_dict`` first reshapes the net to the state it is given
   (number of extractors, which are frozen, head size), so checkpoints of any phase load into a
   freshly built net.
@@ -92,10 +92,23 @@ def count_parameters(module: nn.Module, trainable: bool = False) -> int:
 
 class ExpandableNet(IncrementalNet):
     backbone: ExpandableBackbone
+    expandable = True
 
     def forward(self, x: torch.Tensor, old_embedding: torch.Tensor | None = None) -> NetOutput:
         maps, emb = self.backbone(x, old_embedding)
         return NetOutput(self.logits(emb), emb, maps)
+
+    def grow(self, phase) -> None:
+        """Head rows for the phase's new classes and, after the first phase, a new extractor (the
+        rows first, then the extractor: the order of their initial values' draws)."""
+        self.add_classes(phase.num_new)
+        if phase.index > 0:
+            self.expand()
+
+    @property
+    def reuses_old_embedding(self) -> bool:
+        """Frozen extractors: their embedding is the old model's (taken from its cached outputs)."""
+        return int(self.backbone.num_frozen) > 0
 
     @property
     def new_dim(self) -> int:

@@ -1,23 +1,14 @@
 """Classifier heads. Every head grows with ``add_classes(n)`` and keeps the old classes' weights."""
 from __future__ import annotations
 
-import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from ..registry import Registry
-
-# A builder is ``fn(in_dim: int, **opts) -> Head`` (``lsc``: ``proxies``).
-HEADS: Registry = Registry("head")
-
-
-def head_options(name: str, **available) -> dict:
-    """The options among ``available`` that head ``name``'s builder takes (``lsc``: proxies and
-    sigma; ``cosine``: sigma; ``linear``: none), so callers need not know each head's options."""
-    params = inspect.signature(HEADS.get(name)).parameters
-    return {k: v for k, v in available.items() if k in params}
+from ..components import Component, NoOptions, option, register
+from ..errors import ConfigError
 
 
 class Head(nn.Module):
@@ -32,7 +23,6 @@ class Head(nn.Module):
         return self(emb)
 
 
-@HEADS.register("linear")
 class LinearHead(Head):
     """``logits = emb @ W^T + b``; W: ``[num_classes, in_dim]``."""
 
@@ -60,7 +50,6 @@ class LinearHead(Head):
         return nn.functional.linear(emb, self.weight, self.bias)
 
 
-@HEADS.register("cosine")
 class CosineHead(Head):
     """LUCIR's cosine-normalised classifier (Hou et al. 2019, Sec. 3.1):
     ``logits = sigma * <emb / |emb|, w_c / |w_c|>``, no bias; W: ``[num_classes, in_dim]``.
@@ -93,7 +82,6 @@ class CosineHead(Head):
         return self.sigma * self.cosine(emb)
 
 
-@HEADS.register("lsc")
 class LSCHead(Head):
     """PODNet's local-similarity classifier (Douillard et al. 2020, Sec. 3.2, Eq. 6): ``K``
     proxies per class (``--model.proxies``, 10 as the paper), each a row of W
@@ -128,3 +116,57 @@ class LSCHead(Head):
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return self.sigma * self.similarity(emb)
+
+
+# ---------------------------------------------------------------- the head components (--model.head)
+class HeadFactory(Component):
+    """A head choice: ``create(in_dim)`` builds the module."""
+    Options = NoOptions
+
+    def create(self, in_dim: int) -> Head:  # pragma: no cover
+        raise NotImplementedError
+
+
+@register("head", "linear")
+class LinearHeadFactory(HeadFactory):
+    """``LinearHead``: a linear classifier with bias."""
+
+    def create(self, in_dim):
+        return LinearHead(in_dim)
+
+
+@dataclass(frozen=True)
+class CosineOptions:
+    scale: float = option(1.0, alias="model.scale")   # initial sigma (the official LUCIR code: 1)
+
+    def __post_init__(self):
+        if not self.scale > 0:
+            raise ConfigError(f"components.cosine.scale must be > 0, got {self.scale}")
+
+
+@register("head", "cosine")
+class CosineHeadFactory(HeadFactory):
+    """``CosineHead``: LUCIR's cosine classifier with a learnable scale."""
+    Options = CosineOptions
+
+    def create(self, in_dim):
+        return CosineHead(in_dim, sigma=self.options.scale)
+
+
+@dataclass(frozen=True)
+class LSCOptions:
+    proxies: int = option(10, alias="model.proxies")   # proxies per class (PODNet Sec. 4.1: 10)
+    scale: float = option(1.0, alias="model.scale")    # initial eta (the official PODNet code: 1)
+
+    def __post_init__(self):
+        if self.proxies < 1 or not self.scale > 0:
+            raise ConfigError(f"components.lsc: proxies must be >= 1 and scale > 0, got {self.proxies}, {self.scale}")
+
+
+@register("head", "lsc")
+class LSCHeadFactory(HeadFactory):
+    """``LSCHead``: PODNet's local-similarity classifier."""
+    Options = LSCOptions
+
+    def create(self, in_dim):
+        return LSCHead(in_dim, proxies=self.options.proxies, sigma=self.options.scale)

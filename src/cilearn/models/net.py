@@ -79,6 +79,8 @@ class LogitBias(nn.Module):
 
 
 class IncrementalNet(nn.Module):
+    expandable = False                 # grows by an extractor per phase (``ExpandableNet``)
+
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
@@ -92,6 +94,28 @@ class IncrementalNet(nn.Module):
         self.head.add_classes(n)
         if self.logit_bias is not None:
             self.logit_bias.add_classes(n)
+
+    def grow(self, phase) -> None:
+        """The network of ``phase`` (``data.scenario.Phase``): head rows for its new classes."""
+        self.add_classes(phase.num_new)
+
+    @property
+    def reuses_old_embedding(self) -> bool:
+        """Whether the training forward takes part of the embedding from the old model's cached
+        outputs (``forward(x, old_embedding)``) instead of computing it (frozen extractors)."""
+        return False
+
+    def freeze_backbone(self) -> None:
+        """The backbone trains no more: no gradient, and in eval mode (BatchNorm statistics kept)
+        even when the net is put in train mode."""
+        freeze(self.backbone)
+        self.backbone_frozen = True
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "backbone_frozen", False):
+            self.backbone.eval()
+        return self
 
     def enable_logit_bias(self) -> None:
         """Logits pass through a ``LogitBias`` (identity until a calibration sets it)."""

@@ -1,7 +1,8 @@
-"""Replay components (kind ``replay`` of ``cilearn.components``): where the old-class samples that
-are mixed into each training step come from, beyond the stored exemplars. ``--replay dfgr`` (any
-method, with or without exemplars): a generator trained against the old model alone
-(``cilearn.replay.dfgr``).
+"""Replay components (kind ``replay`` of ``cilearn.components``): where old-class samples come
+from beyond the stored exemplars. ``--replay dfgr`` (any method, with or without exemplars): a
+generator trained against the old model alone (``cilearn.replay.dfgr``), its samples mixed into
+each training step. ``all-data``: every training image of the classes seen so far (the ``joint``
+upper bound).
 """
 from __future__ import annotations
 
@@ -11,22 +12,54 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..components import Component, register
-from ..config import GeneratorReplayFields
+from ..components import Component, option, register
 from ..errors import ConfigError
 from ..evaluate import predict
-from ..losses import DISTILL
+from ..losses import kd_bce, kd_kl
 from .dfgr import GeneratorSettings, train_generator
 
+KD_FORMS = {"kd": kd_kl, "bce": kd_bce}      # the KD on the samples: softmax KL at T, or iCaRL's sigmoid BCE
 
-@dataclass
-class DFGROptions(GeneratorReplayFields):
-    """The generator replay's options (``config.GeneratorReplayFields``, shorthands ``--replay.<option>``)
-    and the KD it applies to the samples."""
-    distill: str = "kd"                  # the KD on the samples: the method's (kd, bce), kd without one
-    temperature: float = 2.0             # its T (the run's --loss.temperature)
+
+@dataclass(frozen=True)
+class DFGROptions:
+    """The generator replay's options (short names ``--replay.<option>``). The paper's values could
+    not be read (METHODS.md); these are cilearn's, measured on digits / Fashion-MNIST."""
+    steps: int = option(500, alias="replay.steps")                 # generator training steps (Adam)
+    batch_size: int = option(64, alias="replay.batch_size")        # latent codes per generator step
+    lr: float = option(1e-3, alias="replay.lr")
+    z_dim: int = option(100, alias="replay.z_dim")
+    width: int = option(64, alias="replay.width")                  # generator channels (DAFL's generator: 128)
+    bn_weight: float = option(1.0, alias="replay.bn_weight")       # BatchNorm-statistics matching
+    bn_loss: str = option("kl", alias="replay.bn_loss")            # kl (Gaussians) | l2
+    entropy_weight: float = option(1.0, alias="replay.entropy_weight")      # per-sample entropy, minimised
+    diversity_weight: float = option(1.0, alias="replay.diversity_weight")  # entropy of the batch-mean prediction, maximised
+    # synthetic samples per training step; null: the training batch size
+    samples_per_batch: int | None = option(None, alias="replay.samples_per_batch")
+    kd_weight: float = option(1.0, alias="replay.kd_weight")       # KD of the old logits on the synthetic samples
+    # CE over all seen classes, label = the old model's argmax (0: off, KD only)
+    ce_weight: float = option(0.0, alias="replay.ce_weight")
+    # joint: the samples go through the student in the same forward as the real batch (one BatchNorm
+    # batch, "mixed into each training batch"); separate: their own forward (cilearn's earlier form)
+    forward: str = option("joint", alias="replay.forward")
+    # separate forward: it updates BatchNorm running statistics (false: real batches only)
+    update_bn: bool = option(True, alias="replay.update_bn")
+    distill: str = "kd"                  # the KD on the samples (KD_FORMS): kd, or bce (the lwf-mc recipe's)
+    temperature: float = option(2.0, alias="loss.temperature")     # its T
 
     def __post_init__(self):
+        for k in ("steps", "batch_size", "lr", "z_dim", "width", "temperature"):
+            if not getattr(self, k) > 0:
+                raise ConfigError(f"--replay.{k.replace('_', '-')} must be a positive number, got {getattr(self, k)}")
+        for k in ("bn_weight", "entropy_weight", "diversity_weight", "kd_weight", "ce_weight"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"--replay.{k.replace('_', '-')} must be a non-negative number, got {getattr(self, k)}")
+        if self.samples_per_batch is not None and self.samples_per_batch < 1:
+            raise ConfigError(f"--replay.samples-per-batch must be a positive number, got {self.samples_per_batch}")
+        if self.bn_loss not in ("kl", "l2"):
+            raise ConfigError(f"--replay.bn-loss must be kl or l2, got '{self.bn_loss}'")
+        if self.distill not in KD_FORMS:
+            raise ConfigError(f"components.dfgr.distill must be one of {', '.join(KD_FORMS)}, got {self.distill!r}")
         if self.forward not in ("joint", "separate"):
             raise ConfigError(f"--replay.forward must be joint or separate, got {self.forward!r}")
         if self.forward == "joint" and not self.update_bn:
@@ -52,6 +85,9 @@ class DFGRReplay(Component):
     training."""
     Options = DFGROptions
     needs_old_model = True
+    per_phase = ("generator", "t_logits")
+    reports = ("save_samples",)
+    single_process = "its generator is trained outside the training loop and its samples are not sharded"
 
     def __init__(self, options, services):
         super().__init__(options, services)
@@ -60,19 +96,17 @@ class DFGRReplay(Component):
                                           bn_weight=o.bn_weight, entropy_weight=o.entropy_weight,
                                           diversity_weight=o.diversity_weight, bn_loss=o.bn_loss,
                                           progress=services.progress)
-        self.kd_fn = DISTILL.get(o.distill)
-        self.generator = self.model = self.old_model = None
-        self.out = self.t_logits = None       # this step's samples: the student's output rows, the old model's logits
+        self.kd_fn = KD_FORMS[o.distill]
+        self.generator = self.t_logits = None   # the phase's generator; this step's old-model logits on the samples
         self.summary: dict[str, float] = {}
 
-    def phase_start(self, phase, model, old_model, data):
+    def phase_start(self, ctx):
         s = self.services
-        self.model, self.old_model = model, old_model
-        self.generator, self.summary = train_generator(old_model, s.augmenter.normalize, tuple(data.x.shape[1:]),
+        self.generator, self.summary = train_generator(ctx.old_model, s.augmenter.normalize, tuple(ctx.x.shape[1:]),
                                                        self.settings, s.gen, s.device)
         n = s.events.wants("samples")
         if n > 0:
-            self.save_samples(phase, n)
+            self.save_samples(ctx, n)
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
@@ -81,35 +115,34 @@ class DFGRReplay(Component):
         z = torch.randn(n, self.settings.z_dim, generator=s.gen, device=s.gen.device).to(s.device)
         return s.augmenter.normalize(self.generator(z))
 
-    def draw(self, batch) -> torch.Tensor:
+    def draw(self, step) -> torch.Tensor:
         """This step's samples ``[n, C, H, W]`` (normalised) and the old model's logits on them."""
-        xs = self.sample(self.options.samples_per_batch or len(batch.x))
+        xs = self.sample(self.options.samples_per_batch or len(step.batch.x))
         with torch.no_grad():
-            self.t_logits = self.old_model(xs).logits.float()      # [n, K_old]
+            self.t_logits = step.ctx.old_model(xs).logits.float()      # [n, K_old]
         return xs
 
-    def extra_rows(self, batch):
-        return self.draw(batch) if self.options.forward == "joint" else None
+    def before_step(self, step):
+        if self.options.forward == "joint":         # the samples join the student's forward of the batch
+            step.add_rows(self, self.draw(step))
 
-    def extra_output(self, out):
-        self.out = out
-
-    def terms(self, batch, out):
+    def terms(self, step, out):
         o = self.options
         if o.forward == "joint":
-            logits, self.out = self.out.logits, None
+            rows = step.output_of(self)
+            if rows is None:           # a loss of the batch as given (no rows were added): no replay term
+                return {}
+            logits = rows.logits
         else:
-            xs = self.draw(batch)
-            with contextlib.nullcontext() if o.update_bn else bn_running_stats_frozen(self.model):
-                logits = self.model(xs).logits
+            xs = self.draw(step)
+            model = step.ctx.model
+            with contextlib.nullcontext() if o.update_bn else bn_running_stats_frozen(model):
+                logits = model(xs).logits
         t_logits = self.t_logits
         got = {"replay_kd": (o.kd_weight, self.kd_fn(logits[:, : t_logits.shape[1]], t_logits, o.temperature))}
         if o.ce_weight > 0:
             got["replay_ce"] = (o.ce_weight, F.cross_entropy(logits.float(), t_logits.argmax(1)))
         return got
-
-    def phase_end(self, phase, model, data):
-        self.generator = self.model = self.old_model = None
 
     def diagnostics(self):
         s = self.summary
@@ -118,15 +151,16 @@ class DFGRReplay(Component):
                 "generator_bn_end": s.get("bn_end")}
 
     @torch.no_grad()
-    def save_samples(self, phase, n: int) -> None:
+    def save_samples(self, ctx, n: int) -> None:
         """For each old class, the ``n`` samples (of a pool of ``max(512, 8 n K_old)``) that the old
         model gives the highest probability of that class, handed to the reporting layer
         (``samples-phase<i>.png``)."""
-        s, k = self.services, phase.num_old
+        s, phase = self.services, ctx.phase
+        k = phase.num_old
         pool = max(512, 8 * n * k)
         z = torch.randn(pool, self.settings.z_dim, generator=s.gen, device=s.gen.device).to(s.device)
         imgs = torch.cat([self.generator(z[i:i + 256]) for i in range(0, pool, 256)])   # [pool, C, H, W] pixels
-        prob = F.softmax(predict(self.old_model, imgs, s.augmenter, s.eval_batch_size, s.autocast_dtype)[0], 1)
+        prob = F.softmax(predict(ctx.old_model, imgs, s.augmenter, s.eval_batch_size, s.autocast_dtype)[0], 1)
         top = prob.topk(min(n, pool), dim=0).indices.T                       # [K_old, n]
         s.events.on_images("samples", phase.index, {
             "images": imgs[top.flatten()].round().clamp(0, 255).to(torch.uint8).cpu(), "rows": k,
@@ -149,3 +183,13 @@ def bn_running_stats_frozen(net: torch.nn.Module):
             m.momentum = mom
             if n is not None:
                 m.num_batches_tracked.copy_(n)
+
+
+@register("replay", "all-data")
+class AllData(Component):
+    """Every training image of the classes seen so far, in every phase: the phase trains on all of
+    them (``joint``, the upper bound). Runs with it keep no exemplars."""
+    excludes_memory = True
+
+    def training_set(self, phase, x, y, memory, data):
+        return data.train_of(range(0, phase.end))

@@ -1,0 +1,324 @@
+"""CIM's mask model and its bilevel step (Luo, Liu, Schiele & Sun, CVPR 2023, Sec. 4; the official
+code ``xfflzl/CIM-CIL``): the rational activations phi that turn the CIL network into the CIM
+model (``Rational``, ``CIMModel``), the bilevel objective of one outer step (``cim_outer_loss``:
+one differentiable SGD step of the CIL model on exemplars and softly compressed new images, then
+the updated model's loss on real images plus the memory regulariser and the CIM model's CE), and
+``meta_steps``, the one loop of outer steps that both the per-epoch meta-iterations and the
+phase-end iterations of the ``cim`` compressor (``cilearn.memory.compressors``) run.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ..train import Batch
+from .codec import at_least_float32, cam, class_vectors, soft_compress
+
+
+def cil_split(net: nn.Module, only: str = "") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The CIL model's tensors for the CIM step's inner update: (its trainable parameters whose
+    names start with ``only``, phi's rationals excepted, as fresh leaves; everything else). phi's
+    coefficients stay the net's own tensors (the outer gradient reaches them through every
+    forward); the other parameters and the buffers are detached. ``only="backbone."``: the
+    official inner step, which leaves the classifier alone."""
+    phi = phi_names(net)
+    trainable = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters()
+                 if p.requires_grad and k.startswith(only) and k not in phi}
+    fixed = {k: (p if k in phi else p.detach()) for k, p in net.named_parameters() if k not in trainable}
+    fixed.update({k: b.detach() for k, b in net.named_buffers()})
+    return trainable, fixed
+
+
+class LossModule(nn.Module):
+    """``loss_fn`` (a ``PhaseContext.loss``, which runs ``net``) as a module holding ``net``, so
+    that ``functional_call`` can run it with some of ``net``'s parameters replaced."""
+
+    def __init__(self, net: nn.Module, loss_fn):
+        super().__init__()
+        self.net, self.loss_fn = net, loss_fn
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.loss_fn(batch)[0]
+
+
+def method_inner_loss(net: nn.Module, loss_fn):
+    """``inner(params, x, y) -> scalar``: the phase's full training loss ``loss_fn`` of the batch
+    ``(x [B, C, H, W] normalised, y [B])`` with ``net``'s parameters ``params`` (names as in
+    ``net``) in place of its own; the teacher's outputs computed on ``x`` (``view`` None)."""
+    holder = LossModule(net, loss_fn)
+
+    def inner(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        batch = Batch(x, y, torch.arange(len(y), device=y.device), None)
+        return functional_call(holder, {f"net.{k}": v for k, v in params.items()}, (batch,))
+    return inner
+
+
+def phi_step(loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer, clip: float) -> bool:
+    """One step of phi's optimizer on ``loss`` (gradient norm clipped at ``clip``); False, and
+    no update, when the loss or a gradient is not finite (a young network's eval-mode forward can
+    overflow, docs/methods/cim.md)."""
+    grads = [torch.zeros_like(p) if g is None else g
+             for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+    if not (torch.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)):
+        return False
+    for p, g in zip(params, grads):
+        p.grad = g
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    return True
+
+
+def meta_batch(x: torch.Tensor, y: torch.Tensor, old: tuple[torch.Tensor, torch.Tensor] | None, bs: int,
+               gen: torch.Generator, normalize) -> tuple:
+    """One CIM step's data: ``bs`` new images ``(x, y)`` to compress and ``bs`` more as validation,
+    and with exemplars ``old`` (uint8, labels) ``bs`` of them for the inner step and ``bs`` more for
+    the validation. Returns normalised ``(new_x, new_y, ex_x | None, ex_y | None, val_x, val_y)``."""
+    pick = torch.randint(len(x), (2 * bs,), generator=gen, device=gen.device).to(x.device)
+    new, val = pick[:bs], pick[bs:]
+    ex_x = ex_y = None
+    val_x, val_y = x[val], y[val]
+    if old is not None:
+        mx, my = old
+        e = torch.randint(len(mx), (2 * bs,), generator=gen, device=gen.device).to(mx.device)
+        ex_x, ex_y = normalize(mx[e[:bs]]), my[e[:bs]]
+        val_x, val_y = torch.cat([val_x, mx[e[bs:]]]), torch.cat([val_y, my[e[bs:]]])
+    return normalize(x[new]), y[new], ex_x, ex_y, normalize(val_x), val_y
+
+
+
+# ---------------------------------------------------------------- the CIM model
+# A rational (Pade) activation, version A of Molina et al. (ICLR 2020), the form the official CIM
+# code uses through the rational-activations package (degrees 5 / 4, "safe" denominator), with its
+# coefficients initialised to that package's fit of ReLU on [-3, 3] (rationals_config.json, key
+# Rational_version_A5/4, relu).
+RATIONAL_RELU_P = (0.029963801610813613, 0.6168978366891341, 2.37534759733888, 3.0659900472408443,
+                   1.5246831881677423, 0.2528070864040542)
+RATIONAL_RELU_Q = (-1.191550121923625, 4.4080487697236626, 0.9110357113686055, 0.34884977946384615)
+
+
+class Rational(nn.Module):
+    """``f(x) = (a_0 + a_1 x + ... + a_5 x^5) / (1 + |b_1 x| + |b_2 x^2| + |b_3 x^3| + |b_4 x^4|)``,
+    one set of coefficients for all channels, learnable; initially close to ReLU on [-3, 3].
+    Trained by CIM's own step only (``trained_by_component``: the training loop leaves it out).
+
+    ``relu_outside``: installed in a CIL backbone (``install_rationals``) the module is a ReLU
+    except inside ``CIMModel.active()``, the official network's two activations in one slot
+    (``convs/resnet.py``: ``forward(..., activation='relu')`` by default, ``'ratl'`` for the CIM
+    forward only). A lone ``Rational()`` is the rational everywhere."""
+    trained_by_component = True
+
+    def __init__(self, relu_outside: bool = False):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(RATIONAL_RELU_P))
+        self.q = nn.Parameter(torch.tensor(RATIONAL_RELU_Q))
+        self.relu_outside = relu_outside
+        self.active = False           # set by CIMModel.active() for the CIM forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.relu_outside and not self.active:
+            return F.relu(x)
+        return self.rational(x)
+
+    def rational(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function in two evaluations, so that large inputs do not overflow (x^5 does in
+        float32 above ~4e7, which deep activations of a young extractor reach): for |x| <= 1 as
+        written; for |x| > 1 numerator and denominator divided by x^5 (t = 1/x, |t| < 1):
+        ``(a_0 t^5 + a_1 t^4 + ... + a_5) / (t (t^4 + |b_1| |t|^3 + |b_2| t^2 + |b_3| |t| + |b_4|))``.
+        Horner steps as fused multiply-adds (the activation runs at every layer of phi: this form
+        is ~1.8x faster on a CPU than the term-by-term one, same values to float rounding). Large
+        tensors go through in pieces of ``CHUNK`` elements: each of the ~25 elementwise steps
+        allocates its result, and small allocations are reused by the C allocator where large ones
+        are fresh pages every time (measured on a CPU: 4x faster evaluation at 500 x 64 x 28 x 28,
+        ~1.3x a training step)."""
+        xw = at_least_float32(x)
+        if xw.numel() > self.CHUNK:
+            flat = xw.reshape(-1)
+            return torch.cat([self._values(c) for c in flat.split(self.CHUNK)]).view(xw.shape)
+        return self._values(xw)
+
+    CHUNK = 1 << 17
+
+    def _values(self, xw: torch.Tensor) -> torch.Tensor:
+        p, qa = self.p.to(xw.dtype), self.q.to(xw.dtype).abs()
+        small = xw.abs() <= 1
+        one = torch.ones_like(xw)
+        u = torch.where(small, xw, 0 * one)                  # |x| <= 1 lanes: x; others 0
+        t = torch.where(small, one, xw).reciprocal()         # |x| > 1 lanes: 1 / x; others 1 (finite both ways)
+        au, at = u.abs(), t.abs()
+        num_s, num_l = p[5], p[0]
+        for k in range(4, -1, -1):
+            num_s = torch.addcmul(p[k], num_s, u)            # a_0 + a_1 u + ... + a_5 u^5
+            num_l = torch.addcmul(p[5 - k], num_l, t)        # a_5 + a_4 t + ... + a_0 t^5
+        den_s, den_l = qa[3], at + qa[0]
+        for k in (2, 1, 0):
+            den_s = torch.addcmul(qa[k], den_s, au)          # |b_1| + |b_2| |u| + |b_3| u^2 + |b_4| |u|^3
+        for k in (1, 2, 3):
+            den_l = torch.addcmul(qa[k], den_l, at)          # t^4 + |b_1| |t|^3 + ... + |b_4|
+        return torch.where(small, num_s / (den_s * au + 1), num_l / (den_l * t))
+
+
+def _relus(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute name) of every ``nn.ReLU`` inside ``module``, in module order."""
+    return [(parent, name) for parent in module.modules() for name, child in parent.named_children()
+            if isinstance(child, nn.ReLU)]
+
+
+def install_rationals(module: nn.Module) -> nn.Module:
+    """Every ``nn.ReLU`` inside ``module`` replaced by a new ``Rational(relu_outside=True)`` (in
+    place: a ReLU still, the rational inside ``CIMModel.active()``); returns it."""
+    dev = next((p.device for p in module.parameters()), None)
+    for parent, name in _relus(module):
+        r = Rational(relu_outside=True)
+        setattr(parent, name, r.to(dev) if dev is not None else r)
+    return module
+
+
+def phi_names(net: nn.Module) -> set[str]:
+    """Names of the net's parameters that belong to its rationals (phi)."""
+    return {f"{m}.{p}" if m else p for m, mod in net.named_modules() if isinstance(mod, Rational)
+            for p, _ in mod.named_parameters()}
+
+
+class CIMModel:
+    """The mask model phi as the official code builds it (``convs/resnet.py:44-63, 100-125``;
+    ``utils/inc_net.py`` ``FOSTERNet.forward(x, params=None, activation='relu')``): the CIL
+    network with a second activation in every ReLU slot of its backbone (the stem's, and both of
+    each residual block). The CIL model's own forward (training, the CIM inner step and its
+    validation, evaluation) runs the ReLUs; the CIM forward (``active()``: the masks and the CIM
+    model's logits, official ``activation='ratl'``) runs learnable ``Rational``s in their place
+    through the **same** convolutions, BatchNorm layers (their running statistics are the ReLU
+    network's) and head. phi is the rationals' coefficients: the training loop leaves them out
+    (``trained_by_component``) and only the CIM step trains them, also those of a frozen old
+    extractor (``models/foster.py:51-54``). An expandable backbone gets rationals in each new
+    extractor. The CAM ``class_vector . maps`` of the CIM forward's last stage gives the masks,
+    its logits the CIM model's CE."""
+
+    def __init__(self):
+        self.net: nn.Module | None = None
+        self.fallbacks = 0          # images whose CAM was not finite (boxed as the whole image)
+
+    def ensure(self, net: nn.Module) -> "CIMModel":
+        """Rationals in place of every ReLU of ``net``'s backbone, now and in the extractors an
+        expandable backbone adds later (idempotent)."""
+        bb = net.backbone
+        install_rationals(bb)
+        if hasattr(bb, "builder") and not getattr(bb.builder, "with_rationals", False):
+            builder = bb.builder
+
+            def with_rationals():
+                return install_rationals(builder())
+            with_rationals.with_rationals = True
+            bb.builder = with_rationals
+        self.net = net
+        return self
+
+    @property
+    def acts(self) -> list[nn.Module]:
+        return [m for m in self.net.backbone.modules() if isinstance(m, Rational)] if self.net is not None else []
+
+    def parameters(self) -> list[nn.Parameter]:
+        """phi's coefficients (a frozen extractor's rationals too: the official code trains the old
+        backbone's rationals with phi, ``models/foster.py:51-54``)."""
+        return [p for a in self.acts for p in a.parameters()]
+
+    def train_phi(self) -> list[nn.Parameter]:
+        """phi's coefficients with their gradient on, for CIM steps (``freeze_phi`` turns it off)."""
+        return [p.requires_grad_(True) for p in self.parameters()]
+
+    def freeze_phi(self) -> None:
+        """phi's coefficients without gradient between CIM steps (the CIL training neither runs
+        nor trains them)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def active(self):
+        """The block runs the net with phi's rationals in place of its ReLUs (the CIM forward)."""
+        acts = self.acts
+        for a in acts:
+            a.active = True
+        try:
+            yield
+        finally:
+            for a in acts:
+                a.active = False
+
+    def cam_and_logits(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(soft masks ``[B, H, W]`` in [0, 1], CIM logits ``[B, K]``, the same CAM at feature
+        resolution ``[B, h, w]``) of normalised ``x`` for the labels ``y`` by the CIM forward;
+        differentiable in phi (the head's parameters are constants here)."""
+        with self.active():
+            maps = net(x).maps[-1]                                            # [B, D, h, w]
+        head = {k: v.detach() for k, v in net.head.named_parameters()}       # no gradient into the CIL head
+        logits = functional_call(net.head, head, (maps.mean((2, 3)),))
+        v = class_vectors(net.head)[y].detach()
+        return cam(maps, v, tuple(x.shape[-2:])), logits, cam(maps, v, tuple(maps.shape[-2:]))
+
+    @torch.no_grad()
+    def masks(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The CAM ``[B, H, W]`` of classes ``y`` on normalised ``x`` by the CIM forward (for the boxes)."""
+        with self.active():
+            maps = net(x).maps[-1]
+        self.fallbacks += int((~torch.isfinite(maps.flatten(1)).all(1)).sum())
+        return cam(maps, class_vectors(net.head)[y], tuple(x.shape[-2:]))
+
+
+def cim_outer_loss(net: nn.Module, cim: CIMModel, trainable: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
+                   new_x: torch.Tensor, new_y: torch.Tensor, ex_x: torch.Tensor | None, ex_y: torch.Tensor | None,
+                   val_x: torch.Tensor, val_y: torch.Tensor, s: int, inner_lr: float, mu: float, mu_cls: float,
+                   mode: str = "nearest", inner_loss=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The CIM bilevel objective (paper Sec. 4) for one outer step, a scalar differentiable in phi:
+
+    * inner: one SGD step of the CIL parameters ``trainable`` (``fixed``: the others and the
+      buffers) on ``inner_loss(params, x, y)`` (default: CE of the net's logits; the per-epoch
+      meta-iterations: the method's full training loss, ``method_inner_loss``) over the exemplars ``(ex_x,
+      ex_y)`` and the new images softly compressed by the CIM masks ``c``:
+      ``theta' = theta - inner_lr * grad`` (the graph kept back to phi);
+    * outer: CE of ``theta'`` on a fresh real batch ``(val_x, val_y)`` + ``mu * mean(c_f^2)``, the
+      memory regulariser on the normalised CAM at feature resolution ``c_f`` (the official code's
+      ``MSE(CAM, 0)``: a larger mask costs memory) + ``mu_cls * CE`` of the CIM model.
+    All images normalised ``[B, C, H, W]``."""
+    c, cim_logits, c_feat = cim.cam_and_logits(net, new_x, new_y)
+    soft = soft_compress(new_x, c, s, mode)
+    xs = soft if ex_x is None else torch.cat([ex_x, soft])
+    ys = new_y if ex_y is None else torch.cat([ex_y, new_y])
+    if inner_loss is None:
+        inner = F.cross_entropy(at_least_float32(functional_call(net, {**fixed, **trainable}, (xs,)).logits), ys)
+    else:
+        inner = at_least_float32(inner_loss(trainable, xs, ys))
+    names = list(trainable)
+    grads = torch.autograd.grad(inner, [trainable[k] for k in names], create_graph=True, allow_unused=True)
+    updated = {k: trainable[k] if g is None else trainable[k] - inner_lr * g for k, g in zip(names, grads)}
+    val = F.cross_entropy(at_least_float32(functional_call(net, {**fixed, **updated}, (val_x,)).logits), val_y)
+    reg = (c_feat ** 2).mean()
+    ce_cim = F.cross_entropy(at_least_float32(cim_logits), new_y)
+    loss = val + mu * reg + mu_cls * ce_cim
+    return loss, {k: float(v.detach()) for k, v in (("val", val), ("reg", reg), ("ce_cim", ce_cim), ("mask", c.mean()))}
+
+
+def meta_steps(net: nn.Module, phi: CIMModel, n: int, batches, opt: torch.optim.Optimizer, clip: float, s: int,
+               inner_lr: float, mu: float, mu_cls: float, mode: str = "nearest", inner_loss=None,
+               only: str = "") -> tuple[int, dict[str, float] | None, dict[str, float] | None]:
+    """``n`` outer steps of the CIM bilevel objective on phi (``cim_outer_loss`` on ``batches()``,
+    a fresh ``meta_batch`` each; ``phi_step`` with ``opt``, gradient norm clipped at ``clip``),
+    the CIL model's parameters whose names start with ``only`` as the inner step's. The caller
+    sets the network's BatchNorm mode. Returns (steps skipped as not finite, the first step's
+    terms, the last's; each with its ``loss``)."""
+    params = phi.train_phi()
+    trainable, fixed = cil_split(net, only)
+    skipped, first, last = 0, None, None
+    try:
+        for _ in range(n):
+            loss, terms = cim_outer_loss(net, phi, trainable, fixed, *batches(), s, inner_lr, mu, mu_cls, mode,
+                                         inner_loss=inner_loss)
+            skipped += not phi_step(loss, params, opt, clip)
+            last = {**terms, "loss": float(loss.detach())}
+            first = first or last
+    finally:
+        phi.freeze_phi()
+    return skipped, first, last
