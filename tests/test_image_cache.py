@@ -121,7 +121,7 @@ def test_corrupt_image_exit_2_no_cache(tmp_path, capsys, workers):
     bad = tmp_path / "in" / "train" / "n02" / "n02_1.JPEG"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     code = main(["run", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "in"), "--image-size", "8",
-                 "--data.cache-dir", str(tmp_path / "c"), "--data.workers", str(workers),
+                 "--data.cache-dir", str(tmp_path / "c"), "--data.workers", str(workers), "--increment", "1",
                  "--out", str(tmp_path / "run"), "--no-progress", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and str(bad) in err and len(err.splitlines()) == 1 and "Traceback" not in err
@@ -139,6 +139,25 @@ def test_bad_options_exit_2(tmp_path, capsys):
     assert main(["run", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "missing"),
                  "--out", str(tmp_path / "r")]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--increment", "2"], "--increment 2"),                      # 3 classes: the phases do not cover them
+    (["--increment", "1", "--memory", "2"], "--memory 2"),        # fewer exemplars than classes
+    (["--increment", "1", "--loss.nca-margin", "0.3"], "--loss.nca-margin"),   # an option the run does not use
+    (["--increment", "1", "--augment", "nosuch"], "nosuch"),
+])
+def test_a_refused_configuration_writes_no_cache(tmp_path, capsys, flags, needle):
+    """Everything that can be checked is checked before an image folder's cache is built: a refused
+    configuration leaves neither the default cache (DATA/.cilearn-cache) nor the run directory."""
+    imagenet_like(tmp_path / "in", n_train=2, n_val=1)
+    code = main(["run", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "in"), "--image-size", "8",
+                 "--data.workers", "1", "--out", str(tmp_path / "run"), "--no-progress", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert listed(tmp_path / "in") == ["train", "val"] and not (tmp_path / "run").exists()
+    load_dataset("imagefolder", DataOptions(data_dir=str(tmp_path / "in"), image_size=8, workers=1))
+    assert ".cilearn-cache" in listed(tmp_path / "in")             # where the run would have written it
 
 
 def test_host_rows_views_and_fetch():

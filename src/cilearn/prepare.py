@@ -16,8 +16,8 @@ from . import distributed
 from .components import REGISTRIES
 from .config import RunConfig, describe_stage, from_dict, resolve, validate
 from .data.augment import Augmenter
-from .data.base import DataOptions
-from .data.datasets import load_dataset, subsample_per_class
+from .data.base import DataOptions, DataPlan
+from .data.datasets import plan_dataset, subsample_per_class
 from .data.scenario import class_order
 from .errors import ConfigError
 from .losses import CLS_LOSSES
@@ -86,12 +86,18 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
 
-def load_data(cfg: RunConfig):
-
+def plan_data(cfg: RunConfig) -> DataPlan:
+    """What the run's data set holds, read before anything is written (``cilearn.data.base.DataPlan``)."""
     d = cfg.data
-    ds = load_dataset(d.dataset, DataOptions(data_dir=d.data_dir, image_size=d.image_size, train_list=d.train_list,
-                                             test_list=d.test_list, cache_dir=d.cache_dir,
-                                             workers=d.workers))
+    return plan_dataset(d.dataset, DataOptions(data_dir=d.data_dir, image_size=d.image_size, train_list=d.train_list,
+                                               test_list=d.test_list, cache_dir=d.cache_dir, workers=d.workers))
+
+
+def load_data(cfg: RunConfig, plan: DataPlan | None = None):
+    """The run's data set (an image folder's images decoded, or read from its cache), subsampled
+    with ``--train-per-class``."""
+    d = cfg.data
+    ds = (plan or plan_data(cfg)).load()
     if d.train_per_class is not None:
         ds.train_x, ds.train_y = subsample_per_class(ds.train_x, ds.train_y, d.train_per_class, cfg.seed)
     return ds
@@ -141,18 +147,18 @@ def prepare(cfg: RunConfig, strict: bool = True):
     cfg.memory.optimizer = cfg.memory.optimizer or method_cls.memory_optimizer
     cfg.memory.compressor = cfg.memory.compressor or method_cls.memory_compressor
     check_memory_parts(cfg, uses_memory(method_cls, cfg))
-    ds = load_data(cfg)
-    cfg = resolve(cfg, ds.num_classes, ds.image_shape[-1], method_cls.training)
-    resolve_options(cfg, method_cls, ds.augment)  # the values that run, in place of "the recipe's"
+    plan = plan_data(cfg)                         # the data set's classes and size; nothing written yet
+    cfg = resolve(cfg, plan.num_classes, plan.image_shape[-1], method_cls.training)
+    resolve_options(cfg, method_cls, plan.augment)  # the values that run, in place of "the recipe's"
     BACKBONES.get(cfg.model.backbone)
-    Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std)  # validates the policy name
+    Augmenter(cfg.data.augment or plan.augment, plan.pad, plan.mean, plan.std)  # validates the policy name
     if uses_memory(method_cls, cfg):
         if cfg.memory.total is None and cfg.memory.per_class is None:
-            cfg.memory.total = 20 * ds.num_classes   # 20 per class at the end: 2000 for CIFAR-100
-        Budget(cfg.memory.total, cfg.memory.per_class).check(ds.num_classes)
-    order = cfg.scenario.class_order or class_order(ds.num_classes, cfg.seed)
+            cfg.memory.total = 20 * plan.num_classes   # 20 per class at the end: 2000 for CIFAR-100
+        Budget(cfg.memory.total, cfg.memory.per_class).check(plan.num_classes)
+    order = cfg.scenario.class_order or class_order(plan.num_classes, cfg.seed)
     cfg.scenario.class_order = list(order)
-    return cfg, ds, method_cls
+    return cfg, load_data(cfg, plan), method_cls  # every check passed: an image folder's cache may be built
 
 
 def uses_memory(method_cls, cfg: RunConfig) -> bool:
