@@ -2,6 +2,7 @@
 (``--data.resident host``: rows fetched per batch), on tiny folders written with Pillow."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -205,3 +206,25 @@ def test_host_resident_run_equals_device_resident(tmp_path):
         return [strip(v) for v in d] if isinstance(d, list) else d
 
     assert strip(metrics["host"]) == strip(metrics["device"])
+
+
+def test_image_folder_class_names_in_metrics_banner_table_and_report(tmp_path, capsys):
+    """The folder's class names, not only ids: ``metrics.json``'s ``class_names`` (incremental id
+    order, matching ``class_order``), the scenario lines and the per-phase table of the banner, and
+    the report's per-class table."""
+    imagenet_like(tmp_path / "in", classes=("cat", "dog", "emu"), n_train=2, n_val=1)
+    out = tmp_path / "run"
+    assert main(["run", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "in"), "--image-size", "8",
+                 "--data.workers", "1", "--increment", "1", "--epochs", "1", "--backbone", "convnet",
+                 "--seed", "3", "--out", str(out), "--no-progress"]) == 0
+    log = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    folders = ["cat", "dog", "emu"]
+    assert sorted(m["class_order"]) == [0, 1, 2] and m["class_names"] == [folders[c] for c in m["class_order"]]
+    for k, name in enumerate(m["class_names"]):
+        assert f"phase {k}: 1 classes (ids {k}-{k}): {name} ({m['class_order'][k]})" in log
+        assert re.search(rf"^\s+{k}\s+{k + 1}\s.*  {name}$", log, re.M), log
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    for k, name in enumerate(m["class_names"]):
+        assert f"<tr><td>{k}</td><td>{name}</td><td>{m['class_order'][k]}</td><td>{k}</td>" in page

@@ -213,8 +213,12 @@ def test_html_report_has_every_section_and_an_img_per_plot(tmp_path, capsys):
     assert "<title>cilearn report: icarl on digits</title>" in page
     sec = _sections(page)
     imgs = {k: len(re.findall(r"<img ", v)) for k, v in sec.items()}
-    assert imgs == {"config": 0, "summary": 0, "accuracy": 1, "matrix": 1, "forgetting": 1, "old-new": 1,
+    assert imgs == {"config": 0, "summary": 0, "accuracy": 1, "matrix": 1, "forgetting": 1, "classes": 0, "old-new": 1,
                     "confusion": 1, "memory": 1, "timings": 1, "pictures": 3}
+    # per class (no class_names in these metrics: the labels stand in): class 0 (label 5) learned in phase 0
+    # at 100, 80 after phase 2: forgetting 20; class 5 (label 0), learned last, has none
+    assert "<tr><td>0</td><td>5</td><td>5</td><td>0</td><td>100.00</td><td>80.00</td><td>20.00</td></tr>" in sec["classes"]
+    assert "<tr><td>5</td><td>0</td><td>0</td><td>2</td><td>100.00</td><td>100.00</td><td>-</td></tr>" in sec["classes"]
     assert "method: icarl" in sec["config"] and "<td>avg inc. acc</td><td>73.33</td>" in sec["summary"]
     assert sec["pictures"].index("tsne-phase0.png") < sec["pictures"].index("tsne-phase2.png")
     # every image is an inlined PNG that decodes; nothing is fetched from elsewhere

@@ -53,9 +53,10 @@ def _png(fig) -> bytes:
 
 
 def class_names(m: dict[str, Any], k: int) -> list[str]:
-    """Data set labels of incremental ids ``0..k-1`` (``metrics["class_order"]``), else the ids."""
-    order = m.get("class_order") or list(range(k))
-    return [str(order[c]) if c < len(order) else str(c) for c in range(k)]
+    """Names of incremental ids ``0..k-1``: ``metrics["class_names"]``, else (a run from before
+    names were recorded) the data set labels (``metrics["class_order"]``), else the ids."""
+    names = m.get("class_names") or m.get("class_order") or list(range(k))
+    return [str(names[c]) if c < len(names) else str(c) for c in range(k)]
 
 
 def fig_accuracy(m: dict[str, Any]) -> bytes:

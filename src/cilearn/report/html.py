@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError
+from ..evaluate import class_forgetting
 from ..files import atomic_write
 from ..results import METRICS, Group, Run, load_group, run_summary, table_rows, unique_labels
-from .figures import (TIMINGS, _png, curves_figure, fig_accuracy, fig_accuracy_matrix, fig_class_forgetting,
-                      fig_confusion, fig_memory, fig_old_new, fig_timings, phase_timings)
+from .figures import (TIMINGS, _png, class_names, curves_figure, fig_accuracy, fig_accuracy_matrix,
+                      fig_class_forgetting, fig_confusion, fig_memory, fig_old_new, fig_timings, phase_timings)
 
 
 # ---------------------------------------------------------------- HTML
@@ -65,6 +66,24 @@ def sec_forgetting(run: "Run") -> str:
         return missing("not available: a single phase, or metrics.json has no per_class_acc (a run from before "
                        "per-class accuracies were recorded)")
     return img(png, "per-class forgetting")
+
+
+def sec_classes(run: "Run") -> str:
+    """One row per class, in order of arrival: name, data set label, the phase that brought it, its
+    accuracy then and after the last phase, its forgetting."""
+    m = run.metrics
+    acc = [r.get("per_class_acc") for r in m["phases"]]
+    if any(a is None for a in acc):
+        return missing("not available: metrics.json has no per_class_acc (a run from before per-class accuracies "
+                       "were recorded)")
+    k = len(acc[-1])
+    names, order = class_names(m, k), m.get("class_order") or [None] * k
+    first = [next(i for i, a in enumerate(acc) if c < len(a)) for c in range(k)]
+    lost = class_forgetting(acc) if len(acc) > 1 else [None] * k
+    rows = [[str(c), names[c], "-" if order[c] is None else str(order[c]), str(first[c]), _num(acc[first[c]][c]),
+             _num(acc[-1][c]), _num(lost[c])] for c in range(k)]
+    body = table(["id", "class", "label", "phase", "acc when learned", "acc last", "forgetting"], rows)
+    return body if k <= 50 else f"<details><summary>{k} classes</summary>{body}</details>"
 
 
 def sec_old_new(run: "Run") -> str:
@@ -137,6 +156,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("accuracy", "Accuracy per phase (CNN and NME)", sec_accuracy),
     Section("matrix", "Accuracy matrix", sec_matrix),
     Section("forgetting", "Per-class forgetting", sec_forgetting),
+    Section("classes", "Per-class accuracy", sec_classes),
     Section("old-new", "Old and new classes per phase", sec_old_new),
     Section("confusion", "Confusion matrix of the last phase", sec_confusion),
     Section("memory", "Memory per class", sec_memory),

@@ -20,7 +20,7 @@ from .pictures import exemplar_plot, overlay_grid, sample_grid, tsne_figure
 
 
 def tsne_plot(ctx, phase, data, before: dict | None, per_class: int = 100) -> None:
-    # ctx: the run's objects (``cilearn.runner.RunView``: cfg, out, net, memory, augmenter, autocast_dtype)
+    # ctx: the run's objects (``cilearn.runner.RunView``: cfg, out, net, memory, augmenter, autocast_dtype, class_names)
     """``--save-tsne``: ``tsne-phase<i>.png`` in the run directory, a t-SNE (scikit-learn) of the
     embeddings of up to ``per_class`` test images of every seen class (light dots) with the
     exemplars in memory (large dots, black edge), as Figure 1 of the Mnemonics paper. With an
@@ -42,8 +42,7 @@ def tsne_plot(ctx, phase, data, before: dict | None, per_class: int = 100) -> No
         panels.append((name, sum(len(ex[c]) for c in ids)))
     emb = predict(ctx.net, torch.cat([x.float() for x in xs]), ctx.augmenter, ctx.cfg.train.eval_batch_size,
                   ctx.autocast_dtype)[1].cpu().numpy()                                  # [N, D], one pass
-    order = ctx.cfg.scenario.class_order
-    tsne_figure(emb, torch.cat(ys).cpu().numpy(), len(keep), panels, [order[c] for c in range(phase.end)],
+    tsne_figure(emb, torch.cat(ys).cpu().numpy(), len(keep), panels, ctx.class_names[:phase.end],
                 ctx.out / f"tsne-phase{phase.index}.png", f"phase {phase.index}: {phase.end} classes, seed {ctx.cfg.seed}")
 
 
@@ -61,8 +60,8 @@ def attention_figure(run, phase: int, teacher: torch.nn.Module, num_old: int, n:
     with eval_mode(net), torch.enable_grad():
         o = net(aug.test(x).requires_grad_(True))
         cam_s = gradcam(o.maps[-1], o.logits, b, create_graph=False, retain_graph=False)
-    order = run.cfg.scenario.class_order
-    titles = [f"y={order[int(a)]} b={order[int(c)]}" for a, c in zip(y, b)]
+    names = run.class_names
+    titles = [f"y={names[int(a)]} b={names[int(c)]}" for a, c in zip(y, b)]
     return overlay_grid(x.cpu(), cam_t, cam_s, run.out / f"attention-phase{phase}.png", titles)
 
 
@@ -83,10 +82,9 @@ def exemplar_figure(ctx, phase, originals: dict) -> Path:
     boxes = [mem.codes[c].boxes[i].tolist() if c in mem.codes and mem.codes[c].with_boxes else None for c, i in picks]
     counts = [len(mem.exemplars.get(c, ())) for c in range(phase.end)]
     path = ctx.out / f"compressed-phase{phase.index}.png"
-    order = ctx.cfg.scenario.class_order
     name = ctx.cfg.memory.compressor
-    exemplar_plot(orig, stored, boxes, [order[c] for c, _ in picks], counts, mem.budget.share(phase.seen),
-                  [order[c] for c in range(phase.end)], path,
+    exemplar_plot(orig, stored, boxes, [ctx.class_names[c] for c, _ in picks], counts, mem.budget.share(phase.seen),
+                  ctx.class_names[:phase.end], path,
                   f"phase {phase.index}: compressor {name}, {len(mem)} exemplars, {mem.nbytes} bytes")
     return path
 

@@ -36,7 +36,7 @@ def exemplar_plot(orig: list, stored: list, boxes: list, labels: list, counts: l
     for j, (o, st, b, lab) in enumerate(zip(orig, stored, boxes, labels)):
         show(fig.add_subplot(grid[0, j]), o, b)
         show(fig.add_subplot(grid[1, j]), st)
-        fig.axes[-2].set_title(f"class {lab}", fontsize=7)
+        fig.axes[-2].set_title(str(lab), fontsize=7)
     if orig:
         fig.axes[0].set_ylabel("selected", fontsize=8)
         fig.axes[1].set_ylabel("stored", fontsize=8)
@@ -55,12 +55,12 @@ def exemplar_plot(orig: list, stored: list, boxes: list, labels: list, counts: l
     plt.close(fig)
 
 
-def tsne_figure(emb, labels, n_test: int, panels: list[tuple[str, int]], names: list[int], path: Path,
+def tsne_figure(emb, labels, n_test: int, panels: list[tuple[str, int]], names: list[str], path: Path,
                 title: str) -> None:
     """One t-SNE of ``emb [N, D]`` (rows: ``n_test`` test embeddings, then each panel's exemplars
     in turn, ``panels``: (title, count)), drawn as one subplot per panel: all test points light,
     that panel's exemplars dark with a black edge; colour = ``labels [N]`` (incremental ids),
-    legend = ``names`` (original class ids)."""
+    legend = ``names`` (class names, by incremental id)."""
     plt = _pyplot()
     from sklearn.manifold import TSNE
 
@@ -75,7 +75,7 @@ def tsne_figure(emb, labels, n_test: int, panels: list[tuple[str, int]], names: 
             ax.scatter(xy[:n_test][t, 0], xy[:n_test][t, 1], s=6, color=cmap(c % cmap.N), alpha=0.25, linewidths=0)
             e = labels[start:start + count] == c
             ax.scatter(xy[start:start + count][e, 0], xy[start:start + count][e, 1], s=60, color=cmap(c % cmap.N),
-                       edgecolors="black", linewidths=0.8, label=f"class {names[c]}")
+                       edgecolors="black", linewidths=0.8, label=str(names[c]))
         start += count
         ax.set_title(name)
         ax.set_xticks([])
