@@ -222,7 +222,7 @@ def test_image_folder_class_names_in_metrics_banner_table_and_report(tmp_path, c
     folders = ["cat", "dog", "emu"]
     assert sorted(m["class_order"]) == [0, 1, 2] and m["class_names"] == [folders[c] for c in m["class_order"]]
     for k, name in enumerate(m["class_names"]):
-        assert f"phase {k}: 1 classes (ids {k}-{k}): {name} ({m['class_order'][k]})" in log
+        assert f"phase {k}: 1 class (ids {k}-{k}): {name} ({m['class_order'][k]})" in log
         assert re.search(rf"^\s+{k}\s+{k + 1}\s.*  {name}$", log, re.M), log
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()

@@ -29,6 +29,7 @@ from .methods.options import check_unused, resolve_options
 from .models.backbones import BACKBONES
 from .models.heads import HEADS
 from .plugins import load_plugins
+from .steps import describe_steps
 
 def resolve_device(name: str) -> torch.device:
     """Under torchrun, ``cuda`` (or ``auto`` with CUDA) is this process's ``cuda:LOCAL_RANK``."""
@@ -165,18 +166,20 @@ def uses_memory(method_cls, cfg: RunConfig) -> bool:
     """Methods that keep exemplars, and any other method given a budget (any method given --memory N)."""
     return method_cls.uses_memory or cfg.memory.total is not None or cfg.memory.per_class is not None
 
-def describe_training(cfg: RunConfig, method_cls) -> str:
+def describe_training(cfg: RunConfig, method_cls, train_counts: list[int] | None = None) -> str:
     """The phase banner's training lines: what each phase trains with (the effective milestones
-    included) and where the recipe's defaults come from."""
+    included), where the recipe's defaults come from and, given the training images of each label
+    (``train_counts``), the optimisation steps the run will take (``cilearn.steps``)."""
     t = cfg.train
     ref = method_cls.training.for_dataset(cfg.data.dataset)
     warm = f", {t.warmup_epochs} warm-up epochs" if t.warmup_epochs else ""
     first = describe_stage(t.base_epochs, t.base_lr, t.schedule, t.base_milestones, t.base_weight_decay, t.gamma)
     later = describe_stage(t.epochs, t.lr, t.schedule, t.milestones, t.weight_decay, t.gamma)
+    steps = f"\n{describe_steps(cfg, method_cls, train_counts)}" if train_counts else ""
     return (f"training: batch {t.batch_size}, SGD momentum {t.momentum:g}{warm}; "
             f"phase 0: {first}; later phases: {later}\n"
             f"  (defaults of {cfg.method}: {ref.source}; options given override them, milestones past a "
-            f"phase's epochs do not fire)")
+            f"phase's epochs do not fire){steps}")
 
 def config_from_dict(d: dict) -> RunConfig:
     d = {k: v for k, v in d.items() if k != "meta"}   # config.yaml's meta section is informational

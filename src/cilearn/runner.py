@@ -234,7 +234,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
             f"{ds.num_classes} classes, {'x'.join(map(str, ds.image_shape))}), backbone {cfg.model.backbone}, "
             f"{device} {meta['precision']}, seed {cfg.seed}")
         log(scenario.describe(ds.class_names))
-        log(describe_training(cfg, method_cls))
+        log(describe_training(cfg, method_cls, torch.bincount(ds.train_y, minlength=ds.num_classes).tolist()))
         if resident == "host":
             log(f"images stay on the host ({(ds.train_x.nbytes + ds.test_x.nbytes) / 2**30:.1f} GiB"
                 + (", memory-mapped cache" if ds.info.get("cache") else "") + f"), batches moved to {device}")

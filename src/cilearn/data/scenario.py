@@ -69,7 +69,7 @@ class Scenario:
         phases, the first ``phases - 2``, a line for those left out, and the last."""
         def line(p: Phase) -> str:
             labels = self.order[p.start:p.end]
-            head = f"phase {p.index}: {p.num_new} classes (ids {p.start}-{p.end - 1})"
+            head = f"phase {p.index}: {p.num_new} class{'es' if p.num_new != 1 else ''} (ids {p.start}-{p.end - 1})"
             if names is None or [names[c] for c in labels] == [str(c) for c in labels]:
                 return f"{head}, labels {short_list(labels, most)}"
             return f"{head}: {short_list([f'{names[c]} ({c})' for c in labels], most)}"
