@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Callable
 from ..errors import ConfigError
 from ..evaluate import class_forgetting
 from ..files import atomic_write
-from ..results import METRICS, Group, Run, load_group, run_summary, table_rows, unique_labels
+from ..results import METRICS, Group, Run, load_groups, protocol_differences, run_summary, table_rows, unique_labels
 from .figures import (TIMINGS, _png, class_names, curves_figure, fig_accuracy, fig_accuracy_matrix,
                       fig_class_forgetting, fig_confusion, fig_memory, fig_old_new, fig_timings, phase_timings)
 
@@ -170,7 +171,7 @@ h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-to
 section.run{margin-top:2.5em}nav a{margin-right:.8em}img{max-width:100%;height:auto;display:block;margin:.5em 0}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.2em .6em;text-align:right}
 td:first-child,th:first-child{text-align:left}pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:.8em;max-height:30em}
-.missing{color:#777;font-style:italic}figure{margin:0 0 1em 0}figcaption{font-size:.8em;color:#555}
+.missing{color:#777;font-style:italic}.note{color:#a40}figure{margin:0 0 1em 0}figcaption{font-size:.8em;color:#555}
 #img-status{font-size:.8em;color:#555}
 """
 
@@ -207,7 +208,8 @@ def render_comparison(groups: list["Group"]) -> str:
     """Several runs: the comparison table and the overlaid curves first."""
     groups = unique_labels(groups)
     head, rows = table_rows(groups)
-    return (f'<section id="comparison" data-section="comparison"><h2>Comparison</h2>'
+    notes = "".join(f'<p class="note">Note: {html.escape(n)}</p>' for _, n in protocol_differences(groups))
+    return (f'<section id="comparison" data-section="comparison"><h2>Comparison</h2>{notes}'
             f"{table(head, rows)}{img(_png(curves_figure(groups)), 'accuracy curves of all runs, mean ± std')}"
             "</section>")
 
@@ -231,20 +233,22 @@ def render_html(groups: list["Group"]) -> str:
 
 
 def html_report(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
-    """``cilearn report RUN_DIR... --html OUT``: one self-contained HTML file for the runs (a run
-    directory, or a seed directory of ``cilearn run --seeds``). ``out`` defaults to
-    ``RUN_DIR/report.html`` for a single directory."""
+    """``cilearn report DIR... [--html OUT]``: one self-contained HTML file for the runs of each
+    directory (a run, a seed directory of ``cilearn run --seeds``, or a comparison directory of
+    ``cilearn compare``: ``results.load_groups``). ``out`` defaults to ``report.html`` in the
+    directory (several: in their deepest common parent directory)."""
     if not run_dirs:
         raise ConfigError("cilearn report needs at least one run directory")
-    if out is None:
-        if len(run_dirs) > 1:
-            raise ConfigError("--html OUT.html is needed with several run directories")
-        out = Path(run_dirs[0]) / "report.html"
-    groups = [load_group(d) for d in run_dirs]
-    path = Path(out)
+    groups = [g for d in run_dirs for g in load_groups(d)]
+    path = Path(out) if out is not None else common_parent([Path(d) for d in run_dirs]) / "report.html"
     if path.parent and not path.parent.is_dir():
         raise ConfigError(f"--html {path}: the directory {path.parent} does not exist")
     atomic_write(path, render_html(groups))
     return path
 
 
+def common_parent(dirs: list[Path]) -> Path:
+    """The directory itself for one; for several, the deepest directory holding them all."""
+    if len(dirs) == 1:
+        return dirs[0]
+    return Path(os.path.commonpath([str(d.resolve()) for d in dirs]))
