@@ -94,11 +94,11 @@ def plan_data(cfg: RunConfig) -> DataPlan:
                                                test_list=d.test_list, cache_dir=d.cache_dir, workers=d.workers))
 
 
-def load_data(cfg: RunConfig, plan: DataPlan | None = None):
-    """The run's data set (an image folder's images decoded, or read from its cache), subsampled
-    with ``--train-per-class``."""
+def load_data(cfg: RunConfig, plan: DataPlan):
+    """The run's data set, as planned (an image folder's images decoded, or read from its cache),
+    subsampled with ``--train-per-class``."""
     d = cfg.data
-    ds = (plan or plan_data(cfg)).load()
+    ds = plan.load()
     if d.train_per_class is not None:
         ds.train_x, ds.train_y = subsample_per_class(ds.train_x, ds.train_y, d.train_per_class, cfg.seed)
     return ds

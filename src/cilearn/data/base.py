@@ -46,13 +46,12 @@ DATASETS: Registry = Registry("data set")
 class DataPlan:
     """What a data set holds, known before any image is decoded and before any file is written
     (a cache): enough to validate a run's configuration against it. ``load()`` reads the images.
-    Fields as ``ImageDataset``'s; ``train_counts[label]``: training images of each label."""
+    Fields as ``ImageDataset``'s."""
 
     name: str
     num_classes: int
     class_names: list[str]
     image_shape: tuple[int, int, int]
-    train_counts: list[int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: str
@@ -62,9 +61,8 @@ class DataPlan:
     @classmethod
     def of(cls, ds: ImageDataset) -> "DataPlan":
         """The plan of a data set already in memory (its loader wrote nothing)."""
-        counts = torch.bincount(ds.train_y, minlength=ds.num_classes).tolist()
-        return cls(ds.name, ds.num_classes, list(ds.class_names), ds.image_shape, counts, ds.mean, ds.std,
-                   ds.augment, ds.pad, lambda: ds)
+        return cls(ds.name, ds.num_classes, list(ds.class_names), ds.image_shape, ds.mean, ds.std, ds.augment,
+                   ds.pad, lambda: ds)
 
 
 # Data sets whose loading writes files (image folders: the decoded cache) register a planner,

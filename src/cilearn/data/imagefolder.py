@@ -549,9 +549,8 @@ def plan_imagefolder(opts: DataOptions) -> DataPlan:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--data.workers must be an integer >= 1, got {workers!r}")
     key = _cache_key(layout, size, data_dir, classes, {"train": train, "test": test})   # stats every image
-    counts = np.bincount(np.array([it[2] for it in train], dtype=np.int64), minlength=len(classes)).tolist()
     listing = Listing(layout, data_dir, size, workers, key, train, test, classes, extra)
-    return DataPlan(WHO, len(classes), list(classes), (3, size, size), counts, IMAGENET_MEAN, IMAGENET_STD,
+    return DataPlan(WHO, len(classes), list(classes), (3, size, size), IMAGENET_MEAN, IMAGENET_STD,
                     "rrc-flip", 0, lambda: _load(opts, listing))
 
 

@@ -65,8 +65,8 @@ class Scenario:
 
     def describe(self, names: list[str] | None = None, most: int = 10, phases: int = 12) -> str:
         """One line per phase: its classes' ids and data set labels, as ``name (label)`` when the
-        names (``names[label]``) say more than the labels, each list cut after ``most``; with more than ``phases``
-        phases, the first ``phases - 2``, a line for those left out, and the last."""
+        names (``names[label]``) say more than the labels, each list cut after ``most``; with more
+        than ``phases`` phases, the first ``phases - 2``, a line for those left out, and the last."""
         def line(p: Phase) -> str:
             labels = self.order[p.start:p.end]
             head = f"phase {p.index}: {p.num_new} class{'es' if p.num_new != 1 else ''} (ids {p.start}-{p.end - 1})"
