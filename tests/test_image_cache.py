@@ -2,6 +2,7 @@
 (``--data.resident host``: rows fetched per batch), on tiny folders written with Pillow."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -121,7 +122,7 @@ def test_corrupt_image_exit_2_no_cache(tmp_path, capsys, workers):
     bad = tmp_path / "in" / "train" / "n02" / "n02_1.JPEG"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     code = main(["run", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "in"), "--image-size", "8",
-                 "--data.cache-dir", str(tmp_path / "c"), "--data.workers", str(workers),
+                 "--data.cache-dir", str(tmp_path / "c"), "--data.workers", str(workers), "--increment", "1",
                  "--out", str(tmp_path / "run"), "--no-progress", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and str(bad) in err and len(err.splitlines()) == 1 and "Traceback" not in err
@@ -139,6 +140,25 @@ def test_bad_options_exit_2(tmp_path, capsys):
     assert main(["run", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "missing"),
                  "--out", str(tmp_path / "r")]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--increment", "2"], "--increment 2"),                      # 3 classes: the phases do not cover them
+    (["--increment", "1", "--memory", "2"], "--memory 2"),        # fewer exemplars than classes
+    (["--increment", "1", "--loss.nca-margin", "0.3"], "--loss.nca-margin"),   # an option the run does not use
+    (["--increment", "1", "--augment", "nosuch"], "nosuch"),
+])
+def test_a_refused_configuration_writes_no_cache(tmp_path, capsys, flags, needle):
+    """Everything that can be checked is checked before an image folder's cache is built: a refused
+    configuration leaves neither the default cache (DATA/.cilearn-cache) nor the run directory."""
+    imagenet_like(tmp_path / "in", n_train=2, n_val=1)
+    code = main(["run", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "in"), "--image-size", "8",
+                 "--data.workers", "1", "--out", str(tmp_path / "run"), "--no-progress", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert listed(tmp_path / "in") == ["train", "val"] and not (tmp_path / "run").exists()
+    load_dataset("imagefolder", DataOptions(data_dir=str(tmp_path / "in"), image_size=8, workers=1))
+    assert ".cilearn-cache" in listed(tmp_path / "in")             # where the run would have written it
 
 
 def test_host_rows_views_and_fetch():
@@ -186,3 +206,25 @@ def test_host_resident_run_equals_device_resident(tmp_path):
         return [strip(v) for v in d] if isinstance(d, list) else d
 
     assert strip(metrics["host"]) == strip(metrics["device"])
+
+
+def test_image_folder_class_names_in_metrics_banner_table_and_report(tmp_path, capsys):
+    """The folder's class names, not only ids: ``metrics.json``'s ``class_names`` (incremental id
+    order, matching ``class_order``), the scenario lines and the per-phase table of the banner, and
+    the report's per-class table."""
+    imagenet_like(tmp_path / "in", classes=("cat", "dog", "emu"), n_train=2, n_val=1)
+    out = tmp_path / "run"
+    assert main(["run", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "in"), "--image-size", "8",
+                 "--data.workers", "1", "--increment", "1", "--epochs", "1", "--backbone", "convnet",
+                 "--seed", "3", "--out", str(out), "--no-progress"]) == 0
+    log = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    folders = ["cat", "dog", "emu"]
+    assert sorted(m["class_order"]) == [0, 1, 2] and m["class_names"] == [folders[c] for c in m["class_order"]]
+    for k, name in enumerate(m["class_names"]):
+        assert f"phase {k}: 1 class (ids {k}-{k}): {name} ({m['class_order'][k]})" in log
+        assert re.search(rf"^\s+{k}\s+{k + 1}\s.*  {name}$", log, re.M), log
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    for k, name in enumerate(m["class_names"]):
+        assert f"<tr><td>{k}</td><td>{name}</td><td>{m['class_order'][k]}</td><td>{k}</td>" in page

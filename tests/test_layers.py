@@ -8,7 +8,8 @@ from pathlib import Path
 import cilearn
 
 PKG = Path(cilearn.__file__).parent
-REPORTING = {"cilearn.report", "cilearn.results", "cilearn.tblog", "cilearn.api", "cilearn.cli"}
+REPORTING = {"cilearn.report", "cilearn.report.live", "cilearn.report.figures", "cilearn.report.pictures",
+             "cilearn.report.html", "cilearn.report.summaries", "cilearn.results", "cilearn.tblog", "cilearn.api", "cilearn.cli"}
 TOP = REPORTING | {"cilearn", "cilearn.__main__"}   # the package (its API) and `python -m cilearn`
 
 
@@ -107,3 +108,16 @@ def test_no_deferred_import_of_the_package():
             if internal and id(n) not in top and id(n) not in typing_only:
                 deferred.append(f"{path.relative_to(PKG)}:{n.lineno}")
     assert not deferred, deferred
+
+
+def test_the_live_observer_and_the_results_figures_are_apart():
+    """``cilearn.report``: the live observer (models, data) and the results -> figures/HTML half
+    (metrics.json alone) import only the drawing modules below them, not each other."""
+    graph = imports()
+    live, results_half = {"cilearn.report.live"}, {"cilearn.report.html", "cilearn.report.summaries",
+                                                   "cilearn.report.figures"}
+    for mod in live:
+        assert not graph[mod] & results_half - {"cilearn.report.figures"}, f"{mod} imports {sorted(graph[mod])}"
+    for mod in results_half | {"cilearn.report.pictures"}:
+        assert not graph[mod] & live, f"{mod} imports the live observer"
+        assert "cilearn.models.net" not in graph[mod] and "cilearn.attention" not in graph[mod], mod

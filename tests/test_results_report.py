@@ -52,11 +52,11 @@ def hand_metrics(accs, last_acc=None, forgetting=10.0, nme=None, bytes_=12800, w
             "class_order": list(range(2 * T))[::-1]}
 
 
-def write_run(d, metrics, method="icarl", seed=1993):
+def write_run(d, metrics, method="icarl", seed=1993, dataset="digits", increment=2):
     d.mkdir(parents=True)
     (d / "metrics.json").write_text(json.dumps(metrics))
-    (d / "config.yaml").write_text(yaml.safe_dump({"method": method, "seed": seed, "data": {"dataset": "digits"},
-                                                   "scenario": {"base": 0, "increment": 2}}))
+    (d / "config.yaml").write_text(yaml.safe_dump({"method": method, "seed": seed, "data": {"dataset": dataset},
+                                                   "scenario": {"base": 0, "increment": increment}}))
     return d
 
 
@@ -149,6 +149,33 @@ def test_compare_table_on_hand_made_run_dirs(tmp_path, capsys):
     assert code == 0 and "| a | 1 | 55.00 |" in stdout and "| b | 1 | 65.00 |" in stdout
 
 
+def test_compare_refuses_other_data_sets_and_notes_other_protocols(tmp_path, capsys):
+    a = write_run(tmp_path / "a", hand_metrics([100.0, 50.0]))
+    fm = write_run(tmp_path / "fm", hand_metrics([100.0, 60.0]), dataset="fashion-mnist")
+    inc = write_run(tmp_path / "inc", hand_metrics([100.0, 70.0]), increment=1)
+    code, _, err = run_cli(capsys, "compare", a, fm, "--out", tmp_path / "c1")
+    assert code == 2 and "different data sets" in err and "fashion-mnist" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c1").exists()
+    code, _, err = run_cli(capsys, "compare", a, fm, "--allow-mixed", "--out", tmp_path / "c2")
+    assert code == 0 and "warning: data set differs: digits" in err
+    assert "Note: data set differs: digits" in (tmp_path / "c2" / "compare.md").read_text()
+    code, _, err = run_cli(capsys, "compare", a, inc, "--out", tmp_path / "c3")     # same data, other scenario
+    assert code == 0 and "warning: increment differs: 2" in err and "1 (" in err
+    assert "Note: increment differs" in (tmp_path / "c3" / "compare.md").read_text()
+    code, _, err = run_cli(capsys, "compare", a, a, "--out", tmp_path / "c4")
+    assert code == 0 and "warning" not in err
+    # the comparison directory is read back: by compare (its rows) and by report (rows elsewhere: absolute paths)
+    code, stdout, err = run_cli(capsys, "compare", tmp_path / "c3", "--out", tmp_path / "c5")
+    assert code == 0 and stdout.count("| icarl (") == 2, stdout
+    code, _, err = run_cli(capsys, "report", tmp_path / "c3")
+    page = (tmp_path / "c3" / "report.html").read_text()
+    assert code == 0 and 'data-section="comparison"' in page and 'id="run1-summary"' in page
+    assert "Note: increment differs" in page
+    # several directories without --html: report.html in their common parent
+    code, stdout, err = run_cli(capsys, "report", a, inc)
+    assert code == 0 and (tmp_path / "report.html").is_file() and str(tmp_path / "report.html") in stdout
+
+
 def _bad_cases(tmp_path):
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "config.yaml").write_text("method: icarl\n")
@@ -213,8 +240,12 @@ def test_html_report_has_every_section_and_an_img_per_plot(tmp_path, capsys):
     assert "<title>cilearn report: icarl on digits</title>" in page
     sec = _sections(page)
     imgs = {k: len(re.findall(r"<img ", v)) for k, v in sec.items()}
-    assert imgs == {"config": 0, "summary": 0, "accuracy": 1, "matrix": 1, "forgetting": 1, "old-new": 1,
+    assert imgs == {"config": 0, "summary": 0, "accuracy": 1, "matrix": 1, "forgetting": 1, "classes": 0, "old-new": 1,
                     "confusion": 1, "memory": 1, "timings": 1, "pictures": 3}
+    # per class (no class_names in these metrics: the labels stand in): class 0 (label 5) learned in phase 0
+    # at 100, 80 after phase 2: forgetting 20; class 5 (label 0), learned last, has none
+    assert "<tr><td>0</td><td>5</td><td>5</td><td>0</td><td>100.00</td><td>80.00</td><td>20.00</td></tr>" in sec["classes"]
+    assert "<tr><td>5</td><td>0</td><td>0</td><td>2</td><td>100.00</td><td>100.00</td><td>-</td></tr>" in sec["classes"]
     assert "method: icarl" in sec["config"] and "<td>avg inc. acc</td><td>73.33</td>" in sec["summary"]
     assert sec["pictures"].index("tsne-phase0.png") < sec["pictures"].index("tsne-phase2.png")
     # every image is an inlined PNG that decodes; nothing is fetched from elsewhere
@@ -344,5 +375,12 @@ def test_compare_methods_runs_and_tabulates(tmp_path, capsys):
         m = json.loads((out / method / "metrics.json").read_text())
         assert m["phases"] and f"| {method} | 1 | {m['avg_incremental_acc']:.2f} |" in md
     assert (out / "compare.png").stat().st_size > 0
+    assert json.loads((out / "compare.json").read_text())["rows"] == [{"label": "finetune", "path": "finetune"},
+                                                                      {"label": "lwf", "path": "lwf"}]
     code, _, err = run_cli(capsys, "compare", "--methods", "finetune,lwf", "--epochs", "1", "--out", out)
     assert code == 2 and "already holds a run" in err                      # nothing is overwritten
+    code, stdout, err = run_cli(capsys, "report", out)                     # cilearn report reads what compare wrote
+    page = (out / "report.html").read_text()
+    assert code == 0 and 'data-section="comparison"' in page
+    assert "<title>cilearn report: finetune, lwf on digits" in page
+    assert all(f'id="run{i}-{sec.key}"' in page for i in (0, 1) for sec in SECTIONS)

@@ -1,7 +1,7 @@
 """The Python API (and what ``cilearn run`` / ``cilearn compare`` call): runs with their figures.
 
 The top layer with ``cilearn.cli``: it hands the engine (``cilearn.runner``) the reporting layer's
-observer (``cilearn.report.Reporter``: ``accuracy.png``, the pictures of ``--save-*``,
+observer (``cilearn.report.live.Reporter``: ``accuracy.png``, the pictures of ``--save-*``,
 TensorBoard), and runs several seeds or methods and writes their summaries and comparisons.
 """
 from __future__ import annotations

@@ -216,22 +216,25 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
         if not dirs:
             raise ConfigError("cilearn compare needs run directories (cilearn compare RUN_DIR...) or --methods a,b,c")
         given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                 if v not in (None, False) and k not in {"command", "out", "labels", "quiet"}]
+                 if v not in (None, False) and k not in {"command", "out", "labels", "quiet", "allow_mixed"}]
         if given or overrides:
             raise ConfigError(f"{(given or ['--' + overrides[0][0]])[0]} is a run flag: it goes with --methods, "
                               "not with run directories")
         import time
         out = args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"
-        comp = compare_dirs(dirs, out, labels)
+        comp = compare_dirs(dirs, out, labels, allow_mixed=args.allow_mixed)
+        for note in comp.notes:
+            print(f"cilearn: warning: {note}", file=sys.stderr)
         if not args.quiet:
-            print(f"{comp.markdown}\n\n-> {out}/compare.md, compare.csv, compare.png")
+            print(f"{comp.markdown}\n\n-> {out}/compare.md, compare.csv, compare.png, compare.json")
         return
     if dirs:
         raise ConfigError(f"cilearn compare: give run directories or --methods, not both ('{dirs[0]}')")
     if args.method is not None:
         raise ConfigError("cilearn compare takes --methods a,b,c (not --method)")
-    if labels is not None:
-        raise ConfigError("--labels goes with run directories; with --methods each row is named by its method")
+    if labels is not None or args.allow_mixed:
+        raise ConfigError(f"{'--labels' if labels is not None else '--allow-mixed'} goes with run directories; "
+                          "with --methods every run has the same data and protocol")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ConfigError("--methods expects a comma-separated list of methods, e.g. finetune,lwf,icarl")
@@ -251,16 +254,21 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("run", help="run a class-incremental experiment", allow_abbrev=False)
     add_run_flags(pr)
     pr.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
-    pc = sub.add_parser("compare", allow_abbrev=False, usage="cilearn compare RUN_DIR... [--labels a,b] [--out DIR] | "
-                        "cilearn compare --methods a,b,c [run flags]",
+    pc = sub.add_parser("compare", allow_abbrev=False,
+                        usage="cilearn compare RUN_DIR... [--labels a,b] [--allow-mixed] [--out DIR] | "
+                              "cilearn compare --methods a,b,c [run flags]",
                         help="table (markdown, CSV) and overlaid accuracy curves of runs or methods")
     pc.add_argument("--methods", help="run each of these methods with the run flags, then compare them")
-    pc.add_argument("--labels", help="with run directories: one row label per directory (default: the method)")
+    pc.add_argument("--labels", help="with run directories: one row label per row (default: the method)")
+    pc.add_argument("--allow-mixed", action="store_true",
+                    help="with run directories: compare runs on different data sets (refused otherwise)")
     add_run_flags(pc, out_help="where compare.md, compare.csv, compare.png (and with --methods the runs, "
                                "OUT/<method>/) go; default runs/compare-...")
     pp = sub.add_parser("report", allow_abbrev=False, help="a self-contained HTML report of runs")
-    pp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or seed directories)")
-    pp.add_argument("--html", metavar="OUT.html", help="output file (default RUN_DIR/report.html for one directory)")
+    pp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                    help="run directories, seed directories (--seeds) or comparison directories (cilearn compare)")
+    pp.add_argument("--html", metavar="OUT.html", help="output file (default: report.html in the directory; with "
+                                                     "several, in their deepest common parent directory)")
     pl = sub.add_parser("list", allow_abbrev=False, help="list methods, data sets and backbones, or the reference configs")
     pl.add_argument("--configs", nargs="?", const="", metavar="DIR",
                     help="the shipped reference configs (configs/, or DIR) with the paper's number and protocol")

@@ -50,9 +50,10 @@ def memory_row(memory: Memory | None) -> dict[str, Any]:
 
 
 def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, wall: float,
-              class_order: list[int] | None = None) -> dict[str, Any]:
+              class_order: list[int] | None = None, class_names: list[str] | None = None) -> dict[str, Any]:
     """metrics.json. Besides the summary: ``confusion`` (the last phase's ``[true][predicted]``
-    counts, incremental ids), ``class_order`` (incremental id -> data set label) and, in
+    counts, incremental ids), ``class_order`` (incremental id -> data set label), ``class_names``
+    (incremental id -> the data set's name of that label) and, in
     ``memory``, ``class_images`` / ``class_bytes`` (exemplars and bytes of each class id)."""
     matrix = [e.task_acc for e in evals]
     nme = [e.acc_nme for e in evals]
@@ -80,6 +81,7 @@ def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, w
         "wall_seconds": wall,
         "confusion": confusion,
         "class_order": list(class_order) if class_order is not None else None,
+        "class_names": list(class_names) if class_names is not None else None,
     }
 
 

@@ -15,15 +15,16 @@ import torch
 from . import distributed
 from .config import QUICK_EPOCHS, RunConfig, describe_stage, from_dict, resolve, validate
 from .data.augment import Augmenter
-from .data.base import DataOptions
-from .data.datasets import load_dataset, subsample_per_class
+from .data.base import DataOptions, DataPlan
+from .data.datasets import plan_dataset, subsample_per_class
 from .data.scenario import class_order
 from .errors import ConfigError
 from .memory import Budget
 from .methods import METHODS
 from .methods.options import check_unused
-from .methods.recipe import RunFacts, plan, resolved_config
+from .methods.recipe import RunFacts, RunPlan, plan, resolved_config
 from .plugins import load_plugins
+from .steps import describe_steps
 
 def resolve_device(name: str) -> torch.device:
     """Under torchrun, ``cuda`` (or ``auto`` with CUDA) is this process's ``cuda:LOCAL_RANK``."""
@@ -82,12 +83,18 @@ def git_commit() -> str | None:
         return None
 
 
-def load_data(cfg: RunConfig):
-
+def plan_data(cfg: RunConfig) -> DataPlan:
+    """What the run's data set holds, read before anything is written (``cilearn.data.base.DataPlan``)."""
     d = cfg.data
-    ds = load_dataset(d.dataset, DataOptions(data_dir=d.data_dir, image_size=d.image_size, train_list=d.train_list,
-                                             test_list=d.test_list, cache_dir=d.cache_dir,
-                                             workers=d.workers))
+    return plan_dataset(d.dataset, DataOptions(data_dir=d.data_dir, image_size=d.image_size, train_list=d.train_list,
+                                               test_list=d.test_list, cache_dir=d.cache_dir, workers=d.workers))
+
+
+def load_data(cfg: RunConfig, plan: DataPlan):
+    """The run's data set, as planned (an image folder's images decoded, or read from its cache),
+    subsampled with ``--train-per-class``."""
+    d = cfg.data
+    ds = plan.load()
     if d.train_per_class is not None:
         ds.train_x, ds.train_y = subsample_per_class(ds.train_x, ds.train_y, d.train_per_class, cfg.seed)
     return ds
@@ -117,36 +124,38 @@ def prepare(cfg: RunConfig, strict: bool = True):
     if strict:
         check_unused(cfg, early)                  # a run option this run does not use, set by the user
     distributed.check_config(cfg, early.classes)
-    ds = load_data(cfg)
+    data = plan_data(cfg)                         # the data set's classes and size; nothing written yet
     epochs_given = cfg.train.epochs is not None
-    cfg = resolve(cfg, ds.num_classes, ds.image_shape[-1], recipe.training)
+    cfg = resolve(cfg, data.num_classes, data.image_shape[-1], recipe.training)
     facts = RunFacts(cfg, recipe.training.for_dataset(cfg.data.dataset), cfg.data.dataset in QUICK_EPOCHS, epochs_given)
-    p = plan(cfg, ds.image_shape[-1], strict, facts)
+    p = plan(cfg, data.image_shape[-1], strict, facts)
     resolved_config(cfg, p)                       # the choices and options that run, in place of "the recipe's"
-    cfg.data.augment = cfg.data.augment or ds.augment
+    cfg.data.augment = cfg.data.augment or data.augment
     cfg.eval.nme = p.memory or recipe.nme if cfg.eval.nme is None else cfg.eval.nme
-    Augmenter(cfg.data.augment, ds.pad, ds.mean, ds.std)  # validates the policy name
+    Augmenter(cfg.data.augment, data.pad, data.mean, data.std)  # validates the policy name
     if p.memory:
         if cfg.memory.total is None and cfg.memory.per_class is None:
-            cfg.memory.total = 20 * ds.num_classes   # 20 per class at the end: 2000 for CIFAR-100
-        Budget(cfg.memory.total, cfg.memory.per_class).check(ds.num_classes)
-    order = cfg.scenario.class_order or class_order(ds.num_classes, cfg.seed)
+            cfg.memory.total = 20 * data.num_classes   # 20 per class at the end: 2000 for CIFAR-100
+        Budget(cfg.memory.total, cfg.memory.per_class).check(data.num_classes)
+    order = cfg.scenario.class_order or class_order(data.num_classes, cfg.seed)
     cfg.scenario.class_order = list(order)
-    return cfg, ds, p
+    return cfg, load_data(cfg, data), p           # every check passed: an image folder's cache may be built
 
 
-def describe_training(cfg: RunConfig, recipe) -> str:
+def describe_training(cfg: RunConfig, plan: RunPlan, train_counts: list[int] | None = None) -> str:
     """The phase banner's training lines: what each phase trains with (the effective milestones
-    included) and where the recipe's defaults come from."""
+    included), where the recipe's defaults come from and, given the training images of each label
+    (``train_counts``), the optimisation steps the run will take (``cilearn.steps``)."""
     t = cfg.train
-    ref = recipe.training.for_dataset(cfg.data.dataset)
+    ref = plan.recipe.training.for_dataset(cfg.data.dataset)
     warm = f", {t.warmup_epochs} warm-up epochs" if t.warmup_epochs else ""
     first = describe_stage(t.base_epochs, t.base_lr, t.schedule, t.base_milestones, t.base_weight_decay, t.gamma)
     later = describe_stage(t.epochs, t.lr, t.schedule, t.milestones, t.weight_decay, t.gamma)
+    steps = f"\n{describe_steps(cfg, plan, train_counts)}" if train_counts else ""
     return (f"training: batch {t.batch_size}, SGD momentum {t.momentum:g}{warm}; "
             f"phase 0: {first}; later phases: {later}\n"
             f"  (defaults of {cfg.method}: {ref.source}; options given override them, milestones past a "
-            f"phase's epochs do not fire)")
+            f"phase's epochs do not fire){steps}")
 
 
 def config_from_dict(d: dict) -> RunConfig:

@@ -9,8 +9,9 @@ Directory layouts:
 * a run: ``DIR/metrics.json`` (+ ``config.yaml``), as written by ``cilearn run``;
 * several seeds: ``DIR/seed-<s>/`` (one run each), ``DIR/summary.json``, ``DIR/summary.md``,
   ``DIR/accuracy.png`` (``cilearn run --seeds``);
-* a comparison: ``DIR/<label>/`` (a run or a seed directory) for each method, ``DIR/compare.md``,
-  ``DIR/compare.csv``, ``DIR/compare.png`` (``cilearn compare --methods``).
+* a comparison: ``DIR/compare.md``, ``DIR/compare.csv``, ``DIR/compare.png`` and ``DIR/compare.json``
+  (its rows: label and directory of each), with ``cilearn compare --methods`` the runs in
+  ``DIR/<method>/`` (a run or a seed directory); ``load_groups`` reads it back.
 """
 from __future__ import annotations
 
@@ -126,10 +127,83 @@ def load_group(path: str | Path, label: str | None = None, seeds: list[int] | No
     else:
         subs = seed_dirs(d, seeds)
         if not subs:
-            raise ResultsError(f"{d}: no metrics.json (not a finished run) and no seed-*/ directories "
-                               "(not a multi-seed run)")
+            raise ResultsError(f"{d}: no metrics.json (not a finished run), no seed-*/ directories "
+                               f"(not a multi-seed run) and no {COMPARE_INDEX} (not a comparison)")
         runs = [load_run(s) for s in subs]
     return Group(label or runs[0].method, runs, d)
+
+
+COMPARE_INDEX = "compare.json"
+
+
+def load_groups(path: str | Path) -> list[Group]:
+    """What ``cilearn report`` and ``cilearn compare`` read: a run directory or a seed directory
+    (one group), or a comparison directory (``cilearn compare --out``: one group per row, named as
+    in its table: the rows of its ``compare.json``, paths relative to it or absolute)."""
+    d = Path(path)
+    if not d.is_dir() or (d / "metrics.json").exists() or seed_dirs(d) or not (d / COMPARE_INDEX).is_file():
+        return [load_group(d)]                   # (its errors name what a directory should hold)
+    index = read_json(d / COMPARE_INDEX)
+    rows = index.get("rows") if isinstance(index, dict) else None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and isinstance(r.get("label"), str)
+                                                         and isinstance(r.get("path"), str) for r in rows):
+        raise ResultsError(f"{d / COMPARE_INDEX}: expected {{\"rows\": [{{\"label\": ..., \"path\": ...}}, ...]}} "
+                           "as cilearn compare writes it")
+    return [load_group(d / r["path"], r["label"]) for r in rows]
+
+
+def compare_index(groups: list[Group], out: Path) -> dict[str, Any]:
+    """``compare.json``: the rows of a comparison, each group's label and directory (relative to
+    ``out`` when inside it, else absolute), so that the comparison directory can be read back."""
+    def where(p: Path) -> str:
+        p, o = p.resolve(), out.resolve()
+        return str(p.relative_to(o)) if p.is_relative_to(o) else str(p)
+    return {"rows": [{"label": g.label, "path": where(g.path if g.path is not None else g.runs[0].path)}
+                     for g in groups]}
+
+
+# ---------------------------------------------------------------- protocol of runs compared
+# (config key, words): what runs compared in one table should share; those in DATA: the data set itself
+PROTOCOL = (("data.dataset", "data set"), ("classes", "number of classes"), ("data.image_size", "image size"),
+            ("data.data_dir", "data directory"), ("data.train_per_class", "training images per class"),
+            ("scenario.base", "base classes"), ("scenario.increment", "increment"))
+DATA = {"data.dataset", "classes", "data.image_size"}
+
+
+def protocol_of(run: Run) -> dict[str, Any]:
+    """The ``PROTOCOL`` values of a run (from config.yaml; the number of classes from metrics.json)."""
+    out: dict[str, Any] = {"classes": len(run.metrics.get("class_order") or []) or None}
+    for key, _ in PROTOCOL:
+        if key != "classes":
+            section, name = key.split(".")
+            out[key] = (run.config.get(section) or {}).get(name)
+    return out
+
+
+def protocol_differences(groups: list[Group]) -> list[tuple[str, str]]:
+    """(key, what differs in words) for each ``PROTOCOL`` entry on which the runs disagree; runs
+    without a config.yaml are left out."""
+    runs = [r for g in groups for r in g.runs if r.config]
+    found = []
+    for key, words in PROTOCOL:
+        seen: dict[str, list[str]] = {}
+        for r in runs:
+            seen.setdefault(str(protocol_of(r)[key]), []).append(str(r.path))
+        if len(seen) > 1:
+            where = lambda p: ", ".join(p[:2]) + (" ..." if len(p) > 2 else "")  # noqa: E731
+            found.append((key, f"{words} differs: " + "; ".join(f"{v} ({where(p)})" for v, p in seen.items())))
+    return found
+
+
+def check_protocol(groups: list[Group], allow_mixed: bool = False) -> list[str]:
+    """Runs of different data sets are refused (a ResultsError naming them) unless ``allow_mixed``;
+    other differences of protocol (scenario, subset, data directory) come back as notes."""
+    diffs = protocol_differences(groups)
+    data = [text for key, text in diffs if key in DATA]
+    if data and not allow_mixed:
+        raise ResultsError(f"the runs are on different data sets ({data[0]}); compare runs of one data set, or "
+                           "pass --allow-mixed")
+    return [text for _, text in diffs]
 
 
 def unique_labels(groups: list[Group]) -> list[Group]:
@@ -354,6 +428,7 @@ class Comparison:
     markdown: str
     csv: str
     out_dir: Path
+    notes: list[str] = field(default_factory=list)   # how the runs' protocols differ (``check_protocol``)
 
 
 def protocol_title(run: Run) -> str:
@@ -367,4 +442,4 @@ def protocol_title(run: Run) -> str:
 
 __all__ = ["Run", "Group", "Metric", "METRICS", "Stat", "Comparison", "load_run", "load_group", "run_summary",
            "mean_std", "format_stat", "markdown_table", "csv_table", "table_rows", "parse_seeds", "default_seeds",
-           "check_free", "protocol_title"]
+           "check_free", "protocol_title", "load_groups", "check_protocol", "protocol_differences"]

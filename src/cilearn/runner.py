@@ -21,7 +21,7 @@ from .checkpoint import EPOCH_FILE, PHASE_FILE, Checkpointer, load_checkpoint, r
 from .config import RunConfig, load_yaml, to_dict
 from .data.augment import Augmenter
 from .data.rows import HostRows, choose_resident
-from .data.scenario import Scenario
+from .data.scenario import Scenario, short_list
 from .errors import CilearnError, ConfigError
 from .evaluate import PhaseEval, confusion_matrix, evaluate_phase, predict
 from .events import NULL, Observer
@@ -48,6 +48,7 @@ class RunView:
     augmenter: Augmenter
     autocast_dtype: torch.dtype | None
     data: SplitData
+    class_names: list[str]     # incremental id -> the data set's class name
 
 
 class Log:
@@ -206,7 +207,8 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
     ckpt.net = net
     ckpt.method_state = learner.state_dict  # type: ignore[method-assign]
 
-    events.on_start(RunView(cfg, out, net, memory, aug, amp, data))
+    names = scenario.names(ds.class_names, range(ds.num_classes))     # incremental id -> class name
+    events.on_start(RunView(cfg, out, net, memory, aug, amp, data, names))
     evals: list[PhaseEval] = []
     phase_rows: list[dict] = []
     first, wall_before = 0, 0.0
@@ -229,8 +231,8 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
         log(f"cilearn {__version__}: {cfg.method} on {ds.name} ({len(ds.train_y)} train / {len(ds.test_y)} test images, "
             f"{ds.num_classes} classes, {'x'.join(map(str, ds.image_shape))}), backbone {cfg.model.backbone}, "
             f"{device} {meta['precision']}, seed {cfg.seed}")
-        log(scenario.describe())
-        log(describe_training(cfg, plan.recipe))
+        log(scenario.describe(ds.class_names))
+        log(describe_training(cfg, plan, torch.bincount(ds.train_y, minlength=ds.num_classes).tolist()))
         if resident == "host":
             log(f"images stay on the host ({(ds.train_x.nbytes + ds.test_x.nbytes) / 2**30:.1f} GiB"
                 + (", memory-mapped cache" if ds.info.get("cache") else "") + f"), batches moved to {device}")
@@ -245,7 +247,8 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
                 + (f", compressor {cfg.memory.compressor} (eta {memory.compressor.options.eta})"
                    if memory.compressor is not None else "")
                 + (f", optimizer {cfg.memory.optimizer}" if cfg.memory.optimizer != "none" else ""))
-    log(f"{'phase':>5} {'classes':>7} {'acc':>6} {'nme':>6} {'old':>6} {'new':>6} {'top5':>6} {'train s':>8} {'img/s':>7}")
+    log(f"{'phase':>5} {'classes':>7} {'acc':>6} {'nme':>6} {'old':>6} {'new':>6} {'top5':>6} {'train s':>8} "
+        f"{'img/s':>7}  new classes")
 
     for phase in scenario.phases[first:]:
         ckpt.phase = phase.index
@@ -285,7 +288,7 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
         events.on_phase(row)
         f = lambda v: f"{v:6.2f}" if v is not None else f"{'-':>6}"  # noqa: E731
         log(f"{phase.index:>5} {phase.seen:>7} {f(ev.acc)} {f(ev.acc_nme)} {f(ev.acc_old)} {f(ev.acc_new)} "
-            f"{f(ev.top5)} {fr.seconds:8.1f} {fr.images_per_s:7.0f}")
+            f"{f(ev.top5)} {fr.seconds:8.1f} {fr.images_per_s:7.0f}  {short_list(names[phase.start:phase.end], 3)}")
         learner.end()                                    # the components' phase end, after the evaluation
         ckpt.save_phase({"next_phase": phase.index + 1, "num_classes": net.num_classes, "net": net.state_dict(),
                          "memory": memory.state() if memory is not None else None, "method": learner.state_dict(),
@@ -295,7 +298,7 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
             raise ckpt.interrupted(f"phase {phase.index} (finished)")
 
     metrics = summarize(evals, phase_rows, memory, wall_before + time.perf_counter() - wall0,
-                        cfg.scenario.class_order)
+                        cfg.scenario.class_order, names)
     if world > 1:
         metrics["distributed"] = meta["distributed"]
     if writes:

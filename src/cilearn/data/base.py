@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -39,6 +40,34 @@ class ImageDataset:
 
 # A loader is ``fn(options: DataOptions) -> ImageDataset``.
 DATASETS: Registry = Registry("data set")
+
+
+@dataclass
+class DataPlan:
+    """What a data set holds, known before any image is decoded and before any file is written
+    (a cache): enough to validate a run's configuration against it. ``load()`` reads the images.
+    Fields as ``ImageDataset``'s."""
+
+    name: str
+    num_classes: int
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str
+    pad: int
+    load: Callable[[], ImageDataset]
+
+    @classmethod
+    def of(cls, ds: ImageDataset) -> "DataPlan":
+        """The plan of a data set already in memory (its loader wrote nothing)."""
+        return cls(ds.name, ds.num_classes, list(ds.class_names), ds.image_shape, ds.mean, ds.std, ds.augment,
+                   ds.pad, lambda: ds)
+
+
+# Data sets whose loading writes files (image folders: the decoded cache) register a planner,
+# ``fn(options) -> DataPlan``, that reads their listing only; the others are planned by loading them.
+PLANNERS: dict[str, Callable[["DataOptions"], DataPlan]] = {}
 
 
 @dataclass

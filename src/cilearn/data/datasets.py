@@ -45,10 +45,10 @@ import torch
 from ..errors import ConfigError, DataError, one_line
 from . import imagefolder  # noqa: F401  (registers the "imagefolder" loader)
 from . import safe_pickle
-from .base import DATASETS, DataOptions, ImageDataset
+from .base import DATASETS, PLANNERS, DataOptions, DataPlan, ImageDataset
 
 __all__ = [
-    "DATASETS", "load_dataset", "subsample_per_class", "channel_stats", "read_idx",
+    "DATASETS", "load_dataset", "plan_dataset", "subsample_per_class", "channel_stats", "read_idx",
     "load_digits_dataset", "load_fashion_mnist", "load_cifar10", "load_cifar100",
     "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES",
 ]
@@ -58,6 +58,15 @@ def load_dataset(name: str, opts: DataOptions | None = None) -> ImageDataset:
     """Look ``name`` up in :data:`DATASETS` (unknown name: ``ConfigError``) and load it."""
     loader = DATASETS.get(name)
     return loader(opts if opts is not None else DataOptions())
+
+
+def plan_dataset(name: str, opts: DataOptions | None = None) -> DataPlan:
+    """What ``name`` holds (classes, image size, ...) before anything is written: an image folder's
+    listing is read, its images are decoded (and cached) by the plan's ``load()``; the other data
+    sets are loaded here (nothing is written)."""
+    DATASETS.get(name)                                   # an unknown name: the registry's ConfigError
+    opts = opts if opts is not None else DataOptions()
+    return PLANNERS[name](opts) if name in PLANNERS else DataPlan.of(load_dataset(name, opts))
 
 
 def subsample_per_class(x, y, n: int, seed: int):

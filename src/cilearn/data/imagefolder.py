@@ -49,6 +49,10 @@ image: one-line ``DataError`` naming the file) leaves no cache that could be use
 sizes are kept; the ``.npz`` caches of cilearn <= 0.1 (version 1) are ignored, not deleted. With
 no writable cache directory the images are decoded into RAM (a warning), again at every run.
 
+``plan_imagefolder`` lists the folder (layout, classes, images; every image is stat'ed for the
+cache key) without decoding or writing anything, so that a run checks its whole configuration
+first; the plan's ``load()`` then opens or builds the cache. ``load_imagefolder`` does both.
+
 ``ImageDataset.train_x``/``test_x`` are tensors over the memory map (no copy); the runner moves
 them to the training device or keeps them on the host (``--data.resident``, ``cilearn.data.rows``).
 
@@ -61,14 +65,15 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, one_line
-from .base import DATASETS, DataOptions, ImageDataset
+from .base import DATASETS, PLANNERS, DataOptions, DataPlan, ImageDataset
 
-__all__ = ["load_imagefolder", "decode_image", "IMAGE_EXTENSIONS", "DEFAULT_IMAGE_SIZE"]
+__all__ = ["load_imagefolder", "plan_imagefolder", "decode_image", "IMAGE_EXTENSIONS", "DEFAULT_IMAGE_SIZE"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_IMAGE_SIZE = 64
@@ -501,9 +506,24 @@ def _build_cache(base: str, paths: list[str], size: int, workers: int, index: di
 
 # --------------------------------------------------------------------------------------- loader
 
-@DATASETS.register("imagefolder")
-def load_imagefolder(opts: DataOptions) -> ImageDataset:
-    """Load an image-folder data set (layout detected automatically, see the module docstring)."""
+@dataclass
+class Listing:
+    """An image folder as its files and folders give it, nothing decoded: ``key`` is the cache key
+    (``_cache_key``), ``extra`` the layout's paths (list files, split folders)."""
+    layout: str
+    data_dir: str
+    size: int
+    workers: int
+    key: str
+    train: list[Item]
+    test: list[Item]
+    classes: list[str]
+    extra: dict
+
+
+def plan_imagefolder(opts: DataOptions) -> DataPlan:
+    """An image folder's listing (layout, classes, images of each split; see the module docstring),
+    read without decoding an image or writing a file; its ``load()`` decodes them into the cache."""
     if opts.data_dir is None:
         raise DataError(f"{WHO}: --data-dir is required; {_LAYOUTS_HELP}")
     data_dir = os.path.expanduser(opts.data_dir)
@@ -528,7 +548,25 @@ def load_imagefolder(opts: DataOptions) -> ImageDataset:
     workers = default_workers() if opts.workers is None else opts.workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--data.workers must be an integer >= 1, got {workers!r}")
-    key = _cache_key(layout, size, data_dir, classes, {"train": train, "test": test})
+    key = _cache_key(layout, size, data_dir, classes, {"train": train, "test": test})   # stats every image
+    listing = Listing(layout, data_dir, size, workers, key, train, test, classes, extra)
+    return DataPlan(WHO, len(classes), list(classes), (3, size, size), IMAGENET_MEAN, IMAGENET_STD,
+                    "rrc-flip", 0, lambda: _load(opts, listing))
+
+
+@DATASETS.register("imagefolder")
+def load_imagefolder(opts: DataOptions) -> ImageDataset:
+    """Load an image-folder data set (layout detected automatically, see the module docstring)."""
+    return plan_imagefolder(opts).load()
+
+
+PLANNERS[WHO] = plan_imagefolder
+
+
+def _load(opts: DataOptions, listing: Listing) -> ImageDataset:
+    """The images of a listed image folder: from its cache, or decoded (into a new cache)."""
+    layout, data_dir, size, workers, key = listing.layout, listing.data_dir, listing.size, listing.workers, listing.key
+    train, test, classes, extra = listing.train, listing.test, listing.classes, listing.extra
     paths = [it[0] for it in train] + [it[0] for it in test]
     labels = {"train_labels": [it[2] for it in train], "test_labels": [it[2] for it in test]}
     cdir = _cache_dir(opts, data_dir)

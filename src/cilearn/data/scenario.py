@@ -58,7 +58,31 @@ class Scenario:
         lut[torch.tensor(self.order)] = torch.arange(len(self.order))
         return lut.to(y.device)[y]
 
-    def describe(self) -> str:
-        rows = [f"phase {p.index}: {p.num_new} classes (ids {p.start}-{p.end - 1}), "
-                f"original labels {self.order[p.start:p.end]}" for p in self.phases]
+    def names(self, names: list[str], ids: range) -> list[str]:
+        """The data set's class names (``names[label]``) of incremental ids ``ids``."""
+        return [names[self.order[k]] for k in ids]
+
+    def describe(self, names: list[str] | None = None, most: int = 10, phases: int = 12) -> str:
+        """One line per phase: its classes' ids and data set labels, as ``name (label)`` when the
+        names (``names[label]``) say more than the labels, each list cut after ``most``; with more
+        than ``phases`` phases, the first ``phases - 2``, a line for those left out, and the last."""
+        def line(p: Phase) -> str:
+            labels = self.order[p.start:p.end]
+            head = f"phase {p.index}: {p.num_new} class{'es' if p.num_new != 1 else ''} (ids {p.start}-{p.end - 1})"
+            if names is None or [names[c] for c in labels] == [str(c) for c in labels]:
+                return f"{head}, labels {short_list(labels, most)}"
+            return f"{head}: {short_list([f'{names[c]} ({c})' for c in labels], most)}"
+
+        shown = self.phases if len(self.phases) <= phases else self.phases[:phases - 2]
+        rows = [line(p) for p in shown]
+        if len(shown) < len(self.phases):
+            rest = self.phases[len(shown):-1]
+            rows += [f"... phases {rest[0].index}-{rest[-1].index}: {sum(p.num_new for p in rest)} classes",
+                     line(self.phases[-1])]
         return "\n".join(rows)
+
+
+def short_list(items: list, most: int) -> str:
+    """``a, b, c``; more than ``most`` items: the first ``most``, then ``... (+N more)``."""
+    text = ", ".join(str(i) for i in items[:most])
+    return text + (f", ... (+{len(items) - most} more)" if len(items) > most else "")
