@@ -186,10 +186,12 @@ def load_model(path: str | Path, device: str | torch.device = "auto", precision:
         if spec.logit_bias:
             net.enable_logit_bias()
         net.load_state_dict(state)
+        protos = tensors["prototypes"] if spec.prototypes else None
+        if protos is not None and (protos.dim() != 2 or len(protos) != spec.num_classes):
+            raise ValueError(f"prototypes of shape {list(protos.shape)}, expected [{spec.num_classes}, D]")
     except (CilearnError, KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"{_spec_files(path)[1]} does not fit its model.json ({type(e).__name__}: "
                              f"{one_line(e)[:300]})") from None
-    protos = tensors.get("prototypes") if spec.prototypes else None
     return TrainedModel(net, spec, device, precision or spec.precision, protos)
 
 
