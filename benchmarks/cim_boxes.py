@@ -5,7 +5,8 @@ pixels (decoded grey level > ``--item-level``) that lie inside the box.
 
     python benchmarks/cim_boxes.py runs/cim23-64e15/foster_--compressor_cim-s1993 ...
 
-Reads the run's ``checkpoint-phase.pt`` with cilearn's checkpoint parser (nothing is unpickled).
+Reads the run's ``checkpoint-phase.pt`` with cilearn's checkpoint parser (nothing is unpickled):
+runs made with ``--keep-checkpoint`` (a finished run deletes it otherwise).
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--item-level", type=float, default=20.0)
     a = p.parse_args(argv)
     for d in a.runs:
+        if (Path(d) / "metrics.json").exists() and not (Path(d) / "checkpoint-phase.pt").exists():
+            print(f"cim_boxes: {d} kept no checkpoint-phase.pt: run it with --keep-checkpoint", file=sys.stderr)
+            return 2
         try:
             st = load_checkpoint(Path(d) / "checkpoint-phase.pt")
         except CilearnError as e:

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import cilearn
-from cilearn.checkpoint import PHASE_FILE, load_checkpoint
+from cilearn.api import load_model
+from cilearn.checkpoint import load_checkpoint
 from cilearn.cli import main
 from cilearn.data.augment import Augmenter
 from cilearn.data.scenario import Phase
@@ -200,8 +201,7 @@ def test_wa_recipe_weights_and_end_to_end(quick):
     m = res.metrics
     assert m["avg_incremental_acc_nme"] is not None and m["phases"][-1]["acc_new"] > 50
     assert all(r["finetune_seconds"] == 0 for r in m["phases"])
-    net = load_checkpoint(res.out_dir / PHASE_FILE)["net"]
-    w = net["head.weight"]
+    w = load_model(res.out_dir, "cpu").net.head.weight.detach()       # the final model (model.safetensors)
     assert (w >= 0).all()                                             # clipped after the last step
     # aligned after the last phase (8 old classes, 2 new); the training after it is over
     assert w[:8].norm(dim=1).mean().item() == pytest.approx(w[8:].norm(dim=1).mean().item(), rel=1e-4)

@@ -92,6 +92,7 @@ BAD = {
     "negative lr": (["--lr", "-0.1"], "--lr"),
     "zero increment": (["--increment", "0"], "--increment"),
     "negative train-per-class": (["--train-per-class", "-3"], "--train-per-class"),
+    "zero test-per-class": (["--test-per-class", "0"], "--test-per-class"),
     "unknown dotted key": (["--train.nope", "1"], "train.nope"),
     "wrong type": (["--train.momentum", "abc"], "train.momentum"),
     "not an int": (["--epochs", "ten"], "--epochs"),

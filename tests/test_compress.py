@@ -399,6 +399,7 @@ def runs(tmp_path_factory):
     for method, comps in (("icarl", ("none", "full", "cam-threshold", "cim")), ("foster", ("full", "cam-threshold", "cim"))):
         for comp in comps:
             cfg = quick_config(tmp, method=method, out=str(tmp / f"{method}-{comp}"), train__epochs=4,
+                               train__keep_checkpoint=True,
                                memory={"per_class": 2, "compressor": comp,
                                        **({"compression": {"iterations": 3}} if comp != "none" else {})},
                                report={"save_exemplars": 6})
@@ -448,6 +449,19 @@ def test_checkpoint_holds_the_codes_and_they_load(runs):
     assert mem.nbytes == runs["icarl", "cim"][0]["memory"]["total_bytes"]
     net_state = load_checkpoint(out / "checkpoint-phase.pt")["net"]
     assert sum(k.endswith(".p") for k in net_state) == 3          # phi: the net's rationals (convnet: one per stage)
+
+
+@pytest.mark.parametrize("method", ["icarl", "foster"])
+def test_saved_model_of_a_cim_run_has_no_rationals_and_gives_the_last_phase(runs, method):
+    """The final model leaves CIM's rationals out (a ReLU in their slot is the same function) and,
+    rebuilt (FOSTER: an expandable net after its compressions), gives the run's last phase."""
+    from safetensors.torch import load_file
+
+    from cilearn.api import evaluate
+    m, out = runs[method, "cim"]
+    assert not any(k.endswith((".p", ".q")) for k in load_file(out / "model.safetensors"))
+    r = evaluate(out, device="cpu")
+    assert (r["acc"], r["acc_nme"], r["acc_task"]) == (m["last_acc"], m["last_acc_nme"], m["last_acc_task"])
 
 
 def test_recipes_default_to_cim(quick, monkeypatch):

@@ -48,7 +48,7 @@ class LogitL2(Component):
 
 
 def run(capsys, out, *flags):
-    code = main(["run", *flags, *ARGS, "--out", str(out)])
+    code = main(["run", *flags, *ARGS, "--out", str(out), "--keep-checkpoint"])
     err = capsys.readouterr().err
     assert code == 0, err
     return json.loads((out / "metrics.json").read_text())

@@ -55,6 +55,8 @@ def test_accuracy_matrix_shape_and_range(tasks, inc, seed):
         vals = [ev.acc, ev.acc_new] + [v for v in ev.task_acc if v is not None]
         vals += [ev.acc_old] if ev.acc_old is not None else []
         assert all(0.0 <= v <= 100.0 for v in vals)
+        assert ev.acc <= ev.acc_task <= 100.0          # task-aware: a right overall argmax is right within its task
+        assert all(a <= b for a, b in zip(ev.task_acc, ev.task_acc_task) if a is not None)
         matrix.append([v if v is not None else 0.0 for v in ev.task_acc])
     assert -100.0 <= forgetting(matrix) <= 100.0
 

@@ -146,7 +146,7 @@ def test_checkpoint_truncated_or_corrupt_is_detected(tmp_path):
 
 def test_resume_with_unreadable_checkpoint(tmp_path, capsys):
     out = tmp_path / "r"
-    assert cli(capsys, "run", "--epochs", "1", "--out", str(out), "--no-progress", "--quiet")[0] == 0
+    assert cli(capsys, "run", "--epochs", "1", "--out", str(out), "--no-progress", "--quiet", "--keep-checkpoint")[0] == 0
     (out / "metrics.json").unlink()
     (out / PHASE_FILE).write_bytes((out / PHASE_FILE).read_bytes()[:100])
     code, err = cli(capsys, "run", "--resume", str(out))

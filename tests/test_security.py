@@ -111,7 +111,7 @@ def unfinished_run(tmp_path, capsys):
     """A finished 2-phase digits run with metrics.json removed: resumable from its phase checkpoint."""
     out = tmp_path / "r"
     assert cli(capsys, "run", "--base", "8", "--epochs", "1", "--precision", "fp32", "--out", out,
-               "--no-progress", "--quiet")[0] == 0
+               "--no-progress", "--quiet", "--keep-checkpoint")[0] == 0
     (out / "metrics.json").unlink()
     state = torch.load(io.BytesIO((out / PHASE_FILE).read_bytes()[48:]), weights_only=True)
     state["next_phase"] = 1

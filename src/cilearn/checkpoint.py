@@ -9,6 +9,9 @@ Two files in the run directory:
   epoch (its permutation and step), the RNG states. It belongs to the phase after the one in
   ``checkpoint-phase.pt`` and needs that file (the memory and the phase-start model live there).
 
+Both are resume state: a run that finishes deletes them (``remove_checkpoints``) unless
+``--keep-checkpoint``; its final model is kept in ``model.safetensors`` (``cilearn.model_io``).
+
 File format: 8-byte magic, 8-byte payload length, 32-byte SHA-256 of the payload, payload
 (``torch.save`` bytes). Written to a temporary file, fsynced, renamed over the old one and the
 directory fsynced: a crash at any moment leaves either the old or the new file, never a torn one;
@@ -75,6 +78,12 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             pass
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; "
                               "the previous checkpoint is kept") from None
+
+
+def remove_checkpoints(out: Path) -> None:
+    """Deletes a finished run's resume state (both files), which only ``--resume`` reads."""
+    for f in (PHASE_FILE, EPOCH_FILE):
+        (out / f).unlink(missing_ok=True)
 
 
 def _fsync_dir(d: Path) -> None:

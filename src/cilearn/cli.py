@@ -1,15 +1,16 @@
-"""``cilearn run | compare | report | list``. Flags override the config file; any config key can
-also be set with a dotted flag, e.g. ``--train.momentum 0.9`` or ``--memory.selection random``.
-Errors the user can fix are printed as one line and exit with code 2."""
+"""``cilearn run | compare | report | list | eval | predict``. Flags override the config file; any
+config key can also be set with a dotted flag, e.g. ``--train.momentum 0.9`` or
+``--memory.selection random``. Errors the user can fix are printed as one line and exit with code 2."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any
 
 from . import distributed
-from .api import compare_methods, resume, run, run_seeds
+from .api import compare_methods, evaluate, predict_files, resume, run, run_seeds
 from .checkpoint import Interrupted
 from .config import load_yaml, merge, set_dotted
 from .data.datasets import DATASETS
@@ -32,6 +33,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "train-list": ("data.train_list", str, "image folders: list file of 'relative/path label' lines"),
     "test-list": ("data.test_list", str, "image folders: list file for the test split"),
     "train-per-class": ("data.train_per_class", int, "keep a seeded subset of N training images per class"),
+    "test-per-class": ("data.test_per_class", int, "evaluate on a seeded subset of N test images per class"),
     "augment": ("data.augment", str, "training augmentation: none, flip, crop-flip, rrc-flip"),
     "base": ("scenario.base", int, "classes in the first phase (0: same as --increment)"),
     "increment": ("scenario.increment", int, "classes per later phase"),
@@ -134,6 +136,8 @@ def build_config(args: argparse.Namespace, extra: list[str]):
         set_dotted(over, "report.tensorboard", True)
     if args.compile:
         set_dotted(over, "train.compile", True)
+    if args.keep_checkpoint:
+        set_dotted(over, "train.keep_checkpoint", True)
     if args.plugin:
         set_dotted(over, "plugins", list(d.get("plugins", [])) + args.plugin)
     if args.balanced_finetune or args.no_balanced_finetune:
@@ -196,6 +200,9 @@ def add_run_flags(p: argparse.ArgumentParser, out_help: str | None = None) -> No
     p.add_argument("--tensorboard", action="store_true",
                    help="TensorBoard scalars per epoch and phase in OUT/tensorboard (needs the tensorboard package) "
                         "[report.tensorboard]")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help="a finished run keeps its resume checkpoint (checkpoint-phase.pt; deleted by default, "
+                        "model.safetensors holds the final model) [train.keep_checkpoint]")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone for the training steps (first step compiles) [train.compile]")
     p.add_argument("--seeds", metavar="S1,S2,...",
@@ -248,6 +255,25 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
     compare_methods(cfgs, out, seeds_of(args, cfgs[0]), echo=not args.quiet, overwrite=args.overwrite)
 
 
+EVAL_DATA_FLAGS = ("dataset", "data-dir", "image-size", "train-list", "test-list", "test-per-class")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    data = {FLAGS[f][0].split(".", 1)[1]: getattr(args, f.replace("-", "_")) for f in EVAL_DATA_FLAGS}
+    r = evaluate(args.run_dir, device=args.device, precision=args.precision, **data)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    f = lambda k, name: f", {name} {r[k]:.2f}" if r[k] is not None else ""  # noqa: E731
+    print(f"{args.run_dir} on {r['dataset']} ({r['images']} test images): acc {r['acc']:.2f}"
+          + f("acc_task", "task-aware") + f("acc_nme", "NME") + f("top5", "top-5"))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    for path, (label, name) in zip(args.images, predict_files(args.run_dir, args.images, args.device, args.nme)):
+        print(f"{path}\t{label}\t{name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="cilearn", description="Class-incremental learning in PyTorch.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command")
@@ -277,11 +303,24 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--training", action="store_true",
                     help="every recipe's training defaults (epochs, lr, schedule, weight decay, batch) and their source")
     pl.add_argument("--markdown", action="store_true", help="with --configs, --recipes or --training: a markdown table")
-    for p in (pr, pc, pp, pl):
+    pe = sub.add_parser("eval", allow_abbrev=False, help="evaluate a finished run's model on a data set's test split")
+    pe.add_argument("run_dir", metavar="RUN_DIR", help="a finished run (its model.safetensors and model.json)")
+    for flag in EVAL_DATA_FLAGS:
+        key, tp, help_ = FLAGS[flag]
+        pe.add_argument(f"--{flag}", type=tp, help=f"{help_} (default: the run's) [{key}]")
+    pe.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    pe.add_argument("--precision", help="fp32 or bf16 (default: the run's)")
+    pe.add_argument("--json", action="store_true", help="print every accuracy (per task, per class) as JSON")
+    pd = sub.add_parser("predict", allow_abbrev=False, help="classify image files with a finished run's model")
+    pd.add_argument("run_dir", metavar="RUN_DIR", help="a finished run")
+    pd.add_argument("images", nargs="+", metavar="IMAGE", help="image files (decoded as image folders are)")
+    pd.add_argument("--nme", action="store_true", help="nearest class mean instead of the head (methods with exemplars)")
+    pd.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    for p in (pr, pc, pp, pl, pe, pd):
         p.error = parser.error  # type: ignore[method-assign]
     try:
         args, extra = parser.parse_known_args(argv)
-        if args.command in ("list", "report") and extra:
+        if args.command in ("list", "report", "eval", "predict") and extra:
             raise ConfigError(f"unrecognized argument '{extra[0]}' (see `cilearn {args.command} --help`)")
         if args.command == "list":
             cmd_list(args)
@@ -289,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             path = html_report(args.run_dirs, args.html)
             print(f"report -> {path}")
+            return 0
+        if args.command == "eval":
+            cmd_eval(args)
+            return 0
+        if args.command == "predict":
+            cmd_predict(args)
             return 0
         if args.command == "compare":
             if distributed.launched():

@@ -27,6 +27,7 @@ class DataConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     train_per_class: int | None = None   # keep a seeded subset of N training images per class
+    test_per_class: int | None = None    # evaluate on a seeded subset of N test images per class
     image_size: int | None = None        # image folders: decoded images are resized to this (px)
     train_list: str | None = None
     test_list: str | None = None
@@ -73,6 +74,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     progress: bool = True
     checkpoint_every: int = 10           # epochs between checkpoints inside a phase (0: only at phase ends)
+    keep_checkpoint: bool = False        # a finished run keeps checkpoint-phase.pt (else deleted; model.safetensors stays)
 
 
 @dataclass
@@ -360,6 +362,7 @@ def validate(cfg: RunConfig) -> None:
     positive("memory", m.total)
     positive("memory-per-class", m.per_class)
     positive("train-per-class", cfg.data.train_per_class)
+    positive("test-per-class", cfg.data.test_per_class)
     positive("data.workers", cfg.data.workers)
     if cfg.data.resident not in RESIDENT_MODES:
         raise ConfigError(f"--data.resident must be one of {', '.join(RESIDENT_MODES)}, got '{cfg.data.resident}'")

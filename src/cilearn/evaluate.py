@@ -6,6 +6,11 @@ j <= i):
 * ``acc_i``: top-1 on the test images of all classes seen after phase i;
 * average incremental accuracy = mean_i acc_i (over all phases, the first included);
 * last accuracy = acc of the final phase;
+* ``acc_task`` (task-aware, or task-incremental, accuracy, as FACIL's "TAw" and Avalanche's
+  task-incremental scenario): each test image's prediction is the argmax over the logits of the
+  classes of its own task (the phase that brought its class) only, as if the task were given at
+  test time; ``t[i][j]`` is that accuracy on task j after phase i (``accuracy_matrix_task``).
+  It is an upper bound of ``acc`` and equals it after the first phase;
 * ``acc_old_among_old`` (diagnostic): top-1 of the old classes' test images when only the old
   classes' logits compete: how much old knowledge survives apart from the bias towards new classes;
 * ``acc_new_among_new`` (diagnostic): the same for the new classes' test images among the new
@@ -75,6 +80,8 @@ class PhaseEval:
     task_acc: list[float]             # one per task seen so far (a row of the accuracy matrix)
     task_acc_nme: list[float] | None
     class_acc: list[float | None] | None = None   # one per seen class (incremental id); None: no test image
+    acc_task: float | None = None       # task-aware: argmax over the logits of the image's own task only
+    task_acc_task: list[float | None] | None = None   # task-aware, one per task seen so far
 
 
 def evaluate_phase(logits: torch.Tensor, emb: torch.Tensor, y: torch.Tensor, bounds: list[tuple[int, int]],
@@ -82,6 +89,7 @@ def evaluate_phase(logits: torch.Tensor, emb: torch.Tensor, y: torch.Tensor, bou
     """``logits``/``emb``: outputs on the test images of all seen classes, ``y`` their incremental
     ids; ``bounds``: (start, end) id range of each task so far, the last one being the new task."""
     pred = logits.argmax(1)
+    pred_task = task_aware_predict(logits, y, bounds)
     nme = nme_predict(emb, prototypes) if prototypes is not None else None
     masks = [(y >= a) & (y < b) for a, b in bounds]
     new_start = bounds[-1][0]
@@ -97,7 +105,20 @@ def evaluate_phase(logits: torch.Tensor, emb: torch.Tensor, y: torch.Tensor, bou
         task_acc=[accuracy(pred, y, m) for m in masks],
         task_acc_nme=[accuracy(nme, y, m) for m in masks] if nme is not None else None,
         class_acc=per_class_accuracy(pred, y, bounds[-1][1]),
+        acc_task=accuracy(pred_task, y),
+        task_acc_task=[accuracy(pred_task, y, m) for m in masks],
     )
+
+
+def task_aware_predict(logits: torch.Tensor, y: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:
+    """Task-aware predictions ``[N]``: for an image whose id ``y`` lies in task ``[a, b)``, the
+    argmax of ``logits[:, a:b]`` (plus ``a``). ``logits``: ``[N, K]``; ``bounds``: each task's id
+    range; images outside every task keep the argmax over all logits."""
+    pred = logits.argmax(1)
+    for a, b in bounds:
+        m = (y >= a) & (y < b)
+        pred[m] = logits[m, a:b].argmax(1) + a
+    return pred
 
 
 def per_class_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float | None]:

@@ -5,11 +5,11 @@ import os
 from pathlib import Path
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """``text`` into ``path`` through ``path.tmp``, fsynced, then renamed over ``path``: the file
-    is either the old one or the whole new one."""
+def atomic_write(path: Path, text: str | bytes) -> None:
+    """``text`` (or bytes) into ``path`` through ``path.tmp``, fsynced, then renamed over ``path``:
+    the file is either the old one or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -51,13 +51,16 @@ def memory_row(memory: Memory | None) -> dict[str, Any]:
 
 def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, wall: float,
               class_order: list[int] | None = None, class_names: list[str] | None = None) -> dict[str, Any]:
-    """metrics.json. Besides the summary: ``confusion`` (the last phase's ``[true][predicted]``
-    counts, incremental ids), ``class_order`` (incremental id -> data set label), ``class_names``
-    (incremental id -> the data set's name of that label) and, in
+    """metrics.json. Besides the summary (CNN, NME and task-aware ``_task``, ``cilearn.evaluate``):
+    ``confusion`` (the last phase's ``[true][predicted]`` counts, incremental ids), ``class_order``
+    (incremental id -> data set label), ``class_names`` (incremental id -> the data set's name of
+    that label) and, in
     ``memory``, ``class_images`` / ``class_bytes`` (exemplars and bytes of each class id)."""
     matrix = [e.task_acc for e in evals]
     nme = [e.acc_nme for e in evals]
     has_nme = all(v is not None for v in nme)
+    task = [e.acc_task for e in evals]
+    has_task = all(v is not None for v in task)    # (None in phases of a run resumed from an older cilearn)
     per_class = 0
     if memory is not None and memory.exemplars:
         per_class = max(len(v) for v in memory.exemplars.values())
@@ -72,6 +75,9 @@ def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, w
         "last_acc_nme": nme[-1] if has_nme else None,
         "accuracy_matrix": matrix,
         "accuracy_matrix_nme": [e.task_acc_nme for e in evals] if has_nme else None,
+        "avg_incremental_acc_task": average_incremental_accuracy(task) if has_task else None,
+        "last_acc_task": task[-1] if has_task else None,
+        "accuracy_matrix_task": [e.task_acc_task for e in evals] if has_task else None,
         "phases": rows,
         "memory": {"per_class": per_class, "total_images": len(memory) if memory else 0,
                    "total_bytes": memory.nbytes if memory else 0,
@@ -97,7 +103,7 @@ def memory_units(memory: Memory | None, seen: int) -> dict[str, Any]:
 
 
 def write_outputs(out: Path, metrics: dict[str, Any], events: Observer = NULL) -> None:
-    cols = ["phase", "classes_seen", "acc", "acc_nme", "acc_old", "acc_new", "top5", "train_seconds",
+    cols = ["phase", "classes_seen", "acc", "acc_task", "acc_nme", "acc_old", "acc_new", "top5", "train_seconds",
             "finetune_seconds", "train_images_per_s"]
     lines = [",".join(cols)] + [",".join("" if r.get(c) is None else (f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]))
                                          for c in cols) for r in metrics["phases"]]

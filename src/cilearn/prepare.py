@@ -97,6 +97,9 @@ def load_data(cfg: RunConfig, plan: DataPlan):
     ds = plan.load()
     if d.train_per_class is not None:
         ds.train_x, ds.train_y = subsample_per_class(ds.train_x, ds.train_y, d.train_per_class, cfg.seed)
+    if d.test_per_class is not None:
+        ds.test_x, ds.test_y = subsample_per_class(ds.test_x, ds.test_y, d.test_per_class, cfg.seed,
+                                                   "--test-per-class")
     return ds
 
 

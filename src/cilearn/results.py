@@ -241,6 +241,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("avg_incremental_acc_nme", "avg inc. acc NME", lambda m: m.get("avg_incremental_acc_nme")),
     Metric("last_acc", "last acc", lambda m: m["last_acc"]),
     Metric("last_acc_nme", "last acc NME", lambda m: m.get("last_acc_nme")),
+    Metric("avg_incremental_acc_task", "avg inc. acc task-aware", lambda m: m.get("avg_incremental_acc_task")),
+    Metric("last_acc_task", "last acc task-aware", lambda m: m.get("last_acc_task")),
     Metric("forgetting", "forgetting", lambda m: m["forgetting"]),
     Metric("old_last", "old acc (last phase)", lambda m: _last(m, "acc_old")),
     Metric("new_last", "new acc (last phase)", lambda m: _last(m, "acc_new")),

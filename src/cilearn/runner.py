@@ -17,7 +17,8 @@ from typing import TextIO
 import torch
 
 from . import __version__, distributed
-from .checkpoint import EPOCH_FILE, PHASE_FILE, Checkpointer, load_checkpoint, restoring, set_rng_state
+from .checkpoint import (EPOCH_FILE, PHASE_FILE, Checkpointer, load_checkpoint, remove_checkpoints, restoring,
+                         set_rng_state)
 from .config import RunConfig, load_yaml, to_dict
 from .data.augment import Augmenter
 from .data.rows import HostRows, choose_resident
@@ -31,7 +32,7 @@ from .learner import Learner
 from .memory import Budget, Memory
 from .methods.options import prune
 from .methods.recipe import RunPlan
-from .models import create_net
+from .model_io import MODEL_FILE, SPEC_FILE, architecture, build_from, run_spec, save_model
 from .outputs import Results, memory_row, summarize, write_outputs
 from .prepare import config_from_dict, describe_training, git_commit, prepare, resolve_device, resolve_precision
 from .services import RunServices, SplitData
@@ -76,7 +77,8 @@ class Log:
 
 
 
-RUN_FILES = ("config.yaml", "metrics.json", "metrics.csv", "accuracy.png", "log.txt", PHASE_FILE, EPOCH_FILE)
+RUN_FILES = ("config.yaml", "metrics.json", "metrics.csv", "accuracy.png", "log.txt", PHASE_FILE, EPOCH_FILE,
+             MODEL_FILE, SPEC_FILE)
 
 
 def make_out_dir(cfg: RunConfig, overwrite: bool = False) -> Path:
@@ -192,7 +194,8 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
     data = SplitData(place(ds.train_x), scenario.relabel(ds.train_y).to(device),
                      place(ds.test_x), scenario.relabel(ds.test_y).to(device))
     aug = Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std, cfg.train.channels_last)
-    net = create_net(plan.factory("backbone"), plan.factory("head"), ds.image_shape[0], plan.recipe.expandable).to(device)
+    arch = architecture(plan, ds.image_shape[0])
+    net = build_from(arch).to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     services = RunServices(cfg, net, None, aug, device, gen, amp, ckpt, events, data)
@@ -247,9 +250,10 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
                 + (f", compressor {cfg.memory.compressor} (eta {memory.compressor.options.eta})"
                    if memory.compressor is not None else "")
                 + (f", optimizer {cfg.memory.optimizer}" if cfg.memory.optimizer != "none" else ""))
-    log(f"{'phase':>5} {'classes':>7} {'acc':>6} {'nme':>6} {'old':>6} {'new':>6} {'top5':>6} {'train s':>8} "
+    log(f"{'phase':>5} {'classes':>7} {'acc':>6} {'task':>6} {'nme':>6} {'old':>6} {'new':>6} {'top5':>6} {'train s':>8} "
         f"{'img/s':>7}  new classes")
 
+    protos = learner.prototypes() if first == len(scenario.phases) else None  # (resumed after the last phase)
     for phase in scenario.phases[first:]:
         ckpt.phase = phase.index
         x, y = learner.training_set(phase, data)
@@ -269,10 +273,11 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
         seen = data.test_y < phase.end
         logits, emb = distributed.gather_rows(lambda xs: predict(net, xs, aug, cfg.train.eval_batch_size, amp),
                                               data.test_x[seen])
+        protos = learner.prototypes()                    # NME class means [seen, D] (None: no exemplars)
         ev = evaluate_phase(logits, emb, data.test_y[seen], [(p.start, p.end) for p in scenario.phases[:phase.index + 1]],
-                            learner.prototypes())
+                            protos)
         evals.append(ev)
-        row = {"phase": phase.index, "classes_seen": phase.seen, "acc": ev.acc, "acc_nme": ev.acc_nme,
+        row = {"phase": phase.index, "classes_seen": phase.seen, "acc": ev.acc, "acc_task": ev.acc_task, "acc_nme": ev.acc_nme,
                "acc_old": ev.acc_old, "acc_new": ev.acc_new, "acc_old_among_old": ev.acc_old_among_old,
                "acc_new_among_new": ev.acc_new_among_new, "top5": ev.top5, "train_seconds": fr.seconds,
                "finetune_seconds": learner.finetune_seconds, "train_images_per_s": fr.images_per_s, "loss": fr.loss,
@@ -287,8 +292,8 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
         phase_rows.append(row)
         events.on_phase(row)
         f = lambda v: f"{v:6.2f}" if v is not None else f"{'-':>6}"  # noqa: E731
-        log(f"{phase.index:>5} {phase.seen:>7} {f(ev.acc)} {f(ev.acc_nme)} {f(ev.acc_old)} {f(ev.acc_new)} "
-            f"{f(ev.top5)} {fr.seconds:8.1f} {fr.images_per_s:7.0f}  {short_list(names[phase.start:phase.end], 3)}")
+        log(f"{phase.index:>5} {phase.seen:>7} {f(ev.acc)} {f(ev.acc_task)} {f(ev.acc_nme)} {f(ev.acc_old)} "
+            f"{f(ev.acc_new)} {f(ev.top5)} {fr.seconds:8.1f} {fr.images_per_s:7.0f}  {short_list(names[phase.start:phase.end], 3)}")
         learner.end()                                    # the components' phase end, after the evaluation
         ckpt.save_phase({"next_phase": phase.index + 1, "num_classes": net.num_classes, "net": net.state_dict(),
                          "memory": memory.state() if memory is not None else None, "method": learner.state_dict(),
@@ -301,8 +306,11 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
                         cfg.scenario.class_order, names)
     if world > 1:
         metrics["distributed"] = meta["distributed"]
-    if writes:
+    if writes:     # the final model (model_io), then metrics.json (the run is complete), then no resume state
+        save_model(out, net, run_spec(cfg, ds, arch, [(p.start, p.end) for p in scenario.phases], amp), protos)
         write_outputs(out, metrics, events)
+        if not cfg.train.keep_checkpoint:
+            remove_checkpoints(out)
     log(f"average incremental accuracy {metrics['avg_incremental_acc']:.2f}"
         + (f" (NME {metrics['avg_incremental_acc_nme']:.2f})" if metrics["avg_incremental_acc_nme"] is not None else "")
         + f", last {metrics['last_acc']:.2f}, forgetting {metrics['forgetting']:.2f}, "

@@ -6,7 +6,7 @@
   step: the epoch's index in the run, 1-based, counted over the phases (the main stage: the
   base phase's epochs, then each phase's; the other stages run in phases > 0 only), so a
   resumed run writes the same steps as an uninterrupted one.
-* per phase: ``phase/<metric>`` (``acc``, ``acc_nme``, ``acc_old``, ``acc_new``, ``top5``,
+* per phase: ``phase/<metric>`` (``acc``, ``acc_task``, ``acc_nme``, ``acc_old``, ``acc_new``, ``top5``,
   ``train_seconds``, ...), step: the phase index.
 
 ``torch.utils.tensorboard`` (the ``tensorboard`` package) is imported only when the flag is given.
@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-PHASE_SCALARS = ("acc", "acc_nme", "acc_old", "acc_new", "acc_old_among_old", "acc_new_among_new", "top5",
+PHASE_SCALARS = ("acc", "acc_task", "acc_nme", "acc_old", "acc_new", "acc_old_among_old", "acc_new_among_new", "top5",
                  "train_seconds", "finetune_seconds", "train_images_per_s")
 
 

@@ -69,14 +69,16 @@ def plan_dataset(name: str, opts: DataOptions | None = None) -> DataPlan:
     return PLANNERS[name](opts) if name in PLANNERS else DataPlan.of(load_dataset(name, opts))
 
 
-def subsample_per_class(x, y, n: int, seed: int):
-    """Keep a seeded random subset of ``n`` samples per class (all of a class that has fewer).
+def subsample_per_class(x, y, n: int, seed: int, option: str = "--train-per-class"):
+    """Keep a seeded random subset of ``n`` samples per class (all of a class that has fewer):
+    ``numpy.random.default_rng(seed)`` draws each class's subset in turn, classes in label order.
+    ``option`` names the flag in the error of a bad ``n``.
 
     The kept samples stay in their original relative order. ``x`` and ``y`` may be torch tensors
     or numpy arrays (indexed along the first dimension); returns ``(x, y)`` of the same types.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ConfigError(f"--train-per-class must be an integer >= 1, got {n!r}")
+        raise ConfigError(f"{option} must be an integer >= 1, got {n!r}")
     y_np = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
     if len(x) != len(y_np):
         raise ValueError(f"subsample_per_class: {len(x)} samples but {len(y_np)} labels")
