@@ -88,7 +88,23 @@ def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, w
         "confusion": confusion,
         "class_order": list(class_order) if class_order is not None else None,
         "class_names": list(class_names) if class_names is not None else None,
+        **other_networks(rows),
     }
+
+
+def other_accuracies(row: dict[str, Any]) -> dict[str, float | None]:
+    """A phase row's accuracies of networks other than the evaluated one (a component's diagnostic
+    named ``<network>_acc``, e.g. ``student_acc``: FOSTER's compressed student)."""
+    return {k: v for k, v in row.items() if k.endswith("_acc") and k != "acc" and (v is None or isinstance(v, float))}
+
+
+def other_networks(rows: list[dict]) -> dict[str, float]:
+    """``avg_incremental_acc_<network>`` for each ``<network>_acc`` of the rows (``other_accuracies``),
+    the mean over the phases of that network's accuracy, the evaluated network's ``acc`` in a phase
+    that has none (e.g. phase 0, before there is a student to compress)."""
+    keys = sorted({k for r in rows for k, v in other_accuracies(r).items() if v is not None})
+    return {f"avg_incremental_acc_{k[:-4]}": average_incremental_accuracy(
+        [r[k] if r.get(k) is not None else r["acc"] for r in rows]) for k in keys}
 
 
 def memory_units(memory: Memory | None, seen: int) -> dict[str, Any]:

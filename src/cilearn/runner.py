@@ -33,7 +33,7 @@ from .memory import Budget, Memory
 from .methods.options import prune
 from .methods.recipe import RunPlan
 from .model_io import MODEL_FILE, SPEC_FILE, architecture, build_from, run_spec, save_model
-from .outputs import Results, memory_row, summarize, write_outputs
+from .outputs import Results, memory_row, other_accuracies, summarize, write_outputs
 from .prepare import config_from_dict, describe_training, git_commit, prepare, resolve_device, resolve_precision
 from .services import RunServices, SplitData
 from .train import FitResult
@@ -292,8 +292,10 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
         phase_rows.append(row)
         events.on_phase(row)
         f = lambda v: f"{v:6.2f}" if v is not None else f"{'-':>6}"  # noqa: E731
+        others = "".join(f"  {k} {v:.2f}" for k, v in other_accuracies(row).items() if v is not None)
         log(f"{phase.index:>5} {phase.seen:>7} {f(ev.acc)} {f(ev.acc_task)} {f(ev.acc_nme)} {f(ev.acc_old)} "
-            f"{f(ev.acc_new)} {f(ev.top5)} {fr.seconds:8.1f} {fr.images_per_s:7.0f}  {short_list(names[phase.start:phase.end], 3)}")
+            f"{f(ev.acc_new)} {f(ev.top5)} {fr.seconds:8.1f} {fr.images_per_s:7.0f}  "
+            f"{short_list(names[phase.start:phase.end], 3)}{others}")
         learner.end()                                    # the components' phase end, after the evaluation
         ckpt.save_phase({"next_phase": phase.index + 1, "num_classes": net.num_classes, "net": net.state_dict(),
                          "memory": memory.state() if memory is not None else None, "method": learner.state_dict(),
@@ -313,6 +315,8 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
             remove_checkpoints(out)
     log(f"average incremental accuracy {metrics['avg_incremental_acc']:.2f}"
         + (f" (NME {metrics['avg_incremental_acc_nme']:.2f})" if metrics["avg_incremental_acc_nme"] is not None else "")
+        + "".join(f" ({k[len('avg_incremental_acc_'):]} {v:.2f})" for k, v in metrics.items()
+                  if k.startswith("avg_incremental_acc_") and k[-4:] not in ("_nme", "task"))
         + f", last {metrics['last_acc']:.2f}, forgetting {metrics['forgetting']:.2f}, "
         f"wall {metrics['wall_seconds']:.1f} s -> {out}")
     return Results(metrics, out, cfg)

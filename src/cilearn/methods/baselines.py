@@ -7,14 +7,14 @@ from . import schedules
 from .recipe import Recipe, register_recipe
 
 FINETUNE = register_recipe(Recipe(
-    "finetune", schedules.FINETUNE, summary="CE on the current phase only (lower bound)"))
+    "finetune", schedules.FINETUNE, "linear", "ce", summary="CE on the current phase only (lower bound)"))
 
 # all data of the classes seen so far in every phase: the upper bound (finetune's schedule)
 JOINT = register_recipe(replace(
     FINETUNE, name="joint", replay="all-data", summary="CE on all data of the seen classes (upper bound)"))
 
 REPLAY = register_recipe(Recipe(
-    "replay", schedules.REPLAY, exemplars=True, summary="finetune + exemplars (herding); CNN and NME"))
+    "replay", schedules.REPLAY, "linear", "ce", exemplars=True, summary="finetune + exemplars (herding); CNN and NME"))
 
 # Class-incremental LwF (Li & Hoiem 2016): one head over all seen classes, no exemplars, L_new +
 # lambda KD(T = 2) on the old-class logits, lambda = 1 (Sec. 3), with L_new the CE over the new
@@ -22,7 +22,7 @@ REPLAY = register_recipe(Recipe(
 # (softmax over all seen classes) pushes every old logit down on the new images: on Fashion-MNIST
 # B0-Inc2 it sends every old-class test image to a new class (benchmarks/RESULTS.md).
 LWF = register_recipe(Recipe(
-    "lwf", schedules.LWF, classification="ce-local", terms=("kd",),
+    "lwf", schedules.LWF, "linear", "ce-local", terms=("kd",),
     summary="CE over the new classes' logits (`ce-local`, LwF's new-task loss) + KD(T=2) on the old logits, "
             "one head over all seen classes, no exemplars",
     paper="Li & Hoiem, *Learning without Forgetting*, ECCV 2016"))
@@ -30,7 +30,7 @@ LWF = register_recipe(Recipe(
 # iCaRL (Rebuffi et al. 2017): herding exemplars, CE + KD(T = 2) on data + exemplars as PyCIL and
 # METHODS.md's reference numbers, NME and CNN; icarl-bce is the paper's own sigmoid form (Alg. 3)
 ICARL = register_recipe(Recipe(
-    "icarl", schedules.ICARL, terms=("kd",), exemplars=True,
+    "icarl", schedules.ICARL, "linear", "ce", terms=("kd",), exemplars=True,
     summary="herding exemplars, CE + KD(T=2) on data + exemplars, NME and CNN",
     paper="Rebuffi et al., *iCaRL*, CVPR 2017"))
 

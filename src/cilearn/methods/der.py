@@ -26,7 +26,7 @@ from . import schedules
 from .recipe import Recipe, register_recipe
 
 DER = register_recipe(Recipe(
-    "der", schedules.DER, terms=("aux-ce",), exemplars=True, expandable=True, calibration=("balanced-finetune",),
+    "der", schedules.DER, "linear", "ce", terms=("aux-ce",), exemplars=True, expandable=True, calibration=("balanced-finetune",),
     options={"balanced-finetune": {"epochs": 30, "lr": 0.1}},
     summary="one new extractor per phase, old ones frozen, features concatenated; CE + auxiliary CE (new classes "
             "+ one old bucket) on the new features; herding; head retrained on class-balanced exemplars; CNN and "

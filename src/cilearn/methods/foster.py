@@ -28,7 +28,7 @@ from . import schedules
 from .recipe import Recipe, register_recipe
 
 FOSTER = register_recipe(Recipe(
-    "foster", schedules.FOSTER, classification="la-ce", terms=("kd", "aux-ce"), exemplars=True, expandable=True,
+    "foster", schedules.FOSTER, "linear", "la-ce", terms=("kd", "aux-ce"), exemplars=True, expandable=True,
     stages=("feature-compression",), options={"aux-ce": {"targets": "seen"}},
     summary="per phase: boosting (frozen old extractor + new one; logit-adjusted CE with effective-number "
             "weights + CE of the new branch + KD(T=2) on the old logits), then compression into one extractor by "

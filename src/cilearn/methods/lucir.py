@@ -28,7 +28,7 @@ from .baselines import ICARL
 from .recipe import Recipe, register_recipe
 
 LUCIR = register_recipe(Recipe(
-    "lucir", schedules.LUCIR, head="cosine", terms=("less-forget", "margin-ranking"), exemplars=True,
+    "lucir", schedules.LUCIR, "cosine", "ce", terms=("less-forget", "margin-ranking"), exemplars=True,
     head_init=("imprint",), constraints=("freeze-old-rows",), calibration=("balanced-finetune",),
     options={"backbone": {"last_relu": False}},
     image_folder_options={"less-forget": {"weight": 10.0}},

@@ -10,22 +10,20 @@ option that a component declares in its ``reports`` is used when that component 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from ..components import REGISTRIES
 from ..config import RunConfig
 from ..errors import ConfigError
-
-if TYPE_CHECKING:
-    from .recipe import Recipe, RunPlan
+from .recipe import Recipe, RunPlan, plan
 
 
-def _image_folder(c: RunConfig, p: "RunPlan") -> bool:
+def _image_folder(c: RunConfig, p: RunPlan) -> bool:
     return c.data.dataset == "imagefolder"
 
 
 # option (dotted) -> (used by this run?, what it applies to)
-CONDITIONAL: dict[str, tuple[Callable[[RunConfig, "RunPlan"], bool], str]] = {
+CONDITIONAL: dict[str, tuple[Callable[[RunConfig, RunPlan], bool], str]] = {
     "memory.selection": (lambda c, p: p.memory, "runs with exemplars"),
     "data.data_dir": (lambda c, p: c.data.dataset != "digits", "data sets read from files (not digits)"),
     "data.image_size": (_image_folder, "image folders"),
@@ -56,7 +54,7 @@ def _rule(key: str):
     return None
 
 
-def used(cfg: RunConfig, p: "RunPlan", key: str) -> bool:
+def used(cfg: RunConfig, p: RunPlan, key: str) -> bool:
     r = _rule(key)
     return r is None or r[0](cfg, p)
 
@@ -72,7 +70,7 @@ def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_unused(cfg: RunConfig, p: "RunPlan") -> None:
+def check_unused(cfg: RunConfig, p: RunPlan) -> None:
     """A ConfigError for the first run option the user set (not its default) that this run does not use."""
     defaults = _leaves(RunConfig())
     for key, value in _leaves(cfg).items():
@@ -82,7 +80,7 @@ def check_unused(cfg: RunConfig, p: "RunPlan") -> None:
                               f"it applies to {r[1]}")
 
 
-def prune(d: dict, cfg: RunConfig, p: "RunPlan", prefix: str = "") -> dict:
+def prune(d: dict, cfg: RunConfig, p: RunPlan, prefix: str = "") -> dict:
     """``to_dict(cfg)`` without the options the run does not use (what ``config.yaml`` holds)."""
     out = {}
     for k, v in d.items():
@@ -98,15 +96,16 @@ def prune(d: dict, cfg: RunConfig, p: "RunPlan", prefix: str = "") -> dict:
     return out
 
 
-def cheap_extra_stages(recipe: "Recipe", replay_steps: int, iterations: int) -> dict[str, dict]:
-    """Config sections that make a recipe's extra stages cheap, each only where the recipe has the
-    stage (a run refuses options it does not use): the generator's steps, the exemplar optimizer's
-    and the compressor's iterations. For quick runs (tests, benchmarks/behaviour_matrices.py)."""
-    d: dict[str, dict] = {}
-    if recipe.replay == "dfgr":
-        d["replay"] = {"steps": replay_steps}
-    mem = {**({"mnemonics": {"iterations": iterations}} if recipe.optimizer != "none" else {}),
-           **({"compression": {"iterations": iterations}} if recipe.compressor == "cim" else {})}
-    if mem:
-        d["memory"] = mem
-    return d
+def cheap_extra_stages(recipe: Recipe, replay_steps: int, iterations: int) -> dict[str, dict]:
+    """A config section that makes a recipe's extra stages cheap, each only where the recipe has
+    the component (a run refuses options of components it does not have): a replay component's
+    ``steps`` (a generator's training steps), and every component's ``iterations`` (an exemplar
+    optimizer's or a compressor's extra steps). For quick runs (tests, benchmarks/behaviour_matrices.py)."""
+    out: dict[str, dict] = {}
+    for c in plan(RunConfig(method=recipe.name), None, strict=False).classes:
+        fields = {f.name for f in dataclasses.fields(c.Options)}
+        o = {**({"steps": replay_steps} if c.kind == "replay" and "steps" in fields else {}),
+             **({"iterations": iterations} if "iterations" in fields else {})}
+        if o:
+            out[c.name] = o
+    return {"components": out} if out else {}

@@ -28,7 +28,7 @@ from . import schedules
 from .recipe import Recipe, register_recipe
 
 PODNET = register_recipe(Recipe(
-    "podnet", schedules.PODNET, head="lsc", classification="nca", terms=("pod",), exemplars=True,
+    "podnet", schedules.PODNET, "lsc", "nca", terms=("pod",), exemplars=True,
     head_init=("imprint",), constraints=("freeze-old-rows",), calibration=("balanced-finetune",),
     options={"backbone": {"last_relu": False}, "balanced-finetune": {"epochs": 20, "lr": 0.05, "decay": False}},
     image_folder_options={"balanced-finetune": {"lr": 0.01}, "pod": {"spatial_weight": 8.0, "flat_weight": 10.0}},

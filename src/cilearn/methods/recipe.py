@@ -34,10 +34,10 @@ class Recipe:
     is not used); ``image_folder_options`` over them on image folders."""
     name: str
     training: TrainingDefaults
+    head: str                            # head component
+    classification: str                  # classification loss component
     summary: str = ""                    # what it is, one line (README table)
     paper: str = ""                      # the paper it follows
-    head: str = "linear"
-    classification: str = "ce"
     terms: tuple[str, ...] = ()          # loss-term components, in order
     replay: str | None = None
     head_init: tuple[str, ...] = ()
