@@ -358,19 +358,30 @@ def set_dotted(d: dict, dotted: str, value: Any) -> None:
 
 
 def load_yaml(path: str) -> dict:
+    """The mapping of options in the YAML file ``path`` (empty for an empty file). A file that is
+    missing, unreadable, not text (random bytes, a binary given by mistake), not valid YAML, or
+    whose top level is not a mapping is a one-line ConfigError naming the file."""
     import yaml
 
     try:
-        with open(path) as f:
+        # as bytes: YAML's reader decodes them (UTF-8, or UTF-16 with a BOM) and reports a byte
+        # that is not text as a ReaderError, instead of a UnicodeDecodeError from open()
+        with open(path, "rb") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except yaml.reader.ReaderError as e:
+        raise ConfigError(f"config file {path} is not YAML text ({str(e).splitlines()[0]}, "
+                          f"at position {e.position})") from None
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a configuration") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of options, got {type(data).__name__}")
+        raise ConfigError(f"config file {path} must hold a mapping of options at its top level, "
+                          f"got a {type(data).__name__}")
     return data
 
 
