@@ -16,6 +16,7 @@ from typing import Any
 from .data.rows import RESIDENT_MODES
 from .errors import ConfigError
 from .models.backbones import auto_backbone
+from .progress import mode as progress_mode
 
 
 @dataclass
@@ -70,7 +71,8 @@ class TrainConfig:
     compile: bool = False                # torch.compile the backbone(s) on the first training step (train.py)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 512
-    progress: bool = True
+    progress: str | bool = "auto"        # auto (bars when stderr is a terminal) | always | never (cilearn.progress);
+                                         # true / false (config.yaml of older runs): auto / never
     checkpoint_every: int = 10           # epochs between checkpoints inside a phase (0: only at phase ends)
     # shorthands for calibration components (cilearn.calibration); None: the recipe's. The resolved
     # config says what ran (``calibration`` and ``components`` hold the same)
@@ -478,6 +480,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--train.schedule must be cosine or step, got '{t.schedule}'")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"--precision must be auto, bf16 or fp32, got '{t.precision}'")
+    progress_mode(t.progress)            # a ConfigError unless a mode (or a bool)
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got '{t.device}'")
     positive("train.warmup-epochs", t.warmup_epochs, zero=True)
@@ -495,6 +498,7 @@ def resolve(cfg: RunConfig, num_classes: int, image_size: int, training: Trainin
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), scenario=dataclasses.replace(cfg.scenario),
                               model=dataclasses.replace(cfg.model), loss=dataclasses.replace(cfg.loss))
     t, ref = cfg.train, training.for_dataset(cfg.data.dataset)
+    t.progress = progress_mode(t.progress)     # an older config's bool: its mode
     quick = QUICK_EPOCHS.get(cfg.data.dataset)
     given = {k: getattr(t, k) is not None for k in ("epochs", "lr", "weight_decay", "milestones")}
     if t.epochs is None:

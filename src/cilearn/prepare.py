@@ -29,6 +29,7 @@ from .methods.options import check_unused, resolve_options
 from .models.backbones import BACKBONES
 from .models.heads import HEADS
 from .plugins import load_plugins
+from .progress import bars as progress_bars
 
 def resolve_device(name: str) -> torch.device:
     """Under torchrun, ``cuda`` (or ``auto`` with CUDA) is this process's ``cuda:LOCAL_RANK``."""
@@ -91,7 +92,7 @@ def load_data(cfg: RunConfig):
     d = cfg.data
     ds = load_dataset(d.dataset, DataOptions(data_dir=d.data_dir, image_size=d.image_size, train_list=d.train_list,
                                              test_list=d.test_list, cache_dir=d.cache_dir,
-                                             workers=d.workers))
+                                             workers=d.workers, progress=progress_bars(cfg.train.progress)))
     if d.train_per_class is not None:
         ds.train_x, ds.train_y = subsample_per_class(ds.train_x, ds.train_y, d.train_per_class, cfg.seed)
     return ds

@@ -34,6 +34,7 @@ from .models.heads import head_options
 from .outputs import Results, memory_row, summarize, write_outputs
 from .prepare import (config_from_dict, describe_training, git_commit, prepare, resolve_device, resolve_precision,
                       uses_memory)
+from .progress import lines_on_console
 from .services import Context, SplitData
 from .train import FitResult
 
@@ -51,14 +52,21 @@ class RunView:
 
 
 class Log:
-    """Prints to the console and appends to ``log.txt``."""
+    """Prints to the console and appends to ``log.txt``. ``stage``: a finished training stage's
+    line, printed only where no progress bar showed the stage (``stage_echo``,
+    ``cilearn.progress.lines_on_console``), always recorded."""
 
-    def __init__(self, path: Path | None, echo: bool = True):
+    def __init__(self, path: Path | None, echo: bool = True, stage_echo: bool = True):
         self.file: TextIO | None = open(path, "a") if path else None
-        self.echo = echo
+        self.echo, self.stage_echo = echo, stage_echo
 
     def __call__(self, msg: str = "") -> None:
         if self.echo:
+            print(msg, flush=True)
+        self.record(msg)
+
+    def stage(self, msg: str) -> None:
+        if self.echo and self.stage_echo:
             print(msg, flush=True)
         self.record(msg)
 
@@ -113,8 +121,10 @@ def run(cfg: RunConfig, echo: bool = True, overwrite: bool = False, observer: Ob
 
 
 def resume(run_dir: str | Path, echo: bool = True, device: str | None = None,
-           progress: bool | None = None, observer: Observer | None = None) -> Results:
-    """Continue an interrupted run from its last complete checkpoint (``cilearn run --resume``)."""
+           progress: str | bool | None = None, observer: Observer | None = None) -> Results:
+    """Continue an interrupted run from its last complete checkpoint (``cilearn run --resume``).
+    ``device``, ``progress`` (``train.progress``: auto, always, never, or a bool): in place of the
+    run's own."""
     wall0 = time.perf_counter()
     out = Path(run_dir)
     distributed.init()
@@ -147,7 +157,7 @@ def _resume_config(out: Path) -> dict:
 def _execute(cfg, ds, method_cls, device, amp, out: Path, echo: bool, wall0: float,
              phase_state: dict | None, epoch_state: dict | None, observer: Observer | None) -> Results:
     writes = distributed.is_main()       # under torchrun: rank 0 writes, the others compute
-    log = Log(out / "log.txt" if writes else None, echo and writes)
+    log = Log(out / "log.txt" if writes else None, echo and writes, lines_on_console(cfg.train.progress))
     events = observer if observer is not None and writes else NULL
     ckpt = None
     try:
@@ -199,7 +209,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     memory = build_memory(cfg) if uses_memory(method_cls, cfg) else None
-    ctx = Context(cfg, net, memory, aug, device, gen, amp, ckpt, events)
+    ctx = Context(cfg, net, memory, aug, device, gen, amp, ckpt, events, log=log.stage)
     method = method_cls(ctx)
     ckpt.method_state = method.state_dict  # type: ignore[method-assign]
 

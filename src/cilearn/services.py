@@ -3,7 +3,7 @@ memory, augmentation, RNG, the one training loop), and the frozen teacher's cach
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 
@@ -12,6 +12,7 @@ from .data.augment import Augmenter
 from .data.scenario import Phase
 from .evaluate import predict
 from .events import NULL, Observer
+from .progress import bars as progress_bars
 from .train import Batch, FitResult, FitSettings, fit
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class Context:
     autocast_dtype: torch.dtype | None
     ckpt: "Checkpointer | None" = None
     events: Observer = NULL                  # the reporting layer's observer (figures), a no-op in unit tests
+    log: Callable[[str], None] | None = None  # the run's log of finished stages (cilearn.progress), None in unit tests
 
     def fit_settings(self, phase: Phase, **over) -> FitSettings:
         t = self.cfg.train
@@ -55,7 +57,8 @@ class Context:
                         weight_decay=t.base_weight_decay if first else t.weight_decay,
                         schedule=t.schedule, milestones=tuple(t.base_milestones if first else t.milestones),
                         gamma=t.gamma, warmup_epochs=t.warmup_epochs,
-                        autocast_dtype=self.autocast_dtype, progress=t.progress, compile=t.compile)
+                        autocast_dtype=self.autocast_dtype, progress=self.progress, log=self.log,
+                        compile=t.compile)
         for k, v in over.items():
             setattr(s, k, v)
         return s
@@ -76,7 +79,8 @@ class Context:
 
     @property
     def progress(self) -> bool:
-        return self.cfg.train.progress
+        """Whether this process draws progress bars (``train.progress``; rank 0 only)."""
+        return progress_bars(self.cfg.train.progress) and distributed.is_main()
 
     @property
     def eval_batch_size(self) -> int:

@@ -6,6 +6,7 @@ method, with or without exemplars): a generator trained against the old model al
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,7 @@ class DFGRReplay(Component):
         self.settings = GeneratorSettings(steps=o.steps, batch_size=o.batch_size, lr=o.lr, z_dim=o.z_dim, width=o.width,
                                           bn_weight=o.bn_weight, entropy_weight=o.entropy_weight,
                                           diversity_weight=o.diversity_weight, bn_loss=o.bn_loss,
-                                          progress=services.progress)
+                                          progress=services.progress, log=services.log)
         self.kd_fn = DISTILL.get(o.distill)
         self.generator = self.model = self.old_model = None
         self.out = self.t_logits = None       # this step's samples: the student's output rows, the old model's logits
@@ -68,8 +69,9 @@ class DFGRReplay(Component):
     def phase_start(self, phase, model, old_model, data):
         s = self.services
         self.model, self.old_model = model, old_model
+        settings = dataclasses.replace(self.settings, desc=f"phase {phase.index} generator")
         self.generator, self.summary = train_generator(old_model, s.augmenter.normalize, tuple(data.x.shape[1:]),
-                                                       self.settings, s.gen, s.device)
+                                                       settings, s.gen, s.device)
         n = s.events.wants("samples")
         if n > 0:
             self.save_samples(phase, n)
