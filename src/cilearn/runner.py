@@ -235,8 +235,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
             first, wall_before = phase_state["next_phase"], phase_state["wall_seconds"]
 
     if resuming:
-        where = f"phase {first}" + (f", epoch {epoch_state['fit']['epoch'] + 1}" if epoch_state else "")
-        log(f"resumed {out} at {where}")
+        log(f"resumed {out} at {resumed_at(first, epoch_state['fit'] if epoch_state else None)}")
     else:
         log(f"cilearn {__version__}: {cfg.method} on {ds.name} ({len(ds.train_y)} train / {len(ds.test_y)} test images, "
             f"{ds.num_classes} classes, {'x'.join(map(str, ds.image_shape))}), backbone {cfg.model.backbone}, "
@@ -318,6 +317,18 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
     return Results(metrics, out, cfg)
 
 
+
+
+def resumed_at(phase: int, fit: dict | None) -> str:
+    """Where a resumed run continues: the phase, and inside it (``fit``: the epoch checkpoint's
+    position, ``train.fit``) the stage by its name, the epoch and, mid-epoch, the step (1-based):
+    ``phase 1, stage 'phase 1 balanced-ft', epoch 17, step 3``. The main stage is named after its
+    phase (``stage 'phase 1' (main training)``)."""
+    if fit is None:
+        return f"phase {phase}"
+    main = " (main training)" if fit["desc"] == f"phase {phase}" else ""
+    return (f"phase {phase}, stage '{fit['desc']}'{main}, epoch {fit['epoch'] + 1}"
+            + (f", step {fit['step'] + 1}" if fit["step"] else ""))
 
 
 def sync_ranks(net: torch.nn.Module, memory: Memory | None, gen: torch.Generator,
