@@ -28,20 +28,22 @@ PyCIL ``models/ewc.py`` at 87cc411):
 * only the backbone's parameters are penalised (FACIL keeps the Fisher of ``model.model`` only,
   l. 27 and l. 67; the head grows every phase).
 
-Why (issue 32: the README command diverged to an infinite loss on 2 of 3 seeds on ``digits``).
-The penalty is a quadratic with curvature ``weight * F_i`` on each parameter; plain SGD with
-momentum m on it is stable only while ``lr * weight * F_i < 2 (1 + m)`` (3.8 at cilearn's
-momentum 0.9; FACIL trains with momentum 0 and lr 0.05, l. 14-15). Measured on digits (the
-README command, seed 2, fp32): this file used to take the Fisher in *eval* mode, where
-BatchNorm's running statistics, after a few epochs, still lag the batches the model was trained
-on; that Fisher was 30-100x the training-mode one (phase 0: max 1.4e-2 against 3.3e-4; phase 1:
-4.2e-1 against 1.1e-4), and sometimes exactly 0 (saturated softmax). At lr 0.1 and weight 5000,
-``lr * weight * max F`` was 7 after phase 0 and 106 after phase 1: the penalty grew x1e4 per few
-steps (1e-1 -> 1e14 -> inf) and the run stopped. With the training-mode Fisher it is 0.02-0.3
-for phases 0-3 on seeds 1-5, but the Fisher of the last phase reached 5.9e-3 (product 3.0), close
-to the limit; the clamp keeps ``weight * F_i <= 0.5``, so the penalty is stable for any lr below
-7.6 (momentum 0.9) whatever the data. Raising ``weight`` or ``fisher_max`` keeps that bound
-``lr * weight * fisher_max < 2 (1 + momentum)`` in mind.
+Why (issue 32: ``--method finetune --distill ewc --dataset digits --epochs 3 --base-epochs 3``
+stopped with an infinite loss on 2 of 3 seeds). The penalty is a quadratic with curvature
+``weight * F_i`` on each parameter; SGD with momentum m on it is stable only while
+``lr * weight * F_i < 2 (1 + m)`` (3.8 at cilearn's momentum 0.9; FACIL trains with momentum 0
+and lr 0.05, l. 14-15). Measured with that command (seed 2, fp32): this file used to take the
+Fisher in *eval* mode, where BatchNorm's running statistics, after a few epochs, still lag the
+batches the model was trained on; after phase 0 that Fisher's largest value was 40-50x the
+training-mode one (1.4e-2 against 3.3e-4; seed 4: 3.2e-2 against 6.4e-4), after phase 1 4.2e-1
+against 1.1e-4, and on some phases exactly 0 (saturated softmax). At lr 0.1 and weight 5000,
+``lr * weight * max F`` was 7 after phase 0 and 106 after phase 1: the penalty grew geometrically
+(1e-1 at the 6th step of the later phases, 1e14 at the 16th, inf at the 27th) and the run
+stopped. With the training-mode Fisher the product is 0.02-0.3 after phases 0-3 on seeds 1-5,
+but the Fisher of the last phase reached 5.9e-3 (product 3.0), close to the limit; the clamp
+keeps ``weight * F_i <= 0.5``, so the penalty is stable for any lr below 7.6 (momentum 0.9)
+whatever the data. Raising ``weight`` or ``fisher_max``: keep
+``lr * weight * fisher_max < 2 (1 + momentum)``.
 """
 from __future__ import annotations
 
