@@ -57,9 +57,9 @@ def run(capsys, out, *flags):
 
 
 def test_ewc_plugin_runs_with_finetune_and_changes_it(tmp_path, capsys):
-    """The README's command (the plugin's defaults, 3 epochs per phase, 2 classes per phase) on
-    seeds 2 and 3, where the Fisher taken in eval mode and unclamped made the penalty diverge
-    (issue 32): it completes, its numbers are finite and differ from plain finetune's."""
+    """The README's command at 3 epochs per phase (issue 32's: the plugin's defaults, digits, 2
+    classes per phase) on seeds 2 and 3, where the Fisher taken in eval mode and unclamped made
+    the penalty diverge: it completes, its numbers are finite and differ from plain finetune's."""
     readme = ["--dataset", "digits", "--epochs", "3", "--base-epochs", "3", "--precision", "fp32",
               "--no-progress", "--quiet"]
     for seed in ("2", "3"):
