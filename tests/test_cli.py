@@ -163,6 +163,20 @@ def test_unknown_config_key_in_file(tmp_path, capsys):
     assert code == 2 and "missing.yaml" in err
 
 
+@pytest.mark.parametrize("content, says", [
+    (bytes(range(256)) * 4, "is not YAML text"),                   # a binary file given by mistake
+    (b"a: 1\n\x00\x01\x02", "is not YAML text"),                   # valid UTF-8 but not text
+    (b"- method: icarl\n- method: lucir\n", "mapping of options at its top level, got a list"),
+    (b"icarl\n", "mapping of options at its top level, got a str"),
+])
+def test_config_file_that_is_not_a_yaml_mapping(tmp_path, capsys, content, says):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(content)
+    code, _, err = run_cli(capsys, "run", "--config", str(f), "--out", str(tmp_path / "r"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"config file {f} " in err and says in err and not (tmp_path / "r").exists()
+
+
 def test_out_dir_holding_a_run_is_refused(tmp_path, capsys):
     out = tmp_path / "r"
     assert run_cli(capsys, "run", "--out", str(out), "--epochs", "1", "--no-progress", "--quiet")[0] == 0

@@ -4,6 +4,7 @@ new-class teacher's data, and the recipes end to end."""
 import inspect
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -76,7 +77,8 @@ def _bn_loss_of(gen_model, old, aug, n=256):
 def test_generator_training_improves_bn_matching_from_the_model_alone():
     old = _old_model()
     aug = Augmenter("none", 0, (0.5,), (0.5,), channels_last=False)
-    s = GeneratorSettings(steps=60, batch_size=64, progress=False)
+    lines = []
+    s = GeneratorSettings(steps=60, batch_size=64, progress=False, log=lines.append, desc="phase 1 generator")
     g0, _ = train_generator(old, aug.normalize, (1, 8, 8), GeneratorSettings(steps=0, progress=False),
                             torch.Generator().manual_seed(1), torch.device("cpu"))
     g, summary = train_generator(old, aug.normalize, (1, 8, 8), s, torch.Generator().manual_seed(1),
@@ -84,6 +86,8 @@ def test_generator_training_improves_bn_matching_from_the_model_alone():
     before, after = _bn_loss_of(g0, old, aug), _bn_loss_of(g, old, aug)
     assert after < 0.5 * before, (before, after)
     assert summary["bn_end"] < summary["bn_start"] and summary["seconds"] > 0
+    assert len(lines) == 1 and re.fullmatch(r"  phase 1 generator: 60 steps in \d+\.\d s, last step's loss -?\d+\.\d{4}",
+                                            lines[0]), lines   # the run's log gets one line (cilearn.progress)
     assert all(not p.requires_grad for p in old.parameters()) and not old.training   # teacher untouched
     x = g(torch.randn(8, s.z_dim))
     assert x.shape == (8, 1, 8, 8) and float(x.min()) >= 0 and float(x.max()) <= 255

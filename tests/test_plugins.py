@@ -2,9 +2,11 @@
 and a new loss term written in one file), its hooks run in every phase, phase 0 included, and its
 state is checkpointed with the rest."""
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import cilearn
 from cilearn.checkpoint import PHASE_FILE, Checkpointer, Interrupted, load_checkpoint
@@ -55,16 +57,62 @@ def run(capsys, out, *flags):
 
 
 def test_ewc_plugin_runs_with_finetune_and_changes_it(tmp_path, capsys):
-    plain = run(capsys, tmp_path / "plain", "--method", "finetune")
-    ewc = run(capsys, tmp_path / "ewc", "--plugin", EWC, "--method", "finetune", "--distill", "ewc",
-              "--components.ewc.weight", "20000")
-    assert "ewc" not in ewc["phases"][0]["loss"]                      # nothing to keep in phase 0
-    assert all(r["loss"]["ewc"] > 0 for r in ewc["phases"][1:])       # the Fisher of phase 0 was computed
-    assert ewc["accuracy_matrix"] != plain["accuracy_matrix"]
-    cfg = (tmp_path / "ewc" / "config.yaml").read_text()
-    assert f"plugins:\n- {EWC}" in cfg and "  ewc:\n    weight: 20000.0\n" in cfg
-    st = load_checkpoint(tmp_path / "ewc" / PHASE_FILE)["method"]["components"]["ewc"]
+    """The README's command at 3 epochs per phase (issue 32's: the plugin's defaults, digits, 2
+    classes per phase) on seeds 2 and 3, where the Fisher taken in eval mode and unclamped made
+    the penalty diverge: it completes, its numbers are finite and differ from plain finetune's."""
+    readme = ["--dataset", "digits", "--epochs", "3", "--base-epochs", "3", "--precision", "fp32",
+              "--no-progress", "--quiet"]
+    for seed in ("2", "3"):
+        def go(name, *flags):
+            out = tmp_path / f"{name}{seed}"
+            code = main(["run", *flags, *readme, "--seed", seed, "--out", str(out)])
+            assert code == 0, capsys.readouterr().err
+            return json.loads((out / "metrics.json").read_text())
+        plain = go("plain", "--method", "finetune")
+        ewc = go("ewc", "--plugin", EWC, "--method", "finetune", "--distill", "ewc")
+        assert "ewc" not in ewc["phases"][0]["loss"]                      # nothing to keep in phase 0
+        assert all(0 < r["loss"]["ewc"] < 1 for r in ewc["phases"][1:])   # the Fisher of phase 0 was computed
+        assert all(math.isfinite(a) for row in ewc["accuracy_matrix"] for a in row)
+        assert ewc["accuracy_matrix"] != plain["accuracy_matrix"], seed
+    cfg = (tmp_path / "ewc3" / "config.yaml").read_text()
+    assert f"plugins:\n- {EWC}" in cfg and "  ewc:\n    weight: 5000.0\n" in cfg and "fisher_max: 0.0001" in cfg
+    st = load_checkpoint(tmp_path / "ewc3" / PHASE_FILE)["method"]["components"]["ewc"]
     assert set(st) == {"fisher", "anchor"} and all(k.startswith("stages") or "." in k for k in st["fisher"])
+    assert max(float(f.max()) for f in st["fisher"].values()) <= 1e-4              # the clamp
+
+
+def test_ewc_fisher_leaves_batchnorm_statistics_alone(tmp_path, quick):
+    """The Fisher is taken in training mode (as in FACIL and PyCIL) but the model's buffers
+    (BatchNorm running statistics) are those of the end of training, and its mode is kept."""
+    from cilearn.components import PhaseData, REGISTRIES
+    from cilearn.data.scenario import Phase
+    from cilearn.plugins import load_plugins
+    from cilearn.models import build_net
+    load_plugins([EWC])
+    ewc_cls = REGISTRIES["term"].get("ewc")
+
+    class Services:
+        device = torch.device("cpu")
+
+        def test_view(self, x):
+            return x.float() / 255
+
+        def phase_generator(self, phase):
+            return torch.Generator().manual_seed(phase.index)
+    torch.manual_seed(0)
+    net = build_net("convnet", "linear", 1)
+    net.add_classes(3)
+    net.eval()
+    before = {n: b.clone() for n, b in net.named_buffers()}
+    x = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    y = torch.randint(0, 3, (40,))
+    term = ewc_cls(ewc_cls.Options(), Services())
+    term.phase_end(Phase(0, 0, 3), net, PhaseData(x, y, torch.bincount(y), None, None))
+    assert not net.training
+    assert all(torch.equal(b, before[n]) for n, b in net.named_buffers())
+    assert all(p.grad is None for p in net.parameters())
+    f = torch.cat([v.flatten() for v in term.fisher.values()])
+    assert f.max() > 0 and f.max() <= 1e-4 and set(term.fisher) == {n for n, _ in net.backbone.named_parameters()}
 
 
 def test_a_new_loss_term_is_one_file(tmp_path, capsys):

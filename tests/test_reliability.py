@@ -192,3 +192,31 @@ def test_stop_between_phases_then_resume_in_process(tmp_path, quick, monkeypatch
     monkeypatch.setattr(Checkpointer, "save_phase", real)
     assert load_checkpoint(b / PHASE_FILE)["next_phase"] == 2 and not (b / EPOCH_FILE).exists()
     assert cilearn.resume(b, echo=False).accuracy_matrix == ref
+
+
+@pytest.mark.parametrize("stage, named", [("phase 1 balanced-ft", "stage 'phase 1 balanced-ft'"),
+                                          ("phase 1", "stage 'phase 1' (main training)")])
+def test_resume_message_names_the_stage(tmp_path, quick, monkeypatch, capsys, stage, named):
+    """Interrupted inside a stage of phase 1 (LUCIR: the main stage, then balanced fine-tuning), the
+    resumed run says which stage and epoch it continues, as the epoch checkpoint records them."""
+    from cilearn.checkpoint import Checkpointer, Interrupted
+    cfg = quick(method="lucir", out=str(tmp_path / "r"), data={"dataset": "digits", "train_per_class": 20},
+                scenario={"base": 0, "increment": 5},
+                train={"epochs": 3, "finetune_epochs": 3, "progress": False, "precision": "fp32"})
+    real = Checkpointer.end_epoch
+
+    def end_epoch(self, desc, epoch, epochs, scalars):
+        real(self, desc, epoch, epochs, scalars)
+        if desc == stage and epoch == 0:
+            self.stop_signal = signal.SIGTERM          # stops after the next training step
+    monkeypatch.setattr(Checkpointer, "end_epoch", end_epoch)
+    with pytest.raises(Interrupted, match=f"in {stage}, epoch 2"):
+        cilearn.run(cfg, echo=False)
+    monkeypatch.setattr(Checkpointer, "end_epoch", real)
+    fit = load_checkpoint(tmp_path / "r" / EPOCH_FILE)["fit"]
+    assert fit["desc"] == stage
+    capsys.readouterr()
+    cilearn.resume(tmp_path / "r", echo=True)
+    where = f"at phase 1, {named}, epoch {fit['epoch'] + 1}" + (f", step {fit['step'] + 1}" if fit["step"] else "")
+    assert f"resumed {tmp_path / 'r'} {where}\n" in capsys.readouterr().out
+    assert f"resumed {tmp_path / 'r'} {where}\n" in (tmp_path / "r" / "log.txt").read_text()

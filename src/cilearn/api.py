@@ -33,8 +33,9 @@ def run(cfg: RunConfig, echo: bool = True, overwrite: bool = False) -> Results:
 
 
 def resume(run_dir: str | Path, echo: bool = True, device: str | None = None,
-           progress: bool | None = None) -> Results:
-    """Continue an interrupted run from its last complete checkpoint (``cilearn run --resume``)."""
+           progress: str | bool | None = None) -> Results:
+    """Continue an interrupted run from its last complete checkpoint (``cilearn run --resume``);
+    ``device`` and ``progress`` (auto, always, never; a bool: auto / never) replace the run's own."""
     return runner.resume(run_dir, echo=echo, device=device, progress=progress, observer=Reporter())
 
 

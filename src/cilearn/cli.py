@@ -23,6 +23,7 @@ from .references import load_references, references_markdown, references_text
 from .report import compare_dirs, html_report
 from .results import default_seeds, parse_seeds
 from .prepare import config_from_dict
+from .progress import MODES as PROGRESS_MODES
 
 # flag -> dotted config key
 FLAGS: dict[str, tuple[str, type, str]] = {
@@ -67,7 +68,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "out": ("out", str, "output directory (default runs/<method>-<dataset>-<time>)"),
     "checkpoint-every": ("train.checkpoint_every", int, "epochs between checkpoints inside a phase (0: phase ends only)"),
 }
-RESUME_OK = {"device", "resume", "no_progress", "quiet", "config", "overwrite"}
+RESUME_OK = {"device", "resume", "progress", "no_progress", "quiet", "config", "overwrite"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -128,8 +129,8 @@ def build_config(args: argparse.Namespace, extra: list[str]):
         v = getattr(args, flag.replace("-", "_"))
         if v is not None:
             set_dotted(over, key, v)
-    if args.no_progress:
-        set_dotted(over, "train.progress", False)
+    if args.progress or args.no_progress:
+        set_dotted(over, "train.progress", "never" if args.no_progress else args.progress)
     if args.save_tsne:
         set_dotted(over, "report.save_tsne", True)
     if args.tensorboard:
@@ -211,7 +212,11 @@ def add_run_flags(p: argparse.ArgumentParser, out_help: str | None = None) -> No
     p.add_argument("--num-seeds", type=int, metavar="K",
                    help="as --seeds with the run's seed (default 1993) then 1, 2, ...: K seeds")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bars = p.add_mutually_exclusive_group()
+    bars.add_argument("--progress", choices=PROGRESS_MODES,
+                      help="progress bars: auto (default: only when stderr is a terminal; otherwise one line per "
+                           "finished training stage), always, never [train.progress]")
+    bars.add_argument("--no-progress", action="store_true", help="no progress bars (--progress never)")
     p.add_argument("--quiet", action="store_true", help="print nothing (log.txt is still written)")
 
 
@@ -349,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                 bad = (["--" + k.replace("_", "-") for k in given] + extra[:1]
                        + (["--config"] if args.config else []) + (["--overwrite"] if args.overwrite else []))
                 raise ConfigError(f"--resume takes the configuration from {args.resume}/config.yaml; "
-                                  f"drop {bad[0]} (only --device, --no-progress and --quiet go with --resume)")
-            resume(args.resume, echo=not args.quiet, device=args.device, progress=False if args.no_progress else None)
+                                  f"drop {bad[0]} (only --device, --progress, --no-progress and --quiet go with --resume)")
+            resume(args.resume, echo=not args.quiet, device=args.device,
+                   progress="never" if args.no_progress else args.progress)
             return 0
         cfg = build_config(args, extra)
         seeds = seeds_of(args, cfg)

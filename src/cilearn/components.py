@@ -113,7 +113,8 @@ class Services(Protocol):
     gen: torch.Generator                # the run's generator (a component drawing from it is part of the run's stream)
     events: Any                         # cilearn.events.Observer: figures for the reporting layer
     autocast_dtype: torch.dtype | None
-    progress: bool
+    progress: bool                      # draw progress bars (cilearn.progress)
+    log: Callable[[str], None] | None   # where a finished training stage's line goes (cilearn.progress.stage_line)
     eval_batch_size: int
     class_order: list[int]
 

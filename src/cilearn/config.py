@@ -20,6 +20,7 @@ from typing import Any
 
 from .data.rows import RESIDENT_MODES
 from .errors import ConfigError
+from .progress import mode as progress_mode
 
 
 @dataclass
@@ -72,7 +73,8 @@ class TrainConfig:
     compile: bool = False                # torch.compile the backbone(s) on the first training step (train.py)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 512
-    progress: bool = True
+    progress: str | bool = "auto"        # auto (bars when stderr is a terminal) | always | never (cilearn.progress);
+                                         # true / false (config.yaml of older runs): auto / never
     checkpoint_every: int = 10           # epochs between checkpoints inside a phase (0: only at phase ends)
     keep_checkpoint: bool = False        # a finished run keeps checkpoint-phase.pt (else deleted; model.safetensors stays)
 
@@ -317,19 +319,30 @@ def set_dotted(d: dict, dotted: str, value: Any) -> None:
 
 
 def load_yaml(path: str) -> dict:
+    """The mapping of options in the YAML file ``path`` (empty for an empty file). A file that is
+    missing, unreadable, not text (random bytes, a binary given by mistake), not valid YAML, or
+    whose top level is not a mapping is a one-line ConfigError naming the file."""
     import yaml
 
     try:
-        with open(path) as f:
+        # as bytes: YAML's reader decodes them (UTF-8, or UTF-16 with a BOM) and reports a byte
+        # that is not text as a ReaderError, instead of a UnicodeDecodeError from open()
+        with open(path, "rb") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except yaml.reader.ReaderError as e:
+        raise ConfigError(f"config file {path} is not YAML text ({str(e).splitlines()[0]}, "
+                          f"at position {e.position})") from None
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a configuration") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of options, got {type(data).__name__}")
+        raise ConfigError(f"config file {path} must hold a mapping of options at its top level, "
+                          f"got a {type(data).__name__}")
     return data
 
 
@@ -373,6 +386,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--train.schedule must be cosine or step, got '{t.schedule}'")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"--precision must be auto, bf16 or fp32, got '{t.precision}'")
+    progress_mode(t.progress)            # a ConfigError unless a mode (or a bool)
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got '{t.device}'")
     positive("train.warmup-epochs", t.warmup_epochs, zero=True)
@@ -390,6 +404,7 @@ def resolve(cfg: RunConfig, num_classes: int, image_size: int, training: Trainin
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), scenario=dataclasses.replace(cfg.scenario),
                               model=dataclasses.replace(cfg.model))
     t, ref = cfg.train, training.for_dataset(cfg.data.dataset)
+    t.progress = progress_mode(t.progress)     # an older config's bool: its mode
     quick = QUICK_EPOCHS.get(cfg.data.dataset)
     given = {k: getattr(t, k) is not None for k in ("epochs", "lr", "weight_decay", "milestones")}
     if t.epochs is None:

@@ -25,6 +25,7 @@ from .methods.options import check_unused
 from .methods.recipe import RunFacts, RunPlan, plan, resolved_config
 from .plugins import load_plugins
 from .steps import describe_steps
+from .progress import bars as progress_bars
 
 def resolve_device(name: str) -> torch.device:
     """Under torchrun, ``cuda`` (or ``auto`` with CUDA) is this process's ``cuda:LOCAL_RANK``."""
@@ -87,7 +88,8 @@ def plan_data(cfg: RunConfig) -> DataPlan:
     """What the run's data set holds, read before anything is written (``cilearn.data.base.DataPlan``)."""
     d = cfg.data
     return plan_dataset(d.dataset, DataOptions(data_dir=d.data_dir, image_size=d.image_size, train_list=d.train_list,
-                                               test_list=d.test_list, cache_dir=d.cache_dir, workers=d.workers))
+                                               test_list=d.test_list, cache_dir=d.cache_dir, workers=d.workers,
+                                               progress=progress_bars(cfg.train.progress)))
 
 
 def load_data(cfg: RunConfig, plan: DataPlan):

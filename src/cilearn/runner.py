@@ -36,6 +36,7 @@ from .model_io import MODEL_FILE, SPEC_FILE, architecture, build_from, run_spec,
 from .outputs import Results, memory_row, other_accuracies, summarize, write_outputs
 from .prepare import config_from_dict, describe_training, git_commit, prepare, resolve_device, resolve_precision
 from .services import RunServices, SplitData
+from .progress import lines_on_console
 from .train import FitResult
 
 
@@ -53,14 +54,21 @@ class RunView:
 
 
 class Log:
-    """Prints to the console and appends to ``log.txt``."""
+    """Prints to the console and appends to ``log.txt``. ``stage``: a finished training stage's
+    line, printed only where no progress bar showed the stage (``stage_echo``,
+    ``cilearn.progress.lines_on_console``), always recorded."""
 
-    def __init__(self, path: Path | None, echo: bool = True):
+    def __init__(self, path: Path | None, echo: bool = True, stage_echo: bool = True):
         self.file: TextIO | None = open(path, "a") if path else None
-        self.echo = echo
+        self.echo, self.stage_echo = echo, stage_echo
 
     def __call__(self, msg: str = "") -> None:
         if self.echo:
+            print(msg, flush=True)
+        self.record(msg)
+
+    def stage(self, msg: str) -> None:
+        if self.echo and self.stage_echo:
             print(msg, flush=True)
         self.record(msg)
 
@@ -116,8 +124,10 @@ def run(cfg: RunConfig, echo: bool = True, overwrite: bool = False, observer: Ob
 
 
 def resume(run_dir: str | Path, echo: bool = True, device: str | None = None,
-           progress: bool | None = None, observer: Observer | None = None) -> Results:
-    """Continue an interrupted run from its last complete checkpoint (``cilearn run --resume``)."""
+           progress: str | bool | None = None, observer: Observer | None = None) -> Results:
+    """Continue an interrupted run from its last complete checkpoint (``cilearn run --resume``).
+    ``device``, ``progress`` (``train.progress``: auto, always, never, or a bool): in place of the
+    run's own."""
     wall0 = time.perf_counter()
     out = Path(run_dir)
     distributed.init()
@@ -150,7 +160,7 @@ def _resume_config(out: Path) -> dict:
 def _execute(cfg, ds, plan: RunPlan, device, amp, out: Path, echo: bool, wall0: float,
              phase_state: dict | None, epoch_state: dict | None, observer: Observer | None) -> Results:
     writes = distributed.is_main()       # under torchrun: rank 0 writes, the others compute
-    log = Log(out / "log.txt" if writes else None, echo and writes)
+    log = Log(out / "log.txt" if writes else None, echo and writes, lines_on_console(cfg.train.progress))
     events = observer if observer is not None and writes else NULL
     ckpt = None
     try:
@@ -198,7 +208,7 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
     net = build_from(arch).to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    services = RunServices(cfg, net, None, aug, device, gen, amp, ckpt, events, data)
+    services = RunServices(cfg, net, None, aug, device, gen, amp, ckpt, events, data, log=log.stage)
     parts = plan.build(services)
     memory = None
     if plan.memory:
@@ -228,8 +238,7 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
             first, wall_before = phase_state["next_phase"], phase_state["wall_seconds"]
 
     if resuming:
-        where = f"phase {first}" + (f", epoch {epoch_state['fit']['epoch'] + 1}" if epoch_state else "")
-        log(f"resumed {out} at {where}")
+        log(f"resumed {out} at {resumed_at(first, epoch_state['fit'] if epoch_state else None)}")
     else:
         log(f"cilearn {__version__}: {cfg.method} on {ds.name} ({len(ds.train_y)} train / {len(ds.test_y)} test images, "
             f"{ds.num_classes} classes, {'x'.join(map(str, ds.image_shape))}), backbone {cfg.model.backbone}, "
@@ -322,6 +331,18 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
     return Results(metrics, out, cfg)
 
 
+
+
+def resumed_at(phase: int, fit: dict | None) -> str:
+    """Where a resumed run continues: the phase, and inside it (``fit``: the epoch checkpoint's
+    position, ``train.fit``) the stage by its name, the epoch and, mid-epoch, the step (1-based):
+    ``phase 1, stage 'phase 1 balanced-ft', epoch 17, step 3``. The main stage is named after its
+    phase (``stage 'phase 1' (main training)``)."""
+    if fit is None:
+        return f"phase {phase}"
+    main = " (main training)" if fit["desc"] == f"phase {phase}" else ""
+    return (f"phase {phase}, stage '{fit['desc']}'{main}, epoch {fit['epoch'] + 1}"
+            + (f", step {fit['step'] + 1}" if fit["step"] else ""))
 
 
 def sync_ranks(net: torch.nn.Module, memory: Memory | None, gen: torch.Generator,

@@ -4,7 +4,7 @@ protocol), and the frozen old model's cached outputs (``OldOutputs``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 
@@ -13,6 +13,7 @@ from .data.augment import Augmenter
 from .data.scenario import Phase
 from .evaluate import evaluate_phase, predict
 from .events import NULL, Observer
+from .progress import bars as progress_bars
 from .train import Batch, FitResult, FitSettings, fit
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class RunServices:
     ckpt: "Checkpointer | None" = None
     events: Observer = NULL                  # the reporting layer's observer (figures), a no-op in unit tests
     data: "SplitData | None" = None
+    log: Callable[[str], None] | None = None  # the run's log of finished stages (cilearn.progress), None in unit tests
 
     def fit_settings(self, phase: Phase, **over) -> FitSettings:
         t = self.cfg.train
@@ -59,7 +61,8 @@ class RunServices:
                         weight_decay=t.base_weight_decay if first else t.weight_decay,
                         schedule=t.schedule, milestones=tuple(t.base_milestones if first else t.milestones),
                         gamma=t.gamma, warmup_epochs=t.warmup_epochs,
-                        autocast_dtype=self.autocast_dtype, progress=t.progress, compile=t.compile)
+                        autocast_dtype=self.autocast_dtype, progress=self.progress, log=self.log,
+                        compile=t.compile)
         for k, v in over.items():
             setattr(s, k, v)
         return s
@@ -94,7 +97,8 @@ class RunServices:
 
     @property
     def progress(self) -> bool:
-        return self.cfg.train.progress
+        """Whether this process draws progress bars (``train.progress``; rank 0 only)."""
+        return progress_bars(self.cfg.train.progress) and distributed.is_main()
 
     @property
     def eval_batch_size(self) -> int:

@@ -27,6 +27,8 @@ from . import distributed
 from .data.augment import Augmenter
 from .data.rows import HostRows
 from .errors import CilearnError, ConfigError, one_line
+from .progress import bar as progress_bar
+from .progress import stage_line
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpointer
@@ -59,7 +61,8 @@ class FitSettings:
     gamma: float = 0.1
     warmup_epochs: int = 0                      # linear warm-up of the lr over the first epochs (DER)
     autocast_dtype: torch.dtype | None = None   # torch.bfloat16 or None (fp32)
-    progress: bool = True
+    progress: bool = True                       # draw a bar (cilearn.progress.bars of train.progress)
+    log: Callable[[str], None] | None = None    # where the finished stage's line goes (the run's log)
     drop_last: bool = False
     compile: bool = False                       # torch.compile the model's backbone for this stage (compiled)
 
@@ -182,13 +185,11 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
                 "images": seen_images, "seconds": done_seconds + time.perf_counter() - start}
 
     model.train()
-    bar = None
-    if s.progress and distributed.is_main():
-        from tqdm.auto import tqdm
-        bar = tqdm(total=s.epochs, initial=epoch0, desc=desc, unit="ep", leave=False, dynamic_ncols=True)
+    bar = progress_bar(s.epochs, desc, "ep", initial=epoch0) if s.progress and distributed.is_main() else None
     start = time.perf_counter()
     seen_images = done_images
     terms_mean: dict[str, float] = {}
+    last_loss = math.nan                          # the last epoch's mean loss (the stage line)
     for epoch in range(epoch0, s.epochs):
         if perm is None:
             perm = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
@@ -229,6 +230,7 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
             raise DivergenceError(f"{desc}: the loss became {total_f} in epoch {epoch + 1}; "
                                   "lower --lr or check the data" + (ckpt.kept_note() if ckpt else ""))
         terms_mean = {k: float(v) / steps for k, v in sums.items()}
+        last_loss = total_f / steps
         if ckpt is not None:
             ckpt.end_epoch(desc, epoch, s.epochs, {"loss": total_f / steps, **terms_mean,
                                                    "lr": opt.param_groups[0]["lr"]})
@@ -246,7 +248,10 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
     if bar is not None:
         bar.close()
     distributed.broadcast_module_(model)          # rank 0's BatchNorm statistics everywhere
-    return FitResult(done_seconds + time.perf_counter() - start, seen_images, terms_mean)
+    seconds = done_seconds + time.perf_counter() - start
+    if s.log is not None:
+        s.log(stage_line(desc, s.epochs, "epoch", seconds, last_loss))
+    return FitResult(seconds, seen_images, terms_mean)
 
 
 def reduced(total: torch.Tensor, sums: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -80,3 +80,4 @@ class DataOptions:
     test_list: str | None = None
     cache_dir: str | None = None       # image folders: where decoded uint8 arrays are cached
     workers: int | None = None         # image folders: decoding processes; None: the CPUs, at most 32
+    progress: bool = True              # image folders: a bar while decoding (cilearn.progress.bars)

@@ -185,11 +185,11 @@ def default_workers() -> int:
     return max(1, min(n, MAX_DEFAULT_WORKERS))
 
 
-def _decode_all(paths: list[str], size: int, workers: int, out: str | None) -> np.ndarray | None:
+def _decode_all(paths: list[str], size: int, workers: int, out: str | None, show_bar: bool) -> np.ndarray | None:
     """Decode every image of ``paths`` into the raw file ``out`` (already ``len(paths)`` rows long),
     or into an array that is returned when ``out`` is None. ``workers`` > 1: a process pool over
     chunks of rows; the same bytes as ``workers`` = 1. A ``DataError`` (an unreadable image) stops
-    the pool and is raised here."""
+    the pool and is raised here. ``show_bar``: a progress bar (``DataOptions.progress``) from 100 images."""
     from tqdm import tqdm
 
     n = len(paths)
@@ -197,7 +197,7 @@ def _decode_all(paths: list[str], size: int, workers: int, out: str | None) -> n
     spans = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
     arr = np.empty((n, 3, size, size), dtype=np.uint8) if out is None else None
     bar = tqdm(total=n, desc=f"{WHO}: decoding {n} images to {size}px ({workers} process"
-               f"{'es' if workers > 1 else ''})", unit="img", disable=n < 100, file=sys.stderr, leave=False)
+               f"{'es' if workers > 1 else ''})", unit="img", disable=n < 100 or not show_bar, file=sys.stderr, leave=False)
     try:
         if workers <= 1 or len(spans) == 1:
             for a, b in spans:
@@ -471,7 +471,7 @@ def _unlink_quietly(path: str | None) -> None:
             pass
 
 
-def _build_cache(base: str, paths: list[str], size: int, workers: int, index: dict) -> np.ndarray | None:
+def _build_cache(base: str, paths: list[str], size: int, workers: int, index: dict, show_bar: bool) -> np.ndarray | None:
     """Decode ``paths`` into cache ``base``: ``.u8`` then ``.json``, each written under a ``.tmp-``
     name and renamed into place. Returns the memory-mapped rows, or None (with a warning) when the
     cache directory cannot be written; a ``DataError`` while decoding removes the temporary file."""
@@ -483,7 +483,7 @@ def _build_cache(base: str, paths: list[str], size: int, workers: int, index: di
             os.ftruncate(fd, n * 3 * size * size)
         finally:
             os.close(fd)
-        _decode_all(paths, size, workers, tmp)
+        _decode_all(paths, size, workers, tmp, show_bar)
         with open(tmp, "r+b") as f:
             os.fsync(f.fileno())
         _unlink_quietly(base + ".json")   # the old index first: never a new .u8 under an old index
@@ -579,13 +579,13 @@ def _load(opts: DataOptions, listing: Listing) -> ImageDataset:
         index = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "layout": layout, "image_size": size,
                  "order": "NCHW", "train": len(train), "test": len(test), "classes": list(classes),
                  "key": key, **labels}
-        rows = _build_cache(base, paths, size, workers, index) if base else None
+        rows = _build_cache(base, paths, size, workers, index, opts.progress) if base else None
         if rows is None:
             if base is None:
                 _warn(f"no writable cache directory (tried {', '.join(_cache_candidates(data_dir))}); "
                       "images will be decoded again next time")
             base = None
-            rows = _decode_all(paths, size, workers, None)
+            rows = _decode_all(paths, size, workers, None, opts.progress)
     x = torch.from_numpy(rows)           # over the memory map: nothing is read yet
     n_train = len(train)
     arrays = {"train_x": x[:n_train], "test_x": x[n_train:],

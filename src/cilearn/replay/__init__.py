@@ -7,6 +7,7 @@ upper bound).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -95,15 +96,16 @@ class DFGRReplay(Component):
         self.settings = GeneratorSettings(steps=o.steps, batch_size=o.batch_size, lr=o.lr, z_dim=o.z_dim, width=o.width,
                                           bn_weight=o.bn_weight, entropy_weight=o.entropy_weight,
                                           diversity_weight=o.diversity_weight, bn_loss=o.bn_loss,
-                                          progress=services.progress)
+                                          progress=services.progress, log=services.log)
         self.kd_fn = KD_FORMS[o.distill]
         self.generator = self.t_logits = None   # the phase's generator; this step's old-model logits on the samples
         self.summary: dict[str, float] = {}
 
     def phase_start(self, ctx):
         s = self.services
+        settings = dataclasses.replace(self.settings, desc=f"phase {ctx.phase.index} generator")
         self.generator, self.summary = train_generator(ctx.old_model, s.augmenter.normalize, tuple(ctx.x.shape[1:]),
-                                                       self.settings, s.gen, s.device)
+                                                       settings, s.gen, s.device)
         n = s.events.wants("samples")
         if n > 0:
             self.save_samples(ctx, n)

@@ -18,11 +18,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..progress import bar as progress_bar
+from ..progress import stage_line
 from ..errors import ConfigError
 from ..models.net import freeze
 
@@ -99,7 +102,9 @@ class GeneratorSettings:
     entropy_weight: float = 1.0      # per-sample entropy, minimised
     diversity_weight: float = 1.0    # batch-mean entropy, maximised
     bn_loss: str = "kl"
-    progress: bool = True
+    progress: bool = True                          # draw a bar (cilearn.progress.bars of train.progress)
+    log: Callable[[str], None] | None = None       # where the finished training's line goes (the run's log)
+    desc: str = "generator"                        # its name in the bar and the line
 
 
 class _BNStats:
@@ -149,10 +154,7 @@ def train_generator(old_model: nn.Module, normalize, image_shape: tuple[int, int
     old_model.eval()
     hooks = _BNStats(old_model)
     opt = torch.optim.Adam(g.parameters(), lr=s.lr)
-    bar = None
-    if s.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=s.steps, desc="generator", unit="step", leave=False, dynamic_ncols=True)
+    bar = progress_bar(s.steps, s.desc, "step") if s.progress else None
     first = last = {}
     try:
         for step in range(s.steps):
@@ -164,7 +166,7 @@ def train_generator(old_model: nn.Module, normalize, image_shape: tuple[int, int
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            last = {"bn": bn.detach(), "entropy": ent.detach(), "diversity": div.detach()}
+            last = {"bn": bn.detach(), "entropy": ent.detach(), "diversity": div.detach(), "loss": loss.detach()}
             if step == 0:
                 first = last
             if bar is not None:
@@ -181,4 +183,6 @@ def train_generator(old_model: nn.Module, normalize, image_shape: tuple[int, int
                "bn_start": float(first.get("bn", float("nan"))), "bn_end": float(last.get("bn", float("nan"))),
                "entropy_end": float(last.get("entropy", float("nan"))),
                "diversity_end": float(last.get("diversity", float("nan")))}
+    if s.log is not None:
+        s.log(stage_line(s.desc, s.steps, "step", summary["seconds"], float(last.get("loss", float("nan")))))
     return g, summary
