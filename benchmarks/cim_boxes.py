@@ -19,7 +19,7 @@ import torch
 
 from cilearn.checkpoint import load_checkpoint
 from cilearn.errors import CilearnError
-from cilearn.memory.compress import Codes, decode
+from cilearn.memory.codec import Codes, decode
 
 
 def code_states(o: Any) -> Iterator[dict]:

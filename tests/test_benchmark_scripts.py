@@ -136,7 +136,7 @@ def test_cim_boxes_box_area_and_item_share():
     inside the box, per stored exemplar."""
     import torch
     import cim_boxes
-    from cilearn.memory.compress import encode
+    from cilearn.memory.codec import encode
     x = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
     x[:, :, 0:4, 0:4] = 200                                  # a 4 x 4 item in the top-left corner
     boxes = torch.tensor([[0, 0, 4, 4], [0, 0, 2, 8]])       # covers all of it / its top half

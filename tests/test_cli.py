@@ -83,7 +83,7 @@ def _fmnist_dir(tmp_path, truncate=False):
 BAD = {
     "unknown method": (["--method", "nope"], "method 'nope'"),
     "unknown data set": (["--dataset", "nope"], "data set 'nope'"),
-    "unknown backbone": (["--backbone", "nope"], "backbone 'nope'"),
+    "unknown backbone": (["--backbone", "nope"], "backbone component 'nope'"),
     "base too large": (["--base", "12"], "--base 12"),
     "phases do not cover": (["--base", "3", "--increment", "2"], "do not cover"),
     "memory below classes": (["--memory", "5"], "--memory 5"),
@@ -99,7 +99,7 @@ BAD = {
     "unknown flag": (["--bogus"], "--bogus"),
     "bad precision": (["--precision", "fp8"], "--precision"),
     "bad augment": (["--augment", "zoom"], "augment"),
-    "bad selection": (["--selection", "best"], "selection 'best'"),
+    "bad selection": (["--selection", "best"], "selection component 'best'"),
     "missing data dir": (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm"], "/nonexistent/fm"),
     "cifar without data dir": (["--dataset", "cifar100"], "data-dir"),
     "loss for a bce recipe": (["--method", "lwf-mc", "--loss", "bsce"], "--loss bsce does not apply"),

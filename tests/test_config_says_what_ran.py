@@ -35,27 +35,29 @@ def test_no_training_option_is_null(method, tmp_path, capsys):
 
 def test_only_the_options_the_run_uses(tmp_path, capsys):
     icarl = run(tmp_path, capsys, "icarl", "--method", "icarl")
-    assert set(icarl["replay"]) == {"source"} and icarl["replay"]["source"] == "none"
-    assert "mnemonics" not in icarl["memory"] and "compression" not in icarl["memory"]
-    assert not {"less_forget_weight", "pod_spatial_weight", "nca_margin", "aux_weight", "bkd_beta",
-                "attention_weight"} & set(icarl["loss"])
+    assert icarl["replay"] == {"source": "none"} and set(icarl["memory"]) >= {"selection", "optimizer", "compressor"}
+    assert set(icarl["components"]) == {"convnet", "linear", "ce", "kd", "herding"}     # the run's components, no other
+    assert icarl["components"]["kd"] == {"weight": 1.0, "temperature": 2.0}
+    assert not {"less_forget_weight", "nca_margin", "kd_weight", "temperature"} & set(icarl["loss"])  # short names: never written
     assert "proxies" not in icarl["model"] and "scale" not in icarl["model"] and "data_dir" not in icarl["data"]
     podnet = run(tmp_path, capsys, "podnet", "--method", "podnet")
-    assert podnet["loss"]["nca_margin"] == 0.6 and "pod_spatial_weight" not in podnet["loss"]   # a shorthand of:
+    assert podnet["components"]["nca"] == {"weight": 1.0, "margin": 0.6}
     assert podnet["components"]["pod"] == {"spatial_weight": 3.0, "flat_weight": 1.0}
-    assert podnet["components"]["imprint"] == {} and podnet["train"]["freeze_old_head"] is True
-    assert podnet["model"]["proxies"] == 10 and podnet["train"]["finetune_lr"] == 0.05
+    assert podnet["components"]["imprint"] == {"first_phase": 1} and podnet["constraints"] == ["freeze-old-rows"]
+    assert podnet["components"]["lsc"] == {"proxies": 10, "scale": 1.0}
+    assert podnet["components"]["balanced-finetune"]["lr"] == 0.05
     lwm = run(tmp_path, capsys, "lwm", "--method", "lwm")
-    assert lwm["components"] == {"attention": {"weight": 1.0, "student_bn": "eval"}} and "attention_weight" not in lwm["loss"]
+    assert lwm["components"]["attention"] == {"weight": 1.0, "student_bn": "eval"} and lwm["loss"] == {"cls": "ce-local", "distill": []}
     assert "selection" not in lwm["memory"]
 
 
 @pytest.mark.parametrize("flags,option,applies", [
-    (["--method", "icarl", "--loss.nca-margin", "0.3"], "--loss.nca-margin 0.3", "nca classification loss"),
+    (["--method", "icarl", "--loss.nca-margin", "0.3"], "--loss.nca-margin 0.3", "classification component nca"),
     (["--method", "lwf", "--memory.selection", "random"], "--memory.selection 'random'", "runs with exemplars"),
-    (["--method", "icarl", "--replay.steps", "10"], "--replay.steps 10", "replay source"),
-    (["--method", "icarl", "--train.finetune-epochs", "3"], "--train.finetune-epochs 3", "balanced-finetune"),
-    (["--method", "finetune", "--loss.less-forget-weight", "2"], "--loss.less-forget-weight 2", "less-forget"),
+    (["--method", "icarl", "--replay.steps", "10"], "--replay.steps 10", "replay component dfgr"),
+    (["--method", "icarl", "--train.finetune-epochs", "3"], "--train.finetune-epochs 3", "calibration component balanced-finetune"),
+    (["--method", "finetune", "--loss.less-forget-weight", "2"], "--loss.less-forget-weight 2", "term component less-forget"),
+    (["--method", "icarl", "--components.pod.flat-weight", "2"], "components.pod", "not a component of this run"),
     (["--method", "icarl", "--data-dir", "/tmp"], "--data.data-dir '/tmp'", "not digits"),
 ])
 def test_an_option_the_run_does_not_use_is_refused(flags, option, applies, tmp_path, capsys):

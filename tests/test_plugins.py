@@ -32,14 +32,14 @@ class LogitL2(Component):
         super().__init__(options, services)
         self.ended = []
 
-    def terms(self, batch, out):
+    def terms(self, step, out):
         return {"logit_l2": (self.options.weight, (out.logits.float() ** 2).mean())}
 
-    def epoch_end(self, phase, epoch):
-        self.ended.append((phase.index, epoch))
+    def epoch_end(self, ctx, epoch):
+        self.ended.append((ctx.phase.index, epoch))
 
-    def phase_end(self, phase, model, data):
-        self.ended.append(phase.index)
+    def phase_end(self, ctx):
+        self.ended.append(ctx.phase.index)
 
     def state_dict(self):
         return {"ended": list(self.ended)}
@@ -65,7 +65,7 @@ def test_ewc_plugin_runs_with_finetune_and_changes_it(tmp_path, capsys):
     for seed in ("2", "3"):
         def go(name, *flags):
             out = tmp_path / f"{name}{seed}"
-            code = main(["run", *flags, *readme, "--seed", seed, "--out", str(out)])
+            code = main(["run", *flags, *readme, "--seed", seed, "--out", str(out), "--keep-checkpoint"])
             assert code == 0, capsys.readouterr().err
             return json.loads((out / "metrics.json").read_text())
         plain = go("plain", "--method", "finetune")
@@ -84,7 +84,7 @@ def test_ewc_plugin_runs_with_finetune_and_changes_it(tmp_path, capsys):
 def test_ewc_fisher_leaves_batchnorm_statistics_alone(tmp_path, quick):
     """The Fisher is taken in training mode (as in FACIL and PyCIL) but the model's buffers
     (BatchNorm running statistics) are those of the end of training, and its mode is kept."""
-    from cilearn.components import PhaseData, REGISTRIES
+    from cilearn.components import REGISTRIES, PhaseContext
     from cilearn.data.scenario import Phase
     from cilearn.plugins import load_plugins
     from cilearn.models import build_net
@@ -107,7 +107,7 @@ def test_ewc_fisher_leaves_batchnorm_statistics_alone(tmp_path, quick):
     x = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
     y = torch.randint(0, 3, (40,))
     term = ewc_cls(ewc_cls.Options(), Services())
-    term.phase_end(Phase(0, 0, 3), net, PhaseData(x, y, torch.bincount(y), None, None))
+    term.phase_end(PhaseContext(Phase(0, 0, 3), net, None, x, y, torch.bincount(y), None))
     assert not net.training
     assert all(torch.equal(b, before[n]) for n, b in net.named_buffers())
     assert all(p.grad is None for p in net.parameters())

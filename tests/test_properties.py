@@ -24,7 +24,7 @@ def scenarios(draw):
 def test_memory_budget_never_exceeded_and_every_class_kept(scn, budget, per_class, seed):
     k, base, inc = scn
     b = Budget(per_class=max(1, budget // 10)) if per_class else Budget(total=max(budget, k))
-    mem = Memory(b, "herding")
+    mem = Memory(b)                                   # herding
     g = torch.Generator().manual_seed(seed)
     s = Scenario.make(k, base, inc, list(range(k)))
     assert s.phases[-1].end == k and all(p.num_new > 0 for p in s.phases)

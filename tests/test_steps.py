@@ -12,7 +12,7 @@ from cilearn.steps import count_steps
 
 
 @pytest.mark.parametrize("method, stages", [("finetune", {"main"}), ("lucir", {"main", "balanced-finetune"}),
-                                            ("foster", {"main", "compression"})])
+                                            ("foster", {"main", "feature-compression"})])
 def test_the_banner_counts_the_steps_the_run_takes(quick, monkeypatch, method, stages):
     """digits, 20 images a class, 2 epochs, B0-Inc2: every SGD step of every stage is counted."""
     taken = []
@@ -41,7 +41,7 @@ def test_count_by_hand_and_the_hints(quick):
     # the recipe's reference schedule (CIFAR's 200 / 170 epochs) on 45 images a class: says so
     ref = quick(method="icarl", data={"dataset": "cifar100"})
     ref.train.epochs = ref.train.base_epochs = None
-    ref = resolve(ref, 100, 32, m.training)
+    ref = resolve(ref, 100, 32, m.recipe.training)
     ref.scenario.class_order = list(range(100))
     text = describe_training(ref, m, [45] * 100)
     assert "200 and 170 epochs are icarl's reference schedule" in text and "45 per class" in text

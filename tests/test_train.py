@@ -49,12 +49,12 @@ def test_nan_loss_stops_with_phase_and_epoch():
 
 def test_teacher_cache_equals_running_the_teacher(quick):
     """The cached teacher outputs (finite flip views) are those of the teacher on the batch."""
-    from cilearn.services import Context, TeacherCache
+    from cilearn.services import OldOutputs, RunServices
     net, x, y, _ = _setup()
     aug = Augmenter("flip", 0, (0.5,), (0.5,), channels_last=False)
     teacher = net.frozen_copy()
-    ctx = Context(quick(), net, None, aug, torch.device("cpu"), torch.Generator(), None)
-    cache = TeacherCache(teacher, x, ctx)
+    ctx = RunServices(quick(), net, None, aug, torch.device("cpu"), torch.Generator(), None)
+    cache = OldOutputs(teacher, x, ctx)
     xb, view = aug.train(x[:16], torch.Generator().manual_seed(1))
     assert 0 < int(view.sum()) < 16
     logits, emb, extra = cache(Batch(xb, y[:16], torch.arange(16), view))

@@ -39,6 +39,8 @@ ICARL = register_recipe(Recipe(
 ICARL_BCE = register_recipe(replace(
     ICARL, name="icarl-bce", classification="bce", terms=(),
     options={"bce": {"old_targets": True}, "dfgr": {"distill": "bce"}},
+    fixed={"classification": "is one sigmoid BCE doing classification and distillation (use --method icarl or lwf "
+                             "for a softmax loss)"},
     summary="iCaRL's own loss (Alg. 3): sigmoid BCE, old-class targets = old model sigmoids",
     paper="Rebuffi et al., CVPR 2017"))
 

@@ -49,6 +49,9 @@ class Recipe:
     compressor: str = "none"             # exemplar compressor
     expandable: bool = False             # one extractor per phase, the old ones frozen (DER, FOSTER)
     nme: bool = False                    # NME reported without exemplars too (class means of the training images)
+    # kinds the user may not choose otherwise in this recipe, with why (e.g. a classification loss
+    # that is also the recipe's distillation)
+    fixed: dict[str, str] = field(default_factory=dict)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     image_folder_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -207,7 +210,7 @@ def _given_options(cfg: RunConfig, run: list[type], strict: bool, open_kinds: se
         if not hit:
             if strict and not all(c.kind in open_kinds for c in owners):
                 raise ConfigError(f"--{key.replace('_', '-')} {value!r} is not used by this run (--method {cfg.method}); "
-                                  f"it applies to {', '.join(sorted({c.name for c in owners}))}")
+                                  f"it applies to the {', '.join(sorted({f'{c.kind} component {c.name}' for c in owners}))}")
             continue
         for c in hit:
             given[c.name][aliases_of(c)[key]] = value
@@ -233,6 +236,11 @@ def plan(cfg: RunConfig, image_size: int | None = None, strict: bool = True, fac
     recipe = METHODS.get(cfg.method)
     choices = choices_of(recipe, cfg, image_size)
     _apply_switches(choices, cfg.aliases)
+    own = choices_of(recipe, RunConfig(method=cfg.method), image_size)
+    for kind, why in recipe.fixed.items():
+        if choices[kind] != own[kind]:
+            raise ConfigError(f"--method {cfg.method} {why}; {FLAG[kind]} {','.join(choices[kind]) or 'none'} "
+                              "does not apply")
     memory = has_memory(recipe, cfg)
     classes: list[type] = []
     for kind in ORDER:

@@ -32,6 +32,15 @@ def recipes_table(markdown: bool = False) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in [head] + rows)
 
 
+def summaries_table() -> str:
+    """Every registered recipe with what it is and its paper (the README's second table is this)."""
+    rows = ["| method | recipe | paper |", "|---|---|---|"]
+    for name in METHODS.names():
+        r = METHODS.get(name)
+        rows.append(f"| `{name}` | {r.summary or '-'} | {r.paper or '-'} |")
+    return "\n".join(rows)
+
+
 def training_table(markdown: bool = False) -> str:
     """Every registered recipe's training defaults on small images (CIFAR) and image folders, with
     the source of the values (``cilearn list --training [--markdown]``; docs/training-defaults.md)."""
