@@ -40,6 +40,19 @@ class ImageDataset:
 
 # A loader is ``fn(options: DataOptions) -> ImageDataset``.
 DATASETS: Registry = Registry("data set")
+# the ``data.*`` options a loader may read (``reads``); config.yaml keeps those of the run's data set only
+LOADER_OPTIONS = ("data_dir", "image_size", "train_list", "test_list", "cache_dir", "workers")
+
+
+def reads(*options: str):
+    """Decorator of a loader: the ``LOADER_OPTIONS`` it reads (an option set for a data set that
+    does not read it is refused, and left out of ``config.yaml``)."""
+    assert set(options) <= set(LOADER_OPTIONS), options
+
+    def deco(fn):
+        fn.reads = options
+        return fn
+    return deco
 
 
 @dataclass

@@ -45,7 +45,7 @@ import torch
 from ..errors import ConfigError, DataError, one_line
 from . import imagefolder  # noqa: F401  (registers the "imagefolder" loader)
 from . import safe_pickle
-from .base import DATASETS, PLANNERS, DataOptions, DataPlan, ImageDataset
+from .base import DATASETS, PLANNERS, DataOptions, DataPlan, ImageDataset, reads
 
 __all__ = [
     "DATASETS", "load_dataset", "plan_dataset", "subsample_per_class", "channel_stats", "read_idx",
@@ -130,6 +130,7 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
 # --------------------------------------------------------------------------------------- digits
 
 @DATASETS.register("digits")
+@reads()
 def load_digits_dataset(opts: DataOptions) -> ImageDataset:
     """scikit-learn's 8x8 digits with a fixed stratified 75/25 split (``random_state=0``)."""
     from sklearn.datasets import load_digits
@@ -226,6 +227,7 @@ def _fmnist_dir(opts: DataOptions) -> str:
 
 
 @DATASETS.register("fashion-mnist")
+@reads("data_dir")
 def load_fashion_mnist(opts: DataOptions) -> ImageDataset:
     """Fashion-MNIST from its four idx files (gzipped or not)."""
     who = "fashion-mnist"
@@ -403,12 +405,14 @@ def _load_cifar(spec: _CifarSpec, opts: DataOptions, mean, std) -> ImageDataset:
 
 
 @DATASETS.register("cifar10")
+@reads("data_dir")
 def load_cifar10(opts: DataOptions) -> ImageDataset:
     """CIFAR-10 from ``cifar-10-batches-py/`` (python pickle release)."""
     return _load_cifar(_CIFAR10, opts, CIFAR10_MEAN, CIFAR10_STD)
 
 
 @DATASETS.register("cifar100")
+@reads("data_dir")
 def load_cifar100(opts: DataOptions) -> ImageDataset:
     """CIFAR-100 (fine labels) from ``cifar-100-python/`` (python pickle release)."""
     return _load_cifar(_CIFAR100, opts, CIFAR100_MEAN, CIFAR100_STD)

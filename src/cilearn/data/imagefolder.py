@@ -71,7 +71,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, one_line
-from .base import DATASETS, PLANNERS, DataOptions, DataPlan, ImageDataset
+from .base import DATASETS, PLANNERS, DataOptions, DataPlan, ImageDataset, reads
 
 __all__ = ["load_imagefolder", "plan_imagefolder", "decode_image", "IMAGE_EXTENSIONS", "DEFAULT_IMAGE_SIZE"]
 
@@ -555,6 +555,7 @@ def plan_imagefolder(opts: DataOptions) -> DataPlan:
 
 
 @DATASETS.register("imagefolder")
+@reads("data_dir", "image_size", "train_list", "test_list", "cache_dir", "workers")
 def load_imagefolder(opts: DataOptions) -> ImageDataset:
     """Load an image-folder data set (layout detected automatically, see the module docstring)."""
     return plan_imagefolder(opts).load()

@@ -4,8 +4,9 @@ own: ``cilearn.methods.recipe.plan``).
 The config says what ran: ``config.yaml`` keeps only the options the run uses (``prune``), and an
 option that the run does not use but the user set (a value other than its default) is a
 ConfigError naming it and what it applies to (``check_unused``): ``--method lwf --memory.selection
-random``. A run uses every option except the few below, each with what decides it; a ``report.*``
-option that a component declares in its ``reports`` is used when that component is in the run.
+random``. A run uses every option except: ``memory.selection`` (runs with exemplars), a ``data.*`` option of a data set's
+loader (used when the run's data set reads it, ``data.base.reads``), and a ``report.*`` option that
+a component declares in its ``reports`` (used when that component is in the run).
 """
 from __future__ import annotations
 
@@ -14,23 +15,23 @@ from typing import Any, Callable
 
 from ..components import REGISTRIES
 from ..config import RunConfig
+from ..data.base import LOADER_OPTIONS
+from ..data.datasets import DATASETS
 from ..errors import ConfigError
 from .recipe import Recipe, RunPlan, plan
 
 
-def _image_folder(c: RunConfig, p: RunPlan) -> bool:
-    return c.data.dataset == "imagefolder"
+def _read_by(option: str) -> tuple[Callable[[RunConfig, RunPlan], bool], str]:
+    """``data.<option>``: used when the run's data set's loader reads it (``data.base.reads``)."""
+    readers = sorted(n for n in DATASETS.names() if option in getattr(DATASETS.get(n), "reads", ()))
+    return (lambda c, p: option in getattr(DATASETS.get(c.data.dataset), "reads", ()),
+            f"the data sets {', '.join(readers)}")
 
 
 # option (dotted) -> (used by this run?, what it applies to)
 CONDITIONAL: dict[str, tuple[Callable[[RunConfig, RunPlan], bool], str]] = {
     "memory.selection": (lambda c, p: p.memory, "runs with exemplars"),
-    "data.data_dir": (lambda c, p: c.data.dataset != "digits", "data sets read from files (not digits)"),
-    "data.image_size": (_image_folder, "image folders"),
-    "data.train_list": (_image_folder, "image folders"),
-    "data.test_list": (_image_folder, "image folders"),
-    "data.cache_dir": (_image_folder, "image folders"),
-    "data.workers": (_image_folder, "image folders"),
+    **{f"data.{o}": _read_by(o) for o in LOADER_OPTIONS},
 }
 INTERNAL = {"aliases"}      # never written (folded into the components' options)
 
