@@ -229,3 +229,45 @@ def test_list_file_label_out_of_range(tmp_path, capsys):
     code, _, err = run_cli(capsys, *args)
     assert code == 2 and "train.txt" in err and "missing 2, 3" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_run_help_shows_defaults_and_where_every_option_is(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "[seed; default: 1993]" in out and "[train.epochs; default: the recipe's]" in out
+    assert "cilearn list --options [--method M]" in out
+
+
+def test_list_options_lists_every_option_with_its_default(capsys):
+    from cilearn.config import RunConfig
+    from cilearn.methods.recipe import plan
+    assert main(["list", "--options", "--method", "podnet"]) == 0
+    out = capsys.readouterr().out
+    assert "--train.momentum" in out and "--data.train-per-class" in out and "--eval.nme" in out
+    p = plan(RunConfig(method="podnet"), None, strict=False)
+    for c in p.classes:                       # every option of the run's components, with the recipe's value
+        for k, v in p.options[c.name].items():
+            line = next(ln for ln in out.splitlines() if f"--components.{c.name}.{k}".replace("_", "-") in ln)
+            assert f" {str(v).lower() if isinstance(v, bool) else 'null' if v is None else v} " in line + " ", line
+    assert "[--loss.pod-spatial-weight]" in out and "lambda_c" in out        # short names and the declared help
+    assert main(["list", "--options"]) == 0
+    every = capsys.readouterr().out
+    assert "--components.cim.inner-ratio [--components.cim-meta.inner-ratio]" in every
+
+
+def test_list_names_every_kind_of_component(capsys):
+    from cilearn.components import KINDS, REGISTRIES
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for kind in KINDS:
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"{kind} ("))
+        assert all(n in line for n in REGISTRIES[kind].names()), line
+
+
+def test_an_unknown_component_names_the_choices_and_the_plugin_option(tmp_path, capsys):
+    code = main(["run", "--distill", "ewc", "--out", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--distill" in err and "'ewc'" in err and "attention, aux-ce" in err and "--plugin FILE.py" in err
+    assert not (tmp_path / "r").exists()

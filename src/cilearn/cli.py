@@ -17,7 +17,9 @@ from .data.datasets import DATASETS
 from .errors import CilearnError, ConfigError
 from .components import KINDS, REGISTRIES
 from .methods import METHODS
-from .methods.recipe import FLAG
+from .config import RunConfig
+from .listing import options_listing, run_options
+from .methods.recipe import FLAG, plan
 from .methods.table import recipes_table, training_table
 from .references import load_references, references_markdown, references_text
 from .report import compare_dirs, html_report
@@ -68,6 +70,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "out": ("out", str, "output directory (default runs/<method>-<dataset>-<time>)"),
     "checkpoint-every": ("train.checkpoint_every", int, "epochs between checkpoints inside a phase (0: phase ends only)"),
 }
+# sections whose null defaults mean "the recipe's" (else "none" / the data set's / unset)
+RECIPE_SECTIONS = ("train", "model", "loss", "replay", "calibration", "constraints", "head_init", "stages")
 RESUME_OK = {"device", "resume", "progress", "no_progress", "quiet", "config", "overwrite"}
 
 
@@ -166,6 +170,11 @@ def seeds_of(args: argparse.Namespace, cfg) -> list[int] | None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
+    if args.options:
+        print(options_listing(plan(RunConfig(method=args.method), None, strict=False) if args.method else None))
+        return
+    if args.method:
+        raise ConfigError("cilearn list: --method goes with --options")
     if args.recipes:
         print(recipes_table(markdown=args.markdown))
         return
@@ -186,8 +195,12 @@ def cmd_list(args: argparse.Namespace) -> None:
 def add_run_flags(p: argparse.ArgumentParser, out_help: str | None = None) -> None:
     """The flags of ``cilearn run`` (shared by ``cilearn compare --methods``)."""
     p.add_argument("--config", help="YAML config file (flags override it)")
+    defaults = {a[2:]: d for a, d, _ in run_options()}      # --section.key -> the default as shown
     for flag, (key, tp, help_) in FLAGS.items():
-        p.add_argument(f"--{flag}", type=tp, help=(out_help if flag == "out" and out_help else f"{help_} [{key}]"))
+        shown = defaults.get(key.replace("_", "-"), "null")
+        default = "the recipe's" if shown == "null" and key.split(".")[0] in RECIPE_SECTIONS else shown
+        p.add_argument(f"--{flag}", type=tp, help=(out_help if flag == "out" and out_help else
+                                                   f"{help_} [{key}; default: {default}]"))
     ft = p.add_mutually_exclusive_group()
     ft.add_argument("--balanced-finetune", action="store_true",
                     help="class-balanced fine-tuning of the head after each phase > 0 [train.balanced_finetune]")
@@ -282,7 +295,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="cilearn", description="Class-incremental learning in PyTorch.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command")
-    pr = sub.add_parser("run", help="run a class-incremental experiment", allow_abbrev=False)
+    pr = sub.add_parser("run", help="run a class-incremental experiment", allow_abbrev=False,
+                        epilog="Every option, the dotted ones (--train.*, --data.*, --components.NAME.OPTION, ...) "
+                               "included, with its default and a line of help: cilearn list --options "
+                               "[--method M]. Defaults shown as 'the recipe's' come from --method's recipe and the "
+                               "data set (the run's banner prints them; config.yaml records them).")
     add_run_flags(pr)
     pr.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
     pc = sub.add_parser("compare", allow_abbrev=False,
@@ -308,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--training", action="store_true",
                     help="every recipe's training defaults (epochs, lr, schedule, weight decay, batch) and their source")
     pl.add_argument("--markdown", action="store_true", help="with --configs, --recipes or --training: a markdown table")
+    pl.add_argument("--options", action="store_true",
+                    help="every option a run takes (the run's own and each component's), with its default and help")
+    pl.add_argument("--method", help="with --options: the component options of this recipe's run, with its defaults")
     pe = sub.add_parser("eval", allow_abbrev=False, help="evaluate a finished run's model on a data set's test split")
     pe.add_argument("run_dir", metavar="RUN_DIR", help="a finished run (its model.safetensors and model.json)")
     for flag in EVAL_DATA_FLAGS:
