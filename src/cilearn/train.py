@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
 import torch
 
 from . import distributed
-from .data.augment import Augmenter
+from .data.augment import Augmenter, Draw
 from .data.rows import HostRows
 from .errors import CilearnError, ConfigError, one_line
 from .progress import bar as progress_bar
@@ -39,6 +39,7 @@ class Batch(NamedTuple):
     y: torch.Tensor              # incremental ids [B]
     idx: torch.Tensor            # indices into the training set [B]
     view: torch.Tensor | None    # augmentation view id [B] for finite policies, else None
+    aug: Draw | None = None      # the augmentation's parameters of these rows (None: not from the loop)
 
 
 # loss_fn(batch) -> (loss, {term name: detached scalar tensor})
@@ -199,12 +200,13 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
             span = distributed.shard_span(len(idx))          # this rank's part (all of it alone)
             mine = idx[span]
             xu8 = x.fetch(perm_host[step * bs:(step + 1) * bs][span]) if host else x[mine]
-            xb, view = augmenter.train(xu8, gen, span, len(idx))
+            drawn = augmenter.draw(xu8.shape, gen, span, len(idx), xu8.device)
+            xb, view = augmenter.apply(xu8, drawn)
             for g in opt.param_groups:
                 g["lr"] = lr_at(s, epoch, step, steps)
             with torch.autocast(device_type=x.device.type, dtype=s.autocast_dtype or torch.bfloat16,
                                 enabled=s.autocast_dtype is not None):
-                loss, terms = step_fn(Batch(xb, y[mine], mine, view))
+                loss, terms = step_fn(Batch(xb, y[mine], mine, view, drawn))
             opt.zero_grad(set_to_none=True)
             if world > 1:   # weight by this rank's share of the batch: DDP's mean is the global mean's gradient
                 share = len(mine) / len(idx)

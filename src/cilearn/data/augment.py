@@ -1,8 +1,17 @@
 """Batched augmentation on the training device (no per-sample Python).
 
-Input: uint8 ``[B, C, H, W]``; output: normalised float ``[B, C, H, W]``. Policies:
-``none``; ``flip`` (horizontal, p = 0.5); ``crop-flip`` (zero-pad by ``pad`` px, random HxW crop,
-flip); ``rrc-flip`` (random-resized-crop, scale (0.08, 1), ratio (3/4, 4/3), back to HxW, flip).
+Input: uint8 ``[B, C, H, W]`` (the stored images); output: normalised float ``[B, C, S, S]``,
+``S`` the network input (``size``; default: the stored images' own side). Policies: ``none``;
+``flip`` (horizontal, p = 0.5); ``crop-flip`` (zero-pad by ``pad`` px, random SxS window,
+flip); ``rrc-flip`` (random-resized-crop, scale (0.08, 1), ratio (3/4, 4/3), resized to SxS,
+flip). Where the stored images are larger than ``S`` (image folders with ``--data.input-size``),
+evaluation takes their centre SxS crop (``test``; ImageNet's Resize(256) + CenterCrop(224) when
+they are stored at 256 for 224) and ``none`` / ``flip`` train on it too.
+
+A batch's random parameters are drawn first (``draw``: a ``Draw``, what was drawn for each row),
+then applied (``apply``); ``train`` does both. A component that changes stored images before
+their augmentation (CIM's artifact augmentation) applies a batch's own ``Draw`` to its changed
+images (``Batch.aug``).
 
 ``none`` and ``flip`` have a finite set of views (1 and 2). ``train`` then also returns the view
 id of each sample, so a frozen teacher's outputs can be computed once per view and looked up
@@ -11,6 +20,7 @@ id of each sample, so a frozen teacher's outputs can be computed once per view a
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +31,24 @@ from .rows import as_tensor
 POLICIES = ("none", "flip", "crop-flip", "rrc-flip")
 
 
+class Draw(NamedTuple):
+    """The random parameters one batch's rows got (``Augmenter.draw``); None where the policy
+    draws none."""
+    flip: torch.Tensor | None = None       # [B] bool: flipped
+    corner: torch.Tensor | None = None     # [B, 2] long (row, column): crop-flip's window in the padded image
+    theta: torch.Tensor | None = None      # [B, 2, 3]: rrc-flip's crop, an affine map of normalised coordinates
+
+    def rows(self, keep: torch.Tensor) -> "Draw":
+        """The parameters of rows ``keep`` (an index or a [B] bool mask)."""
+        return Draw(*(None if t is None else t[keep] for t in self))
+
+
 class Augmenter:
-    def __init__(self, policy: str, pad: int, mean, std, channels_last: bool = True):
+    def __init__(self, policy: str, pad: int, mean, std, channels_last: bool = True, size: int | None = None):
         if policy not in POLICIES:
             raise ConfigError(f"--data.augment must be one of {', '.join(POLICIES)}, got '{policy}'")
         self.policy, self.pad, self.channels_last = policy, pad, channels_last
+        self.size = size                      # the network input's side (px); None: the stored images'
         std_t = torch.tensor(std, dtype=torch.float32)
         self._scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)        # x_norm = x * scale + shift
         self._shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, -1, 1, 1)
@@ -44,65 +67,130 @@ class Augmenter:
         out = torch.addcmul(self._shift, x.float(), self._scale)
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
+    def out_size(self, H: int) -> int:
+        """The network input's side for stored images of side ``H``."""
+        return H if self.size is None else self.size
+
+    def centre(self, x: torch.Tensor) -> torch.Tensor:
+        """The centre ``size x size`` crop of larger images (the images themselves otherwise)."""
+        H, W = x.shape[-2:]
+        S = self.out_size(H)
+        if S >= H and S >= W:
+            return x
+        top, left = (H - S) // 2, (W - S) // 2
+        return x[..., top:top + S, left:left + S]
+
     def test(self, x: torch.Tensor) -> torch.Tensor:
-        return self.normalize(x)
+        """The evaluation view: normalised, the centre crop of images larger than the input."""
+        return self.normalize(self.centre(as_tensor(x)))
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole stored image resized (bilinear, antialiased) to the network input, normalised:
+        the view the CAM boxes are computed on (CIM's official ``cam_trsf``, Resize((224, 224)));
+        the test view where the images are the input's size."""
+        x = as_tensor(x)
+        S = self.out_size(x.shape[-2])
+        if tuple(x.shape[-2:]) == (S, S):
+            return self.normalize(x)
+        return self.normalize(F.interpolate(x.float(), size=(S, S), mode="bilinear", antialias=True,
+                                            align_corners=False).round_().clamp_(0, 255))
 
     def view(self, x: torch.Tensor, v: int) -> torch.Tensor:
         """Deterministic view ``v`` (0: identity, 1: flipped) of a finite policy."""
-        x = as_tensor(x)
+        x = self.centre(as_tensor(x))
         return self.normalize(x.flip(3) if v == 1 else x)
+
+    def draw(self, shape: torch.Size | tuple, gen: torch.Generator, span: slice | None = None,
+             batch: int | None = None, device: torch.device | str | None = None) -> Draw:
+        """The random parameters of a batch of stored images of ``shape`` ``[B, C, H, W]``, on
+        ``device``. The batch may be the rows ``span`` of a batch of ``batch`` images (one rank's
+        part under torchrun): the parameters are drawn for the whole batch, as one process would,
+        and the part's rows kept, so the generator advances identically on every rank."""
+        B, _, H, W = shape
+        span, batch = (slice(0, B), B) if span is None else (span, batch)
+        dev = gen.device if device is None else device
+
+        def uniform() -> torch.Tensor:
+            return torch.rand(batch, generator=gen, device=gen.device).to(dev)[span]
+        if self.policy == "none":
+            return Draw()
+        flip = uniform() < 0.5
+        if self.policy == "crop-flip" and (self.pad > 0 or self.out_size(H) < H):
+            n = H + 2 * self.pad - self.out_size(H) + 1       # window positions per side (square images)
+            if n < 1:
+                raise ConfigError(f"--data.input-size {self.size} is larger than the stored {H}x{W} images plus the padding")
+            corner = torch.randint(0, n, (2, batch), generator=gen, device=gen.device).to(dev)[:, span]
+            return Draw(flip, corner.T)
+        if self.policy == "rrc-flip":
+            return Draw(flip, theta=resized_crop_theta(uniform))
+        return Draw(flip)
+
+    def apply(self, x: torch.Tensor, d: Draw) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stored images ``x`` augmented by the parameters ``d`` (``draw``): (normalised batch
+        ``[B, C, S, S]``, view ids ``[B]`` for finite policies, else None)."""
+        x = as_tensor(x)
+        B, dev = x.shape[0], x.device
+        S = self.out_size(x.shape[-2])
+        if d.corner is not None:
+            x = crop_windows(F.pad(x, (self.pad,) * 4), d.corner.to(dev), S)
+        elif d.theta is not None:
+            x = resized_crop(x, d.theta.to(dev), S)
+        else:
+            x = self.centre(x)
+        if d.flip is not None:
+            x = torch.where(d.flip.to(dev).view(B, 1, 1, 1), x.flip(3), x)
+        view = {"none": torch.zeros(B, dtype=torch.long, device=dev),
+                "flip": None if d.flip is None else d.flip.to(dev).long()}.get(self.policy)
+        return self.normalize(x), view
 
     def train(self, x: torch.Tensor, gen: torch.Generator, span: slice | None = None,
               batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (augmented normalised batch, view ids [B] or None). ``x`` may be the rows ``span``
-        of a batch of ``batch`` images (one rank's part under torchrun): the random parameters are
-        drawn for the whole batch, as one process would, and the part's rows used, so the generator
-        advances identically on every rank."""
+        """Returns (augmented normalised batch, view ids [B] or None): ``apply(x, draw(...))``."""
         x = as_tensor(x)
-        B = x.shape[0]
-        dev = x.device
-        span, batch = (slice(0, B), B) if span is None else (span, batch)
-        if self.policy == "none":
-            return self.normalize(x), torch.zeros(B, dtype=torch.long, device=dev)
-        flip = (torch.rand(batch, generator=gen, device=gen.device).to(dev) < 0.5)[span]
-        if self.policy == "crop-flip" and self.pad > 0:
-            x = random_crop(x, self.pad, gen, span, batch)
-        elif self.policy == "rrc-flip":
-            x = random_resized_crop(x, gen, span=span, batch=batch)
-        x = torch.where(flip.view(B, 1, 1, 1), x.flip(3), x)
-        return self.normalize(x), (flip.long() if self.policy == "flip" else None)
+        return self.apply(x, self.draw(x.shape, gen, span, batch, x.device))
+
+
+def crop_windows(xp: torch.Tensor, corner: torch.Tensor, S: int) -> torch.Tensor:
+    """The ``S x S`` window of each image of ``xp [B, C, H, W]`` at ``corner [B, 2]`` (row,
+    column of its top-left pixel), one gather."""
+    B = xp.shape[0]
+    rows = (corner[:, 0, None] + torch.arange(S, device=xp.device))[:, :, None]   # [B, S, 1]
+    cols = (corner[:, 1, None] + torch.arange(S, device=xp.device))[:, None, :]   # [B, 1, S]
+    b = torch.arange(B, device=xp.device)[:, None, None]
+    return xp.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2)              # [B, C, S, S]
 
 
 def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator, span: slice | None = None,
                 batch: int | None = None) -> torch.Tensor:
-    """Zero-pad by ``pad`` and take a random HxW window per sample (one gather). ``span``/``batch``:
-    see ``Augmenter.train``."""
+    """Zero-pad by ``pad`` and take a random HxW window per sample (``crop-flip`` without its flip;
+    ``span``/``batch``: see ``Augmenter.draw``)."""
     B, C, H, W = x.shape
     span, batch = (slice(0, B), B) if span is None else (span, batch)
-    xp = F.pad(x, (pad, pad, pad, pad))
-    off = torch.randint(0, 2 * pad + 1, (2, batch), generator=gen, device=gen.device).to(x.device)[:, span]
-    rows = (off[0, :, None] + torch.arange(H, device=x.device))[:, :, None]   # [B, H, 1]
-    cols = (off[1, :, None] + torch.arange(W, device=x.device))[:, None, :]   # [B, 1, W]
-    b = torch.arange(B, device=x.device)[:, None, None]
-    return xp.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2)          # [B, C, H, W]
+    corner = torch.randint(0, 2 * pad + 1, (2, batch), generator=gen, device=gen.device).to(x.device)[:, span]
+    return crop_windows(F.pad(x, (pad, pad, pad, pad)), corner.T, H)
 
 
-def random_resized_crop(x: torch.Tensor, gen: torch.Generator, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3), span: slice | None = None, batch: int | None = None) -> torch.Tensor:
-    """Random-resized-crop back to the input size, batched with one ``grid_sample``. ``span``/``batch``:
-    see ``Augmenter.train``."""
-    B, C, H, W = x.shape
-    span, batch = (slice(0, B), B) if span is None else (span, batch)
-    g = lambda: torch.rand(batch, generator=gen, device=gen.device).to(x.device)[span]  # noqa: E731
-    area = scale[0] + (scale[1] - scale[0]) * g()                               # fraction of image
-    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * g()
+def resized_crop_theta(uniform, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """``[B, 2, 3]``: random-resized-crops (area a fraction in ``scale`` of the image, aspect ratio in
+    ``ratio``, uniform position) as affine maps of normalised coordinates, from four draws of
+    ``uniform() -> [B]`` in [0, 1)."""
+    area = scale[0] + (scale[1] - scale[0]) * uniform()                        # fraction of image
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * uniform()
     r = torch.exp(logr)
-    w = torch.sqrt(area * r).clamp(max=1.0)                                      # fraction of width
+    w = torch.sqrt(area * r).clamp(max=1.0)                                     # fraction of width
     h = torch.sqrt(area / r).clamp(max=1.0)
-    cx = (g() * 2 - 1) * (1 - w)                                                # centre in [-1, 1]
-    cy = (g() * 2 - 1) * (1 - h)
-    theta = torch.zeros(B, 2, 3, device=x.device)
+    cx = (uniform() * 2 - 1) * (1 - w)                                         # centre in [-1, 1]
+    cy = (uniform() * 2 - 1) * (1 - h)
+    theta = torch.zeros(len(w), 2, 3, device=w.device)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
-    grid = F.affine_grid(theta, (B, C, H, W), align_corners=False)
+    return theta
+
+
+def resized_crop(x: torch.Tensor, theta: torch.Tensor, S: int) -> torch.Tensor:
+    """The crops ``theta [B, 2, 3]`` of ``x [B, C, H, W]`` resized (bilinear) to ``S x S``, float
+    pixels rounded to integers, one ``grid_sample``."""
+    B, C = x.shape[:2]
+    grid = F.affine_grid(theta, (B, C, S, S), align_corners=False)
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.round_().clamp_(0, 255)
+
