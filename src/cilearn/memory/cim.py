@@ -72,22 +72,36 @@ def phi_step(loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Op
     return True
 
 
-def meta_batch(x: torch.Tensor, y: torch.Tensor, old: tuple[torch.Tensor, torch.Tensor] | None, bs: int,
-               gen: torch.Generator, normalize) -> tuple:
-    """One CIM step's data: ``bs`` new images ``(x, y)`` to compress and ``bs`` more as validation,
-    and with exemplars ``old`` (uint8, labels) ``bs`` of them for the inner step and ``bs`` more for
-    the validation. Returns normalised ``(new_x, new_y, ex_x | None, ex_y | None, val_x, val_y)``."""
-    pick = torch.randint(len(x), (2 * bs,), generator=gen, device=gen.device).to(x.device)
-    new, val = pick[:bs], pick[bs:]
-    ex_x = ex_y = None
-    val_x, val_y = x[val], y[val]
-    if old is not None:
-        mx, my = old
-        e = torch.randint(len(mx), (2 * bs,), generator=gen, device=gen.device).to(mx.device)
-        ex_x, ex_y = normalize(mx[e[:bs]]), my[e[:bs]]
-        val_x, val_y = torch.cat([val_x, mx[e[bs:]]]), torch.cat([val_y, my[e[bs:]]])
-    return normalize(x[new]), y[new], ex_x, ex_y, normalize(val_x), val_y
+class MetaBatches:
+    """CIM's meta-batches as the official ``trainval_loader`` gives them (``models/foster.py:66-68``,
+    ``:159-161, 188-189`` and ``:246-248, 279-280``; DER ``models/der.py:51-53``): the phase's
+    training set ``(x uint8 [N, C, H, W], y [N])`` (its new-class images and the stored,
+    compressed exemplars, mixed), shuffled by ``gen`` and read in consecutive batches of ``bs``
+    (the last one of a pass smaller; a pass used up starts another, where the official iterator,
+    made anew every epoch, would stop), each augmented by ``augment(x, gen) -> normalised`` (the
+    run's training augmentation, the official ``mode='train'``). One object per epoch, as the
+    official ``iter(trainval_loader)``."""
 
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, bs: int, gen: torch.Generator, augment):
+        self.x, self.y, self.bs, self.gen, self.augment = x, y, bs, gen, augment
+        self.order: torch.Tensor | None = None
+        self.pos = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised ``[b, C, S, S]``, labels ``[b]``) of the next batch."""
+        if self.order is None or self.pos >= len(self.y):
+            self.order = torch.randperm(len(self.y), generator=self.gen, device=self.gen.device).to(self.y.device)
+            self.pos = 0
+        idx = self.order[self.pos:self.pos + self.bs]
+        self.pos += len(idx)
+        return self.augment(self.x[idx], self.gen), self.y[idx]
+
+
+def meta_batch(batches: MetaBatches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One CIM step's data, two consecutive batches as the official step reads them: ``(x, y)``,
+    which the step compresses softly and takes its inner step on, then ``(val_x, val_y)``, the
+    real images of the outer loss."""
+    return (*batches.next(), *batches.next())
 
 
 # ---------------------------------------------------------------- the CIM model
@@ -192,9 +206,9 @@ class CIMModel:
     model's logits, official ``activation='ratl'``) runs learnable ``Rational``s in their place
     through the **same** convolutions, BatchNorm layers (their running statistics are the ReLU
     network's) and head. phi is the rationals' coefficients: the training loop leaves them out
-    (``trained_by_component``) and only the CIM step trains them, also those of a frozen old
-    extractor (``models/foster.py:51-54``). An expandable backbone gets rationals in each new
-    extractor. The CAM ``class_vector . maps`` of the CIM forward's last stage gives the masks,
+    (``trained_by_component``) and only the CIM step trains them, those of the extractors the CIL
+    training trains (``trained``: a frozen extractor's stay as they are). An expandable backbone
+    gets rationals in each new extractor, started from the previous extractor's (``inherit``). The CAM ``class_vector . maps`` of the CIM forward's last stage gives the masks,
     its logits the CIM model's CE."""
 
     def __init__(self):
@@ -220,20 +234,51 @@ class CIMModel:
     def acts(self) -> list[nn.Module]:
         return [m for m in self.net.backbone.modules() if isinstance(m, Rational)] if self.net is not None else []
 
+    def trained(self) -> list[nn.Module]:
+        """The rationals phi trains: those of the extractors the CIL training trains. An expandable
+        backbone's frozen extractors keep theirs (official ``models/foster.py:51-54``,
+        ``models/der.py:38-41``: the loop meant to spare the rationals starts with the extractor
+        itself, whose ``parameters()`` are all of its own, rationals included, so they are frozen
+        with it and left out of phi's optimizer, ``models/foster.py:98``)."""
+        bb = self.net.backbone if self.net is not None else None
+        if bb is None:
+            return []
+        if hasattr(bb, "extractors"):
+            return [m for e in list(bb.extractors)[int(bb.num_frozen):] for m in e.modules() if isinstance(m, Rational)]
+        return self.acts
+
     def parameters(self) -> list[nn.Parameter]:
-        """phi's coefficients (a frozen extractor's rationals too: the official code trains the old
-        backbone's rationals with phi, ``models/foster.py:51-54``)."""
-        return [p for a in self.acts for p in a.parameters()]
+        """phi's trained coefficients (``trained``)."""
+        return [p for a in self.trained() for p in a.parameters()]
+
+    def inherit(self) -> None:
+        """A phase's new extractor starts with the coefficients of the extractor before it, as the
+        official code copies the whole previous extractor, rationals included, into the new one
+        (``utils/inc_net.py:420`` FOSTER, ``:302`` DER). For FOSTER that one is the old model's
+        extractor, whose copy is also the compressed student's extractor (``models/foster.py:309``)
+        and the next phase's network (``:43-44``): phi's coefficients that carry over to the next
+        phase are the old extractor's, the new extractor's trained copy goes with the boosted
+        network. No-op for a single extractor."""
+        bb = self.net.backbone
+        if len(getattr(bb, "extractors", ())) < 2:
+            return
+        src, dst = ([m for m in e.modules() if isinstance(m, Rational)] for e in list(bb.extractors)[-2:])
+        with torch.no_grad():
+            for a, b in zip(src, dst):
+                b.p.copy_(a.p)
+                b.q.copy_(a.q)
 
     def train_phi(self) -> list[nn.Parameter]:
-        """phi's coefficients with their gradient on, for CIM steps (``freeze_phi`` turns it off)."""
+        """phi's trained coefficients with their gradient on, for CIM steps (``freeze_phi`` turns
+        it off)."""
         return [p.requires_grad_(True) for p in self.parameters()]
 
     def freeze_phi(self) -> None:
-        """phi's coefficients without gradient between CIM steps (the CIL training neither runs
-        nor trains them)."""
-        for p in self.parameters():
-            p.requires_grad_(False)
+        """Every rational's coefficients without gradient between CIM steps (the CIL training
+        neither runs nor trains them)."""
+        for a in self.acts:
+            for p in a.parameters():
+                p.requires_grad_(False)
 
     @contextlib.contextmanager
     def active(self):
@@ -260,43 +305,44 @@ class CIMModel:
         return cam(maps, v, tuple(x.shape[-2:])), logits, cam(maps, v, tuple(maps.shape[-2:]))
 
     @torch.no_grad()
-    def masks(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The CAM ``[B, H, W]`` of classes ``y`` on normalised ``x`` by the CIM forward (for the boxes)."""
+    def masks(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The CAM ``[B, *size]`` (default: ``x``'s size) of classes ``y`` on normalised ``x`` by the
+        CIM forward (for the boxes)."""
         with self.active():
             maps = net(x).maps[-1]
         self.fallbacks += int((~torch.isfinite(maps.flatten(1)).all(1)).sum())
-        return cam(maps, class_vectors(net.head)[y], tuple(x.shape[-2:]))
+        return cam(maps, class_vectors(net.head)[y], size or tuple(x.shape[-2:]))
 
 
 def cim_outer_loss(net: nn.Module, cim: CIMModel, trainable: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
-                   new_x: torch.Tensor, new_y: torch.Tensor, ex_x: torch.Tensor | None, ex_y: torch.Tensor | None,
-                   val_x: torch.Tensor, val_y: torch.Tensor, s: int, inner_lr: float, mu: float, mu_cls: float,
-                   mode: str = "nearest", inner_loss=None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The CIM bilevel objective (paper Sec. 4) for one outer step, a scalar differentiable in phi:
+                   x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, s: int, inner_lr: float,
+                   mu: float, mu_cls: float, mode: str = "nearest", inner_loss=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The CIM bilevel objective (paper Sec. 4) for one outer step, a scalar differentiable in phi,
+    as the official step (``models/foster.py:160-194``, ``:247-285``):
 
+    * every image of the batch ``(x, y)`` (new-class images and exemplars alike) softly compressed
+      by its CIM mask ``c`` (the CAM of its label under the CIM forward);
     * inner: one SGD step of the CIL parameters ``trainable`` (``fixed``: the others and the
-      buffers) on ``inner_loss(params, x, y)`` (default: CE of the net's logits; the per-epoch
-      meta-iterations: the method's full training loss, ``method_inner_loss``) over the exemplars ``(ex_x,
-      ex_y)`` and the new images softly compressed by the CIM masks ``c``:
-      ``theta' = theta - inner_lr * grad`` (the graph kept back to phi);
-    * outer: CE of ``theta'`` on a fresh real batch ``(val_x, val_y)`` + ``mu * mean(c_f^2)``, the
-      memory regulariser on the normalised CAM at feature resolution ``c_f`` (the official code's
-      ``MSE(CAM, 0)``: a larger mask costs memory) + ``mu_cls * CE`` of the CIM model.
+      buffers) on ``inner_loss(params, x, y)`` of the compressed batch (default: CE of the net's
+      logits; the per-epoch meta-iterations: the method's full training loss,
+      ``method_inner_loss``): ``theta' = theta - inner_lr * grad`` (the graph kept back to phi);
+    * outer: CE of ``theta'`` on the next batch ``(val_x, val_y)`` of real images + ``mu *
+      mean(c_f^2)``, the memory regulariser on the normalised CAM at feature resolution ``c_f`` (the
+      official ``MSE(CAM, 0)``: a larger mask costs memory) + ``mu_cls * CE`` of the CIM model's
+      logits on ``(x, y)``.
     All images normalised ``[B, C, H, W]``."""
-    c, cim_logits, c_feat = cim.cam_and_logits(net, new_x, new_y)
-    soft = soft_compress(new_x, c, s, mode)
-    xs = soft if ex_x is None else torch.cat([ex_x, soft])
-    ys = new_y if ex_y is None else torch.cat([ex_y, new_y])
+    c, cim_logits, c_feat = cim.cam_and_logits(net, x, y)
+    soft = soft_compress(x, c, s, mode)
     if inner_loss is None:
-        inner = F.cross_entropy(at_least_float32(functional_call(net, {**fixed, **trainable}, (xs,)).logits), ys)
+        inner = F.cross_entropy(at_least_float32(functional_call(net, {**fixed, **trainable}, (soft,)).logits), y)
     else:
-        inner = at_least_float32(inner_loss(trainable, xs, ys))
+        inner = at_least_float32(inner_loss(trainable, soft, y))
     names = list(trainable)
     grads = torch.autograd.grad(inner, [trainable[k] for k in names], create_graph=True, allow_unused=True)
     updated = {k: trainable[k] if g is None else trainable[k] - inner_lr * g for k, g in zip(names, grads)}
     val = F.cross_entropy(at_least_float32(functional_call(net, {**fixed, **updated}, (val_x,)).logits), val_y)
     reg = (c_feat ** 2).mean()
-    ce_cim = F.cross_entropy(at_least_float32(cim_logits), new_y)
+    ce_cim = F.cross_entropy(at_least_float32(cim_logits), y)
     loss = val + mu * reg + mu_cls * ce_cim
     return loss, {k: float(v.detach()) for k, v in (("val", val), ("reg", reg), ("ce_cim", ce_cim), ("mask", c.mean()))}
 

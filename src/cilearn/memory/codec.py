@@ -290,15 +290,16 @@ def random_box_artifacts(x: torch.Tensor, prob: float, s: int, gen: torch.Genera
 
 def own_box_artifacts(x: torch.Tensor, boxes: torch.Tensor, changed: torch.Tensor, s: int,
                       mode: str = "nearest") -> torch.Tensor:
-    """Rows ``changed [B]`` of ``x [B, C, H, W]`` compressed around their own boxes ``[B, 4]``
-    (y0, x0, y1, x1): outside the box ``up(down(x))``, inside the pixels as they are."""
+    """Rows ``changed [B]`` of ``x [B, C, H, W]`` (uint8, or float pixels) compressed around their
+    own boxes ``[B, 4]`` (y0, x0, y1, x1): outside the box ``up(down(x))``, inside the pixels as
+    they are; the images' dtype (uint8 rounded)."""
     H, W = x.shape[-2:]
     ii = torch.arange(H, device=x.device).view(1, H, 1)
     jj = torch.arange(W, device=x.device).view(1, 1, W)
     y0, x0, y1, x1 = (b.view(-1, 1, 1).to(x.device) for b in boxes.unbind(1))
     inbox = (ii >= y0) & (ii < y1) & (jj >= x0) & (jj < x1)                      # [B, H, W]
     keep = inbox | ~changed.view(-1, 1, 1)
-    return torch.where(keep[:, None], x, blur(x, s, mode).to(x.dtype))
+    return torch.where(keep[:, None], x, _store_dtype(x, blur(x, s, mode)))
 
 
 def soft_compress(x: torch.Tensor, c: torch.Tensor, s: int, mode: str = "nearest") -> torch.Tensor:

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from ..components import Component, option, register
+from ..data.augment import Draw
+from ..data.rows import as_tensor
 from ..errors import ConfigError
 from ..models.net import batch_statistics, eval_mode
 from ..train import lr_at
-from .cim import CIMModel, meta_batch, meta_steps, method_inner_loss
+from .cim import CIMModel, MetaBatches, meta_batch, meta_steps, method_inner_loss
 from .codec import RESAMPLE, boxes_from_cam, cam, class_vectors, own_box_artifacts, random_box_artifacts
 
 
@@ -82,7 +84,7 @@ class Compressor(Component):
     needs_memory = True
     single_process = "its codes are not broadcast between ranks"
     with_boxes = True
-    per_phase = ("boxes",)
+    per_phase = ("boxes_",)
 
     def __init__(self, options, services):
         super().__init__(options, services)
@@ -98,6 +100,14 @@ class Compressor(Component):
 
     def boxes(self, net, normalize, x: torch.Tensor, c: int) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def cam_view(self, normalize):
+        """The network input a box's CAM is computed on: the whole stored image resized to the
+        input (the run's ``Augmenter.whole``; official ``cam_trsf``, ``Resize((224, 224))`` of the
+        whole image, ``utils/data.py``, the CAM then resized to the stored image,
+        ``models/base.py:387``); ``normalize`` for a compressor without the run's augmenter."""
+        aug = getattr(self.services, "augmenter", None)
+        return normalize if aug is None else aug.whole
 
     # ------------------------------------------------------------ the training side: artifacts
     def probability(self) -> float:
@@ -124,7 +134,8 @@ class Compressor(Component):
             self.refresh_boxes(ctx)
 
     def before_step(self, step):
-        p, batch, phase = self.probability(), step.batch, step.ctx.phase
+        p, batch, ctx = self.probability(), step.batch, step.ctx
+        phase = ctx.phase
         if p <= 0 or (self.options.artifacts == "random-box" and phase.index == 0):
             return
         g = self.services.gen
@@ -135,9 +146,24 @@ class Compressor(Component):
                 & (batch.y >= phase.start)
             if not bool(changed.any()):
                 return
-            x = own_box_artifacts(batch.x, self.boxes_[batch.idx], changed, self.s, self.mode)
+            x = batch.x.clone()
+            x[changed] = self.compressed_views(ctx.x, batch, changed).to(x.dtype)
         if bool(changed.any()):
             step.batch = batch._replace(x=x, view=None)
+
+    def compressed_views(self, stored, batch, changed: torch.Tensor) -> torch.Tensor:
+        """The rows ``changed [B]`` of a training batch as they would have been had their stored
+        images been compressed around their own boxes before the augmentation, as the official code
+        (``utils/data_manager.py:186-193``: ``BbxBlur`` on the stored image, then the train
+        transform): each stored image (``stored[batch.idx]``, uint8) compressed at its stored
+        resolution, then augmented by the batch's own parameters (``batch.aug``; None: a batch from
+        outside the training loop, taken as unaugmented). Normalised ``[n, C, S, S]``."""
+        rows = batch.idx[changed]
+        raw = as_tensor(stored[rows])                                               # [n, C, H, W] uint8
+        every = torch.ones(len(rows), dtype=torch.bool, device=raw.device)
+        comp = own_box_artifacts(raw, self.boxes_[rows].to(raw.device), every, self.s, self.mode)
+        drawn = batch.aug.rows(changed) if batch.aug is not None else Draw()
+        return self.services.augmenter.apply(comp, drawn)[0]
 
     def state_dict(self):
         if not self.epochs_done:
@@ -177,8 +203,10 @@ class CAMCompressor(Compressor):
 
     @torch.no_grad()
     def boxes(self, net, normalize, x, c):
+        view = self.cam_view(normalize)
+
         def one(xb):
-            out = net(normalize(xb))
+            out = net(view(xb))
             v = class_vectors(net.head).float()[c].expand(len(xb), -1)
             return boxes_from_cam(cam(out.maps[-1].float(), v, tuple(xb.shape[-2:])), self.options.tau)
         with eval_mode(net):
@@ -262,6 +290,7 @@ class CIMCompressor(CAMCompressor):
         super().phase_start(ctx)
         o = self.options
         phi = self.model.ensure(ctx.model)          # rationals in a new extractor too
+        phi.inherit()                               # ... starting from the previous extractor's
         phi.freeze_phi()
         phi.fallbacks = 0
         self.steps, self.seconds, self.skipped = 0, 0.0, 0
@@ -274,22 +303,18 @@ class CIMCompressor(CAMCompressor):
     def epoch_end(self, ctx, epoch):
         super().epoch_end(ctx, epoch)
         o, s, phase = self.options, self.services, ctx.phase
-        new = (ctx.y >= phase.start).nonzero().flatten()
-        if len(new) == 0:
+        if not bool((ctx.y >= phase.start).any()):
             return
         t0 = time.perf_counter()
         inner_lr = o.inner_ratio * lr_at(s.fit_settings(phase), epoch, 0, 1)
         clip = o.grad_clip * (1.0 if phase.index == 0 else math.sqrt(2))
-        net, mem = ctx.model, ctx.memory.data() if ctx.memory is not None else None
-        old = None
-        if mem is not None and phase.index > 0:
-            keep = mem[1] < phase.start
-            old = (mem[0][keep], mem[1][keep]) if bool(keep.any()) else None
-        xn, yn = ctx.x[new], ctx.y[new]
+        net = ctx.model
+        # the phase's training set (new images and stored exemplars), train-augmented (official trainval_loader)
+        batches = MetaBatches(ctx.x, ctx.y, o.batch_size, s.gen, lambda xb, g: s.augmenter.train(xb, g)[0])
         n = max(1, int(o.per_class * phase.num_new))
         inner = method_inner_loss(net, ctx.loss) if o.inner_loss == "method" and ctx.loss is not None else None
         with eval_mode(net) if o.bn == "running" else batch_statistics(net):
-            skipped, _, _ = meta_steps(net, self.model, n, lambda: meta_batch(xn, yn, old, o.batch_size, s.gen, s.test_view),
+            skipped, _, _ = meta_steps(net, self.model, n, lambda: meta_batch(batches),
                                        self.opt, clip, self.s, inner_lr, o.reg_weight, o.cls_weight, self.mode,
                                        inner_loss=inner, only="backbone." if o.inner_params == "backbone" else "")
         self.steps += n
@@ -303,20 +328,24 @@ class CIMCompressor(CAMCompressor):
         self.model.ensure(net)
         if o.iterations == 0 or len(x) == 0:
             return
+        if memory_data is not None:       # the new images and the stored exemplars, unaugmented
+            x, y = torch.cat([x, memory_data[0]]), torch.cat([y, memory_data[1]])
+        batches = MetaBatches(x, y, o.batch_size, gen, lambda xb, g: normalize(xb))
         with eval_mode(net):              # BatchNorm with running statistics, as the Mnemonics step
             opt = torch.optim.Adam(self.model.parameters(), lr=o.lr)
-            skipped, first, last = meta_steps(net, self.model, o.iterations,
-                                              lambda: meta_batch(x, y, memory_data, o.batch_size, gen, normalize),
+            skipped, first, last = meta_steps(net, self.model, o.iterations, lambda: meta_batch(batches),
                                               opt, o.grad_clip, self.s, o.inner_lr, o.reg_weight, o.cls_weight, self.mode)
         self.stats = {"cim_loss_first": first["loss"], "cim_loss_last": last["loss"],
                       "cim_mask_first": first["mask"], "cim_mask_last": last["mask"], "cim_skipped": skipped}
 
     @torch.no_grad()
     def boxes(self, net, normalize, x, c):
+        view = self.cam_view(normalize)
+
         def one(xb):
             phi = self.model.ensure(net)
             y = torch.full((len(xb),), c, dtype=torch.long, device=xb.device)
-            return boxes_from_cam(phi.masks(net, normalize(xb), y), self.options.tau)
+            return boxes_from_cam(phi.masks(net, view(xb), y, tuple(xb.shape[-2:])), self.options.tau)
         with eval_mode(net):
             return _batched_boxes(one, x)
 
