@@ -33,6 +33,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "dataset": ("data.dataset", str, "data set (see `cilearn list`)"),
     "data-dir": ("data.data_dir", str, "directory holding the data set files"),
     "image-size": ("data.image_size", int, "image folders: resize decoded images to this many px"),
+    "input-size": ("data.input_size", int, "the network input's side in px, when smaller than the stored images "
+                   "(training crops from them, evaluation takes their centre crop)"),
     "train-list": ("data.train_list", str, "image folders: list file of 'relative/path label' lines"),
     "test-list": ("data.test_list", str, "image folders: list file for the test split"),
     "train-per-class": ("data.train_per_class", int, "keep a seeded subset of N training images per class"),

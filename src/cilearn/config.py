@@ -30,6 +30,9 @@ class DataConfig:
     train_per_class: int | None = None   # keep a seeded subset of N training images per class
     test_per_class: int | None = None    # evaluate on a seeded subset of N test images per class
     image_size: int | None = None        # image folders: decoded images are resized to this (px)
+    # the network input's side (px); smaller than the stored images: training crops from them
+    # (crop-flip, rrc-flip), evaluation takes their centre crop; None: the stored images' size
+    input_size: int | None = None
     train_list: str | None = None
     test_list: str | None = None
     cache_dir: str | None = None

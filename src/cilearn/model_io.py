@@ -88,6 +88,7 @@ class ModelSpec:
     num_classes: int = 0                  # head rows (set by save_model)
     logit_bias: bool = False              # a calibration's per-class logit correction (BiC) is part of the net
     prototypes: bool = False              # NME class means saved in model.safetensors
+    input_size: int | None = None         # the network input's side, the images' centre crop (None: H)
     weights_sha256: str = ""              # of model.safetensors
     cilearn_version: str = __version__
     format: str = FORMAT
@@ -100,7 +101,7 @@ def run_spec(cfg, ds, arch: dict[str, Any], tasks: Sequence[tuple[int, int]], am
                      std=[float(v) for v in ds.std], class_order=list(cfg.scenario.class_order), class_names=names,
                      tasks=[[a, b] for a, b in tasks], dataset=cfg.data.dataset, seed=cfg.seed,
                      precision="bf16" if amp is not None else "fp32", channels_last=cfg.train.channels_last,
-                     eval_batch_size=cfg.train.eval_batch_size)
+                     eval_batch_size=cfg.train.eval_batch_size, input_size=cfg.data.input_size)
 
 
 def save_model(out: Path, net: torch.nn.Module, spec: ModelSpec, prototypes: torch.Tensor | None) -> None:
@@ -150,6 +151,9 @@ def read_spec(path: Path) -> ModelSpec:
         if not isinstance(d.get(k), tp):
             raise ModelFileError(f"{spec_file}: key '{k}' is missing or not a {tp.__name__}; "
                                  "the file was edited or not written by this version of cilearn")
+    if not isinstance(d.get("input_size"), (int, type(None))):
+        raise ModelFileError(f"{spec_file}: key 'input_size' is not an integer; "
+                             "the file was edited or not written by this version of cilearn")
     known = {f.name for f in dataclasses.fields(ModelSpec)}
     return ModelSpec(**{k: v for k, v in d.items() if k in known})
 
@@ -209,7 +213,7 @@ class TrainedModel:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.autocast = torch.bfloat16 if precision == "bf16" else None
         self.prototypes = prototypes.to(device) if prototypes is not None else None
-        self.augmenter = Augmenter("none", 0, spec.mean, spec.std, spec.channels_last)
+        self.augmenter = Augmenter("none", 0, spec.mean, spec.std, spec.channels_last, spec.input_size)
         self._labels = torch.tensor(spec.class_order, dtype=torch.long, device=device)   # id -> label
 
     @property

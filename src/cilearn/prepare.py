@@ -105,6 +105,19 @@ def load_data(cfg: RunConfig, plan: DataPlan):
     return ds
 
 
+def input_side(cfg: RunConfig, image_shape) -> int:
+    """The network input's side: ``--input-size`` (checked against the stored images ``image_shape``
+    ``[C, H, W]``), else the stored images' side."""
+    H = image_shape[-1]
+    size = cfg.data.input_size
+    if size is None:
+        return H
+    if not 1 <= size <= H:
+        where = " (--image-size)" if cfg.data.dataset == "imagefolder" else ""
+        raise ConfigError(f"--input-size {size} must be between 1 and the stored images' side, {H} px{where}")
+    return size
+
+
 def _compile_supported() -> bool:
     try:
         import torch._dynamo
@@ -131,9 +144,10 @@ def prepare(cfg: RunConfig, strict: bool = True):
     distributed.check_config(cfg, early.classes)
     data = plan_data(cfg)                         # the data set's classes and size; nothing written yet
     epochs_given = cfg.train.epochs is not None
-    cfg = resolve(cfg, data.num_classes, data.image_shape[-1], recipe.training)
+    side = input_side(cfg, data.image_shape)
+    cfg = resolve(cfg, data.num_classes, side, recipe.training)
     facts = RunFacts(cfg, recipe.training.for_dataset(cfg.data.dataset), cfg.data.dataset in QUICK_EPOCHS, epochs_given)
-    p = plan(cfg, data.image_shape[-1], strict, facts)
+    p = plan(cfg, side, strict, facts)
     resolved_config(cfg, p)                       # the choices and options that run, in place of "the recipe's"
     cfg.data.augment = cfg.data.augment or data.augment
     cfg.eval.nme = p.memory or recipe.nme if cfg.eval.nme is None else cfg.eval.nme

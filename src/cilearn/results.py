@@ -165,6 +165,7 @@ def compare_index(groups: list[Group], out: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- protocol of runs compared
 # (config key, words): what runs compared in one table should share; those in DATA: the data set itself
 PROTOCOL = (("data.dataset", "data set"), ("classes", "number of classes"), ("data.image_size", "image size"),
+            ("data.input_size", "network input size"),
             ("data.data_dir", "data directory"), ("data.train_per_class", "training images per class"),
             ("scenario.base", "base classes"), ("scenario.increment", "increment"))
 DATA = {"data.dataset", "classes", "data.image_size"}

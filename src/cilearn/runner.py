@@ -203,7 +203,7 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
     place = (lambda t: HostRows(t, device)) if resident == "host" else (lambda t: t.to(device))  # noqa: E731
     data = SplitData(place(ds.train_x), scenario.relabel(ds.train_y).to(device),
                      place(ds.test_x), scenario.relabel(ds.test_y).to(device))
-    aug = Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std, cfg.train.channels_last)
+    aug = Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std, cfg.train.channels_last, cfg.data.input_size)
     arch = architecture(plan, ds.image_shape[0])
     net = build_from(arch).to(device)
     if cfg.train.channels_last:

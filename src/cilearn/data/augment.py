@@ -117,8 +117,6 @@ class Augmenter:
         flip = uniform() < 0.5
         if self.policy == "crop-flip" and (self.pad > 0 or self.out_size(H) < H):
             n = H + 2 * self.pad - self.out_size(H) + 1       # window positions per side (square images)
-            if n < 1:
-                raise ConfigError(f"--data.input-size {self.size} is larger than the stored {H}x{W} images plus the padding")
             corner = torch.randint(0, n, (2, batch), generator=gen, device=gen.device).to(dev)[:, span]
             return Draw(flip, corner.T)
         if self.policy == "rrc-flip":
