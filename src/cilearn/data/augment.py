@@ -67,17 +67,17 @@ class Augmenter:
         out = torch.addcmul(self._shift, x.float(), self._scale)
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
-    def out_size(self, H: int) -> int:
-        """The network input's side for stored images of side ``H``."""
-        return H if self.size is None else self.size
+    def out_size(self, H: int, W: int) -> tuple[int, int]:
+        """The network input's (height, width) for stored images of ``H x W``."""
+        return (H, W) if self.size is None else (self.size, self.size)
 
     def centre(self, x: torch.Tensor) -> torch.Tensor:
         """The centre ``size x size`` crop of larger images (the images themselves otherwise)."""
         H, W = x.shape[-2:]
-        S = self.out_size(H)
-        if S >= H and S >= W:
+        if self.size is None or (self.size >= H and self.size >= W):
             return x
-        top, left = (H - S) // 2, (W - S) // 2
+        S = self.size
+        top, left = max(0, (H - S) // 2), max(0, (W - S) // 2)
         return x[..., top:top + S, left:left + S]
 
     def test(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,10 +89,10 @@ class Augmenter:
         the view the CAM boxes are computed on (CIM's official ``cam_trsf``, Resize((224, 224)));
         the test view where the images are the input's size."""
         x = as_tensor(x)
-        S = self.out_size(x.shape[-2])
-        if tuple(x.shape[-2:]) == (S, S):
+        size = self.out_size(*x.shape[-2:])
+        if tuple(x.shape[-2:]) == size:
             return self.normalize(x)
-        return self.normalize(F.interpolate(x.float(), size=(S, S), mode="bilinear", antialias=True,
+        return self.normalize(F.interpolate(x.float(), size=size, mode="bilinear", antialias=True,
                                             align_corners=False).round_().clamp_(0, 255))
 
     def view(self, x: torch.Tensor, v: int) -> torch.Tensor:
@@ -115,8 +115,8 @@ class Augmenter:
         if self.policy == "none":
             return Draw()
         flip = uniform() < 0.5
-        if self.policy == "crop-flip" and (self.pad > 0 or self.out_size(H) < H):
-            n = H + 2 * self.pad - self.out_size(H) + 1       # window positions per side (square images)
+        if self.policy == "crop-flip" and (self.pad > 0 or self.out_size(H, W) != (H, W)):
+            n = H + 2 * self.pad - self.out_size(H, W)[0] + 1    # window positions per side (square images)
             corner = torch.randint(0, n, (2, batch), generator=gen, device=gen.device).to(dev)[:, span]
             return Draw(flip, corner.T)
         if self.policy == "rrc-flip":
@@ -128,11 +128,11 @@ class Augmenter:
         ``[B, C, S, S]``, view ids ``[B]`` for finite policies, else None)."""
         x = as_tensor(x)
         B, dev = x.shape[0], x.device
-        S = self.out_size(x.shape[-2])
+        size = self.out_size(*x.shape[-2:])
         if d.corner is not None:
-            x = crop_windows(F.pad(x, (self.pad,) * 4), d.corner.to(dev), S)
+            x = crop_windows(F.pad(x, (self.pad,) * 4), d.corner.to(dev), size)
         elif d.theta is not None:
-            x = resized_crop(x, d.theta.to(dev), S)
+            x = resized_crop(x, d.theta.to(dev), size)
         else:
             x = self.centre(x)
         if d.flip is not None:
@@ -148,14 +148,14 @@ class Augmenter:
         return self.apply(x, self.draw(x.shape, gen, span, batch, x.device))
 
 
-def crop_windows(xp: torch.Tensor, corner: torch.Tensor, S: int) -> torch.Tensor:
-    """The ``S x S`` window of each image of ``xp [B, C, H, W]`` at ``corner [B, 2]`` (row,
+def crop_windows(xp: torch.Tensor, corner: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The ``size`` (h, w) window of each image of ``xp [B, C, H, W]`` at ``corner [B, 2]`` (row,
     column of its top-left pixel), one gather."""
-    B = xp.shape[0]
-    rows = (corner[:, 0, None] + torch.arange(S, device=xp.device))[:, :, None]   # [B, S, 1]
-    cols = (corner[:, 1, None] + torch.arange(S, device=xp.device))[:, None, :]   # [B, 1, S]
+    B, (h, w) = xp.shape[0], size
+    rows = (corner[:, 0, None] + torch.arange(h, device=xp.device))[:, :, None]   # [B, h, 1]
+    cols = (corner[:, 1, None] + torch.arange(w, device=xp.device))[:, None, :]   # [B, 1, w]
     b = torch.arange(B, device=xp.device)[:, None, None]
-    return xp.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2)              # [B, C, S, S]
+    return xp.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2)              # [B, C, h, w]
 
 
 def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator, span: slice | None = None,
@@ -165,7 +165,7 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator, span: slice | N
     B, C, H, W = x.shape
     span, batch = (slice(0, B), B) if span is None else (span, batch)
     corner = torch.randint(0, 2 * pad + 1, (2, batch), generator=gen, device=gen.device).to(x.device)[:, span]
-    return crop_windows(F.pad(x, (pad, pad, pad, pad)), corner.T, H)
+    return crop_windows(F.pad(x, (pad, pad, pad, pad)), corner.T, (H, W))
 
 
 def resized_crop_theta(uniform, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
@@ -184,11 +184,11 @@ def resized_crop_theta(uniform, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torc
     return theta
 
 
-def resized_crop(x: torch.Tensor, theta: torch.Tensor, S: int) -> torch.Tensor:
-    """The crops ``theta [B, 2, 3]`` of ``x [B, C, H, W]`` resized (bilinear) to ``S x S``, float
-    pixels rounded to integers, one ``grid_sample``."""
+def resized_crop(x: torch.Tensor, theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The crops ``theta [B, 2, 3]`` of ``x [B, C, H, W]`` resized (bilinear) to ``size`` (h, w),
+    float pixels rounded to integers, one ``grid_sample``."""
     B, C = x.shape[:2]
-    grid = F.affine_grid(theta, (B, C, S, S), align_corners=False)
+    grid = F.affine_grid(theta, (B, C, *size), align_corners=False)
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.round_().clamp_(0, 255)
 
