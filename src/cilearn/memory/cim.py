@@ -1,10 +1,11 @@
 """CIM's mask model and its bilevel step (Luo, Liu, Schiele & Sun, CVPR 2023, Sec. 4; the official
 code ``xfflzl/CIM-CIL``): the rational activations phi that turn the CIL network into the CIM
-model (``Rational``, ``CIMModel``), the bilevel objective of one outer step (``cim_outer_loss``:
-one differentiable SGD step of the CIL model on exemplars and softly compressed new images, then
-the updated model's loss on real images plus the memory regulariser and the CIM model's CE), and
-``meta_steps``, the one loop of outer steps that both the per-epoch meta-iterations and the
-phase-end iterations of the ``cim`` compressor (``cilearn.memory.compressors``) run.
+model (``Rational``, ``CIMModel``), its batches (``MetaBatches``: the phase's new images and
+exemplars mixed, train-augmented), the bilevel objective of one outer step (``cim_outer_loss``:
+one differentiable SGD step of the CIL model on a softly compressed batch, then the updated
+model's loss on the next batch of real images plus the memory regulariser and the CIM model's
+CE), and ``meta_steps``, the one loop of outer steps that both the per-epoch meta-iterations and
+the phase-end iterations of the ``cim`` compressor (``cilearn.memory.compressors``) run.
 """
 from __future__ import annotations
 

@@ -76,8 +76,9 @@ class Compressor(Component):
     phase (``official``), each around its own box (this compressor's boxes of the phase's new-class
     images under the current model, recomputed every ``artifact_refresh`` epochs), with probability
     ``artifact_prob x (epochs done // artifact_refresh)`` (0 until the first refresh: with fewer
-    epochs per phase it never applies); ``random-box``: a random box, probability
-    ``artifact_prob``, phases > 0. A changed batch is no longer one of the old-output cache's views
+    epochs per phase it never applies), compressed as stored and then given the batch's own crop
+    and flip (``compressed_views``); ``random-box``: a random box on the augmented image,
+    probability ``artifact_prob``, phases > 0. A changed batch is no longer one of the old-output cache's views
     (``view=None``): the old model then runs on the changed images. Draws from the run's generator;
     the epoch count and boxes are state (exact resume). Refused without exemplars."""
     Options = CompressorOptions
@@ -262,8 +263,10 @@ class CIMCompressor(CAMCompressor):
       epochs, gradient norm clipped at ``grad_clip`` (x sqrt 2 after the first phase, as the
       official code), the inner step the method's training loss on the extractor at
       ``inner_ratio`` x the epoch's lr; the CIL model in eval mode (``bn`` batch: on batch
-      statistics, ``batch_statistics``). Batches from the run's generator; Adam and the schedule
-      are state, so a run stopped inside a phase resumes exactly. ``cim_meta_steps`` /
+      statistics, ``batch_statistics``). Batches (``MetaBatches``) of the phase's training set,
+      train-augmented, from the run's generator; phi is the trainable extractors' rationals, a new
+      extractor's started from the previous one's (``CIMModel.trained``, ``inherit``); Adam and
+      the schedule are state, so a run stopped inside a phase resumes exactly. ``cim_meta_steps`` /
       ``cim_meta_seconds`` / ``cim_meta_skipped`` per phase in ``metrics.json``;
     * at each phase end, ``iterations`` more steps (0: none, the official), before the boxes.
     """
