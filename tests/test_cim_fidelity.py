@@ -268,3 +268,10 @@ def test_image_folder_stored_larger_than_the_input_is_compressed_before_the_crop
     want = model.net(((ds.test_x[:, :, 2:14, 2:14].float() / 255) - torch.tensor(ds.mean).view(1, 3, 1, 1))
                      / torch.tensor(ds.std).view(1, 3, 1, 1)).logits
     assert torch.allclose(model.logits(ds.test_x), want, atol=1e-5)
+
+
+def test_an_input_larger_than_the_stored_images_is_one_line_and_writes_nothing(tmp_path, capsys):
+    assert main(["run", "--dataset", "digits", "--input-size", "9", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cilearn: error: --input-size 9 must be between 1 and the stored images' side, 8 px"]
+    assert not (tmp_path / "r").exists()

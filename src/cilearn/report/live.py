@@ -62,7 +62,7 @@ def attention_figure(run, phase: int, teacher: torch.nn.Module, num_old: int, n:
         cam_s = gradcam(o.maps[-1], o.logits, b, create_graph=False, retain_graph=False)
     names = run.class_names
     titles = [f"y={names[int(a)]} b={names[int(c)]}" for a, c in zip(y, b)]
-    return overlay_grid(x.cpu(), cam_t, cam_s, run.out / f"attention-phase{phase}.png", titles)
+    return overlay_grid(aug.centre(x).cpu(), cam_t, cam_s, run.out / f"attention-phase{phase}.png", titles)   # what the nets saw
 
 
 def exemplar_figure(ctx, phase, originals: dict) -> Path:
