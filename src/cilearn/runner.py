@@ -197,7 +197,8 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
     meta["resident"] = resident          # where the uint8 images live: device, or host (batches moved)
     if writes and not (out / "config.yaml").exists():
         used = prune(to_dict(cfg), cfg, plan)   # only the options this run uses
-        atomic_write(out / "config.yaml", yaml.safe_dump({**used, "meta": meta}, sort_keys=False))
+        used.pop("out", None)   # where it ran is in meta: `cilearn run --config RUN/config.yaml` writes a new run
+        atomic_write(out / "config.yaml", yaml.safe_dump({**used, "meta": {**meta, "run_dir": str(out)}}, sort_keys=False))
 
     scenario = Scenario.make(ds.num_classes, cfg.scenario.base, cfg.scenario.increment, cfg.scenario.class_order)
     place = (lambda t: HostRows(t, device)) if resident == "host" else (lambda t: t.to(device))  # noqa: E731
