@@ -164,6 +164,7 @@ def _execute(cfg, ds, plan: RunPlan, device, amp, out: Path, echo: bool, wall0: 
     events = observer if observer is not None and writes else NULL
     ckpt = None
     try:
+        torch.set_num_threads(cfg.train.threads)       # (cilearn.threads; resolved by prepare)
         torch.manual_seed(cfg.seed)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         ckpt = Checkpointer(out if writes else None, cfg.train.checkpoint_every, gen)
@@ -316,6 +317,7 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
 
     metrics = summarize(evals, phase_rows, memory, wall_before + time.perf_counter() - wall0,
                         cfg.scenario.class_order, names)
+    metrics["threads"] = cfg.train.threads
     if world > 1:
         metrics["distributed"] = meta["distributed"]
     if writes:     # the final model (model_io), then metrics.json (the run is complete), then no resume state
