@@ -82,7 +82,7 @@ class Compressor(Component):
     needs_memory = True
     single_process = "its codes are not broadcast between ranks"
     with_boxes = True
-    per_phase = ("boxes",)
+    per_phase = ("boxes_",)
 
     def __init__(self, options, services):
         super().__init__(options, services)
