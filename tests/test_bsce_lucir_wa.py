@@ -9,19 +9,25 @@ import torch.nn.functional as F
 
 import cilearn
 from cilearn.api import load_model
+from cilearn.calibration import BalancedFinetune, clip_nonnegative, weight_align
 from cilearn.checkpoint import load_checkpoint
+from cilearn.classification import BalancedSoftmaxCE
 from cilearn.cli import main
+from cilearn.components import Components, PhaseContext, Step, build, component_class
+from cilearn.config import RunConfig, from_dict
 from cilearn.data.augment import Augmenter
 from cilearn.data.scenario import Phase
-from cilearn.losses import CLS_LOSSES, balanced_softmax_ce, cross_entropy, less_forget, lucir_lambda, margin_ranking
+from cilearn.imprint import imprint_weights
+from cilearn.learner import Learner
+from cilearn.losses import balanced_softmax_ce, cross_entropy, less_forget, lucir_lambda, margin_ranking
 from cilearn.memory import Budget, Memory
 from cilearn.methods import METHODS
-from cilearn.services import Context
-from cilearn.calibration import BalancedFinetune, clip_nonnegative, weight_align
-from cilearn.components import PhaseData
-from cilearn.imprint import imprint_weights
-from cilearn.models.heads import HEADS, CosineHead
-from cilearn.models import build_net
+from cilearn.methods.recipe import plan
+from cilearn.model_io import architecture, build_from
+from cilearn.models import part
+from cilearn.models.heads import CosineHead
+from cilearn.services import RunServices, SplitData
+from cilearn.train import Batch
 
 
 # ---------------------------------------------------------------- BSCE
@@ -34,7 +40,9 @@ def test_bsce_by_hand():
     assert balanced_softmax_ce(z, y, n).item() == pytest.approx(math.log(1 + 6 / math.e), abs=1e-6)
     # the same as CE on the logits shifted by log n
     assert balanced_softmax_ce(z, y, n).item() == pytest.approx(cross_entropy(z + n.log(), y).item(), abs=1e-6)
-    assert CLS_LOSSES.get("bsce") is balanced_softmax_ce
+    # the classification component --loss bsce binds the same function
+    bsce = build(component_class("classification", "bsce"), {}, None)
+    assert isinstance(bsce, BalancedSoftmaxCE) and torch.equal(bsce.loss(z, y, n), balanced_softmax_ce(z, y, n))
 
 
 def test_bsce_equals_ce_with_equal_counts():
@@ -65,23 +73,53 @@ def test_bsce_zero_count_is_finite_and_gets_no_probability():
     assert big.item() == pytest.approx(math.log(1 + 10 / 1e-4), rel=1e-4) and math.isfinite(big.item())
 
 
+def _learner(quick, method, per_class=4, **over) -> Learner:
+    """The engine's side of a run of ``method`` on a tiny network (the recipe's backbone and head on
+    8x8 one-channel images), with the recipe's components and their effective options (``plan``),
+    no checkpoints; the memory (the run's selection rule) when the recipe keeps exemplars."""
+    torch.manual_seed(0)
+    cfg = quick(method=method, **over)
+    p = plan(cfg, 8)
+    net = build_from(architecture(p, 1))
+    aug = Augmenter("none", 0, (0.5,), (0.5,), channels_last=False)
+    services = RunServices(cfg, net, None, aug, torch.device("cpu"), torch.Generator().manual_seed(0), None)
+    parts = p.build(services)
+    if p.memory:
+        services.memory = Memory(Budget(per_class=per_class), next(c for c in parts if c.kind == "selection"))
+    return Learner(services, Components(parts))
+
+
+def _named(learner: Learner) -> dict:
+    return {c.name: c for c in learner.components.parts}
+
+
+def _step(learner: Learner, x: torch.Tensor, y: torch.Tensor) -> tuple[Step, object]:
+    """A main-stage step of the phase begun on uint8 ``x``, labels ``y`` (test view), and the
+    student's output on it."""
+    batch = Batch(learner.s.augmenter.test(x), y, torch.arange(len(y)), None)
+    step = Step(batch, learner.ctx)
+    return step, learner.net(batch.x)
+
+
 def test_bsce_counts_are_the_phase_training_set(quick):
     """n_j = new-class images + each old class's exemplars, from the actual training set."""
-    torch.manual_seed(0)
-    net = build_net("convnet", "linear", 1)
-    net.add_classes(2)
-    mem = Memory(Budget(per_class=3))
+    learner = _learner(quick, "icarl-bsce", per_class=3)
+    learner.net.add_classes(2)
+    mem = learner.s.memory
     mem.exemplars = {0: torch.zeros(3, 1, 8, 8, dtype=torch.uint8), 1: torch.zeros(2, 1, 8, 8, dtype=torch.uint8)}
-    aug = Augmenter("none", 0, (0.5,), (0.5,), channels_last=False)
-    ctx = Context(quick(method="icarl-bsce"), net, mem, aug, torch.device("cpu"), torch.Generator(), None)
-    m = METHODS.get("icarl-bsce")(ctx)
-    assert m.cls_fn is balanced_softmax_ce
-    x, y = torch.zeros(13, 1, 8, 8, dtype=torch.uint8), torch.tensor([2] * 5 + [3] * 3)
-    from cilearn.services import SplitData
+    cls, = learner.components.of_kind("classification")
+    assert isinstance(cls, BalancedSoftmaxCE) and learner.cls_loss == cls.loss
+    x, y = torch.randint(0, 255, (13, 1, 8, 8), dtype=torch.uint8), torch.tensor([2] * 5 + [3] * 3)
     data = SplitData(x[:8], y, x[:1], y[:1])
-    xt, yt = m.training_set(Phase(1, 2, 4), data)
-    m.before_phase(Phase(1, 2, 4), xt, yt)
-    assert m.counts.tolist() == [3.0, 2.0, 5.0, 3.0]
+    xt, yt = learner.training_set(Phase(1, 2, 4), data)
+    learner.begin(Phase(1, 2, 4), xt, yt)
+    assert learner.ctx.counts.tolist() == [3.0, 2.0, 5.0, 3.0]
+    # the step's classification term is BSCE with those counts
+    learner.net.eval()
+    step, out = _step(learner, xt, yt)
+    terms = {n: v for n, _, v in learner.components.terms(step, out)}
+    want = balanced_softmax_ce(out.logits, yt, torch.tensor([3.0, 2.0, 5.0, 3.0]))
+    assert terms["cls"].item() == pytest.approx(want.item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------- LUCIR pieces
@@ -123,7 +161,7 @@ def test_imprint_weights_by_hand():
 
 
 def test_cosine_head_logits_and_growth():
-    h = HEADS.get("cosine")(2)
+    h = part("head", "cosine").create(2)
     assert isinstance(h, CosineHead) and h.sigma.item() == 1.0 and h.num_classes == 0
     h.add_classes(2)
     with torch.no_grad():
@@ -140,39 +178,34 @@ def test_cosine_head_logits_and_growth():
     assert h.sigma.grad is not None                                         # sigma is learnt
 
 
-def _ctx(quick, method, head="linear", per_class=4, **over):
-    torch.manual_seed(0)
-    net = build_net("convnet", head, 1)
-    aug = Augmenter("none", 0, (0.5,), (0.5,), channels_last=False)
-    mem = Memory(Budget(per_class=per_class))
-    cfg = quick(method=method, **over)
-    return Context(cfg, net, mem, aug, torch.device("cpu"), torch.Generator().manual_seed(0), None)
-
-
 def test_lucir_before_phase_imprints_and_freezes(quick):
-    ctx = _ctx(quick, "lucir", head="cosine")
-    ctx.net.add_classes(2)
-    m = METHODS.get("lucir")(ctx)
+    learner = _learner(quick, "lucir")
+    net = learner.net
+    assert isinstance(net.head, CosineHead)
+    net.add_classes(2)
     x = torch.randint(0, 255, (12, 1, 8, 8), dtype=torch.uint8)
     y = torch.tensor([0, 1] + [2] * 5 + [3] * 5)
-    old = ctx.net.head.weight.detach().clone()
-    m.before_phase(Phase(1, 2, 4), x, y)
-    w = ctx.net.head.weight.detach()
-    emb = ctx.embed(ctx.net, x)
+    old = net.head.weight.detach().clone()
+    learner.begin(Phase(1, 2, 4), x, y)             # grows the head by the phase's 2 classes, then phase_start
+    w = net.head.weight.detach()
+    assert w.shape[0] == 4
+    emb = learner.s.embed(net, x)
     expect = imprint_weights(emb[2:], y[2:], range(2, 4), old)
     for i, c in enumerate((2, 3)):   # the normalised mean of normalised embeddings, at the old mean norm
         d = F.normalize(F.normalize(emb[y == c], dim=1).mean(0), dim=0)
         assert torch.allclose(w[c], d * old.norm(dim=1).mean(), atol=1e-5)
     assert torch.allclose(w[2:], expect, atol=1e-6) and torch.equal(w[:2], old)
-    parts = {c.name: c for c in m.components.parts}
-    assert list(parts) == ["balanced-finetune", "less-forget", "margin-ranking", "imprint", "freeze-old-rows"]
-    assert parts["less-forget"].weight == pytest.approx(5.0 * 1.0)   # sqrt(2 old / 2 new)
+    parts = _named(learner)
+    assert [c.name for c in learner.components.parts if c.kind in ("term", "head-init", "constraint", "calibration")] \
+        == ["less-forget", "margin-ranking", "imprint", "freeze-old-rows", "balanced-finetune"]
+    step, out = _step(learner, x, y)
+    assert parts["less-forget"].terms(step, out)["less_forget"][0] == pytest.approx(5.0 * 1.0)   # sqrt(2 old / 2 new)
     # old rows are projected back before every step (frozen during the main stage)
     with torch.no_grad():
-        ctx.net.head.weight.add_(1.0)
-    m.constrain()
-    assert torch.equal(ctx.net.head.weight[:2].detach(), old)
-    assert not torch.equal(ctx.net.head.weight[2:].detach(), expect)
+        net.head.weight.add_(1.0)
+    learner.components.constrain(learner.ctx)
+    assert torch.equal(net.head.weight[:2].detach(), old)
+    assert not torch.equal(net.head.weight[2:].detach(), expect)
 
 
 # ---------------------------------------------------------------- WA
@@ -207,34 +240,49 @@ def test_wa_recipe_weights_and_end_to_end(quick):
     assert w[:8].norm(dim=1).mean().item() == pytest.approx(w[8:].norm(dim=1).mean().item(), rel=1e-4)
 
 
+def _wa_step_weights(quick, **over) -> tuple[dict[str, float], list[str]]:
+    """The loss terms' weights of a WA step in phase 3 (6 old classes, 2 new) and the run's
+    constraint and calibration components."""
+    learner = _learner(quick, "wa", **over)
+    learner.net.add_classes(6)
+    x, y = torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8), torch.tensor([6, 7, 0, 1])
+    learner.begin(Phase(3, 6, 8), x, y)
+    step, out = _step(learner, x, y)
+    weights = {n: w for n, w, _ in learner.components.terms(step, out)}
+    return weights, [c.name for c in learner.components.parts if c.kind in ("constraint", "calibration")]
+
+
 def test_wa_lambda_is_old_over_seen(quick):
-    ctx = _ctx(quick, "wa")
-    ctx.net.add_classes(6)
-    m = METHODS.get("wa")(ctx)
-    x = torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8)
-    m.before_phase(Phase(3, 6, 8), x, torch.tensor([6, 7, 0, 1]))
-    assert m.lam == pytest.approx(0.75) and m.cls_weight == pytest.approx(0.25)
-    assert [p.name for p in m.components.parts] == ["weight-align", "weight-clip"]
-    m2 = METHODS.get("wa")(_ctx(quick, "wa", loss={"kd_weight": 2.0}, train={"epochs": 6, "progress": False,
-                                                                            "weight_clip": False}))
-    m2.net.add_classes(6)
-    m2.before_phase(Phase(3, 6, 8), x, torch.tensor([6, 7, 0, 1]))
-    assert m2.lam == 2.0 and m2.cls_weight == 1.0 and [p.name for p in m2.components.parts] == ["weight-align"]
+    weights, names = _wa_step_weights(quick)
+    assert names == ["weight-clip", "weight-align"]
+    assert weights == {"cls": pytest.approx(0.25), "kd": pytest.approx(0.75)}     # (1 - l) CE + l KD, l = 6 / 8
+
+
+def test_wa_kd_weight_given_gives_ce_plus_kd(quick):
+    """docs/methods/calibration.md: each weight is its own option: ``--loss.kd-weight L`` sets the
+    KD's (the classification's stays ``1 - |old| / |seen|``), ``--loss.cls-weight 1 --loss.kd-weight L``
+    gives ``CE + L KD`` instead of the balance."""
+    weights, names = _wa_step_weights(quick, loss={"kd_weight": 2.0},
+                                      train={"epochs": 6, "progress": False, "weight_clip": False})
+    assert names == ["weight-align"]
+    assert weights == {"cls": pytest.approx(0.25), "kd": 2.0}
+    weights, _ = _wa_step_weights(quick, loss={"kd_weight": 2.0, "cls_weight": 1.0},
+                                  train={"epochs": 6, "progress": False, "weight_clip": False})
+    assert weights == {"cls": 1.0, "kd": 2.0}
 
 
 # ---------------------------------------------------------------- balanced fine-tuning
 def test_balanced_finetune_is_balanced_and_trains_the_head_only(quick):
-    ctx = _ctx(quick, "lucir", head="cosine", per_class=4)
-    net = ctx.net
+    learner = _learner(quick, "lucir", per_class=4)
+    net, mem = learner.net, learner.s.memory
     net.add_classes(4)
-    ctx.memory.exemplars = {c: torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8) for c in range(2)}
-    m = METHODS.get("lucir")(ctx)
+    mem.exemplars = {c: torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8) for c in range(2)}
     x = torch.randint(0, 255, (30, 1, 8, 8), dtype=torch.uint8)
     y = torch.tensor([0] * 4 + [1] * 4 + [2] * 12 + [3] * 10)
     phase = Phase(1, 2, 4)
-    ft_part = m.components.parts[0]
+    ft_part = _named(learner)["balanced-finetune"]
     assert isinstance(ft_part, BalancedFinetune) and ft_part.options.epochs == 20 and ft_part.options.head_only
-    data = PhaseData(x, y, torch.bincount(y).float(), ctx.memory, m.cls_fn)
+    data = PhaseContext(phase, net, None, x, y, torch.bincount(y).float(), mem, cls_loss=learner.cls_loss)
     sub = ft_part.select(phase, net, data)
     assert sub["per_class"] == 4
     assert torch.bincount(y[sub["new_idx"]], minlength=4).tolist() == [0, 0, 4, 4]
@@ -242,7 +290,7 @@ def test_balanced_finetune_is_balanced_and_trains_the_head_only(quick):
     assert data.new_embeddings.shape[0] == 22                       # the new images' embeddings, for the memory
     backbone = {k: v.clone() for k, v in net.backbone.state_dict().items()}   # params and BN statistics
     head = net.head.weight.detach().clone()
-    ft = ft_part.calibrate(phase, net, data)
+    ft = ft_part.after_training(data)
     assert ft.images == 16 * 20 and ft.seconds > 0
     for k, v in net.backbone.state_dict().items():
         assert torch.equal(v, backbone[k]), k
@@ -252,19 +300,21 @@ def test_balanced_finetune_is_balanced_and_trains_the_head_only(quick):
 
 def test_balanced_finetune_selection_follows_the_memory_rule(quick):
     """Herding on the current embeddings picks what the memory will store."""
-    ctx = _ctx(quick, "replay", per_class=3)
-    ctx.net.add_classes(4)
-    ctx.memory.exemplars = {c: torch.randint(0, 255, (5, 1, 8, 8), dtype=torch.uint8) for c in range(2)}
-    m = METHODS.get("replay")(ctx)
+    learner = _learner(quick, "replay", per_class=3)
+    net, mem = learner.net, learner.s.memory
+    net.add_classes(4)
+    mem.exemplars = {c: torch.randint(0, 255, (5, 1, 8, 8), dtype=torch.uint8) for c in range(2)}
     x = torch.randint(0, 255, (16, 1, 8, 8), dtype=torch.uint8)
     y = torch.tensor([2] * 8 + [3] * 8)
-    ft_part = BalancedFinetune(BalancedFinetune.Options(), ctx)
-    sub = ft_part.select(Phase(1, 2, 4), ctx.net, PhaseData(x, y, torch.bincount(y).float(), ctx.memory, m.cls_fn))
+    ft_part = build(BalancedFinetune, {}, learner.s)
+    phase = Phase(1, 2, 4)
+    sub = ft_part.select(phase, net, PhaseContext(phase, net, None, x, y, torch.bincount(y).float(), mem,
+                                                  cls_loss=learner.cls_loss))
     assert sub["per_class"] == 3
-    feats = ctx.embed(ctx.net, x)
-    ctx.memory.update(x, y, range(2, 4), feats, 4)
+    feats = learner.s.embed(net, x)
+    mem.update(x, y, range(2, 4), feats, 4)
     for c in (2, 3):
-        assert torch.equal(x[sub["new_idx"][y[sub["new_idx"]] == c]], ctx.memory.exemplars[c])
+        assert torch.equal(x[sub["new_idx"][y[sub["new_idx"]] == c]], mem.exemplars[c])
 
 
 # ---------------------------------------------------------------- end to end
@@ -318,18 +368,29 @@ def test_no_balanced_finetune_flag_and_bsce_recipes(tmp_path, capsys):
     assert code == 2
 
 
+def _options(method: str, dataset: str = "cifar100", image_size: int = 32) -> dict:
+    """The run's effective component options (``plan``) of ``method`` on ``dataset`` (ResNet-32)."""
+    cfg = from_dict(RunConfig, {"method": method, "data": {"dataset": dataset}, "model": {"backbone": "resnet32"}})
+    return plan(cfg, image_size).options
+
+
 def test_recipes_defaults():
     lucir, lb, ib = METHODS.get("lucir"), METHODS.get("lucir-bsce"), METHODS.get("icarl-bsce")
-    assert lucir.head == "cosine" and lucir.calibration == ("balanced-finetune",) and lucir.uses_memory
-    assert lucir.cls_loss == "ce" and lb.cls_loss == "bsce" and lb.calibration == () and lb.head == "cosine"
-    assert lb.component_options("cifar100")["margin-ranking"] == {"weight": 0.0}
-    assert lucir.terms == lb.terms == ("less-forget", "margin-ranking") and "margin-ranking" not in lucir.component_options("x")
-    assert lucir.head_components == ("imprint", "freeze-old-rows") and lb.head_components == ("imprint",)
-    assert lucir.component_options("imagefolder")["less-forget"] == {"weight": 10.0}
-    assert not lucir.last_relu and not lb.last_relu
-    assert ib.cls_loss == "bsce" and ib.calibration == () and ib.distill == "kd"
+    assert lucir.head == "cosine" and lucir.calibration == ("balanced-finetune",) and lucir.exemplars
+    assert lucir.classification == "ce" and lb.classification == "bsce" and lb.calibration == () and lb.head == "cosine"
+    assert lb.options["margin-ranking"] == {"weight": 0.0} and _options("lucir-bsce")["margin-ranking"]["weight"] == 0.0
+    assert lucir.terms == lb.terms == ("less-forget", "margin-ranking") and "margin-ranking" not in lucir.options
+    assert _options("lucir")["margin-ranking"]["weight"] == 1.0
+    assert lucir.head_init == lb.head_init == ("imprint",)
+    assert lucir.constraints == ("freeze-old-rows",) and lb.constraints == ()
+    assert lucir.image_folder_options["less-forget"] == {"weight": 10.0}
+    assert _options("lucir", "imagefolder", 224)["less-forget"]["weight"] == 10.0
+    assert _options("lucir")["less-forget"]["weight"] == 5.0
+    assert _options("lucir")["resnet32"]["last_relu"] is False and _options("lucir-bsce")["resnet32"]["last_relu"] is False
+    assert _options("icarl")["resnet32"]["last_relu"] is True
+    assert ib.classification == "bsce" and ib.calibration == () and ib.terms == ("kd",)
     wa = METHODS.get("wa")
-    assert wa.calibration == ("weight-align",) and wa.head_components == ("weight-clip",) and wa.uses_memory
+    assert wa.calibration == ("weight-align",) and wa.constraints == ("weight-clip",) and wa.exemplars
 
 
 def test_interrupted_inside_finetuning_resumes_exactly(tmp_path, quick, monkeypatch):
@@ -343,17 +404,17 @@ def test_interrupted_inside_finetuning_resumes_exactly(tmp_path, quick, monkeypa
     over = dict(method="lucir",
                 train={"epochs": 4, "progress": False, "finetune_epochs": 3, "finetune_head_only": False})
     ref = cilearn.run(quick(out=str(tmp_path / "a"), **over), echo=False).accuracy_matrix
-    real = BalancedFinetune.calibrate
+    real = BalancedFinetune.after_training
 
-    def stop_in_phase_2(self, phase, model, data):
-        if phase.index == 2:
+    def stop_in_phase_2(self, ctx):
+        if ctx.phase.index == 2:
             self.services.ckpt.stop_signal = signal.SIGTERM   # stop after the stage's first step
-        return real(self, phase, model, data)
-    monkeypatch.setattr(BalancedFinetune, "calibrate", stop_in_phase_2)
+        return real(self, ctx)
+    monkeypatch.setattr(BalancedFinetune, "after_training", stop_in_phase_2)
     b = tmp_path / "b"
     with pytest.raises(Interrupted, match="phase 2 balanced-ft"):
         cilearn.run(quick(out=str(b), **over), echo=False)
-    monkeypatch.setattr(BalancedFinetune, "calibrate", real)
+    monkeypatch.setattr(BalancedFinetune, "after_training", real)
     st = load_checkpoint(b / EPOCH_FILE)
     assert st["phase"] == 2 and st["fit"]["desc"] == "phase 2 balanced-ft"
     assert st["method"]["components"]["balanced-finetune"]["subset"]["phase"] == 2
@@ -363,19 +424,18 @@ def test_interrupted_inside_finetuning_resumes_exactly(tmp_path, quick, monkeypa
 def test_memory_update_reuses_the_selection_embeddings_exactly(quick, monkeypatch):
     """With head-only fine-tuning the memory update reuses the embeddings the balanced selection
     took (one embedding pass of the new images instead of two), with the same result."""
-    from cilearn.methods import base
     calls = []
-    orig = base.Context.embed
-    monkeypatch.setattr(base.Context, "embed", lambda self, net, x: calls.append(len(x)) or orig(self, net, x))
+    orig = RunServices.embed
+    monkeypatch.setattr(RunServices, "embed", lambda self, net, x: calls.append(len(x)) or orig(self, net, x))
     a = cilearn.run(quick(method="lucir", out=None), echo=False).metrics
     reused = list(calls)
     calls.clear()
-    orig_after = base.Method.after_phase
+    orig_update = Learner.update_memory
 
-    def after_phase(self, phase, data):
-        self.phase_data.new_embeddings = None          # force the second embedding pass
-        orig_after(self, phase, data)
-    monkeypatch.setattr(base.Method, "after_phase", after_phase)
+    def update_memory(self, data):
+        self.ctx.new_embeddings = None          # force the second embedding pass
+        orig_update(self, data)
+    monkeypatch.setattr(Learner, "update_memory", update_memory)
     b = cilearn.run(quick(method="lucir", out=None), echo=False).metrics
     assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["memory"] == b["memory"]
     assert len(calls) == len(reused) + 4     # phases 1-4 embedded their new images once more

@@ -1,4 +1,4 @@
-"""CIM's exemplar compression (cilearn.memory.compress): boxes from a hand-made CAM, exact box
+"""CIM's exemplar compression (cilearn.memory.codec, cim, compressors): boxes from a hand-made CAM, exact box
 pixels, the cost accounting by hand, the budget as a property over random boxes and budgets, the
 outer gradient through the inner step (finite differences), and end-to-end runs of every
 compressor on iCaRL and FOSTER."""
@@ -11,14 +11,20 @@ import torch
 import torch.nn.functional as F
 
 import cilearn
-from cilearn.config import CompressionConfig
+from cilearn.components import build, component_class
 from cilearn.errors import ConfigError
 from cilearn.memory import Budget, Memory
-from cilearn.memory.compress import (BOX_BYTES, CIMMetaOptions, CIMModel, Codes, Compressor, blur, boxes_from_cam,
-                                     cam, cim_outer_loss, code_bytes, decode, downsample, encode, fit_prefix, paper_cost,
-                                     random_box_artifacts, snap)
-from cilearn.models import build_net
+from cilearn.memory.cim import CIMModel, cim_outer_loss
+from cilearn.memory.codec import (BOX_BYTES, Codes, blur, boxes_from_cam, cam, code_bytes, decode, downsample, encode,
+                                  fit_prefix, paper_cost, random_box_artifacts, snap)
+from cilearn.memory.compressors import CIMOptions, Compressor, CompressorOptions
+from cilearn.models import build_net, part
 from cilearn.train import Batch
+
+
+def herding():
+    """The herding selection component (the memory's selection rule)."""
+    return build(component_class("selection", "herding"), {}, None)
 
 
 # ---------------------------------------------------------------- boxes and CAMs by hand
@@ -117,7 +123,7 @@ class RandomBoxes(Compressor):
     """Random boxes (any size, any place), for the budget property."""
 
     def __init__(self, seed):
-        super().__init__(CompressionConfig(eta=4))
+        super().__init__(CompressorOptions(eta=4), None)
         self.g = torch.Generator().manual_seed(seed)
 
     def boxes(self, net, normalize, x, c):
@@ -136,7 +142,7 @@ def test_budget_in_units_and_bytes_is_never_exceeded(seed):
     per_class = bool(torch.randint(0, 2, (1,), generator=g))
     budget = Budget(per_class=int(torch.randint(1, 5, (1,), generator=g))) if per_class else \
         Budget(total=int(torch.randint(8, 40, (1,), generator=g)))
-    mem = Memory(budget, "herding", compressor=RandomBoxes(seed))
+    mem = Memory(budget, herding(), compressor=RandomBoxes(seed))
     seen = 0
     for phase in range(4):
         new = range(seen, seen + 2)
@@ -172,7 +178,7 @@ def _rational_by_hand(x, p, q):
 def test_rational_activation_by_hand():
     """Version A, degrees 5 / 4: ``P(x) / (1 + sum |b_k x^k|)``, initially close to ReLU on [-3, 3];
     value and gradient (in x and in a coefficient) against the formula by hand."""
-    from cilearn.memory.compress import RATIONAL_RELU_P, RATIONAL_RELU_Q, Rational
+    from cilearn.memory.cim import RATIONAL_RELU_P, RATIONAL_RELU_Q, Rational
     r = Rational().double()
     assert torch.allclose(r.p, torch.tensor(RATIONAL_RELU_P, dtype=torch.float64), rtol=1e-7)   # the package's fit
     assert torch.allclose(r.q, torch.tensor(RATIONAL_RELU_Q, dtype=torch.float64), rtol=1e-7)
@@ -198,7 +204,7 @@ def test_rational_activation_large_inputs_and_gradients_across_branches():
     hand, in Python floats), finite in float32 where x^5 overflows (6e8: a young extractor's
     activations), and gradients in x and in both coefficient sets right on both sides of |x| = 1
     and at 0 (gradcheck, float64)."""
-    from cilearn.memory.compress import Rational
+    from cilearn.memory.cim import Rational
     r = Rational().double()
     P, Q = r.p.tolist(), r.q.tolist()
     xs = [-1e9, -50.0, -1.0000001, 1.0, 1.5, 3e3, 1e12]
@@ -229,7 +235,7 @@ def test_mask_model_shares_the_cil_convolutions_and_owns_its_activations():
     rationals through the same convolution tensors; phi's own parameters are only the rationals',
     which the training loop leaves to phi's optimizer; an expandable backbone's new extractors get
     them too."""
-    from cilearn.memory.compress import Rational
+    from cilearn.memory.cim import Rational
     from cilearn.train import FitSettings, fit
     from cilearn.data.augment import Augmenter
     torch.manual_seed(0)
@@ -283,7 +289,7 @@ def test_outer_gradient_reaches_the_cim_parameters_through_the_inner_step():
     net.add_classes(3)
     cim = CIMModel().ensure(net)
     net.double()
-    from cilearn.memory.compress import phi_names
+    from cilearn.memory.cim import phi_names
     keys = phi_names(net)
     trainable = {k: p.detach().clone().requires_grad_(True) for k, p in net.named_parameters() if k not in keys}
     fixed = {k: p for k, p in net.named_parameters() if k in keys}    # phi itself (not stepped by the inner step)
@@ -336,7 +342,7 @@ def test_inner_step_on_the_methods_full_loss_and_the_extractor_only():
     among the stepped ones; same value as the loss on a copy of the net holding those parameters,
     gradients to the given leaves only, the net itself untouched."""
 
-    from cilearn.memory.compress import cil_split, method_inner_loss
+    from cilearn.memory.cim import cil_split, method_inner_loss
     torch.manual_seed(0)
     net = build_net("convnet", "linear", 1).eval()
     net.add_classes(3)
@@ -391,21 +397,31 @@ def test_artifacts_compress_chosen_new_rows_around_a_box():
 
 
 # ---------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from conftest import quick_config
-    tmp = tmp_path_factory.mktemp("cim")
-    out = {}
-    for method, comps in (("icarl", ("none", "full", "cam-threshold", "cim")), ("foster", ("full", "cam-threshold", "cim"))):
-        for comp in comps:
-            cfg = quick_config(tmp, method=method, out=str(tmp / f"{method}-{comp}"), train__epochs=4,
+class Runs:
+    """The end-to-end runs, each made when a test first asks for it (one per method and compressor,
+    shared by the module's tests): (metrics, run directory). CIM gets 3 phase-end steps
+    (``memory.compression.iterations``, an option of the cim compressor only) for its statistics."""
+
+    def __init__(self, tmp):
+        self.tmp, self.done = tmp, {}
+
+    def __getitem__(self, key):
+        if key not in self.done:
+            from conftest import quick_config
+            method, comp = key
+            cfg = quick_config(self.tmp, method=method, out=str(self.tmp / f"{method}-{comp}"), train__epochs=4,
                                train__keep_checkpoint=True,
                                memory={"per_class": 2, "compressor": comp,
-                                       **({"compression": {"iterations": 3}} if comp != "none" else {})},
+                                       **({"compression": {"iterations": 3}} if comp == "cim" else {})},
                                report={"save_exemplars": 6})
             res = cilearn.run(cfg, echo=False)
-            out[method, comp] = (res.metrics, Path(cfg.out))
-    return out
+            self.done[key] = (res.metrics, Path(cfg.out))
+        return self.done[key]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory.mktemp("cim"))
 
 
 @pytest.mark.parametrize("method", ["icarl", "foster"])
@@ -439,11 +455,11 @@ def test_compressors_end_to_end(runs, method, comp):
 def test_checkpoint_holds_the_codes_and_they_load(runs):
     _, out = runs["icarl", "cim"]
     from cilearn.checkpoint import load_checkpoint
-    st = load_checkpoint(out / "checkpoint-phase.pt")["memory"]
-    assert set(st) == {"codes", "compressor"}
-    from cilearn.config import RunConfig, from_dict
-    from cilearn.memory.compress import build
-    mem = Memory(Budget(per_class=2), compressor=build(from_dict(RunConfig, {"memory": {"compressor": "cim"}})))
+    ckpt = load_checkpoint(out / "checkpoint-phase.pt")
+    st = ckpt["memory"]
+    assert set(st) == {"codes"}                    # the memory holds the codes; the compressor's state is its component's
+    assert "cim" in ckpt["method"]["components"]
+    mem = Memory(Budget(per_class=2), compressor=build(component_class("compressor", "cim"), {}, None))
     mem.load_state(st, torch.device("cpu"))
     assert sum(len(v) for v in mem.codes.values()) == len(mem) == runs["icarl", "cim"][0]["memory"]["total_images"]
     assert mem.nbytes == runs["icarl", "cim"][0]["memory"]["total_bytes"]
@@ -454,7 +470,7 @@ def test_checkpoint_holds_the_codes_and_they_load(runs):
 @pytest.mark.parametrize("method", ["icarl", "foster"])
 def test_saved_model_of_a_cim_run_has_no_rationals_and_gives_the_last_phase(runs, method):
     """The final model leaves CIM's rationals out (a ReLU in their slot is the same function) and,
-    rebuilt (FOSTER: an expandable net after its compressions), gives the run's last phase."""
+    rebuilt (FOSTER: the boosted two-extractor net its last phase reported), gives the run's last phase."""
     from safetensors.torch import load_file
 
     from cilearn.api import evaluate
@@ -475,7 +491,7 @@ def test_recipes_default_to_cim(quick, monkeypatch):
 
 @pytest.mark.parametrize("over,msg", [
     ({"method": "lwf", "memory": {"compressor": "cim"}}, "keeps none"),
-    ({"memory": {"compressor": "jpeg"}}, "unknown exemplar compressor 'jpeg'"),
+    ({"memory": {"compressor": "jpeg"}}, "--compressor: unknown compressor component 'jpeg'"),
     ({"memory": {"compressor": "full", "compression": {"eta": 3}}}, "eta must be a square"),
     ({"memory": {"compressor": "cim", "compression": {"tau": 0}}}, "tau must be in"),
 ])
@@ -486,19 +502,18 @@ def test_bad_compression_options_are_config_errors(quick, tmp_path, over, msg):
 
 
 def test_class_vectors_of_each_head_by_hand():
-    from cilearn.memory.compress import class_vectors
-    from cilearn.models.heads import HEADS
-    lin = HEADS.get("linear")(2)
+    from cilearn.memory.codec import class_vectors
+    lin = part("head", "linear").create(2)
     lin.add_classes(2)
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
     assert torch.equal(class_vectors(lin), lin.weight)                       # linear: its rows
-    cos = HEADS.get("cosine")(2)
+    cos = part("head", "cosine").create(2)
     cos.add_classes(2)
     with torch.no_grad():
         cos.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, -2.0]]))
     assert torch.allclose(class_vectors(cos), torch.tensor([[0.6, 0.8], [0.0, -1.0]]))   # normalised rows
-    lsc = HEADS.get("lsc")(2, proxies=2)
+    lsc = part("head", "lsc", proxies=2).create(2)
     lsc.add_classes(1)
     with torch.no_grad():
         lsc.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
@@ -532,13 +547,13 @@ def test_a_class_shrunk_to_no_exemplar_shrinks_again():
 def test_cim_meta_iterations_after_every_epoch(quick, monkeypatch):
     """The mask model trains alongside the CIL model: max(1, int(0.5 x new classes)) bilevel steps
     after every training epoch of every phase (official num_meta_iters_per_cls), recorded per phase."""
-    import cilearn.memory.compress as compress
-    real, calls = compress.cim_outer_loss, []
+    import cilearn.memory.cim as cim_module        # the module whose meta_steps calls cim_outer_loss
+    real, calls = cim_module.cim_outer_loss, []
 
-    def watched(net, cim, *args, **kw):         # every step differentiates phi (also after the training rested it)
+    def watched(net, cim, *args, **kw):         # every step differentiates phi (also after the training froze it)
         calls.append(all(p.requires_grad for a in cim.acts for p in a.parameters()))
         return real(net, cim, *args, **kw)
-    monkeypatch.setattr(compress, "cim_outer_loss", watched)
+    monkeypatch.setattr(cim_module, "cim_outer_loss", watched)
     m = cilearn.run(quick(method="foster-cim", train={"epochs": 2, "progress": False, "precision": "fp32"},
                           scenario={"base": 2, "increment": 4}), echo=False).metrics
     assert [r["cim_meta_steps"] for r in m["phases"]] == [2 * 1, 2 * 2, 2 * 2]       # 2, 4, 4 new classes
@@ -549,7 +564,7 @@ def test_cim_meta_iterations_after_every_epoch(quick, monkeypatch):
 def test_phi_step_skips_a_step_that_is_not_finite():
     """Both CIM step loops (the epoch-end meta-iterations and the phase-end ones) update phi only
     on a finite loss with finite gradients, the norm clipped."""
-    from cilearn.memory.compress import phi_step
+    from cilearn.memory.cim import phi_step
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     opt = torch.optim.SGD([w], lr=0.5)
     assert not phi_step((w * float("inf")).sum(), [w], opt, 1.0) and w.tolist() == [1.0, 2.0]
@@ -584,11 +599,13 @@ def test_batch_statistics_normalises_by_the_batch_and_keeps_the_running_statisti
 
 
 def test_cim_meta_step_on_batch_statistics_end_to_end(quick, monkeypatch):
-    """``--components.cim-meta.bn batch``: the steps run with the net in training mode on batch
+    """``--components.cim.bn batch``: the steps run with the net in training mode on batch
     statistics (the CIM forward included), and leave the CIL model's running statistics alone;
-    a bad value is a config error naming the option."""
-    import cilearn.memory.compress as compress
-    real, seen = compress.cim_outer_loss, []
+    the earlier ``components.cim-meta.bn`` is a short name of the same option; a bad value is a
+    config error naming the option."""
+    from cilearn.methods.recipe import plan
+    import cilearn.memory.cim as cim_module
+    real, seen = cim_module.cim_outer_loss, []
 
     def watched(net, cim, *args, **kw):
         bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.training]
@@ -597,21 +614,23 @@ def test_cim_meta_step_on_batch_statistics_end_to_end(quick, monkeypatch):
         seen.append((net.training, bool(bns) and not any(m.track_running_stats for m in bns),
                      all(torch.equal(m.running_mean, b) for m, b in zip(bns, before))))
         return out
-    monkeypatch.setattr(compress, "cim_outer_loss", watched)
+    monkeypatch.setattr(cim_module, "cim_outer_loss", watched)
+    legacy = quick(method="foster-cim", components={"cim-meta": {"bn": "batch"}})
+    assert plan(legacy, 8).options["cim"]["bn"] == "batch" and plan(quick(method="foster-cim"), 8).options["cim"]["bn"] == "running"
     cfg = quick(method="foster-cim", train={"epochs": 1, "progress": False, "precision": "fp32"},
-                scenario={"base": 2, "increment": 4}, components={"cim-meta": {"bn": "batch"}})
+                scenario={"base": 2, "increment": 4}, components={"cim": {"bn": "batch"}})
     m = cilearn.run(cfg, echo=False).metrics
     assert seen and all(s == (True, True, True) for s in seen)
     assert [r["cim_meta_steps"] for r in m["phases"]] == [1, 2, 2]
     with pytest.raises(ConfigError, match="bn running or batch"):
-        CIMMetaOptions(bn="none")
+        CIMOptions(bn="none")
 
 
 @pytest.mark.parametrize("select_on", ["compressed", "original"])
 def test_herding_runs_on_the_compressed_images_features(select_on):
     """Official: herding orders a class by the features of its compressed images (the boxes kept,
     the rest downsampled); ``select_on original``: by the given features of the originals."""
-    from cilearn.memory.compress import compressed_features
+    from cilearn.memory.codec import compressed_features
 
     class CornerBoxes(Compressor):
         name = "corner"
@@ -623,8 +642,8 @@ def test_herding_runs_on_the_compressed_images_features(select_on):
     net = build_net("convnet", "linear", 1).eval()
     net.add_classes(2)
     norm = lambda x: (x.float() / 255.0 - 0.5) / 0.25          # noqa: E731
-    comp = CornerBoxes(CompressionConfig(eta=4, select_on=select_on))
-    mem = Memory(Budget(per_class=2), "herding", compressor=comp)
+    comp = CornerBoxes(CompressorOptions(eta=4, select_on=select_on), None)
+    mem = Memory(Budget(per_class=2), herding(), compressor=comp)
     got = []
     real = mem.select
     mem.select = lambda f, m, gen=None: (got.append(f), real(f, m, gen))[1]
@@ -640,7 +659,7 @@ def test_herding_runs_on_the_compressed_images_features(select_on):
 
 
 def test_own_box_artifacts_by_hand():
-    from cilearn.memory.compress import own_box_artifacts
+    from cilearn.memory.codec import own_box_artifacts
     x = torch.arange(32.0).view(2, 1, 4, 4)
     boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 4, 4]])
     out = own_box_artifacts(x, boxes, torch.tensor([True, False]), 2)
@@ -651,16 +670,15 @@ def test_own_box_artifacts_by_hand():
     assert torch.equal(out[0, 0][inside], x[0, 0][inside]) and torch.equal(out[0, 0][~inside], b[0, 0][~inside])
 
 
-def test_artifacts_use_each_images_own_box_with_the_ramped_probability():
-    """Official artifact augmentation: probability ``prob x (epochs done // refresh)`` (0 before the
-    first refresh, no draw from the generator then), each chosen new-class image compressed around
-    its own box from the compressor, recomputed at each refresh."""
-    from cilearn.components import PhaseData, build, component_class
+def test_artifacts_use_each_images_own_box_with_the_ramped_probability(quick):
+    """Official artifact augmentation (the compressor's training side): probability ``artifact_prob x
+    (epochs done // artifact_refresh)`` (0 before the first refresh, no draw from the generator
+    then), each chosen new-class image compressed around its own box from the compressor,
+    recomputed at each refresh."""
+    from cilearn.components import PhaseContext, Step
     from cilearn.data.augment import Augmenter
     from cilearn.data.scenario import Phase
-    from cilearn.services import Context
-    from cilearn.train import Batch
-    from conftest import quick_config
+    from cilearn.services import RunServices
 
     class IndexBoxes(Compressor):                 # image i of class c: the box (0, 0, 2 + i % 3, 4)
         name = "index"
@@ -669,32 +687,44 @@ def test_artifacts_use_each_images_own_box_with_the_ramped_probability():
             h = 2 + torch.arange(len(x)) % 3
             return torch.stack([torch.zeros_like(h), torch.zeros_like(h), h, torch.full_like(h, 4)], 1)
 
-    comp = IndexBoxes(CompressionConfig(eta=4))
-    mem = type("M", (), {"compressor": comp})()
     aug = Augmenter("none", 0, (0.5,), (0.5,), channels_last=False)
-    import tempfile
-    from pathlib import Path
-    ctx = Context(quick_config(Path(tempfile.mkdtemp())), None, None, aug, torch.device("cpu"),
-                  torch.Generator().manual_seed(0), None)
-    art = build(component_class("compressor", "artifacts"), {"prob": 0.5, "refresh": 2}, ctx)
-    assert not art.needs_old_model                                       # every phase, phase 0 included
+    services = RunServices(quick(), None, None, aug, torch.device("cpu"), torch.Generator().manual_seed(0), None)
+    art = IndexBoxes(CompressorOptions(eta=4, artifact_prob=0.5, artifact_refresh=2), services)
+    assert art.first_phase() == 0                                        # every phase, phase 0 included
     x = torch.rand(6, 1, 4, 4)
     y = torch.tensor([0, 0, 0, 1, 1, 1])
-    art.phase_start(Phase(0, 0, 2), None, None, PhaseData(x, y, torch.ones(2), mem, None))
+    phase = Phase(0, 0, 2)
+    ctx = PhaseContext(phase, None, None, x, y, torch.ones(2), None)
+    art.phase_start(ctx)
     batch = Batch(x, y, torch.arange(6), 0)
-    state = ctx.gen.get_state()
-    assert art.batch(batch) is batch and torch.equal(ctx.gen.get_state(), state)   # 0 before the first refresh
-    art.epoch_end(Phase(0, 0, 2), 0)
+    step = Step(batch, ctx)
+    state = services.gen.get_state()
+    art.before_step(step)
+    assert step.batch is batch and torch.equal(services.gen.get_state(), state)   # 0 before the first refresh
+    art.epoch_end(ctx, 0)
     assert art.probability() == 0.0
-    art.epoch_end(Phase(0, 0, 2), 1)                                      # 2 epochs done: refresh, 0.5
-    assert art.probability() == 0.5 and art.boxes.tolist()[:3] == [[0, 0, 2, 4], [0, 0, 3, 4], [0, 0, 4, 4]]
+    art.epoch_end(ctx, 1)                                                 # 2 epochs done: refresh, 0.5
+    assert art.probability() == 0.5 and art.boxes_.tolist()[:3] == [[0, 0, 2, 4], [0, 0, 3, 4], [0, 0, 4, 4]]
     art.epochs_done = 4
     assert art.probability() == 1.0                                       # 0.5 x (4 // 2), at most 1
-    out = art.batch(batch)
+    step = Step(batch, ctx)
+    art.before_step(step)
+    out = step.batch
     b = blur(x, 2)
     for i in range(6):                                                    # all chosen (p = 1): own box kept
         h = 2 + (i % 3)
         assert torch.equal(out.x[i, :, :h], x[i, :, :h]) and torch.equal(out.x[i, :, h:], b[i, :, h:])
     assert out.view is None
-    rb = build(component_class("compressor", "artifacts"), {"mode": "random-box", "prob": 0.1}, ctx)
-    assert rb.needs_old_model and rb.probability() == 0.1                # the earlier form: phases > 0, fixed
+    # the earlier form: a random box at a fixed probability, phases > 0 only (phase 0: the batch as given)
+    rb = IndexBoxes(CompressorOptions(eta=4, artifacts="random-box", artifact_prob=0.1), services)
+    assert rb.probability() == 0.1
+    rb.phase_start(ctx)
+    step = Step(batch, ctx)
+    state = services.gen.get_state()
+    rb.before_step(step)
+    assert step.batch is batch and torch.equal(services.gen.get_state(), state)
+    # the old component options are short names of the compressor's
+    from cilearn.methods.recipe import plan
+    got = plan(quick(method="foster-cim", components={"artifacts": {"mode": "random-box", "prob": 0.3, "refresh": 5}}), 8)
+    assert {k: got.options["cim"][k] for k in ("artifacts", "artifact_prob", "artifact_refresh")} == \
+        {"artifacts": "random-box", "artifact_prob": 0.3, "artifact_refresh": 5}

@@ -65,3 +65,20 @@ def test_an_option_the_run_does_not_use_is_refused(flags, option, applies, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and option in err and applies in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_documented_replay_works_as_written(tmp_path, capsys, monkeypatch):
+    """`cilearn run --config RUN/config.yaml` (docs/running.md) replays the run: a new run
+    directory (config.yaml holds no out), the same accuracy matrices."""
+    import json
+    first = tmp_path / "first"
+    assert main(["run", "--method", "lucir", "--epochs", "1", "--base", "4", "--increment", "3", "--out", str(first),
+                 "--precision", "fp32", "--no-progress", "--quiet"]) == 0
+    conf = yaml.safe_load((first / "config.yaml").read_text())
+    assert "out" not in conf and conf["meta"]["run_dir"] == str(first)
+    monkeypatch.chdir(tmp_path)                   # the replay writes under runs/ of the working directory
+    assert main(["run", "--config", str(first / "config.yaml"), "--quiet"]) == 0, capsys.readouterr().err
+    (again,) = (tmp_path / "runs").iterdir()
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (first, again))
+    assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["accuracy_matrix_nme"] == b["accuracy_matrix_nme"]
+    assert yaml.safe_load((again / "config.yaml").read_text())["components"] == conf["components"]

@@ -8,12 +8,12 @@ import torch
 
 import cilearn
 from cilearn.errors import ConfigError
-from cilearn.losses import CLS_LOSSES, balanced_kd, effective_number_weights, logit_adjusted_ce
-from cilearn.models.backbones import BACKBONES
+from cilearn.components import build, component_class
+from cilearn.losses import balanced_kd, effective_number_weights, logit_adjusted_ce
 from cilearn.models.expandable import ExpandableNet, count_parameters
-from cilearn.models import build_net
+from cilearn.models import build_net, part
 
-CONVNET = sum(p.numel() for p in BACKBONES.get("convnet")(1).parameters())   # one digits extractor
+CONVNET = sum(p.numel() for p in part("backbone", "convnet").create(1).parameters())   # one digits extractor
 
 
 # ---------------------------------------------------------------- losses by hand
@@ -42,7 +42,10 @@ def test_logit_adjusted_ce_by_hand():
     y = torch.tensor([0, 1, 2, 0, 1])
     assert torch.allclose(logit_adjusted_ce(z, y, torch.full((3,), 7.0), beta=0.96),
                           torch.nn.functional.cross_entropy(z, y))
-    assert CLS_LOSSES.get("la-ce") is logit_adjusted_ce
+    # the "la-ce" classification component is this loss with its option beta
+    la = build(component_class("classification", "la-ce"), {"beta": 0.5}, None)
+    z, y, counts = torch.randn(4, 2), torch.tensor([0, 1, 1, 0]), torch.tensor([1.0, 2.0])
+    assert torch.equal(la.loss(z, y, counts), logit_adjusted_ce(z, y, counts, beta=0.5))
 
 
 def test_balanced_kd_by_hand():
@@ -155,17 +158,23 @@ def test_der_end_to_end(runs):
 def test_foster_end_to_end(runs):
     m = runs["foster"]
     params = [r["params"] for r in m["phases"]]
-    # compressed to a single extractor after every phase: only the head grows
-    assert params == [CONVNET + (2 * i + 2) * 128 + 2 * i + 2 for i in range(5)]
+    # each phase > 0 reports the boosted network (the compressed student of the previous phase + one new
+    # extractor, head over 2 x 128 features); the student replaced it after each phase's evaluation, so
+    # there are never more than two extractors
+    assert params == [CONVNET + 2 * 128 + 2] + [2 * CONVNET + (2 * i + 2) * 256 + 2 * i + 2 for i in range(1, 5)]
     assert m["avg_incremental_acc"] > 90 and m["last_acc"] > 80
     assert m["phases"][-1]["acc_new"] > 50 and m["phases"][-1]["acc_old"] > 80
+    # the compressed student's accuracy (what the network was evaluated as before issue 32), phases > 0
+    student = [r["student_acc"] for r in m["phases"]]
+    assert student[0] is None and all(a is not None for a in student[1:])
+    assert m["avg_incremental_acc_student"] > 90 and student[-1] > 80
     assert {"cls", "kd", "aux", "bkd"} <= set(m["phases"][-1]["loss"])    # boosting + compression ran
     assert m["accuracy_matrix_nme"] is not None
 
 
 def _interrupt_stage(monkeypatch, stage: str):
     """SIGTERM as the stage named ``stage`` starts: one step, then the in-stage checkpoint."""
-    import cilearn.services as base          # the module whose Context.fit calls fit
+    import cilearn.services as base          # the module whose RunServices.fit calls fit
     real = base.fit
 
     def fit(*a, **kw):
@@ -193,10 +202,10 @@ def test_resume_inside_a_stage_gives_the_same_matrix(method, stage, quick, tmp_p
 @pytest.mark.parametrize("method", ["der", "foster"])
 def test_bsce_composes(method, quick, monkeypatch):
     """``--loss bsce`` replaces the classification loss (DER's CE, FOSTER's logit-adjusted CE)."""
-    import cilearn.losses as losses
+    cls = component_class("classification", "bsce")
     calls = []
-    real = losses.CLS_LOSSES._items["bsce"]
-    monkeypatch.setitem(losses.CLS_LOSSES._items, "bsce", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cls.loss
+    monkeypatch.setattr(cls, "loss", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     m = cilearn.run(quick(method=method, loss={"cls": "bsce"}, scenario={"base": 4, "increment": 3},
                           data={"dataset": "digits", "train_per_class": 40},
                           train={"epochs": 4, "batch_size": 32, "progress": False,
@@ -207,7 +216,8 @@ def test_bsce_composes(method, quick, monkeypatch):
 def test_bad_betas_are_config_errors(quick):
     with pytest.raises(ConfigError, match="loss.la-beta"):
         cilearn.run(quick(method="foster", loss={"la_beta": 1.0}), echo=False)
-    with pytest.raises(ConfigError, match="loss.bkd-beta"):
+    # the short names set the feature-compression stage's options, which name the component and what they expect
+    with pytest.raises(ConfigError, match=r"components\.feature-compression: .*beta in \[0, 1\).*got None, None, -0\.1,"):
         cilearn.run(quick(method="foster", loss={"bkd_beta": -0.1}), echo=False)
-    with pytest.raises(ConfigError, match="train.compression-epochs"):
+    with pytest.raises(ConfigError, match=r"components\.feature-compression: epochs >= 0.*got -1,"):
         cilearn.run(quick(method="foster", train={"compression_epochs": -1}), echo=False)

@@ -12,9 +12,12 @@ import torch
 import cilearn
 from cilearn.cli import main
 from cilearn.data.augment import Augmenter
+from cilearn.components import Components, PhaseContext, Step
 from cilearn.data.scenario import Phase
-from cilearn.methods import METHODS
-from cilearn.services import Context, TeacherOut
+from cilearn.learner import Learner
+from cilearn.methods.recipe import plan
+from cilearn.model_io import architecture, build_from
+from cilearn.services import OldOutput, RunServices
 from cilearn.terms import DualTeacherDistill
 from cilearn.models import build_net
 from cilearn.models.net import NetOutput
@@ -124,28 +127,45 @@ def test_generator_gets_only_the_old_model_in_a_run(quick, monkeypatch):
     assert shape == (1, 8, 8) and normalize.__self__.__class__ is Augmenter   # only normalisation constants
 
 
-def _dtid_method(quick, init="copy"):
+def _learner(quick, method, augment="flip", **over) -> Learner:
+    """The engine's side of a run of ``method`` (the recipe's components with their effective
+    options, ``plan``) on a digits convnet that has learnt 2 classes, no checkpoints."""
     torch.manual_seed(0)
-    net = build_net("convnet", "linear", 1)
+    cfg = quick(method=method, out=None, **over)
+    p = plan(cfg, 8)
+    net = build_from(architecture(p, 1))
     net.add_classes(2)
-    aug = Augmenter("flip", 0, (0.5,), (0.5,), channels_last=False)
-    cfg = quick(method="dfgr-dtid", out=None, replay__steps=3,
-                loss={"dual_teacher_init": init, "dual_teacher_epochs": 2})
-    ctx = Context(cfg, net, None, aug, torch.device("cpu"), torch.Generator(), None)
-    return METHODS.get("dfgr-dtid")(ctx), aug
+    aug = Augmenter(augment, 0, (0.5,), (0.5,), channels_last=False)
+    services = RunServices(cfg, net, None, aug, torch.device("cpu"), torch.Generator(), None)
+    return Learner(services, Components(p.build(services)))
+
+
+def _dtid_learner(quick, init="copy", **components):
+    return _learner(quick, "dfgr-dtid", replay__steps=3, loss={"dual_teacher_init": init, "dual_teacher_epochs": 2},
+                    **({"components": components} if components else {}))
+
+
+def _dual_teacher(learner: Learner) -> DualTeacherDistill:
+    return next(t for t in learner.components.parts if isinstance(t, DualTeacherDistill))
+
+
+def _phase_step(batch: Batch, phase: Phase, old_logits: torch.Tensor | None = None) -> Step:
+    """A main-stage step of ``batch`` in ``phase`` (the old model's logits ``old_logits`` on it)."""
+    old = (lambda b: OldOutput(old_logits, None, None)) if old_logits is not None else None
+    ctx = PhaseContext(phase, None, None, batch.x, batch.y, torch.ones(phase.seen), None, old_outputs=old)
+    return Step(batch, ctx)
 
 
 def test_dual_teacher_term_by_hand(quick):
-    method, _ = _dtid_method(quick)
-    term = next(t for t in method.components.parts if isinstance(t, DualTeacherDistill))
-    assert term.options.temperature == 2.0
-    term.block = (2, 4)
+    term = _dual_teacher(_dtid_learner(quick))
+    assert term.options.temperature == 2.0 and term.options.epochs == 2 and term.options.rule == "blockwise"
     # the new teacher's logits [B, 4]; its new-class block (ids 2, 3) is (2, 0) and (0, 0)
     t_logits = torch.tensor([[7.0, -3.0, 2.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    term.cache = lambda batch: TeacherOut(t_logits[batch.idx], None, None)
+    term.cache = lambda batch: OldOutput(t_logits[batch.idx], None, None)
     logits = torch.tensor([[5.0, -1.0, 0.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
     out = NetOutput(logits, torch.zeros(2, 3), [])
     batch = Batch(torch.zeros(2, 1, 8, 8), torch.tensor([2, 3]), torch.tensor([0, 1]), torch.tensor([0, 0]))
+    step = _phase_step(batch, Phase(1, 2, 4))           # the phase's new-class block: ids 2, 3
 
     def kl(t, s):   # KL(softmax(t / 2) || softmax(s / 2)) over a 2-logit block
         p = [math.exp(v / 2) for v in t]
@@ -154,7 +174,7 @@ def test_dual_teacher_term_by_hand(quick):
         return sum(a * math.log(a / b) for a, b in zip(p, q))
 
     expected = (kl([2.0, 0.0], [0.0, 2.0]) + kl([0.0, 0.0], [1.0, 1.0])) / 2   # old block (5, -1) unused
-    w, value = term.terms(batch, out)["dual-teacher"]
+    w, value = term.terms(step, out)["dual-teacher"]
     assert w == 1.0 and float(value) == pytest.approx(expected, rel=1e-5)
 
 
@@ -170,20 +190,23 @@ def test_new_class_teacher_trains_on_new_images_only(quick, monkeypatch, init):
         return real_fit(model, x, y, *a, **k)
 
     monkeypatch.setattr(tr, "fit", spy)
-    method, aug = _dtid_method(quick, init)
+    learner = _dtid_learner(quick, init)
+    net, aug = learner.net, learner.s.augmenter
     x = torch.randint(0, 255, (30, 1, 8, 8), dtype=torch.uint8)
     y = torch.cat([torch.randint(0, 2, (10,)), torch.randint(2, 4, (20,))])   # 10 exemplars of old classes
-    old_rows = method.net.head.weight.detach().clone()
-    old_conv = next(p for n, p in method.net.named_parameters() if n.startswith("backbone")).detach().clone()
-    method.components.start(Phase(1, 2, 4))          # the phase's components (training_set does it in a run)
-    method.before_phase(Phase(1, 2, 4), x, y)
-    term = next(t for t in method.components.parts if isinstance(t, DualTeacherDistill))
+    old_rows = net.head.weight.detach().clone()
+    old_conv = next(p for n, p in net.named_parameters() if n.startswith("backbone")).detach().clone()
+    learner.begin(Phase(1, 2, 4), x, y)             # old model, grown net, the components' phase start
+    term = _dual_teacher(learner)
     (model, ys, start_conv), = seen
-    assert model is term.new_teacher and model is not method.net and model is not method.teacher
+    assert model is not net and model is not learner.ctx.old_model
     assert len(ys) == 20 and bool((ys >= 2).all())                 # new classes only: no exemplar
     assert term.cache.cached[0][:, :, 2:4].shape == (2, 30, 2)     # its new-block logits, per view
+    with torch.no_grad():                                          # ... which are the trained new teacher's
+        for v in range(2):
+            assert torch.allclose(term.cache.cached[0][v], model(aug.view(x, v)).logits, atol=1e-5)
     assert all(not p.requires_grad for p in model.parameters())
-    assert torch.equal(method.net.head.weight[:2], old_rows)       # the student is not touched
+    assert torch.equal(net.head.weight[:2], old_rows)              # the student is not touched
     # copy: the new teacher starts from the old model; scratch: from a fresh initialisation
     assert torch.equal(start_conv, old_conv) == (init == "copy")
 
@@ -217,14 +240,15 @@ def test_replay_and_dual_teacher_compose_with_exemplar_methods_from_cli(base, ow
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--replay", "gan"], "replay source 'gan'"),
+    (["--replay", "gan"], "--replay: unknown replay component 'gan'"),
     (["--replay.bn-loss", "l1"], "--replay.bn-loss"),
     (["--loss.dual-teacher-init", "random"], "--loss.dual-teacher-init"),
     (["--replay.steps", "0"], "--replay.steps"),
     (["--replay.forward", "both"], "--replay.forward must be joint or separate"),
     (["--replay.update-bn", "false"], "--replay.update-bn false applies to --replay.forward separate"),
     (["--distill", "dual-teacher", "--components.dual-teacher.rule", "mean"],
-     "components.dual-teacher.rule must be blockwise or joint"),
+     ("components.dual-teacher: init must be copy or scratch, rule blockwise or joint, temperature > 0; "
+      "got 'copy', 'mean'")),
     (["--components.dual-teacher.rule", "joint"], "components.dual-teacher: 'dual-teacher' is not a component of this run"),
 ])
 def test_bad_replay_options_one_line_exit_2(args, msg, tmp_path, capsys):
@@ -262,31 +286,25 @@ def test_synthetic_samples_share_the_real_batch_forward(quick, forward):
     samples, so BatchNorm's batch statistics (and the one running-statistics update) include them;
     the method's own loss sees the real rows only. separate: two forwards, two updates."""
     import copy
-    torch.manual_seed(0)
-    net = build_net("convnet", "linear", 1)
-    net.add_classes(4)
-    aug = Augmenter("none", 0, (0.5,), (0.5,), channels_last=False)
-    cfg = quick(method="dfgr", out=None, replay={"steps": 1, "samples_per_batch": 3, "forward": forward})
-    ctx = Context(cfg, net, None, aug, torch.device("cpu"), torch.Generator(), None)
-    method = METHODS.get("dfgr")(ctx)
-    phase = Phase(1, 2, 4)
-    method.components.start(phase)
-    comp = method.components.active[0]
+    learner = _learner(quick, "dfgr", augment="none",
+                       replay={"steps": 1, "samples_per_batch": 3, "forward": forward})
+    net, services = learner.net, learner.s
+    y = torch.tensor([2, 3, 2, 3, 2])
+    learner.begin(Phase(1, 2, 4), torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8), y)   # the net grows to 4
+    comp = next(c for c in learner.components.active if c.kind == "replay")
     fake = torch.linspace(0, 255, 64).view(1, 1, 8, 8)
     comp.generator = lambda z: fake.expand(len(z), 1, 8, 8) * (1 + z[:, :1, None, None].abs())   # [n, 1, 8, 8] pixels
-    comp.model, comp.old_model = net, net.frozen_copy()
-    method.counts = torch.ones(4)
     bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
     sizes = []
     hook = bn.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[0]))
     x = torch.rand(5, 1, 8, 8)
-    batch = Batch(x, torch.tensor([2, 3, 2, 3, 2]), torch.arange(5), None)
+    batch = Batch(x, y, torch.arange(5), None)
     ref, real_only = copy.deepcopy(net), copy.deepcopy(net)
-    gen_state = ctx.gen.get_state()
-    loss, terms = method.loss(batch)
+    gen_state = services.gen.get_state()
+    loss, terms = learner.loss(batch)
     hook.remove()
     assert {"cls", "replay_kd"} <= set(terms) and torch.isfinite(loss)
-    ctx.gen.set_state(gen_state)                           # the same samples again, for the reference
+    services.gen.set_state(gen_state)                      # the same samples again, for the reference
     xs = comp.sample(3)
     if forward == "joint":
         assert sizes == [8]                                # 5 real + 3 synthetic in one BatchNorm batch
@@ -320,16 +338,13 @@ def test_dual_teacher_joint_rule_by_hand(quick):
     assert (p[2] / p[3]).item() == pytest.approx(math.exp(1.0), rel=1e-5)
     assert (p[0] / p[1]).item() == pytest.approx(math.exp(1.0), rel=1e-5)
 
-    method, _ = _dtid_method(quick)
-    term = next(t for t in method.components.parts if isinstance(t, DualTeacherDistill))
-    term.options = type(term.options)(rule="joint")
-    term.block = (2, 4)
-    term.cache = lambda batch: TeacherOut(new_t, None, None)
-    term.old_outputs = lambda batch: TeacherOut(old_t, None, None)
+    term = _dual_teacher(_dtid_learner(quick, **{"dual-teacher": {"rule": "joint"}}))
+    assert term.options.rule == "joint" and term.options.temperature == T
+    term.cache = lambda batch: OldOutput(new_t, None, None)
     s = torch.tensor([[1.0, 0.0, 0.5, 0.5]])
     out = NetOutput(s, torch.zeros(1, 3), [])
     batch = Batch(torch.zeros(1, 1, 8, 8), torch.tensor([2]), torch.tensor([0]), None)
-    w, value = term.terms(batch, out)["dual-teacher"]
+    w, value = term.terms(_phase_step(batch, Phase(1, 2, 4), old_t), out)["dual-teacher"]
     q = torch.softmax(s / T, 1)[0]
     want = sum(float(a) * math.log(float(a) / float(b)) for a, b in zip(p, q))
     assert float(value) == pytest.approx(want, rel=1e-5)

@@ -186,7 +186,8 @@ def test_refusals_under_torchrun_are_one_line_and_exit_2(tmp_path, monkeypatch, 
     from cilearn.cli import main
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(distributed, "init", lambda: None)       # no rendezvous: refused before any collective
-    for args, option in ((["--method", "dfgr"], "--replay dfgr"), (["--replay", "dfgr"], "--replay dfgr"),
+    for args, option in ((["--method", "dfgr"], "replay component dfgr (method dfgr)"),
+                         (["--replay", "dfgr"], "replay component dfgr (method icarl)"),
                          (["--seeds", "1,2"], "--seeds"), (["--device", "cuda:1"], None)):
         out = tmp_path / "r"
         code = main(["run", *args, "--out", str(out), "--quiet", "--no-progress"])

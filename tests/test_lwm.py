@@ -7,19 +7,23 @@ import torch
 
 import cilearn
 from cilearn.cli import main
+from cilearn.components import Components, PhaseContext, Step, build, component_class
 from cilearn.data.augment import Augmenter
 from cilearn.data.scenario import Phase
+from cilearn.learner import Learner
 from cilearn.methods import METHODS
-from cilearn.services import Context, SplitData
-from cilearn.terms import AttentionDistill
+from cilearn.methods.recipe import plan
+from cilearn.model_io import architecture, build_from
 from cilearn.models import build_net
+from cilearn.services import OldOutput, RunServices, SplitData
+from cilearn.terms import AttentionDistill
 from cilearn.train import Batch
 
 
 def test_lwm_recipe_is_lwf_plus_attention():
     lwm, lwf = METHODS.get("lwm"), METHODS.get("lwf")
-    assert lwm.distill == lwf.distill == "kd" and lwm.terms == ("attention",) and not lwm.uses_memory
-    assert lwm.cls_loss == lwf.cls_loss == "ce-local"     # LwF's L_new: CE over the new classes
+    assert lwf.terms == ("kd",) and lwm.terms == ("kd", "attention") and not lwm.exemplars
+    assert lwm.classification == lwf.classification == "ce-local"     # LwF's L_new: CE over the new classes
 
 
 def test_lwm_end_to_end_exemplar_free_with_attention_png(quick, tmp_path):
@@ -54,29 +58,30 @@ def test_distill_attention_composes_with_icarl(tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert "attention" in m["phases"][1]["loss"] and "kd" in m["phases"][1]["loss"]
     code = main(["run", "--distill", "nope", "--out", str(tmp_path / "x")])
-    assert code == 2 and "unknown term 'nope'" in capsys.readouterr().err
+    assert code == 2 and "unknown term component 'nope'" in capsys.readouterr().err
 
 
 def test_cached_teacher_maps_equal_per_batch_maps(quick):
     """With flip augmentation the teacher's maps are cached per image and view; they must be
     what the teacher computes on the augmented batch."""
     torch.manual_seed(0)
-    net = build_net("convnet", "linear", 1)
-    net.add_classes(3)
+    cfg = quick(method="lwm")
+    p = plan(cfg, 8)
     aug = Augmenter("flip", 0, (0.5,), (0.5,), channels_last=False)
-    ctx = Context(quick(method="lwm"), net, None, aug, torch.device("cpu"), torch.Generator(), None)
-    method = METHODS.get("lwm")(ctx)
+    services = RunServices(cfg, build_from(architecture(p, 1)), None, aug, torch.device("cpu"), torch.Generator(), None)
+    learner = Learner(services, Components(p.build(services)))     # the recipe's components, as a run has them
+    learner.net.add_classes(3)
     x = torch.randint(0, 255, (24, 1, 8, 8), dtype=torch.uint8)
     y = torch.randint(3, 5, (24,))
-    method.training_set(Phase(1, 3, 5), SplitData(x, y, x[:0], y[:0]))   # the phase's components start
-    method.before_phase(Phase(1, 3, 5), x, y)
-    term = method.components.parts[0]
+    xt, yt = learner.training_set(Phase(1, 3, 5), SplitData(x, y, x[:0], y[:0]))   # the phase's components start
+    learner.begin(Phase(1, 3, 5), xt, yt)
+    term, = [c for c in learner.components.active if c.name == "attention"]
     assert isinstance(term, AttentionDistill) and term.cam.shape == (2, 24, 4, 4)
     xb, view = aug.train(x, torch.Generator().manual_seed(0))
-    batch = Batch(xb, y, torch.arange(24), view)
-    cam_c, b_c = term.teacher_maps(batch)
+    step = Step(Batch(xb, y, torch.arange(24), view), learner.ctx)
+    cam_c, b_c = term.teacher_maps(step)
     term.cam = None                                          # force the per-batch path
-    cam_b, b_b = term.teacher_maps(batch)
+    cam_b, b_b = term.teacher_maps(step)
     assert torch.equal(b_c, b_b) and torch.allclose(cam_c, cam_b, atol=1e-5)
     assert int(b_c.max()) < 3                                # b is an old class
 
@@ -86,24 +91,32 @@ def test_joint_with_memory_is_refused(tmp_path, capsys):
     assert code == 2 and "memory budget does not apply" in capsys.readouterr().err
 
 
-def test_lwf_mc_objective_by_hand_and_anchors_old_logits():
+def test_lwf_mc_objective_by_hand_and_anchors_old_logits(quick):
     """LwF-MC's BCE: targets one-hot for the new classes, teacher sigmoids for the old ones;
     hand value on one sample. Unlike softmax KD it is not invariant to shifting the old logits."""
     import math
 
     from cilearn.losses import kd_kl
-    m = object.__new__(METHODS.get("lwf-mc"))
+    p = plan(quick(method="lwf-mc"), 8)
+    assert p.names("classification") == ["bce"] and p.names("term") == []   # one loss: classification and distillation
+    cls = build(component_class("classification", "bce"), p.options["bce"], None)
     t_logits = torch.tensor([[0.0, 2.0]])
-    m.teacher_out = lambda batch: type("T", (), {"logits": t_logits})()
+    phase = Phase(1, 2, 3)
+    ctx = PhaseContext(phase, None, None, torch.zeros(1, 1, 2, 2), torch.tensor([2]), torch.ones(3), None,
+                       old_outputs=lambda batch: OldOutput(t_logits, torch.zeros(1, 4), None))
     out = type("O", (), {"logits": torch.tensor([[0.0, 1.0, 3.0]])})()
     batch = Batch(torch.zeros(1, 1, 2, 2), torch.tensor([2]), torch.tensor([0]), None)
-    loss, terms = m.objective(batch, out)
+
+    def objective(out):
+        terms = cls.terms(Step(batch, ctx), out)
+        return sum(w * v for w, v in terms.values()), terms
+    loss, terms = objective(out)
     sig = lambda z: 1 / (1 + math.exp(-z))   # noqa: E731
     bce = lambda z, t: -(t * math.log(sig(z)) + (1 - t) * math.log(1 - sig(z)))   # noqa: E731
     want = bce(0.0, 0.5) + bce(1.0, sig(2.0)) + bce(3.0, 1.0)
     assert loss.item() == pytest.approx(want, rel=1e-5) and set(terms) == {"bce"}
     shifted = type("O", (), {"logits": out.logits - torch.tensor([[5.0, 5.0, 0.0]])})()
-    assert m.objective(batch, shifted)[0].item() > loss.item() + 1.0
+    assert objective(shifted)[0].item() > loss.item() + 1.0
     assert kd_kl(shifted.logits[:, :2], t_logits, 2.0).item() == pytest.approx(kd_kl(out.logits[:, :2], t_logits, 2.0).item(),
                                                                             abs=1e-6)
 
@@ -130,24 +143,25 @@ def test_lwf_local_ce_keeps_old_classes_that_all_class_ce_loses(quick):
 
 
 def _attention_term(quick, student_bn):
-    from cilearn.components import build, component_class
+    """The attention term at the start of phase 1 (3 old classes, 2 new): the student, the term
+    (phase started: the old model's maps cached) and a step on 16 images of class 3."""
     torch.manual_seed(0)
     net = build_net("convnet", "linear", 1)
     net.add_classes(3)
     aug = Augmenter("none", 0, (0.5,), (0.5,), channels_last=False)
-    ctx = Context(quick(method="lwm"), net, None, aug, torch.device("cpu"), torch.Generator(), None)
+    services = RunServices(quick(method="lwm"), net, None, aug, torch.device("cpu"), torch.Generator(), None)
     x = torch.randint(0, 255, (16, 1, 8, 8), dtype=torch.uint8)
     with torch.no_grad():                    # running statistics of the data (not the init's 0 / 1)
         for _ in range(20):
             net(aug.test(x))
     teacher = net.frozen_copy()
-    term = build(component_class("term", "attention"), {"student_bn": student_bn}, ctx)
-    phase = Phase(1, 3, 5)
-    term.phase_start(phase, net, teacher, type("D", (), {"x": x})())
-    net.add_classes(2)
+    term = build(component_class("term", "attention"), {"student_bn": student_bn}, services)
+    net.add_classes(2)                       # the model grows before the phase starts
+    y = torch.full((16,), 3)
+    ctx = PhaseContext(Phase(1, 3, 5), net, teacher, x, y, torch.bincount(y, minlength=5).float(), None)
+    term.phase_start(ctx)
     net.train()
-    xb = aug.test(x)
-    return net, term, Batch(xb, torch.full((16,), 3), torch.arange(16), None)
+    return net, term, Step(Batch(aug.test(x), y, torch.arange(16), None), ctx)
 
 
 @pytest.mark.parametrize("student_bn", ["eval", "train"])
@@ -155,10 +169,10 @@ def test_attention_loss_at_student_equal_to_teacher(quick, student_bn):
     """L_AD with the student equal to the old model (a phase's first step): exactly 0 when both
     maps are taken in eval mode; with the student's map from the train-mode forward (BN batch
     statistics) it is not, which is the artefact the default removes."""
-    net, term, batch = _attention_term(quick, student_bn)
-    batch = term.batch(batch)                           # the step's start
-    out = net(batch.x)                                  # the training forward (train mode, moves the BN statistics)
-    (w, loss), = term.terms(batch, out).values()
+    net, term, step = _attention_term(quick, student_bn)
+    term.before_step(step)                              # the step's start
+    out = net(step.batch.x)                             # the training forward (train mode, moves the BN statistics)
+    (w, loss), = term.terms(step, out).values()
     if student_bn == "eval":
         assert loss.item() == 0.0
     else:
@@ -171,15 +185,15 @@ def test_attention_loss_at_student_equal_to_teacher(quick, student_bn):
 def test_eval_mode_attention_loss_trains_the_student(quick):
     """The eval-mode student map keeps its graph: L_AD of a perturbed student sends a gradient to
     the backbone's convolutions (not only the head), and leaves the BN running statistics alone."""
-    net, term, batch = _attention_term(quick, "eval")
+    net, term, step = _attention_term(quick, "eval")
     with torch.no_grad():
         for p in net.backbone.parameters():
             p.add_(0.05 * torch.randn_like(p))
     stats = [b.clone() for n, b in net.named_buffers() if "running" in n]
-    batch = term.batch(batch)
-    out = net(batch.x)
+    term.before_step(step)
+    out = net(step.batch.x)
     after_train_forward = [b.clone() for n, b in net.named_buffers() if "running" in n]
-    (w, loss), = term.terms(batch, out).values()
+    (w, loss), = term.terms(step, out).values()
     assert loss.item() > 0.01
     loss.backward()
     grads = [p.grad for p in net.backbone.parameters() if p.dim() == 4]

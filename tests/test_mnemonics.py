@@ -8,8 +8,11 @@ import torch
 import cilearn
 from cilearn.cli import main
 from cilearn.memory import Budget, Memory
-from cilearn.memory.mnemonics import (MEMORY_OPTIMIZERS, MnemonicsSettings, bilevel_loss, class_means, head_params,
-                                      single_level_loss, split_halves, step_sets, unrolled_head)
+import dataclasses
+
+from cilearn.components import build, component_class
+from cilearn.memory.mnemonics import (bilevel_loss, class_means, head_params, single_level_loss, split_halves, step_sets,
+                                      unrolled_head)
 from cilearn.models import build_net
 
 
@@ -24,7 +27,15 @@ def settings(**over):
     d = dict(epochs=1, iterations=3, steps=4, inner_epochs=1, inner_lr=0.05, lr=0.05, batch_size=16, adjust_old=True,
              step="adam")
     d.update(over)
-    return MnemonicsSettings(**d)
+    return d
+
+
+def optimizer(kind, options):
+    """The exemplar-optimizer component ``kind`` with the ``options`` its form declares (the
+    single-level form has no inner loop: no steps, inner_epochs, inner_lr, adjust_old)."""
+    cls = component_class("exemplar-optimizer", kind)
+    declared = {f.name for f in dataclasses.fields(cls.Options)}
+    return build(cls, {k: v for k, v in options.items() if k in declared}, None)
 
 
 def normalize(x):
@@ -119,7 +130,7 @@ def test_mnemonics_changes_new_exemplars_stored_as_rounded_images():
     net = tiny_net(4)
     mem, x, y = filled_memory(net, range(2, 4), old=range(0, 2))
     herding = {c: v.clone() for c, v in mem.exemplars.items()}
-    opt = MEMORY_OPTIMIZERS.get("mnemonics")(settings(lr=0.05))
+    opt = optimizer("mnemonics", settings(lr=0.05))
     before = opt(mem, net, normalize, range(2, 4), x, y, torch.Generator().manual_seed(0))
     assert set(before) == set(herding) and all(torch.equal(before[c], herding[c]) for c in herding)
     assert set(mem.exemplars) == {0, 1, 2, 3}                                    # labels kept
@@ -137,13 +148,12 @@ def test_mnemonics_changes_new_exemplars_stored_as_rounded_images():
 
 
 def test_store_rounds_not_truncates():
-    from cilearn.memory.mnemonics import _PixelOptimizer
     from cilearn.memory.mnemonics import PixelSpace
     mem = Memory(Budget(per_class=2))
     space = PixelSpace(lambda px: px / 255.0, 1, torch.device("cpu"))      # pixels -> [0, 1]
     moved = torch.tensor([0.4, 0.6, 254.5, 254.6, 3.5, 7.49]).view(3, 1, 1, 2)
     start = torch.tensor([0.0, 1.0, 254.0, 255.0, 4.0, 7.0]).view(3, 1, 1, 2)
-    opt = _PixelOptimizer(settings())
+    opt = optimizer("mnemonics", settings())
     opt.store(mem, space, moved / 255.0, start, torch.tensor([0, 0, 1]))
     assert mem.exemplars[0].flatten().tolist() == [0, 1, 254, 255] and mem.exemplars[1].flatten().tolist() == [4, 7]
     # the movement before rounding, grey levels: |0.4-0|, |0.6-1|, |254.5-254|, |254.6-255|; |3.5-4|, |7.49-7|
@@ -158,7 +168,7 @@ def test_release_step_sizes_barely_move_the_exemplars():
     net = tiny_net(4)
     mem, x, y = filled_memory(net, range(2, 4), old=range(0, 2))
     herding = {c: v.clone() for c, v in mem.exemplars.items()}
-    opt = MEMORY_OPTIMIZERS.get("mnemonics")(settings(lr=1e-6, iterations=None, epochs=2))
+    opt = optimizer("mnemonics", settings(lr=1e-6, iterations=None, epochs=2))
     opt(mem, net, normalize, range(2, 4), x, y, torch.Generator().manual_seed(0))
     assert all(torch.equal(mem.exemplars[c], herding[c]) for c in herding)
     assert opt.stats["exemplar_stored_pixel_change"] == 0.0
@@ -167,11 +177,13 @@ def test_release_step_sizes_barely_move_the_exemplars():
 
 
 def test_zero_step_records_no_movement():
-    """lr 0: the pixels do not move, and the float round trip reports exactly 0, not its error."""
+    """A step too small to change a float32 pixel: the pixels do not move, and the float round trip
+    reports exactly 0, not its error. (lr must be > 0 in the options; Adam's step is about lr, and
+    1e-30 added to a normalised pixel, |z| >= 2/255 here, leaves it as it is.)"""
     net = tiny_net(4)
     mem, x, y = filled_memory(net, range(2, 4), old=range(0, 2))
     for kind in ("mnemonics", "mnemonics-single"):
-        opt = MEMORY_OPTIMIZERS.get(kind)(settings(lr=0.0, iterations=2))
+        opt = optimizer(kind, settings(lr=1e-30, iterations=2))
         opt(mem, net, normalize, range(2, 4), x, y, torch.Generator().manual_seed(0))
         assert opt.stats["exemplar_pixel_change"] == 0.0 == opt.stats["exemplar_stored_pixel_change"], kind
 
@@ -182,7 +194,7 @@ def test_split_halves_step_touches_only_old_class_exemplars():
     for adjust in (False, True):
         mem, x, y = filled_memory(net, range(2, 4), old=range(0, 2))
         herding = {c: v.clone() for c, v in mem.exemplars.items()}
-        MEMORY_OPTIMIZERS.get("mnemonics")(settings(adjust_old=adjust))(
+        optimizer("mnemonics", settings(adjust_old=adjust))(
             mem, net, normalize, range(2, 4), x, y, torch.Generator().manual_seed(0))
         runs[adjust] = mem.exemplars
     for c in (0, 1):   # old: unchanged without the adjustment, changed with it
@@ -196,7 +208,7 @@ def test_single_level_moves_new_exemplars_only():
     net = tiny_net(4)
     mem, x, y = filled_memory(net, range(2, 4), old=range(0, 2))
     herding = {c: v.clone() for c, v in mem.exemplars.items()}
-    opt = MEMORY_OPTIMIZERS.get("mnemonics-single")(settings(iterations=None, epochs=2, step="adam"))
+    opt = optimizer("mnemonics-single", settings(iterations=None, epochs=2, step="adam"))
     opt(mem, net, normalize, range(2, 4), x, y, torch.Generator().manual_seed(0))
     for c in (0, 1):
         assert torch.equal(mem.exemplars[c], herding[c])
@@ -208,8 +220,10 @@ def test_single_level_moves_new_exemplars_only():
 
 @pytest.mark.parametrize("args, expect", [
     (["--method", "lwf", "--memory.optimizer", "mnemonics"], "--memory.optimizer mnemonics"),
-    (["--method", "icarl", "--memory.optimizer", "mnemonix"], "--memory.optimizer must be one of"),
-    (["--method", "icarl-mnemonics", "--memory.mnemonics.inner-lr", "0"], "--memory.mnemonics.inner-lr"),
+    (["--method", "icarl", "--memory.optimizer", "mnemonix"],
+     "--memory.optimizer: unknown exemplar-optimizer component 'mnemonix'; expected one of: mnemonics, mnemonics-single"),
+    (["--method", "icarl-mnemonics", "--memory.mnemonics.inner-lr", "0"],
+     "--memory.mnemonics: steps >= 1, inner-epochs >= 0 and inner-lr > 0 are expected, got 20, 5, 0"),
     (["--method", "icarl-mnemonics", "--memory.mnemonics.step", "rmsprop"], "--memory.mnemonics.step"),
 ])
 def test_bad_optimizer_configs_are_one_line_errors(args, expect, tmp_path, capsys):

@@ -15,7 +15,7 @@ from cilearn.checkpoint import EPOCH_FILE, PHASE_FILE
 from cilearn.cli import main
 from cilearn.data.datasets import load_dataset, subsample_per_class
 from cilearn.evaluate import evaluate_phase, task_aware_predict
-from cilearn.memory.compress import install_rationals
+from cilearn.memory.cim import install_rationals
 from cilearn.model_io import MODEL_FILE, SPEC_FILE, ModelSpec, build_from, save_model
 from cilearn.outputs import summarize
 
@@ -160,11 +160,11 @@ def test_bad_model_files_are_one_line(finished, tmp_path, capsys, damage, expect
 
 def test_every_net_variant_round_trips(tmp_path):
     """Expandable (two extractors, one frozen), a logit correction (BiC), CIM's rationals, a
-    proxies head: the rebuilt net's logits are the saved net's."""
-    for arch, steps in (({"backbone": "convnet", "head": "cosine", "in_channels": 1, "last_relu": False,
-                          "expandable": True, "head_opts": {"sigma": 2.0}}, ("expand", "bias", "rationals")),
-                        ({"backbone": "convnet", "head": "lsc", "in_channels": 1, "last_relu": True,
-                          "expandable": False, "head_opts": {"proxies": 3, "sigma": 1.0}}, ())):
+    proxies head on a ResNet without its last ReLU: the rebuilt net's logits are the saved net's."""
+    for arch, steps in (({"backbone": "convnet", "backbone_options": {}, "head": "cosine", "in_channels": 1,
+                          "expandable": True, "head_options": {"scale": 2.0}}, ("expand", "bias", "rationals")),
+                        ({"backbone": "resnet32", "backbone_options": {"last_relu": False}, "head": "lsc",
+                          "in_channels": 1, "expandable": False, "head_options": {"proxies": 3, "scale": 1.0}}, ())):
         torch.manual_seed(0)
         net = build_from(arch)
         net.add_classes(3)

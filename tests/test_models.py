@@ -2,22 +2,24 @@
 import pytest
 import torch
 
-from cilearn.models.backbones import BACKBONES
+from cilearn.components import REGISTRIES
+from cilearn.errors import ConfigError
+from cilearn.models import build_net, part
 from cilearn.models.heads import LinearHead
-from cilearn.models import build_net
 
 
 @pytest.mark.parametrize("name,size,dim,stages", [("resnet32", 32, 64, 3), ("convnet", 8, 128, 3),
                                                   ("resnet18-32", 32, 512, 4), ("resnet18", 64, 512, 4)])
 def test_backbone_shapes(name, size, dim, stages):
-    bb = BACKBONES.get(name)(3)
+    assert name in REGISTRIES["backbone"]
+    bb = part("backbone", name).create(3)
     maps, emb = bb(torch.randn(2, 3, size, size))
     assert emb.shape == (2, dim) and bb.out_dim == dim and len(maps) == stages
     assert maps[-1].shape[1] == dim
 
 
 def test_resnet32_has_the_paper_size():
-    n = sum(p.numel() for p in BACKBONES.get("resnet32")(3).parameters())
+    n = sum(p.numel() for p in part("backbone", "resnet32").create(3).parameters())
     assert 0.45e6 < n < 0.48e6      # ResNet-32 has ~0.46M parameters (He et al. 2016, Table 6)
 
 
@@ -42,7 +44,12 @@ def test_frozen_copy_is_independent_and_gradient_free():
 
 
 def test_head_options_are_what_each_head_takes():
-    from cilearn.models.heads import head_options
-    assert head_options("lsc", proxies=4, sigma=2.0) == {"proxies": 4, "sigma": 2.0}
-    assert head_options("cosine", proxies=4, sigma=2.0) == {"sigma": 2.0}
-    assert head_options("linear", proxies=4, sigma=2.0) == {}
+    # each head component declares only the options its module takes (lsc: proxies and scale;
+    # cosine: scale; linear: none), and they reach the module it creates
+    lsc = part("head", "lsc", proxies=4, scale=2.0).create(8)
+    assert lsc.proxies == 4 and lsc.sigma.item() == 2.0
+    assert part("head", "cosine", scale=2.0).create(8).sigma.item() == 2.0
+    with pytest.raises(ConfigError, match="components.cosine.proxies"):
+        part("head", "cosine", proxies=4)
+    with pytest.raises(ConfigError, match="components.linear.scale"):
+        part("head", "linear", scale=2.0)

@@ -1,27 +1,38 @@
 """PODNet: the local-similarity head, NCA, POD-spatial/flat and proxy imprinting against numbers
 computed by hand; the method's hooks on a tiny network; end-to-end runs."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import cilearn
+from cilearn.components import REGISTRIES, Components, Step, build, component_class
+from cilearn.config import RunConfig, from_dict
 from cilearn.data.augment import Augmenter
 from cilearn.data.scenario import Phase
-from cilearn.losses import CLS_LOSSES, nca, pod_flat, pod_spatial, pod_vectors
+from cilearn.errors import ConfigError
+from cilearn.imprint import imprint_proxies, kmeans
+from cilearn.learner import Learner
+from cilearn.losses import nca, pod_flat, pod_spatial, pod_vectors
 from cilearn.memory import Budget, Memory
 from cilearn.methods import METHODS
-from cilearn.services import Context
-from cilearn.imprint import imprint_proxies, kmeans
-from cilearn.models.backbones import BACKBONES
-from cilearn.models.heads import HEADS, LSCHead
-from cilearn.models import build_net
+from cilearn.methods.recipe import plan
+from cilearn.model_io import architecture, build_from
+from cilearn.models import build_net, part
+from cilearn.models.heads import LSCHead
+from cilearn.services import RunServices
 from cilearn.train import Batch
+
+BACKBONES = REGISTRIES["backbone"]
+# the backbones with a last_relu option (the ResNets); convnet has none (see ConvNetFactory)
+LAST_RELU = [n for n in BACKBONES.names()
+             if "last_relu" in {f.name for f in dataclasses.fields(BACKBONES.get(n).Options)}]
 
 
 # ---------------------------------------------------------------- head
 def test_lsc_head_by_hand():
-    h = HEADS.get("lsc")(2, proxies=2)
+    h = part("head", "lsc", proxies=2).create(2)
     assert isinstance(h, LSCHead) and h.num_classes == 0 and h.sigma.item() == 1.0
     h.add_classes(2)
     assert h.weight.shape == (4, 2) and h.num_classes == 2
@@ -48,20 +59,25 @@ def test_nca_by_hand():
     assert nca(z, y, margin=0.5).item() == pytest.approx((0 + 2.813262) / 2, abs=1e-5)
     # no margin: the positive is still out of the denominator
     assert nca(z[1:], y[1:]).item() == pytest.approx(math.log(math.e ** 2 + math.e), abs=1e-5)
-    assert CLS_LOSSES.get("nca") is nca
+    # the classification component --loss nca binds it (a head without a learnt scale: margin as given)
+    comp = build(component_class("classification", "nca"), {"margin": 0.5}, None)
+    comp.attach(build_net("convnet", "linear", 1))
+    assert torch.equal(comp.loss(z, y), nca(z, y, margin=0.5))
 
 
 def test_nca_margin_is_scaled_by_eta_without_its_gradient(quick):
-    """``Method`` passes margin = eta * delta with eta detached (see losses.nca)."""
+    """The recipe's nca component passes margin = eta * delta with eta detached (see losses.nca)."""
     net = build_net("convnet", "lsc", 1)
     net.add_classes(3)
     with torch.no_grad():
         net.head.sigma.fill_(4.0)
-    ctx = Context(quick(method="podnet"), net, None, Augmenter("none", 0, (0.5,), (0.5,), False),
-                  torch.device("cpu"), torch.Generator(), None)
-    m = METHODS.get("podnet")(ctx)
+    p = plan(quick(method="podnet"), 8)
+    name, = p.names("classification")
+    assert name == "nca" and p.options[name]["margin"] == 0.6
+    cls = build(component_class("classification", name), p.options[name], None)
+    cls.attach(net)
     z = torch.tensor([[3.0, 1.0, 0.0]], requires_grad=True)
-    loss = m.cls_fn(z, torch.tensor([0]), None)
+    loss = cls.loss(z, torch.tensor([0]), None)
     # 4 * 0.6 = 2.4: max(0, log(e + 1) - (3 - 2.4)) = 1.313262 - 0.6
     assert loss.item() == pytest.approx(math.log(math.e + 1) - 0.6, abs=1e-5)
     assert net.head.sigma.grad is None
@@ -90,7 +106,7 @@ def test_pod_flat_by_hand():
 
 def test_pod_spatial_trains_the_student_only():
     torch.manual_seed(0)
-    net = build_net("convnet", "lsc", 1, last_relu=False)
+    net = build_net("convnet", "lsc", 1)
     teacher = net.frozen_copy()
     with torch.no_grad():
         for p in net.backbone.parameters():
@@ -120,12 +136,16 @@ def test_kmeans_and_proxy_imprinting():
     assert sorted(map(tuple, (rows[2:] / 3).round(decimals=5).tolist())) == [(-1.0, 0.0), (0.0, -1.0)]
 
 
-@pytest.mark.parametrize("name", [n for n in BACKBONES.names() if n != "convnet"])
+def test_every_backbone_but_convnet_has_last_relu():
+    assert LAST_RELU and set(LAST_RELU) == set(BACKBONES.names()) - {"convnet"}
+
+
+@pytest.mark.parametrize("name", LAST_RELU)
 def test_last_relu_flag(name):
     torch.manual_seed(0)
     size = 32 if name != "convnet" else 8
     x = torch.randn(2, 3, size, size)
-    with_relu, without = BACKBONES.get(name)(3), BACKBONES.get(name)(3, last_relu=False)
+    with_relu, without = part("backbone", name).create(3), part("backbone", name, last_relu=False).create(3)
     without.load_state_dict(with_relu.state_dict())
     maps_a, emb_a = with_relu.eval()(x)
     maps_b, emb_b = without.eval()(x)
@@ -135,66 +155,88 @@ def test_last_relu_flag(name):
 
 
 def test_convnet_ignores_last_relu():
-    """No residual path: without its last ReLU the last stage would be affine (see ConvNet)."""
+    """No residual path: without its last ReLU the last stage would be affine (see ConvNetFactory).
+    convnet has no last_relu option, so the recipes' last_relu false does not reach it."""
     x = torch.randn(2, 1, 8, 8)
-    a, b = BACKBONES.get("convnet")(1), BACKBONES.get("convnet")(1, last_relu=False)
-    b.load_state_dict(a.state_dict())
-    assert torch.equal(a.eval()(x)[1], b.eval()(x)[1]) and (a(x)[0][-1] >= 0).all()
+    with pytest.raises(ConfigError, match="components.convnet.last_relu"):
+        part("backbone", "convnet", last_relu=False)
+    p = plan(from_dict(RunConfig, {"method": "podnet", "data": {"dataset": "digits"}}), 8)
+    assert p.recipe.options["backbone"]["last_relu"] is False and p.names("backbone") == ["convnet"]
+    assert p.options["convnet"] == {}
+    a = build_from(architecture(p, 1)).backbone
+    assert (a(x)[0][-1] >= 0).all() and (a.eval()(x)[1] >= 0).all()       # the last ReLU kept
 
 
 # ---------------------------------------------------------------- the method's hooks
-def _ctx(quick, augment="flip"):
+def _learner(quick, augment="flip") -> Learner:
+    """PODNet's components (3 proxies per class) on the tiny convnet, with a memory, no checkpoints."""
     torch.manual_seed(0)
-    net = build_net("convnet", "lsc", 1, last_relu=False, proxies=3)
+    cfg = quick(method="podnet", components={"lsc": {"proxies": 3}})
+    p = plan(cfg, 8)
     aug = Augmenter(augment, 0, (0.5,), (0.5,), channels_last=False)
-    return Context(quick(method="podnet"), net, Memory(Budget(per_class=4)), aug, torch.device("cpu"),
-                   torch.Generator().manual_seed(0), None)
+    services = RunServices(cfg, build_from(architecture(p, 1)), None, aug, torch.device("cpu"),
+                           torch.Generator().manual_seed(0), None)
+    parts = p.build(services)
+    services.memory = Memory(Budget(per_class=4), next(c for c in parts if c.kind == "selection"))
+    return Learner(services, Components(parts))
 
 
 def test_podnet_before_phase_imprints_freezes_and_weights(quick):
-    ctx = _ctx(quick)
-    ctx.net.add_classes(2)
-    m = METHODS.get("podnet")(ctx)
+    learner = _learner(quick)
+    net = learner.net
+    assert net.head.proxies == 3
+    net.add_classes(2)
     x = torch.randint(0, 255, (14, 1, 8, 8), dtype=torch.uint8)
     y = torch.tensor([0, 1] + [2] * 6 + [3] * 6)
-    old = ctx.net.head.weight.detach().clone()                   # [2 classes * 3 proxies, D]
-    m.before_phase(Phase(1, 2, 4), x, y)
-    w = ctx.net.head.weight.detach()
+    old = net.head.weight.detach().clone()                       # [2 classes * 3 proxies, D]
+    learner.begin(Phase(1, 2, 4), x, y)                          # grows the head, imprints, freezes
+    ctx = learner.ctx
+    w = net.head.weight.detach()
     assert w.shape[0] == 12 and torch.equal(w[:6], old)
     assert torch.allclose(w[6:].norm(dim=1), old.norm(dim=1).mean().expand(6), atol=1e-5)
-    pod = next(c for c in m.components.parts if c.name == "pod")          # the pod term component
-    assert pod.adapt == pytest.approx(math.sqrt(4 / 2))
+    pod = next(c for c in learner.components.active if c.name == "pod")      # the pod term component
+    assert (pod.options.spatial_weight, pod.options.flat_weight) == (3.0, 1.0)   # the defaults
     with torch.no_grad():
-        ctx.net.head.weight.add_(1.0)
-    m.constrain()                                                # old proxies fixed in the main stage
-    assert torch.equal(ctx.net.head.weight[:6].detach(), old)
+        net.head.weight.add_(1.0)
+    learner.components.constrain(ctx)                            # old proxies fixed in the main stage
+    assert torch.equal(net.head.weight[:6].detach(), old)
     # the cached teacher descriptors are those of the teacher on the batch (flip views)
-    xb, view = ctx.augmenter.train(x, torch.Generator().manual_seed(3))
-    batch = Batch(xb, y, torch.arange(len(y)), view)
-    t = m.teacher_out(batch)
+    xb, view = learner.s.augmenter.train(x, torch.Generator().manual_seed(3))
+    step = Step(Batch(xb, y, torch.arange(len(y)), view), ctx)
+    t = step.old
     with torch.no_grad():
-        ref = torch.cat(pod_vectors(m.teacher(xb).maps), dim=1)
+        ref = torch.cat(pod_vectors(ctx.old_model(xb).maps), dim=1)
     assert torch.allclose(t.extra, ref, atol=1e-5)
-    out = ctx.net(xb)
-    terms = m.components.terms(batch, out)
-    lc = ctx.cfg.loss
-    assert terms["pod_spatial"][0] == pytest.approx(3.0 * math.sqrt(2)) and lc.pod_spatial_weight is None   # the default
-    assert terms["pod_flat"][0] == pytest.approx(1.0 * math.sqrt(2))
+    out = net(xb)
+    terms = pod.terms(step, out)
+    adapt = math.sqrt(4 / 2)                                     # sqrt(seen / new)
+    assert terms["pod_spatial"][0] == pytest.approx(3.0 * adapt)
+    assert terms["pod_flat"][0] == pytest.approx(1.0 * adapt)
     with torch.no_grad():
-        ref_spatial = pod_spatial(out.maps, m.teacher(xb).maps)
+        ref_spatial = pod_spatial(out.maps, ctx.old_model(xb).maps)
     assert terms["pod_spatial"][1].item() == pytest.approx(ref_spatial.item(), abs=1e-5)
+
+
+def _options(method: str, dataset: str = "cifar100", image_size: int = 32) -> dict:
+    """The run's effective component options (``plan``) of ``method`` on ``dataset`` (ResNet-32)."""
+    cfg = from_dict(RunConfig, {"method": method, "data": {"dataset": dataset}, "model": {"backbone": "resnet32"}})
+    return plan(cfg, image_size).options
 
 
 def test_podnet_recipes_defaults():
     p, pb = METHODS.get("podnet"), METHODS.get("podnet-bsce")
-    assert p.head == "lsc" and p.cls_loss == "nca" and p.calibration == ("balanced-finetune",) and not p.last_relu
-    ft = p.component_options("cifar100")["balanced-finetune"]
-    assert ft["lr"] == 0.05 and not ft["decay"] and p.uses_memory
-    assert p.component_options("imagefolder")["balanced-finetune"]["lr"] == 0.01     # official ImageNet config
-    assert p.component_options("cifar100")["pod"] == {"spatial_weight": 3.0, "flat_weight": 1.0}
-    assert p.component_options("imagefolder")["pod"] == {"spatial_weight": 8.0, "flat_weight": 10.0}
-    assert p.head_components == ("imprint", "freeze-old-rows") and p.terms == ("pod",)
-    assert pb.cls_loss == "bsce" and pb.calibration == () and pb.head == "lsc" and pb.head_components == ("imprint",)
+    cifar, folder = _options("podnet"), _options("podnet", "imagefolder", 224)
+    assert p.head == "lsc" and p.classification == "nca" and p.calibration == ("balanced-finetune",)
+    assert cifar["resnet32"]["last_relu"] is False and folder["resnet32"]["last_relu"] is False
+    ft = cifar["balanced-finetune"]
+    assert ft["lr"] == 0.05 and not ft["decay"] and p.exemplars
+    assert folder["balanced-finetune"]["lr"] == 0.01     # official ImageNet config
+    assert cifar["pod"] == {"spatial_weight": 3.0, "flat_weight": 1.0}
+    assert folder["pod"] == {"spatial_weight": 8.0, "flat_weight": 10.0}
+    assert cifar["lsc"]["proxies"] == 10
+    assert p.head_init == ("imprint",) and p.constraints == ("freeze-old-rows",) and p.terms == ("pod",)
+    assert pb.classification == "bsce" and pb.calibration == () and pb.head == "lsc"
+    assert pb.head_init == ("imprint",) and pb.constraints == ()
 
 
 # ---------------------------------------------------------------- end to end

@@ -18,8 +18,10 @@ OVER = dict(scenario={"base": 4, "increment": 3}, data={"dataset": "digits", "tr
 
 def over(method: str) -> dict:
     m = METHODS.get(method)
-    d = {**OVER, "train": {**OVER["train"], **({"finetune_epochs": 2} if "balanced-finetune" in m.calibration else {})}}
-    return {**d, **cheap_extra_stages(m, replay_steps=5, iterations=2)}
+    components = cheap_extra_stages(m, replay_steps=5, iterations=2).get("components", {})
+    if "balanced-finetune" in m.calibration:
+        components["balanced-finetune"] = {"epochs": 2}
+    return {**OVER, **({"components": components} if components else {})}
 
 
 def _stop_after_phase(monkeypatch, phase: int):

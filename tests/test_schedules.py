@@ -9,17 +9,33 @@ import yaml
 from cilearn.config import (QUICK_EPOCHS, RunConfig, Schedule, TrainingDefaults, effective_milestones, from_dict,
                             load_yaml, resolve)
 from cilearn.methods import METHODS
+from cilearn.methods.recipe import RunFacts, plan, resolved_config
 from cilearn.methods.schedules import DER, FOSTER, ICARL, LUCIR, PODNET
 
-# the options a recipe's Schedule fills (config.yaml holds the resolved values)
+# the run options a recipe's Schedule fills (config.yaml holds the resolved values)
 SCHEDULED = ("epochs", "base_epochs", "lr", "base_lr", "batch_size", "weight_decay", "base_weight_decay",
-             "schedule", "milestones", "base_milestones", "warmup_epochs", "compression_epochs")
+             "schedule", "milestones", "base_milestones", "warmup_epochs")
+# and FOSTER's compression stage's epochs: the feature-compression component's option (short name
+# train.compression_epochs), resolved from the Schedule with the run's components
+COMPRESSION = "compression_epochs"
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 def resolved(d: dict, num_classes: int = 100, image_size: int = 32) -> RunConfig:
+    """The configuration as ``prepare`` resolves it: the run options and the components' effective
+    options (``components``)."""
     cfg = from_dict(RunConfig, d)
-    return resolve(cfg, num_classes, image_size, METHODS.get(cfg.method).training)
+    recipe = METHODS.get(cfg.method)
+    epochs_given = cfg.train.epochs is not None
+    cfg = resolve(cfg, num_classes, image_size, recipe.training)
+    facts = RunFacts(cfg, recipe.training.for_dataset(cfg.data.dataset), cfg.data.dataset in QUICK_EPOCHS, epochs_given)
+    resolved_config(cfg, plan(cfg, image_size, True, facts))
+    return cfg
+
+
+def compression_epochs(cfg: RunConfig) -> int | None:
+    """The feature-compression stage's epochs of a resolved run (None: the run has no such stage)."""
+    return cfg.components.get("feature-compression", {}).get("epochs")
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -42,8 +58,9 @@ def test_cifar_takes_the_reference_schedule():
     d = resolved({"method": "der", "data": {"dataset": "cifar100"}, "scenario": {"increment": 10}}).train
     assert (d.epochs, d.milestones, d.base_milestones, d.warmup_epochs, d.weight_decay) == \
         (170, [100, 120], [60, 120, 160], 10, 5e-4)
-    f = resolved({"method": "foster", "data": {"dataset": "cifar100"}, "scenario": {"increment": 10}}).train
-    assert (f.schedule, f.epochs, f.base_epochs, f.compression_epochs, f.milestones) == ("cosine", 170, 200, 130, [])
+    fc = resolved({"method": "foster", "data": {"dataset": "cifar100"}, "scenario": {"increment": 10}})
+    f = fc.train
+    assert (f.schedule, f.epochs, f.base_epochs, compression_epochs(fc), f.milestones) == ("cosine", 170, 200, 130, [])
 
 
 def test_image_folders_take_the_imagenet_schedule():
@@ -79,8 +96,8 @@ def test_given_options_win_and_carry_to_the_first_phase():
                   "train": {"schedule": "cosine", "base_epochs": 3}}).train
     assert (c.schedule, c.milestones, c.base_milestones, c.base_epochs, c.epochs) == ("cosine", [], [], 3, 170)
     f = resolved({"method": "foster", "data": {"dataset": "cifar100"}, "scenario": {"increment": 10},
-                  "train": {"epochs": 4}}).train
-    assert f.compression_epochs is None                                   # follows --epochs
+                  "train": {"epochs": 4}})
+    assert compression_epochs(f) == 4                                     # follows --epochs
 
 
 def test_config_yaml_holds_the_resolved_schedule_and_the_banner_shows_it(tmp_path):
@@ -89,10 +106,11 @@ def test_config_yaml_holds_the_resolved_schedule_and_the_banner_shows_it(tmp_pat
     res = cilearn.run(from_dict(RunConfig, {"method": "icarl", "out": str(tmp_path / "r"),
                                             "train": {"epochs": 2, "progress": False}}), echo=False)
     saved = yaml.safe_load((res.out_dir / "config.yaml").read_text())["train"]
-    assert all(saved[k] is not None for k in SCHEDULED if k != "compression_epochs")
-    assert "compression_epochs" not in saved and "finetune_epochs" not in saved     # options icarl does not use
+    assert all(saved[k] is not None for k in SCHEDULED)
+    assert "compression_epochs" not in saved and "finetune_epochs" not in saved     # options of components icarl has not
+    assert not {"feature-compression", "balanced-finetune"} & set(res.config.components)
     from cilearn.methods.options import prune
-    assert saved == prune(to_dict(res.config), res.config, METHODS.get("icarl"))["train"]
+    assert saved == prune(to_dict(res.config), res.config, plan(res.config, 8))["train"]
     log = (res.out_dir / "log.txt").read_text()
     assert "training: batch 128" in log and "phase 0: 2 epochs, lr 0.1 constant, weight decay 0.0005" in log
     assert "PyCIL models/icarl.py" in log
@@ -115,10 +133,13 @@ def test_reference_configs_agree_with_the_recipe_defaults(path):
     if (d.get("data") or {}).get("dataset") in QUICK_EPOCHS:
         pytest.skip("a quick-data-set protocol, not a paper's reference config")
     k, size = _num_classes(path, d)
-    full = resolved(d, k, size).train
-    bare = resolved({**d, "train": {key: v for key, v in (d.get("train") or {}).items() if key not in SCHEDULED}},
-                    k, size).train
-    differ = {key: (getattr(full, key), getattr(bare, key)) for key in SCHEDULED if getattr(full, key) != getattr(bare, key)}
+    full = resolved(d, k, size)
+    bare = resolved({**d, "train": {key: v for key, v in (d.get("train") or {}).items()
+                                    if key not in SCHEDULED + (COMPRESSION,)}}, k, size)
+    differ = {key: (getattr(full.train, key), getattr(bare.train, key)) for key in SCHEDULED
+              if getattr(full.train, key) != getattr(bare.train, key)}
+    if compression_epochs(full) != compression_epochs(bare):
+        differ[COMPRESSION] = (compression_epochs(full), compression_epochs(bare))
     assert not differ, f"{path.name} sets (config, recipe default): {differ}"
 
 

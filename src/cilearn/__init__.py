@@ -2,6 +2,10 @@
 ``run_seeds``, ``compare_methods`` / ``compare_dirs`` and ``html_report`` for several runs."""
 __version__ = "0.1.0"
 
+from .threads import sleep_when_waiting  # noqa: E402
+
+sleep_when_waiting()          # before torch loads OpenMP (cilearn.threads)
+
 from .config import RunConfig  # noqa: E402
 from .errors import CilearnError, ConfigError, DataError, ResultsError  # noqa: E402
 from .api import compare_methods, resume, run, run_seeds  # noqa: E402

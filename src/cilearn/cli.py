@@ -69,6 +69,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "seed": ("seed", int, "seed of class order, initialisation, data order and augmentation"),
     "device": ("train.device", str, "auto, cpu, cuda or cuda:N"),
     "precision": ("train.precision", str, "auto, bf16 or fp32"),
+    "threads": ("train.threads", lambda v: v if v == "auto" else int(v),
+                "CPU threads: a number, or auto (the CPUs this process may use; cilearn.threads)"),
     "out": ("out", str, "output directory (default runs/<method>-<dataset>-<time>)"),
     "checkpoint-every": ("train.checkpoint_every", int, "epochs between checkpoints inside a phase (0: phase ends only)"),
 }

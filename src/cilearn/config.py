@@ -72,6 +72,7 @@ class TrainConfig:
     warmup_epochs: int | None = None     # linear warm-up of the lr over the first epochs of every stage (DER)
     gamma: float = 0.1
     precision: str = "auto"              # auto | bf16 | fp32
+    threads: int | str = "auto"          # CPU threads; auto: the CPUs this process may use (cilearn.threads)
     channels_last: bool = True
     compile: bool = False                # torch.compile the backbone(s) on the first training step (train.py)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N

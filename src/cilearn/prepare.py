@@ -24,6 +24,7 @@ from .methods import METHODS
 from .methods.options import check_unused
 from .methods.recipe import RunFacts, RunPlan, plan, resolved_config
 from .plugins import load_plugins
+from .threads import resolve_threads
 from .steps import describe_steps
 from .progress import bars as progress_bars
 
@@ -134,6 +135,7 @@ def prepare(cfg: RunConfig, strict: bool = True):
     cfg = copy.deepcopy(cfg)
     cfg.plugins = load_plugins(cfg.plugins)      # before any name is looked up: their registrations count
     validate(cfg)
+    cfg.train.threads = resolve_threads(cfg.train.threads)   # the number that runs (config.yaml records it)
     recipe = METHODS.get(cfg.method)
     if cfg.train.compile and not _compile_supported():
         raise ConfigError(f"--train.compile: torch.compile is not supported by this PyTorch ({torch.__version__}) "

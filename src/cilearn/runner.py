@@ -164,6 +164,7 @@ def _execute(cfg, ds, plan: RunPlan, device, amp, out: Path, echo: bool, wall0: 
     events = observer if observer is not None and writes else NULL
     ckpt = None
     try:
+        torch.set_num_threads(cfg.train.threads)       # (cilearn.threads; resolved by prepare)
         torch.manual_seed(cfg.seed)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         ckpt = Checkpointer(out if writes else None, cfg.train.checkpoint_every, gen)
@@ -197,7 +198,8 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
     meta["resident"] = resident          # where the uint8 images live: device, or host (batches moved)
     if writes and not (out / "config.yaml").exists():
         used = prune(to_dict(cfg), cfg, plan)   # only the options this run uses
-        atomic_write(out / "config.yaml", yaml.safe_dump({**used, "meta": meta}, sort_keys=False))
+        used.pop("out", None)   # where it ran is in meta: `cilearn run --config RUN/config.yaml` writes a new run
+        atomic_write(out / "config.yaml", yaml.safe_dump({**used, "meta": {**meta, "run_dir": str(out)}}, sort_keys=False))
 
     scenario = Scenario.make(ds.num_classes, cfg.scenario.base, cfg.scenario.increment, cfg.scenario.class_order)
     place = (lambda t: HostRows(t, device)) if resident == "host" else (lambda t: t.to(device))  # noqa: E731
@@ -315,6 +317,7 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
 
     metrics = summarize(evals, phase_rows, memory, wall_before + time.perf_counter() - wall0,
                         cfg.scenario.class_order, names)
+    metrics["threads"] = cfg.train.threads
     if world > 1:
         metrics["distributed"] = meta["distributed"]
     if writes:     # the final model (model_io), then metrics.json (the run is complete), then no resume state

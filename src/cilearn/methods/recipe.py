@@ -182,7 +182,7 @@ def _given_options(cfg: RunConfig, run: list[type], strict: bool, open_kinds: se
     given: dict[str, dict[str, Any]] = {c.name: {} for c in run}
     entries = dict(cfg.aliases)
     own: list[tuple[str, dict]] = []
-    canonical = {c.name.replace("-", "_"): c.name for c in run}    # dotted flags turn - into _
+    canonical = {n.replace("-", "_"): n for reg in REGISTRIES.values() for n in reg.names()}  # dotted flags turn - into _
     for n, opts in cfg.components.items():
         name = canonical.get(str(n).replace("-", "_"), str(n))
         if not isinstance(opts, dict):
@@ -192,7 +192,7 @@ def _given_options(cfg: RunConfig, run: list[type], strict: bool, open_kinds: se
             continue
         legacy = {f"components.{name}.{str(k).replace('-', '_')}": v for k, v in opts.items()}
         if strict and not all(k in declared for k in legacy):
-            raise ConfigError(f"components.{n}: {n!r} is not a component of this run "
+            raise ConfigError(f"components.{name}: {name!r} is not a component of this run "
                               f"(its components: {', '.join(by_name) or 'none'})")
         entries.update(legacy)
     for key, value in entries.items():
