@@ -300,9 +300,10 @@ def test_outer_gradient_reaches_the_cim_parameters_through_the_inner_step():
     ey = torch.tensor([2, 0, 1])
     vx = torch.randn(5, 1, 8, 8, dtype=torch.float64)
     vy = torch.tensor([0, 1, 2, 0, 1])
+    xs, ys = torch.cat([ex, x]), torch.cat([ey, y])     # one batch of exemplars and new images, all compressed
 
     def objective(with_reg=True):
-        return cim_outer_loss(net, cim, trainable, fixed, x, y, ex, ey, vx, vy, 2, 0.5,
+        return cim_outer_loss(net, cim, trainable, fixed, xs, ys, vx, vy, 2, 0.5,
                               0.1 if with_reg else 0.0, 0.0)[0]
 
     coef = cim.acts[-1].p                    # the last rational's numerator: it shapes the last-stage maps
@@ -323,10 +324,10 @@ def test_outer_gradient_reaches_the_cim_parameters_through_the_inner_step():
         up, down = shifted(i, eps), shifted(i, -eps)
         assert math.isclose((up - down) / (2 * eps), g[i].item(), rel_tol=1e-4, abs_tol=1e-9)
     # the regulariser: the mean of the squared normalised CAM at feature resolution (official MSE(CAM, 0))
-    _, terms = cim_outer_loss(net, cim, trainable, fixed, x, y, ex, ey, vx, vy, 2, 0.5, 1.0, 0.0)
+    _, terms = cim_outer_loss(net, cim, trainable, fixed, xs, ys, vx, vy, 2, 0.5, 1.0, 0.0)
     with torch.no_grad(), cim.active():                                       # the CIM forward: rationals
-        maps = net(x).maps[-1]                                                # [4, D, 2, 2]
-        v = net.head.weight[y]
+        maps = net(xs).maps[-1]                                               # [7, D, 2, 2]
+        v = net.head.weight[ys]
         m = torch.einsum("bd,bdhw->bhw", v, maps)
         lo, hi = m.flatten(1).min(1).values, m.flatten(1).max(1).values
         want = (((m - lo[:, None, None]) / (hi - lo)[:, None, None]) ** 2).mean()
@@ -372,7 +373,7 @@ def test_inner_step_on_the_methods_full_loss_and_the_extractor_only():
     assert all(torch.equal(v, own[k]) for k, v in net.state_dict().items())              # the net untouched
     # in the bilevel objective the outer gradient still reaches phi through this inner step
     cim = CIMModel().ensure(net)
-    loss, _ = cim_outer_loss(net, cim, moved, fixed, x[:3], y[:3], x[3:], y[3:], x, y, 2, 0.5, 0.0, 0.0,
+    loss, _ = cim_outer_loss(net, cim, moved, fixed, x[:3], y[:3], x, y, 2, 0.5, 0.0, 0.0,
                              inner_loss=method_inner_loss(net, loss_of(net)))
     (g,) = torch.autograd.grad(loss, [cim.acts[-1].p])
     assert g.abs().sum() > 0 and torch.isfinite(g).all()
@@ -550,8 +551,10 @@ def test_cim_meta_iterations_after_every_epoch(quick, monkeypatch):
     import cilearn.memory.cim as cim_module        # the module whose meta_steps calls cim_outer_loss
     real, calls = cim_module.cim_outer_loss, []
 
-    def watched(net, cim, *args, **kw):         # every step differentiates phi (also after the training froze it)
-        calls.append(all(p.requires_grad for a in cim.acts for p in a.parameters()))
+    def watched(net, cim, *args, **kw):         # every step differentiates phi (the trainable extractor's
+        trained = {id(p) for p in cim.parameters()}             # rationals), not a frozen extractor's
+        calls.append(bool(trained) and all(p.requires_grad == (id(p) in trained)
+                                           for a in cim.acts for p in a.parameters()))
         return real(net, cim, *args, **kw)
     monkeypatch.setattr(cim_module, "cim_outer_loss", watched)
     m = cilearn.run(quick(method="foster-cim", train={"epochs": 2, "progress": False, "precision": "fp32"},
@@ -691,12 +694,12 @@ def test_artifacts_use_each_images_own_box_with_the_ramped_probability(quick):
     services = RunServices(quick(), None, None, aug, torch.device("cpu"), torch.Generator().manual_seed(0), None)
     art = IndexBoxes(CompressorOptions(eta=4, artifact_prob=0.5, artifact_refresh=2), services)
     assert art.first_phase() == 0                                        # every phase, phase 0 included
-    x = torch.rand(6, 1, 4, 4)
+    x = torch.randint(0, 256, (6, 1, 4, 4), dtype=torch.uint8)          # the stored images
     y = torch.tensor([0, 0, 0, 1, 1, 1])
     phase = Phase(0, 0, 2)
     ctx = PhaseContext(phase, None, None, x, y, torch.ones(2), None)
     art.phase_start(ctx)
-    batch = Batch(x, y, torch.arange(6), 0)
+    batch = Batch(aug.test(x), y, torch.arange(6), 0)
     step = Step(batch, ctx)
     state = services.gen.get_state()
     art.before_step(step)
@@ -710,10 +713,10 @@ def test_artifacts_use_each_images_own_box_with_the_ramped_probability(quick):
     step = Step(batch, ctx)
     art.before_step(step)
     out = step.batch
-    b = blur(x, 2)
+    b = aug.test(blur(x, 2).round().byte())
     for i in range(6):                                                    # all chosen (p = 1): own box kept
         h = 2 + (i % 3)
-        assert torch.equal(out.x[i, :, :h], x[i, :, :h]) and torch.equal(out.x[i, :, h:], b[i, :, h:])
+        assert torch.equal(out.x[i, :, :h], batch.x[i, :, :h]) and torch.equal(out.x[i, :, h:], b[i, :, h:])
     assert out.view is None
     # the earlier form: a random box at a fixed probability, phases > 0 only (phase 0: the batch as given)
     rb = IndexBoxes(CompressorOptions(eta=4, artifacts="random-box", artifact_prob=0.1), services)
