@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cilearn.data import datasets as ds
+from cilearn.data import image_cache
 from cilearn.data import imagefolder as imf
 from cilearn.data.base import DATASETS, DataOptions, ImageDataset
 from cilearn.errors import ConfigError, DataError
@@ -397,7 +398,7 @@ def test_imagefolder_cache_reused_and_invalidated(tmp_path, monkeypatch):
     def boom(path, size):
         raise AssertionError(f"decoded {path} again")
 
-    monkeypatch.setattr(imf, "decode_image", boom)
+    monkeypatch.setattr(image_cache, "decode_image", boom)       # (the cache decodes)
     second = ds.load_dataset("imagefolder", opts(root, image_size=8))
     assert second.info["cache_hit"] is True
     assert torch.equal(first.train_x, second.train_x) and torch.equal(first.test_y, second.test_y)
@@ -427,8 +428,8 @@ def test_imagefolder_cache_fallback(tmp_path, monkeypatch):
     root = tmp_path / "data"
     make_split_folders(root, classes=("a",), n=1)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    real = imf._usable_dir
-    monkeypatch.setattr(imf, "_usable_dir", lambda p: False if p.startswith(str(root)) else real(p))
+    real = image_cache._usable_dir
+    monkeypatch.setattr(image_cache, "_usable_dir", lambda p: False if p.startswith(str(root)) else real(p))
     d = ds.load_dataset("imagefolder", opts(root, image_size=8))
     assert d.info["cache"].startswith(str(tmp_path / "xdg" / "cilearn"))
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from cilearn.cli import main
+from cilearn.data import image_cache
 from cilearn.data import imagefolder as imf
 from cilearn.data.base import DataOptions
 from cilearn.data.datasets import load_dataset
@@ -103,7 +104,7 @@ def test_cache_reused_then_rebuilt_in_place(tmp_path, monkeypatch):
     def boom(*args):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(imf, "_decode_rows", boom)
+    monkeypatch.setattr(image_cache, "_decode_rows", boom)
     second = load(tmp_path / "in", tmp_path / "c", workers=2)
     assert second.info["cache_hit"] is True and os.stat(second.info["cache"]).st_mtime_ns == stamp
     assert torch.equal(second.train_x, first.train_x) and torch.equal(second.test_y, first.test_y)
