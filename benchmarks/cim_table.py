@@ -1,7 +1,9 @@
 """The compressed-exemplar comparison table (issue 23): for each variant directory group written by
 ``compare_seeds.py`` (``OUT/<label>-s<seed>``), mean ± std over the seeds of the exemplars kept per
-class, the bytes stored, the average incremental accuracy (CNN, NME), the last accuracy and, for
-``cim``, the mask model's seconds per phase and its meta-iterations (run / skipped as not finite).
+class, the bytes stored, the average incremental accuracy (CNN, NME; and, for a run with a second
+network, e.g. FOSTER's compressed student, that network's: ``avg_incremental_acc_student``), the
+last accuracy and, for ``cim``, the mask model's seconds per phase and its meta-iterations (run /
+skipped as not finite).
 
     python benchmarks/cim_table.py runs/cim23 --labels "foster,foster --compressor full,..." --seeds 1993,1,2
 
@@ -29,6 +31,7 @@ def run_row(m: dict) -> dict[str, float]:
         "bytes": mem["total_bytes"],
         "cnn": m["avg_incremental_acc"],
         "nme": m.get("avg_incremental_acc_nme") or float("nan"),
+        "student": m.get("avg_incremental_acc_student", float("nan")),
         "last": m["last_acc"],
         "phi_s": (sum(p.get("cim_meta_seconds", 0.0) for p in phases) / len(phases)) if None not in steps
         else float("nan"),
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     out, seeds = Path(a.out), a.seeds.split(",")
     lines = ["| variant | exemplars per class | bytes stored | avg inc. acc CNN | avg inc. acc NME | last acc CNN "
              "| phi s per phase | meta-iterations run / skipped per run |", "|---" * 8 + "|"]
+    student = []
     per_seed = []
     for label in a.labels.split(","):
         rows = []
@@ -65,11 +69,17 @@ def main(argv: list[str] | None = None) -> int:
                         f"{'/'.join(str(int(s)) for s in col['steps'])} / "
                         f"{'/'.join(str(int(s)) for s in col['skipped'])} |" if cim else "- | - |"))
         per_seed.append(f"{label}: " + ", ".join(f"{c:.2f} / {n:.2f}" for c, n in zip(col["cnn"], col["nme"])))
+        if all(s == s for s in col["student"]):            # every run has a second network's accuracy
+            student.append(f"{label}: {format_stat(mean_std(col['student']))} ("
+                           + ", ".join(f"{s:.2f}" for s in col["student"]) + ")")
     if len(lines) == 2:
         print(f"cim_table: no variant has all its runs in {out}", file=sys.stderr)
         return 2
     print("\n".join(lines))
     print(f"\nPer seed ({', '.join(seeds)}), CNN / NME: " + "; ".join(per_seed) + ".")
+    if student:
+        print("\nThe second network's (avg_incremental_acc_student) average incremental accuracy, mean ± std "
+              "(per seed): " + "; ".join(student) + ".")
     return 0
 
 

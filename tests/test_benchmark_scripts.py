@@ -117,6 +117,7 @@ def test_cim_table_means_over_seeds_and_counts_the_meta_steps(tmp_path, capsys):
         phases = [{"acc": acc, "cim_meta_steps": 6, "cim_meta_seconds": 2.0 * seed, "cim_meta_skipped": seed}
                   if cim else {"acc": acc} for _ in range(2)]
         m = {"avg_incremental_acc": acc, "avg_incremental_acc_nme": acc + 10, "last_acc": acc - 10,
+             "avg_incremental_acc_student": acc - 5,
              "forgetting": 0.0, "accuracy_matrix": [], "phases": phases,
              "memory": {"total_images": images, "total_bytes": 100 * images, "class_images": [images // 4] * 4}}
         (d / "metrics.json").write_text(json.dumps(m))
@@ -128,6 +129,7 @@ def test_cim_table_means_over_seeds_and_counts_the_meta_steps(tmp_path, capsys):
     assert out[2] == "| foster | 2.00 ± 0.00 | 800 ± 0 | 32.00 ± 2.83 | 42.00 ± 2.83 | 22.00 ± 2.83 | - | - |"
     assert out[3] == ("| foster --compressor cim | 4.50 ± 0.71 | 1800 ± 283 | 34.00 ± 2.83 | 44.00 ± 2.83 | "
                       "24.00 ± 2.83 | 3.00 ± 1.41 | 12/12 / 2/4 |")
+    assert out[-1].endswith("foster: 27.00 ± 2.83 (25.00, 29.00); foster --compressor cim: 29.00 ± 2.83 (27.00, 31.00).")
     assert cim_table.main([str(tmp_path / "none"), "--labels", "foster", "--seeds", "1"]) == 2
 
 
