@@ -66,7 +66,7 @@ def resolved(kind: str, name: str, extra: dict | None = None):
 
 
 def services():
-    return types.SimpleNamespace(progress=False, device=torch.device("cpu"), net=None, seed=0)
+    return types.SimpleNamespace(progress=False, device=torch.device("cpu"), net=None, seed=0, log=None)
 
 
 @pytest.mark.parametrize("kind,name", COMPONENTS, ids=[f"{k}:{n}" for k, n in COMPONENTS])
@@ -140,6 +140,7 @@ def _nested(dotted: str, value) -> dict:
 
 
 def test_a_short_name_no_component_of_the_run_declares_is_refused():
+    resolved("term", "kd", {"loss": {"less_forget_weight": 5.0}})     # its default: changes nothing, accepted
     with pytest.raises(ConfigError, match="less-forget-weight 2.0 is not used by this run.*less-forget"):
         resolved("term", "kd", {"loss": {"less_forget_weight": 2.0}})
     with pytest.raises(ConfigError, match="unknown config key 'loss.no_such'"):

@@ -157,6 +157,17 @@ def _declared_aliases() -> dict[str, list[type]]:
     return out
 
 
+def _is_default(key: str, value: Any, owners: list[type]) -> bool:
+    """Whether ``value`` is the declared default of option ``key`` of each of its ``owners`` (setting
+    an option of a component not in the run to its default changes nothing: not refused)."""
+    for c in owners:
+        f = next(f for f in dataclasses.fields(c.Options) if f.name == aliases_of(c)[key])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if default != value:
+            return False
+    return True
+
+
 def _apply_switches(choices: dict[str, list[str]], aliases: dict[str, Any]) -> None:
     for key, cls in _switches().items():
         if key not in aliases or aliases[key] is None:
@@ -208,7 +219,7 @@ def _given_options(cfg: RunConfig, run: list[type], strict: bool, open_kinds: se
             continue
         hit = [c for c in owners if c in run]
         if not hit:
-            if strict and not all(c.kind in open_kinds for c in owners):
+            if strict and not all(c.kind in open_kinds for c in owners) and not _is_default(key, value, owners):
                 raise ConfigError(f"--{key.replace('_', '-')} {value!r} is not used by this run (--method {cfg.method}); "
                                   f"it applies to the {', '.join(sorted({f'{c.kind} component {c.name}' for c in owners}))}")
             continue
