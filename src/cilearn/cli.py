@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--recipes", action="store_true",
                     help="each recipe's component choices (head, losses, exemplars, calibration)")
     pl.add_argument("--training", action="store_true",
-                    help="every recipe's training defaults (epochs, lr, schedule, weight decay, batch) and their source")
+                    help="what each recipe trains with on each data set unless told otherwise (epochs, lr, "
+                         "schedule, weight decay, batch), and the source of the values")
     pl.add_argument("--markdown", action="store_true", help="with --configs, --recipes or --training: a markdown table")
     for p in (pr, pc, pp, pl):
         p.error = parser.error  # type: ignore[method-assign]

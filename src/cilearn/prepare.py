@@ -14,7 +14,7 @@ import torch
 
 from . import distributed
 from .components import REGISTRIES
-from .config import RunConfig, describe_stage, from_dict, resolve, validate
+from .config import RunConfig, from_dict, resolve, validate
 from .data.augment import Augmenter
 from .data.base import DataOptions
 from .data.datasets import load_dataset, subsample_per_class
@@ -26,6 +26,7 @@ from .memory import check_parts as check_memory_parts
 from .memory.selection import SELECTIONS
 from .methods import METHODS
 from .methods.options import check_unused, resolve_options
+from .methods.table import training_source, training_words
 from .models.backbones import BACKBONES
 from .models.heads import HEADS
 from .plugins import load_plugins
@@ -161,16 +162,12 @@ def uses_memory(method_cls, cfg: RunConfig) -> bool:
 
 def describe_training(cfg: RunConfig, method_cls) -> str:
     """The phase banner's training lines: what each phase trains with (the effective milestones
-    included) and where the recipe's defaults come from."""
-    t = cfg.train
-    ref = method_cls.training.for_dataset(cfg.data.dataset)
-    warm = f", {t.warmup_epochs} warm-up epochs" if t.warmup_epochs else ""
-    first = describe_stage(t.base_epochs, t.base_lr, t.schedule, t.base_milestones, t.base_weight_decay, t.gamma)
-    later = describe_stage(t.epochs, t.lr, t.schedule, t.milestones, t.weight_decay, t.gamma)
-    return (f"training: batch {t.batch_size}, SGD momentum {t.momentum:g}{warm}; "
-            f"phase 0: {first}; later phases: {later}\n"
-            f"  (defaults of {cfg.method}: {ref.source}; options given override them, milestones past a "
-            f"phase's epochs do not fire)")
+    included) and where the recipe's defaults come from; ``cilearn list --training`` says the same
+    (``methods.table.training_words``)."""
+    first, later, other = training_words(method_cls, cfg.train)
+    return (f"training: {other}; phase 0: {first}; later phases: {later}\n"
+            f"  (defaults of {cfg.method} on {cfg.data.dataset}: {training_source(method_cls, cfg.data.dataset)}; "
+            "options given override them, milestones past a phase's epochs do not fire)")
 
 def config_from_dict(d: dict) -> RunConfig:
     d = {k: v for k, v in d.items() if k != "meta"}   # config.yaml's meta section is informational

@@ -1,9 +1,10 @@
 """Every registered recipe as a row: its component choices (``cilearn list --recipes [--markdown]``;
-the README's table is this) and its training defaults with their sources (``cilearn list --training
-[--markdown]``; docs/training-defaults.md is this). Tests keep both documents equal to the code."""
+the README's table is this) and what it trains with on each data set, with the sources (``cilearn list --training [--markdown]``;
+docs/training-defaults.md is this). Tests keep both documents equal to the code."""
 from __future__ import annotations
 
-from ..config import describe_stage
+from ..config import QUICK_EPOCHS, TrainConfig, describe_stage, resolve_training
+from ..data.datasets import DATASETS
 from .base import METHODS
 
 
@@ -32,21 +33,40 @@ def recipes_table(markdown: bool = False) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in [head] + rows)
 
 
+def training_words(method_cls, t: TrainConfig) -> tuple[str, str, str]:
+    """A recipe's resolved training options ``t`` in words: the first phase, the later phases, and
+    the rest (batch, momentum, warm-up, a compression stage's epochs). The phase banner
+    (``prepare.describe_training``) and ``cilearn list --training`` both print these."""
+    first = describe_stage(t.base_epochs, t.base_lr, t.schedule, t.base_milestones, t.base_weight_decay, t.gamma)
+    later = describe_stage(t.epochs, t.lr, t.schedule, t.milestones, t.weight_decay, t.gamma)
+    compression = t.compression_epochs if t.compression_epochs is not None else t.epochs   # None: the phase's
+    other = [f"batch {t.batch_size}", f"SGD momentum {t.momentum:g}"] \
+        + ([f"{t.warmup_epochs} warm-up epochs"] if t.warmup_epochs else []) \
+        + ([f"compression {compression} epochs"] if "train.compression_epochs" in method_cls.options_used else [])
+    return first, later, ", ".join(other)
+
+
+def training_source(method_cls, dataset: str) -> str:
+    """Where a recipe's training defaults on ``dataset`` come from."""
+    src, quick = method_cls.training.for_dataset(dataset).source, QUICK_EPOCHS.get(dataset)
+    return src if quick is None else f"{src}; {quick} epochs every phase on {dataset} (cilearn's: no reference code)"
+
+
 def training_table(markdown: bool = False) -> str:
-    """Every registered recipe's training defaults on small images (CIFAR) and image folders, with
-    the source of the values (``cilearn list --training [--markdown]``; docs/training-defaults.md)."""
+    """What a run of every registered recipe trains with on every data set, unless told otherwise:
+    its options resolved for the data set by ``config.resolve_training`` as a run resolves them,
+    data sets with the same schedule on one row, with the source of the values (``cilearn list
+    --training [--markdown]``; docs/training-defaults.md)."""
     rows = []
     for name in METHODS.names():
-        td = METHODS.get(name).training
-        families = [("all", td.small)] if td.imagenet is None else \
-            [("CIFAR, F-MNIST, digits", td.small), ("image folders", td.imagenet)]
-        for family, s in families:
-            extra = [f"batch {s.batch_size}"] + ([f"{s.warmup_epochs} warm-up epochs"] if s.warmup_epochs else []) \
-                + ([f"compression {s.compression_epochs} epochs"] if s.compression_epochs else [])
-            rows.append((name, family, describe_stage(s.base_epochs, s.base_lr, s.schedule, s.base_milestones, s.base_weight_decay),
-                         describe_stage(s.epochs, s.lr, s.schedule, s.milestones, s.weight_decay), ", ".join(extra), s.source))
+        m = METHODS.get(name)
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for dataset in DATASETS.names():
+            t = resolve_training(TrainConfig(), dataset, m.training)
+            groups.setdefault((*training_words(m, t), training_source(m, dataset)), []).append(dataset)
+        rows += [(name, ", ".join(datasets), *words) for words, datasets in groups.items()]
     if markdown:
         head = ["| recipe | data sets | first phase | later phases | other | source |", "|---|---|---|---|---|---|"]
         return "\n".join(head + [f"| `{r[0]}` | " + " | ".join(r[1:]) + " |" for r in rows])
-    return "\n".join(f"{r[0]:<16} {r[1]:<22} first: {r[2]}; later: {r[3]}; {r[4]}\n{'':<16} source: {r[5]}"
+    return "\n".join(f"{r[0]:<16} {r[1]}\n{'':<16} first: {r[2]}; later: {r[3]}; {r[4]}\n{'':<16} source: {r[5]}"
                      for r in rows)
