@@ -26,6 +26,7 @@ from .errors import CilearnError, ConfigError
 from .evaluate import PhaseEval, confusion_matrix, evaluate_phase, predict
 from .events import NULL, Observer
 from .files import atomic_write
+from .health import phase_warnings
 from .memory import Memory
 from .memory import build as build_memory
 from .methods.options import prune
@@ -258,7 +259,7 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
                 net.load_state_dict(epoch_state["net"])
                 method.load_state_dict(epoch_state["method"])
                 set_rng_state(gen, epoch_state["rng"])
-            ckpt.resume_fit = epoch_state["fit"]
+            ckpt.resume_fit, ckpt.losses = epoch_state["fit"], epoch_state.get("losses", {})
             epoch_state = None
         fr = method.train_phase(phase, x, y)             # train
         cal = method.calibrate(phase)                    # calibrate
@@ -281,6 +282,8 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
                "per_class_acc": ev.class_acc}
         if ranks is not None:
             row["ranks"] = ranks
+        row["stage_losses"] = dict(ckpt.losses)
+        row["warnings"] = phase_warnings(ev.acc, logits.argmax(1), data.test_y[seen], phase_rows + [row])
         if phase.index == len(scenario.phases) - 1:   # the report's confusion matrix: true x predicted ids
             row["confusion"] = confusion_matrix(logits.argmax(1), data.test_y[seen], logits.shape[1])
         phase_rows.append(row)
@@ -288,6 +291,8 @@ def _phases(cfg, ds, method_cls, device, amp, out: Path, log: Log, wall0: float,
         f = lambda v: f"{v:6.2f}" if v is not None else f"{'-':>6}"  # noqa: E731
         log(f"{phase.index:>5} {phase.seen:>7} {f(ev.acc)} {f(ev.acc_nme)} {f(ev.acc_old)} {f(ev.acc_new)} "
             f"{f(ev.top5)} {fr.seconds:8.1f} {fr.images_per_s:7.0f}")
+        for w in row["warnings"]:
+            log(f"  warning: {w['message']}")
         ckpt.save_phase({"next_phase": phase.index + 1, "num_classes": net.num_classes, "net": net.state_dict(),
                          "memory": memory.state() if memory is not None else None, "method": method.state_dict(),
                          "evals": [dataclasses.asdict(e) for e in evals], "rows": phase_rows,

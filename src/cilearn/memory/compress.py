@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -593,7 +594,9 @@ class CIMMeta(Component):
                                          inner_loss=inner)
                 self.steps += 1
                 self.skipped += not phi_step(loss, params, self.opt, clip)
-        self.sched.step()
+        with warnings.catch_warnings():   # every step skipped so far: Adam has not stepped, the schedule
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)   # still advances
+            self.sched.step()             # (the skips are in cim_meta_skipped, the run's warnings)
         phi.rest()
         self.seconds += time.perf_counter() - t0
 
