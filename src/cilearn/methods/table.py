@@ -1,6 +1,7 @@
 """Every registered recipe as a row: its component choices (``cilearn list --recipes [--markdown]``;
-the README's table is this) and what it trains with on each data set, with the sources (``cilearn list --training [--markdown]``;
-docs/training-defaults.md is this). Tests keep both documents equal to the code."""
+the README's table is this) and what it trains with on each data set, with the sources
+(``cilearn list --training [--markdown]``; docs/training-defaults.md is this). Tests keep both
+documents equal to the code."""
 from __future__ import annotations
 
 from ..config import QUICK_EPOCHS, TrainConfig, describe_stage, resolve_training
