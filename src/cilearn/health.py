@@ -52,8 +52,8 @@ def phase_warnings(acc: float, predicted: torch.Tensor, labels: torch.Tensor, ro
             if ref > 0 and last >= checks.loss_growth * ref:
                 out.append({"phase": phase, "kind": "loss-growth", "stage": stage, "last": last, "reference": ref,
                             "compared_with": what,
-                            "message": f"phase {phase}: the training loss of '{stage}' ended at {last:.4g} (last epoch), "
-                                       f"{last / ref:.0f}x that of {what} ({ref:.4g})"})
+                            "message": f"phase {phase}: the training loss of '{stage}' ended at {last:.4g} "
+                                       f"(last epoch), {last / ref:.0f}x that of {what} ({ref:.4g})"})
                 break
     for name, skipped, steps in _skips(row):
         of = f" of {steps:g}" if steps is not None else ""
