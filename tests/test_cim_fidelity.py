@@ -5,7 +5,6 @@ and the flip, phi's coefficients across two phases (the old extractor's frozen, 
 starting from the previous one's, FOSTER's student carrying the old extractor's), and an image
 folder stored larger than the network input, compressed before the crop."""
 import json
-import math
 
 import numpy as np
 import pytest

@@ -36,6 +36,7 @@ def test_default_run_writes_all_outputs(tmp_path, capsys):
     assert p["classes_seen"] == 6 and m["phases"][0]["acc_old"] is None
     assert m["memory"]["total_images"] <= 200 and m["memory"]["total_bytes"] == m["memory"]["total_images"] * 64
     assert m["avg_incremental_acc"] == pytest.approx(sum(r["acc"] for r in m["phases"]) / 5)
+    assert m["warnings"] == []                  # a run that learns: no phase at chance, no loss blow-up (cilearn.health)
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["method"] == "icarl" and cfg["seed"] == 1993 and cfg["meta"]["cilearn_version"]
     assert sorted(cfg["scenario"]["class_order"]) == list(range(10))

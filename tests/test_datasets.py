@@ -15,7 +15,6 @@ from PIL import Image
 
 from cilearn.data import datasets as ds
 from cilearn.data import image_cache
-from cilearn.data import imagefolder as imf
 from cilearn.data.base import DATASETS, DataOptions, ImageDataset
 from cilearn.errors import ConfigError, DataError
 

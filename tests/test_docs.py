@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-from cilearn.methods.table import recipes_table
+from cilearn.methods.table import recipes_table, summaries_table
 
 ROOT = Path(__file__).parent.parent
 
@@ -10,6 +10,11 @@ ROOT = Path(__file__).parent.parent
 def test_readme_recipe_table_is_the_code():
     assert recipes_table(markdown=True) in (ROOT / "README.md").read_text(), \
         "README.md's recipe table is stale: paste `cilearn list --recipes --markdown`"
+
+
+def test_readme_summary_table_is_the_code():
+    assert summaries_table(markdown=True) in (ROOT / "README.md").read_text(), \
+        "README.md's summary table is stale: paste `cilearn list --summaries --markdown`"
 
 
 def test_readme_is_a_front_door():

@@ -63,3 +63,6 @@ def test_every_recipe_resumes_exactly(method, quick, tmp_path, monkeypatch):
     got = cilearn.resume(out, echo=False).metrics
     assert got["accuracy_matrix"] == ref["accuracy_matrix"]
     assert got["accuracy_matrix_nme"] == ref["accuracy_matrix_nme"]
+    # each stage's first and last epoch loss (cilearn.health) survive the stop inside phase 1's first stage
+    assert [r["stage_losses"] for r in got["phases"]] == [r["stage_losses"] for r in ref["phases"]]
+    assert got["warnings"] == ref["warnings"]

@@ -156,3 +156,46 @@ def test_docs_table_is_the_code():
     from cilearn.methods.table import training_table
     doc = (Path(__file__).parent.parent / "docs" / "training-defaults.md").read_text()
     assert training_table(markdown=True) in doc, "docs/training-defaults.md is stale: paste `cilearn list --training --markdown`"
+
+
+def _stand_in(name: str):
+    """A data set of ten 3x32x32 images, one per class, for ``prepare`` without data files (the
+    training options a run resolves depend on the data set's name only)."""
+    import torch
+
+    from cilearn.data.base import ImageDataset
+    x, y = torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.arange(10)
+    return ImageDataset(name, x, y, x.clone(), y.clone(), 10, [str(i) for i in range(10)], (0.5,) * 3, (0.25,) * 3)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_list_training_says_what_the_run_banner_says_on_every_data_set(name, monkeypatch):
+    """`cilearn list --training` and the phase banner of a run agree, for every recipe and data set:
+    the run's configuration goes through ``prepare`` (a stand-in data set of the same name, no files)."""
+    from cilearn import prepare
+    from cilearn.data.datasets import DATASETS
+    from cilearn.methods.table import training_table
+    rows = {}
+    for line in training_table(markdown=True).splitlines():
+        cells = line.strip("| ").split(" | ")
+        if cells[0] == f"`{name}`":
+            rows.update({d: cells[2:] for d in cells[1].split(", ")})
+    assert sorted(rows) == sorted(DATASETS.names())
+    from cilearn.data.base import DataPlan
+    monkeypatch.setattr(prepare, "plan_data", lambda cfg: DataPlan.of(_stand_in(cfg.data.dataset)))
+    for dataset in DATASETS.names():
+        cfg, _, plan = prepare.prepare(from_dict(RunConfig, {"method": name, "data": {"dataset": dataset}}))
+        banner = prepare.describe_training(cfg, plan)
+        first, later, other, source = rows[dataset]
+        assert f"training: {other}; phase 0: {first}; later phases: {later}\n" in banner, (dataset, banner)
+        assert f"(defaults of {name} on {dataset}: {source};" in banner, (dataset, banner)
+
+
+def test_list_training_shows_the_quick_data_sets_own_epochs():
+    """The quick data sets' rows show their QUICK_EPOCHS (not the recipe's CIFAR epochs) and the
+    schedule that follows from them (iCaRL at 10 epochs: no milestone fires, constant lr)."""
+    from cilearn.methods.table import training_table
+    row = next(r for r in training_table(markdown=True).splitlines() if r.startswith("| `icarl` | fashion-mnist |"))
+    assert "| 10 epochs, lr 0.1 constant, weight decay 0.0005 | 10 epochs, lr 0.1 constant, weight decay 0.0002 |" in row
+    foster = next(r for r in training_table(markdown=True).splitlines() if r.startswith("| `foster` | digits |"))
+    assert "feature-compression 30 epochs" in foster and "30 epochs every phase on digits" in foster

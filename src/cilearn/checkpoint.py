@@ -206,6 +206,9 @@ class Checkpointer:
         # on_epoch(phase, stage, epoch (0-based), stage's epochs, {"loss": mean, term: mean, "lr": last})
         self.on_epoch: Callable[[int, str, int, int, dict[str, float]], None] | None = None
         self.resume_fit: dict[str, Any] | None = None   # fit state of the stage to continue
+        # this phase's stages: {stage: [first epoch's mean loss, last epoch's]} (``cilearn.health``);
+        # in the epoch checkpoints, so that a run resumed inside a stage still has its first epoch's
+        self.losses: dict[str, list[float]] = {}
         self.stop_signal: int | None = None
         self._old_handlers: dict[int, Any] = {}
 
@@ -231,6 +234,10 @@ class Checkpointer:
 
     def end_epoch(self, stage: str, epoch: int, epochs: int, scalars: dict[str, float]) -> None:
         """Called by ``fit`` once per finished epoch of the stage ``stage``."""
+        if epoch == 0:
+            self.losses[stage] = [scalars["loss"], scalars["loss"]]
+        elif stage in self.losses:
+            self.losses[stage][1] = scalars["loss"]
         if self.on_epoch is not None:
             self.on_epoch(self.phase, stage, epoch, epochs, scalars)
 
@@ -262,7 +269,7 @@ class Checkpointer:
         net = self.net if self.net is not None else net
         save_checkpoint(self.out / EPOCH_FILE, {"kind": "epoch", "phase": self.phase, "fit": fit_state,
                                                 "net": net.state_dict(), "rng": rng_state(self.gen),
-                                                "method": self.method_state()})
+                                                "method": self.method_state(), "losses": self.losses})
 
     def method_state(self) -> dict[str, Any]:
         return {}   # replaced by the runner with the method's state_dict
@@ -281,6 +288,7 @@ class Checkpointer:
         return f"; the last good checkpoint is kept in {self.out}"
 
     def save_phase(self, state: dict[str, Any]) -> None:
+        self.losses = {}                                  # the next phase's stages
         if self.out is None:
             return
         save_checkpoint(self.out / PHASE_FILE, {"kind": "phase", "rng": rng_state(self.gen), **state})

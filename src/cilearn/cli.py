@@ -20,7 +20,7 @@ from .methods import METHODS
 from .config import RunConfig
 from .listing import options_listing, run_options
 from .methods.recipe import FLAG, plan
-from .methods.table import recipes_table, training_table
+from .methods.table import recipes_table, summaries_table, training_table
 from .references import load_references, references_markdown, references_text
 from .report import compare_dirs, html_report
 from .results import default_seeds, parse_seeds
@@ -182,6 +182,9 @@ def cmd_list(args: argparse.Namespace) -> None:
     if args.recipes:
         print(recipes_table(markdown=args.markdown))
         return
+    if args.summaries:
+        print(summaries_table(markdown=args.markdown))
+        return
     if args.training:
         print(training_table(markdown=args.markdown))
         return
@@ -326,9 +329,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="the shipped reference configs (configs/, or DIR) with the paper's number and protocol")
     pl.add_argument("--recipes", action="store_true",
                     help="each recipe's component choices (head, losses, exemplars, calibration)")
+    pl.add_argument("--summaries", action="store_true", help="what each recipe is, with its paper")
     pl.add_argument("--training", action="store_true",
-                    help="every recipe's training defaults (epochs, lr, schedule, weight decay, batch) and their source")
-    pl.add_argument("--markdown", action="store_true", help="with --configs, --recipes or --training: a markdown table")
+                    help="what each recipe trains with on each data set unless told otherwise (epochs, lr, "
+                         "schedule, weight decay, batch), and the source of the values")
+    pl.add_argument("--markdown", action="store_true", help="with --configs, --recipes, --summaries or --training: a markdown table")
     pl.add_argument("--options", action="store_true",
                     help="every option a run takes (the run's own and each component's), with its default and help")
     pl.add_argument("--method", help="with --options: the component options of this recipe's run, with its defaults")

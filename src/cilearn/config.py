@@ -399,17 +399,15 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"--train.{name} must be non-negative epochs, got {ms}")
 
 
-def resolve(cfg: RunConfig, num_classes: int, image_size: int, training: TrainingDefaults) -> RunConfig:
-    """Fill data-set and recipe dependent defaults (``training``: the recipe's) and check the
-    scenario against the data set. Training options left unset take the recipe's ``Schedule`` for
-    the data set; a first-phase option left unset takes the user's value for the later phases when
-    one was given (``--epochs 5`` trains every phase 5 epochs), else the schedule's."""
-
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), scenario=dataclasses.replace(cfg.scenario),
-                              model=dataclasses.replace(cfg.model))
-    t, ref = cfg.train, training.for_dataset(cfg.data.dataset)
+def resolve_training(train: TrainConfig, dataset: str, training: TrainingDefaults) -> TrainConfig:
+    """``train`` (not changed) with the options left unset taken from the recipe's defaults
+    ``training`` (its ``Schedule`` for ``dataset``, every phase QUICK_EPOCHS epochs on the quick data
+    sets); a first-phase option left unset takes the user's value for the later phases when one was
+    given (``--epochs 5`` trains every phase 5 epochs), else the schedule's. The part of ``resolve``
+    that needs no data: ``cilearn list --training`` shows what it gives on every data set."""
+    t, ref = dataclasses.replace(train), training.for_dataset(dataset)
     t.progress = progress_mode(t.progress)     # an older config's bool: its mode
-    quick = QUICK_EPOCHS.get(cfg.data.dataset)
+    quick = QUICK_EPOCHS.get(dataset)
     given = {k: getattr(t, k) is not None for k in ("epochs", "lr", "weight_decay", "milestones")}
     if t.epochs is None:
         t.epochs = quick if quick is not None else ref.epochs
@@ -435,6 +433,15 @@ def resolve(cfg: RunConfig, num_classes: int, image_size: int, training: Trainin
                              if t.schedule == ref.schedule else [])
     if t.warmup_epochs is None:
         t.warmup_epochs = ref.warmup_epochs
+    return t
+
+
+def resolve(cfg: RunConfig, num_classes: int, image_size: int, training: TrainingDefaults) -> RunConfig:
+    """Fill data-set and recipe dependent defaults (``training``: the recipe's; ``resolve_training``)
+    and check the scenario against the data set."""
+
+    cfg = dataclasses.replace(cfg, train=resolve_training(cfg.train, cfg.data.dataset, training),
+                              scenario=dataclasses.replace(cfg.scenario), model=dataclasses.replace(cfg.model))
     s = cfg.scenario
     if s.base > num_classes:
         raise ConfigError(f"--base {s.base} is larger than the number of classes ({num_classes}) of {cfg.data.dataset}")

@@ -54,7 +54,7 @@ def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, w
     """metrics.json. Besides the summary (CNN, NME and task-aware ``_task``, ``cilearn.evaluate``):
     ``confusion`` (the last phase's ``[true][predicted]`` counts, incremental ids), ``class_order``
     (incremental id -> data set label), ``class_names`` (incremental id -> the data set's name of
-    that label) and, in
+    that label), ``warnings`` (every phase's, ``cilearn.health``: the run was not learning) and, in
     ``memory``, ``class_images`` / ``class_bytes`` (exemplars and bytes of each class id)."""
     matrix = [e.task_acc for e in evals]
     nme = [e.acc_nme for e in evals]
@@ -66,7 +66,8 @@ def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, w
         per_class = max(len(v) for v in memory.exemplars.values())
     seen, stored = rows[-1]["classes_seen"], (memory.exemplars if memory is not None else {})
     confusion = rows[-1].get("confusion")
-    rows = [{k: v for k, v in r.items() if k != "confusion"} for r in rows]
+    warnings = [w for r in rows for w in r.get("warnings", [])]
+    rows = [{k: v for k, v in r.items() if k not in ("confusion", "warnings")} for r in rows]
     return {
         "avg_incremental_acc": average_incremental_accuracy([e.acc for e in evals]),
         "last_acc": evals[-1].acc,
@@ -88,6 +89,7 @@ def summarize(evals: list[PhaseEval], rows: list[dict], memory: Memory | None, w
         "confusion": confusion,
         "class_order": list(class_order) if class_order is not None else None,
         "class_names": list(class_names) if class_names is not None else None,
+        "warnings": warnings,
         **other_networks(rows),
     }
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .config import QUICK_EPOCHS, RunConfig, describe_stage, from_dict, resolve, validate
+from .config import QUICK_EPOCHS, RunConfig, from_dict, resolve, validate
 from .data.augment import Augmenter
 from .data.base import DataOptions, DataPlan
 from .data.datasets import plan_dataset, subsample_per_class
@@ -23,6 +23,7 @@ from .memory import Budget
 from .methods import METHODS
 from .methods.options import check_unused
 from .methods.recipe import RunFacts, RunPlan, plan, resolved_config
+from .methods.table import training_source, training_words
 from .plugins import load_plugins
 from .threads import resolve_threads
 from .steps import describe_steps
@@ -165,19 +166,15 @@ def prepare(cfg: RunConfig, strict: bool = True):
 
 def describe_training(cfg: RunConfig, plan: RunPlan, train_counts: list[int] | None = None) -> str:
     """The phase banner's training lines: what each phase trains with (the effective milestones
-    included), where the recipe's defaults come from and, given the training images of each label
+    included), where the recipe's defaults come from (``cilearn list --training`` says the same:
+    ``methods.table.training_words``) and, given the training images of each label
     (``train_counts``), the optimisation steps the run will take (``cilearn.steps``)."""
-    t = cfg.train
-    ref = plan.recipe.training.for_dataset(cfg.data.dataset)
-    warm = f", {t.warmup_epochs} warm-up epochs" if t.warmup_epochs else ""
-    first = describe_stage(t.base_epochs, t.base_lr, t.schedule, t.base_milestones, t.base_weight_decay, t.gamma)
-    later = describe_stage(t.epochs, t.lr, t.schedule, t.milestones, t.weight_decay, t.gamma)
+    stages = {n: plan.options[n] for n in plan.names("stage")}
+    first, later, other = training_words(cfg.train, stages)
     steps = f"\n{describe_steps(cfg, plan, train_counts)}" if train_counts else ""
-    return (f"training: batch {t.batch_size}, SGD momentum {t.momentum:g}{warm}; "
-            f"phase 0: {first}; later phases: {later}\n"
-            f"  (defaults of {cfg.method}: {ref.source}; options given override them, milestones past a "
-            f"phase's epochs do not fire){steps}")
-
+    return (f"training: {other}; phase 0: {first}; later phases: {later}\n"
+            f"  (defaults of {cfg.method} on {cfg.data.dataset}: {training_source(plan.recipe, cfg.data.dataset)}; "
+            f"options given override them, milestones past a phase's epochs do not fire){steps}")
 
 def config_from_dict(d: dict) -> RunConfig:
     """The ``RunConfig`` of a YAML / CLI mapping; keys of its sections that are no run option

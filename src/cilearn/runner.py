@@ -30,6 +30,7 @@ from .files import atomic_write
 from .components import Components
 from .learner import Learner
 from .memory import Budget, Memory
+from .health import phase_warnings
 from .methods.options import prune
 from .methods.recipe import RunPlan
 from .model_io import MODEL_FILE, SPEC_FILE, architecture, build_from, run_spec, save_model
@@ -274,7 +275,7 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
                 net.load_state_dict(epoch_state["net"])
                 learner.load_state_dict(epoch_state["method"])
                 set_rng_state(gen, epoch_state["rng"])
-            ckpt.resume_fit = epoch_state["fit"]
+            ckpt.resume_fit, ckpt.losses = epoch_state["fit"], epoch_state.get("losses", {})
             epoch_state = None
         fr = learner.train()                             # train
         after = learner.after_training()                 # calibrate, extra stages
@@ -298,6 +299,8 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
                "per_class_acc": ev.class_acc}
         if ranks is not None:
             row["ranks"] = ranks
+        row["stage_losses"] = dict(ckpt.losses)
+        row["warnings"] = phase_warnings(ev.acc, logits.argmax(1), data.test_y[seen], phase_rows + [row])
         if phase.index == len(scenario.phases) - 1:   # the report's confusion matrix: true x predicted ids
             row["confusion"] = confusion_matrix(logits.argmax(1), data.test_y[seen], logits.shape[1])
         phase_rows.append(row)
@@ -307,6 +310,8 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
         log(f"{phase.index:>5} {phase.seen:>7} {f(ev.acc)} {f(ev.acc_task)} {f(ev.acc_nme)} {f(ev.acc_old)} "
             f"{f(ev.acc_new)} {f(ev.top5)} {fr.seconds:8.1f} {fr.images_per_s:7.0f}  "
             f"{short_list(names[phase.start:phase.end], 3)}{others}")
+        for w in row["warnings"]:
+            log(f"  warning: {w['message']}")
         learner.end()                                    # the components' phase end, after the evaluation
         ckpt.save_phase({"next_phase": phase.index + 1, "num_classes": net.num_classes, "net": net.state_dict(),
                          "memory": memory.state() if memory is not None else None, "method": learner.state_dict(),

@@ -195,6 +195,7 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
         if perm is None:
             perm = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
             perm_host = perm.cpu() if host else None
+        stop = False
         for step in range(step0, steps):
             idx = perm[step * bs:(step + 1) * bs]            # the global batch
             span = distributed.shard_span(len(idx))          # this rank's part (all of it alone)
@@ -219,7 +220,8 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach()
             seen_images += len(idx)
-            if ckpt is not None and distributed.any_rank(ckpt.stop_requested):
+            stop = ckpt is not None and distributed.any_rank(ckpt.stop_requested)
+            if stop and step + 1 < steps:
                 ckpt.save_fit(model, position(epoch, step + 1))
                 if bar is not None:
                     bar.close()
@@ -242,6 +244,11 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
             el = time.perf_counter() - start
             bar.set_postfix(loss=f"{total_f / steps:.3f}", img_s=f"{(seen_images - done_images) / max(el, 1e-9):.0f}")
             bar.update(1)
+        if stop:    # requested in the epoch's last step: stopped after the epoch's end (its loss, its hooks)
+            ckpt.save_fit(model, position(epoch, steps))
+            if bar is not None:
+                bar.close()
+            raise ckpt.interrupted(f"{desc}, at the end of epoch {epoch + 1} of {s.epochs}")
         if ckpt is not None and ckpt.every and (epoch + 1) % ckpt.every == 0 and epoch + 1 < s.epochs:
             ckpt.save_fit(model, position(epoch, steps))
         perm = None

@@ -1,10 +1,12 @@
 """Every registered recipe as a row: its component choices (``cilearn list --recipes [--markdown]``;
-the README's table is this) and its training defaults with their sources (``cilearn list --training
-[--markdown]``; docs/training-defaults.md is this). Tests keep both documents equal to the code."""
+the README's table is this) and what it trains with on each data set, with the sources
+(``cilearn list --training [--markdown]``; docs/training-defaults.md is this). Tests keep both
+documents equal to the code."""
 from __future__ import annotations
 
-from ..config import describe_stage
-from .recipe import METHODS
+from ..config import QUICK_EPOCHS, RunConfig, TrainConfig, describe_stage, resolve_training
+from ..data.datasets import DATASETS
+from .recipe import METHODS, Recipe, RunFacts, plan
 
 
 def recipe_row(name: str) -> tuple[str, ...]:
@@ -32,8 +34,12 @@ def recipes_table(markdown: bool = False) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in [head] + rows)
 
 
-def summaries_table() -> str:
-    """Every registered recipe with what it is and its paper (the README's second table is this)."""
+def summaries_table(markdown: bool = True) -> str:
+    """Every registered recipe with what it is and its paper (the README's second table is the
+    markdown form; ``cilearn list --summaries``)."""
+    if not markdown:
+        return "\n".join(f"{name}: {METHODS.get(name).summary or '-'}\n    paper: {METHODS.get(name).paper or '-'}"
+                         for name in METHODS.names())
     rows = ["| method | recipe | paper |", "|---|---|---|"]
     for name in METHODS.names():
         r = METHODS.get(name)
@@ -41,21 +47,50 @@ def summaries_table() -> str:
     return "\n".join(rows)
 
 
+def training_words(t: TrainConfig, stages: dict[str, dict]) -> tuple[str, str, str]:
+    """A run's resolved training options ``t`` in words: the first phase, the later phases, and the
+    rest (batch, momentum, warm-up, each extra stage's epochs: ``stages``, the run's stage
+    components' options). The phase banner (``prepare.describe_training``) and ``cilearn list
+    --training`` both print these."""
+    first = describe_stage(t.base_epochs, t.base_lr, t.schedule, t.base_milestones, t.base_weight_decay, t.gamma)
+    later = describe_stage(t.epochs, t.lr, t.schedule, t.milestones, t.weight_decay, t.gamma)
+    other = [f"batch {t.batch_size}", f"SGD momentum {t.momentum:g}"] \
+        + ([f"{t.warmup_epochs} warm-up epochs"] if t.warmup_epochs else []) \
+        + [f"{name} {o['epochs']} epochs" for name, o in stages.items() if o.get("epochs") is not None]
+    return first, later, ", ".join(other)
+
+
+def training_source(recipe: Recipe, dataset: str) -> str:
+    """Where a recipe's training defaults on ``dataset`` come from."""
+    src, quick = recipe.training.for_dataset(dataset).source, QUICK_EPOCHS.get(dataset)
+    return src if quick is None else f"{src}; {quick} epochs every phase on {dataset} (cilearn's: no reference code)"
+
+
+def stage_options(recipe: Recipe, dataset: str, train: TrainConfig) -> dict[str, dict]:
+    """The options of a recipe's stage components on ``dataset`` (``train``: resolved), as a run resolves them."""
+    cfg = RunConfig(method=recipe.name)
+    cfg.data.dataset, cfg.train = dataset, train
+    p = plan(cfg, None, strict=False, facts=RunFacts(cfg, recipe.training.for_dataset(dataset), dataset in QUICK_EPOCHS,
+                                                    False))
+    return {n: p.options[n] for n in p.names("stage")}
+
+
 def training_table(markdown: bool = False) -> str:
-    """Every registered recipe's training defaults on small images (CIFAR) and image folders, with
-    the source of the values (``cilearn list --training [--markdown]``; docs/training-defaults.md)."""
+    """What a run of every registered recipe trains with on every data set, unless told otherwise:
+    its options resolved for the data set by ``config.resolve_training`` as a run resolves them,
+    data sets with the same schedule on one row, with the source of the values (``cilearn list
+    --training [--markdown]``; docs/training-defaults.md)."""
     rows = []
     for name in METHODS.names():
-        td = METHODS.get(name).training
-        families = [("all", td.small)] if td.imagenet is None else \
-            [("CIFAR, F-MNIST, digits", td.small), ("image folders", td.imagenet)]
-        for family, s in families:
-            extra = [f"batch {s.batch_size}"] + ([f"{s.warmup_epochs} warm-up epochs"] if s.warmup_epochs else []) \
-                + ([f"compression {s.compression_epochs} epochs"] if s.compression_epochs else [])
-            rows.append((name, family, describe_stage(s.base_epochs, s.base_lr, s.schedule, s.base_milestones, s.base_weight_decay),
-                         describe_stage(s.epochs, s.lr, s.schedule, s.milestones, s.weight_decay), ", ".join(extra), s.source))
+        m = METHODS.get(name)
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for dataset in DATASETS.names():
+            t = resolve_training(TrainConfig(), dataset, m.training)
+            groups.setdefault((*training_words(t, stage_options(m, dataset, t)), training_source(m, dataset)),
+                              []).append(dataset)
+        rows += [(name, ", ".join(datasets), *words) for words, datasets in groups.items()]
     if markdown:
         head = ["| recipe | data sets | first phase | later phases | other | source |", "|---|---|---|---|---|---|"]
         return "\n".join(head + [f"| `{r[0]}` | " + " | ".join(r[1:]) + " |" for r in rows])
-    return "\n".join(f"{r[0]:<16} {r[1]:<22} first: {r[2]}; later: {r[3]}; {r[4]}\n{'':<16} source: {r[5]}"
+    return "\n".join(f"{r[0]:<16} {r[1]}\n{'':<16} first: {r[2]}; later: {r[3]}; {r[4]}\n{'':<16} source: {r[5]}"
                      for r in rows)
