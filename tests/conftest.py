@@ -9,6 +9,14 @@ import pytest
 # (tests/test_precision.py), which ask for bf16 explicitly or unset this.
 os.environ["CILEARN_PRECISION"] = "fp32"
 
+# Under pytest-xdist (the README's test command runs one worker per CPU) each worker and the runs it
+# starts compute on one thread: workers x threads stays at the CPU count, and a child process and the
+# in-process run it is compared with use the same count (float sums depend on it; cilearn.threads).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("CILEARN_THREADS", "1")
+    import torch
+    torch.set_num_threads(1)
+
 from cilearn.config import RunConfig, from_dict, resolve
 from cilearn.methods import METHODS
 
@@ -37,3 +45,12 @@ def quick_config(tmp_path, **over) -> RunConfig:
 @pytest.fixture
 def quick(tmp_path):
     return lambda **over: quick_config(tmp_path, **over)
+
+
+@pytest.fixture(autouse=True)
+def _recipes_unchanged():
+    """A test that registers a recipe removes it again: the README's tables, the docs' schedule table
+    and the registry walks of later tests see the shipped recipes only."""
+    before = METHODS.names()
+    yield
+    assert METHODS.names() == before, f"a test left recipes registered: {set(METHODS.names()) - set(before)}"

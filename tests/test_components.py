@@ -154,15 +154,17 @@ def test_a_recipe_s_own_head_only_is_what_runs():
     without a word; now the recipe's value runs unless the user sets it."""
     from cilearn.methods import Recipe, register_recipe
     from cilearn.methods.baselines import ICARL
-    if "icarl-ft-all" not in METHODS:
-        register_recipe(dataclasses.replace(ICARL, name="icarl-ft-all", calibration=("balanced-finetune",),
-                                            options={"balanced-finetune": {"head_only": False}}))
-    assert isinstance(METHODS.get("icarl-ft-all"), Recipe)
-    cfg = from_dict(RunConfig, {"method": "icarl-ft-all"})
-    cfg = resolve(cfg, 10, 8, METHODS.get("icarl-ft-all").training)
-    assert plan(cfg, 8).options["balanced-finetune"]["head_only"] is False
-    cfg.aliases = {"train.finetune_head_only": True}
-    assert plan(cfg, 8).options["balanced-finetune"]["head_only"] is True
+    register_recipe(dataclasses.replace(ICARL, name="icarl-ft-all", calibration=("balanced-finetune",),
+                                        options={"balanced-finetune": {"head_only": False}}))
+    try:                                       # (registered for this test only: other tests walk the recipes)
+        assert isinstance(METHODS.get("icarl-ft-all"), Recipe)
+        cfg = from_dict(RunConfig, {"method": "icarl-ft-all"})
+        cfg = resolve(cfg, 10, 8, METHODS.get("icarl-ft-all").training)
+        assert plan(cfg, 8).options["balanced-finetune"]["head_only"] is False
+        cfg.aliases = {"train.finetune_head_only": True}
+        assert plan(cfg, 8).options["balanced-finetune"]["head_only"] is True
+    finally:
+        METHODS.unregister("icarl-ft-all")
 
 
 ENGINE = ("learner.py", "runner.py", "train.py", "prepare.py", "outputs.py", "methods/recipe.py", "methods/options.py",

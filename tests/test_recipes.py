@@ -1,20 +1,27 @@
 """A recipe written as data (docs/extending.md): the nearest-class-mean recipe trains the backbone in
 phase 0, freezes it after, keeps no exemplar and classifies by the class means of the training
 images from phase 0 on. No method class: a Recipe naming components."""
+import pytest
 import torch
 
 import cilearn
 from cilearn.config import Schedule, TrainingDefaults
 from cilearn.methods import METHODS, Recipe, register_recipe
 
-# exactly the recipe of docs/extending.md
-if "ncm" not in METHODS:
+
+@pytest.fixture
+def ncm_recipe():
+    """The recipe of docs/extending.md, registered for the test only (the registry walks of other
+    tests, the README's tables and the docs' schedule table see the shipped recipes)."""
+    # exactly the recipe of docs/extending.md
     register_recipe(Recipe(
         "ncm", TrainingDefaults(Schedule("nearest class means: phase 0 trains, later phases add means",
                                          epochs=0, base_epochs=30)),
         "linear", "ce",
         constraints=("freeze-backbone",),   # the backbone frozen after phase 0 (its option ``after``: 0)
         nme=True))                          # NME from the class means of the training images, no exemplars
+    yield
+    METHODS.unregister("ncm")
 
 
 def test_the_docs_show_this_recipe():
@@ -23,7 +30,7 @@ def test_the_docs_show_this_recipe():
     assert 'constraints=("freeze-backbone",)' in text and "nme=True))" in text and '"ncm", TrainingDefaults(' in text
 
 
-def test_nearest_class_mean_recipe_as_data(quick, tmp_path):
+def test_nearest_class_mean_recipe_as_data(quick, tmp_path, ncm_recipe):
     backbone = {}
 
     class Watch(cilearn.events.Observer):      # the backbone's tensors after each phase

@@ -23,6 +23,10 @@ class Registry(Generic[T]):
             return obj
         return deco
 
+    def unregister(self, name: str) -> T:
+        """Removes ``name`` and returns what it named (a test's temporary recipe or component)."""
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]
