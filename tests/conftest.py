@@ -54,3 +54,14 @@ def _recipes_unchanged():
     before = METHODS.names()
     yield
     assert METHODS.names() == before, f"a test left recipes registered: {set(METHODS.names()) - set(before)}"
+
+
+# The files that take longest (torchrun, real data, signals, every recipe end to end) are handed to
+# the xdist workers first, so that no worker is left alone with one of them at the end.
+FIRST = ("test_distributed.py", "test_real_data.py", "test_reliability.py", "test_methods.py", "test_mnemonics.py",
+         "test_resume_every_recipe.py", "test_podnet.py", "test_compress.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))     # stable: the rest keep their order
