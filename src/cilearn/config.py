@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .data.datasets import is_image_folder
 from .data.rows import RESIDENT_MODES
 from .errors import ConfigError
 from .progress import mode as progress_mode
@@ -176,10 +177,10 @@ class Schedule:
 @dataclass(frozen=True)
 class TrainingDefaults:
     small: Schedule                      # CIFAR-10/100, Fashion-MNIST, digits
-    imagenet: Schedule | None = None     # image folders; None: the same as ``small``
+    imagenet: Schedule | None = None     # image folders (data.datasets.is_image_folder); None: the same as ``small``
 
     def for_dataset(self, dataset: str) -> Schedule:
-        return self.imagenet if dataset == "imagefolder" and self.imagenet is not None else self.small
+        return self.imagenet if is_image_folder(dataset) and self.imagenet is not None else self.small
 
 
 def describe_stage(epochs: int, lr: float, schedule: str, milestones, weight_decay: float, gamma: float = 0.1) -> str:

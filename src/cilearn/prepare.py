@@ -16,7 +16,7 @@ from . import distributed
 from .config import QUICK_EPOCHS, RunConfig, from_dict, resolve, validate
 from .data.augment import Augmenter
 from .data.base import DataOptions, DataPlan
-from .data.datasets import plan_dataset, subsample_per_class
+from .data.datasets import is_image_folder, plan_dataset, subsample_per_class
 from .data.scenario import class_order
 from .errors import ConfigError
 from .memory import Budget
@@ -115,7 +115,7 @@ def input_side(cfg: RunConfig, image_shape) -> int:
     if size is None:
         return H
     if not 1 <= size <= H:
-        where = " (--image-size)" if cfg.data.dataset == "imagefolder" else ""
+        where = " (--image-size)" if is_image_folder(cfg.data.dataset) else ""
         raise ConfigError(f"--input-size {size} must be between 1 and the stored images' side, {H} px{where}")
     return size
 
@@ -159,7 +159,7 @@ def prepare(cfg: RunConfig, strict: bool = True):
         if cfg.memory.total is None and cfg.memory.per_class is None:
             cfg.memory.total = 20 * data.num_classes   # 20 per class at the end: 2000 for CIFAR-100
         Budget(cfg.memory.total, cfg.memory.per_class).check(data.num_classes)
-    order = cfg.scenario.class_order or class_order(data.num_classes, cfg.seed)
+    order = cfg.scenario.class_order or data.class_order or class_order(data.num_classes, cfg.seed)
     cfg.scenario.class_order = list(order)
     return cfg, load_data(cfg, data), p           # every check passed: an image folder's cache may be built
 
