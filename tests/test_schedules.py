@@ -117,7 +117,10 @@ def test_config_yaml_holds_the_resolved_schedule_and_the_banner_shows_it(tmp_pat
 
 
 def _num_classes(path: Path, d: dict) -> tuple[int, int]:
-    data = d.get("data") or {}
+    from cilearn.data.released import RELEASES
+    data, released = d.get("data") or {}, {r.name: r.classes for r in RELEASES}
+    if data.get("dataset") in released:                 # the released splits: their classes, the input side
+        return released[data["dataset"]], data.get("input_size") or data.get("image_size") or 256
     if data.get("dataset") != "imagefolder":
         return (10 if data.get("dataset") in ("cifar10", "digits", "fashion-mnist") else 100), 32
     name = path.stem
