@@ -145,6 +145,11 @@ def test_a_run_on_a_release_records_its_data_set_and_order(tmp_path, capsys):
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["data"]["dataset"] == "vtab" and cfg["data"]["image_size"] == 8
     assert cfg["scenario"]["class_order"] == [0, 1, 2] and "train_list" not in cfg["data"]
+    metrics = yaml.safe_load((out / "metrics.json").read_text())
+    assert metrics["class_names"] == sorted(FOLDERS["vtab"]) and len(metrics["phases"]) == 3
+    # the run's model evaluates on its data set again (the cache the run built)
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0, capsys.readouterr().err
     # an option the data set does not read is refused
     err = one_line_exit_2(capsys, ["run", "--dataset", "vtab", "--data-dir", tmp_path / "data",
                                    "--train-list", "x.txt", "--out", tmp_path / "r2"])
