@@ -68,6 +68,10 @@ def test_every_release_is_registered_as_an_image_folder():
     # the recipes' ImageNet schedule on them, as on imagefolder
     der = METHODS.get("der").training
     assert der.for_dataset("imagenet-r") is der.imagenet and der.for_dataset("cifar100") is der.small
+    from cilearn.methods.recipe import plan        # and the recipes' image-folder options (LUCIR's less-forget weight)
+    def less_forget(dataset):
+        return plan(from_dict(RunConfig, {"method": "lucir", "data": {"dataset": dataset}}), 224).options["less-forget"]
+    assert less_forget("cub200")["weight"] == 10.0 == 2 * less_forget("cifar100")["weight"]
     assert [r.classes for r in RELEASES] == [200, 200, 200, 200, 300, 50] and DEFAULT_IMAGE_SIZE == 256
 
 
