@@ -40,6 +40,7 @@ class DataConfig:
     workers: int | None = None           # image folders: decoding processes; None: the CPUs, at most 32
     resident: str = "auto"               # auto | device | host: where the uint8 images live (cilearn.data.rows)
     augment: str | None = None           # None: the data set's default (crop-flip, flip, none, rrc-flip)
+    embedding_cache: str | None = None   # a directory keeping a frozen backbone's embeddings across runs (cilearn.embeddings)
 
 
 @dataclass
@@ -410,10 +411,13 @@ def resolve_training(train: TrainConfig, dataset: str, training: TrainingDefault
     t.progress = progress_mode(t.progress)     # an older config's bool: its mode
     quick = QUICK_EPOCHS.get(dataset)
     given = {k: getattr(t, k) is not None for k in ("epochs", "lr", "weight_decay", "milestones")}
+    # a recipe's phases that train no epochs (a frozen backbone and a closed-form head) train none
+    # on the quick data sets either
     if t.epochs is None:
-        t.epochs = quick if quick is not None else ref.epochs
+        t.epochs = quick if quick is not None and ref.epochs > 0 else ref.epochs
     if t.base_epochs is None:
-        t.base_epochs = t.epochs if given["epochs"] or quick is not None else ref.base_epochs
+        t.base_epochs = (t.epochs if given["epochs"] else quick if quick is not None and ref.base_epochs > 0
+                         else ref.base_epochs)
     if t.lr is None:
         t.lr = ref.lr
     if t.base_lr is None:
