@@ -22,6 +22,7 @@ from cilearn.methods.recipe import RunFacts, plan, resolved_config
 # a run that has the component: (recipe, where the choice goes)
 CHOICE = {
     "backbone": ("finetune", lambda n: {"model": {"backbone": n}}),
+    "adapter": ("simplecil", lambda n: {"model": {"adapter": n}}),
     "head": ("icarl", lambda n: {"model": {"head": n}}),
     "classification": ("icarl", lambda n: {"loss": {"cls": n}}),
     "term": ("icarl", lambda n: {"loss": {"distill": [n]}}),

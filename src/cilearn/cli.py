@@ -47,7 +47,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "selection": ("memory.selection", str, "exemplar selection: herding, random, closest"),
     "compressor": ("memory.compressor", str, "exemplar compressor: none, full, cam-threshold, cim (budget in image units)"),
     "save-exemplars": ("report.save_exemplars", int, "after each phase, PNG of N exemplars, original vs stored, and exemplars per class"),
-    "loss": ("loss.cls", str, "classification loss: ce, ce-local, bce, bsce, nca (default: the method's)"),
+    "loss": ("loss.cls", str, "classification loss: ce, ce-local, bce, bsce, nca, none (default: the method's)"),
     "distill": ("loss.distill", lambda v: [t for t in v.split(",") if t], "extra distillation terms for any method: attention, dual-teacher"),
     "calibration": ("calibration", lambda v: [t for t in v.split(",") if t and t != "none"],
                     "calibration after each phase > 0 (any method with exemplars): weight-align, balanced-finetune, bic, none"),
@@ -65,6 +65,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "lr": ("train.lr", float, "learning rate"),
     "base-lr": ("train.base_lr", float, "learning rate of the first phase"),
     "batch-size": ("train.batch_size", int, "training batch size"),
+    "adapter": ("model.adapter", str, "parameter-efficient modules added to a ViT backbone, what trains with the head: "
+                "adaptformer, ssf, vpt, finetune, ease, none (docs/methods/aper-ease.md)"),
     "backbone": ("model.backbone", str, "backbone (see `cilearn list`; auto picks by image size)"),
     "seed": ("seed", int, "seed of class order, initialisation, data order and augmentation"),
     "device": ("train.device", str, "auto, cpu, cuda or cuda:N"),

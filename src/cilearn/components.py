@@ -25,6 +25,8 @@ It declares
 
   ``attach(model)``                              once, when the run's model is built (before any
                                                  state is restored): modules it adds to the model
+                                                 (an ``adapter``'s modules are part of the network's
+                                                 architecture instead: its ``adapt(backbone)``)
   ``training_set(phase, x, y, memory, data)``    -> (x, y) the phase trains on (a held-out split,
                                                  all data seen so far)
   ``phase_start(ctx)``                           the model has grown by the phase's classes (new
@@ -69,7 +71,7 @@ if TYPE_CHECKING:
     from .train import Batch, FitResult, FitSettings
 
 # Every kind has registered components (tests/test_components.py); a recipe chooses among them.
-KINDS = ("backbone", "head", "classification", "term", "replay", "head-init", "constraint", "calibration",
+KINDS = ("backbone", "adapter", "head", "classification", "term", "replay", "head-init", "constraint", "calibration",
          "stage", "selection", "exemplar-optimizer", "compressor")
 PLUGIN_HINT = "a component of your own: --plugin FILE.py (docs/extending.md)"
 REGISTRIES: dict[str, Registry] = {k: Registry(f"{k} component", hint=PLUGIN_HINT) for k in KINDS}

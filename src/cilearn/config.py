@@ -54,6 +54,7 @@ class ScenarioConfig:
 class ModelConfig:
     backbone: str = "auto"               # auto: convnet <= 16 px, resnet32 <= 32 px, else resnet18
     head: str | None = None              # None: the recipe's head
+    adapter: str | None = None           # what is added to the backbone and trains (adaptformer, ssf, vpt, ...); None: the recipe's
 
 
 @dataclass

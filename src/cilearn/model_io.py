@@ -54,18 +54,23 @@ class ModelFileError(CilearnError):
 
 def architecture(plan, in_channels: int) -> dict[str, Any]:
     """``create_net``'s arguments for a run (its ``RunPlan``): the backbone and head components with
-    their options, the input channels, expandable (DER, FOSTER) or not."""
+    their options, the input channels, expandable (DER, FOSTER) or not, and the adapter with its
+    options (None: none)."""
     bb, head = plan.names("backbone")[0], plan.names("head")[0]
+    adapter = (plan.names("adapter") or [None])[0]
     return {"backbone": bb, "backbone_options": plan.options[bb], "head": head, "head_options": plan.options[head],
-            "in_channels": in_channels, "expandable": plan.recipe.expandable}
+            "in_channels": in_channels, "expandable": plan.recipe.expandable, "adapter": adapter,
+            "adapter_options": plan.options[adapter] if adapter else None}
 
 
 def build_from(arch: dict[str, Any]) -> torch.nn.Module:
     """A fresh network (no classes yet) from ``architecture``'s dict (one-line errors for a name or
     an option this cilearn does not know)."""
     try:
+        adapter = arch.get("adapter")
         return create_net(part("backbone", arch["backbone"], **arch["backbone_options"]),
-                          part("head", arch["head"], **arch["head_options"]), arch["in_channels"], arch["expandable"])
+                          part("head", arch["head"], **arch["head_options"]), arch["in_channels"], arch["expandable"],
+                          part("adapter", adapter, **arch["adapter_options"]) if adapter else None)
     except (KeyError, TypeError) as e:
         raise ModelFileError(f"the model's architecture cannot be rebuilt: {one_line(e)}") from None
 

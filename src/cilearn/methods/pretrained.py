@@ -1,8 +1,11 @@
-"""The recipes built for pre-trained backbones: a frozen backbone and a closed-form head. They run
-on any backbone (a pre-trained one with ``--weights``, or one cilearn trains in phase 0) and train
-nothing in the phases whose schedule has no epochs: their classifier comes from the head's
-``after_training`` (``cilearn.simplecil``, ``cilearn.ranpac``), the embeddings from the run's
-embedding cache (``cilearn.embeddings``). docs/methods/simplecil-ranpac.md."""
+"""The recipes built for pre-trained backbones: a frozen backbone and a closed-form head. SimpleCIL and
+RanPAC run on any backbone (a pre-trained one with ``--weights``, or one cilearn trains in phase 0)
+and train nothing in the phases whose schedule has no epochs: their classifier comes from the
+head's ``after_training`` (``cilearn.simplecil``, ``cilearn.ranpac``), the embeddings from the run's
+embedding cache (``cilearn.embeddings``). docs/methods/simplecil-ranpac.md. APER adapts the
+backbone in the first phase with an adapter (``cilearn.adapters``) beside a frozen copy of it; EASE
+adds an adapter set per phase (``cilearn.ease``); their adapters but ``finetune`` need a vision
+transformer (``--backbone timm:...``). docs/methods/aper-ease.md."""
 from __future__ import annotations
 
 from . import schedules
@@ -26,3 +29,34 @@ RANPAC = register_recipe(Recipe(
             "sums accumulated, ridge classifier (lambda chosen each phase)",
     paper="McDonnell et al., *RanPAC: Random Projections and Pre-trained Models for Continual Learning*, "
           "NeurIPS 2023"))
+
+APER = ("Zhou et al., *Revisiting Class-Incremental Learning with Pre-Trained Models: Generalizability and "
+        "Adaptivity are All You Need*, IJCV 2024")
+
+
+def _aper(name: str, adapter: str, training, how: str, **over) -> Recipe:
+    """APER with ``adapter``: phase 0 trains it (the pre-trained branch kept beside it, PILOT
+    utils/inc_net.py:695-717), the backbone is frozen from phase 1 on, and every class's row is the mean
+    of its [pre-trained, adapted] embeddings (models/aper_*.py ``replace_fc``)."""
+    return register_recipe(Recipe(
+        name, training, "prototype", "none", adapter=adapter, constraints=("freeze-backbone",),
+        options={adapter: {"pretrained_branch": True}}, summary=(
+            f"phase 0 {how} (then frozen); class means of [pre-trained, adapted] embeddings as a cosine classifier's "
+            "rows"), paper=APER, **over))
+
+
+APER_ADAPTER = _aper("aper-adapter", "adaptformer", schedules.APER_ADAPTER, "trains AdaptFormer adapters in a ViT")
+APER_SSF = _aper("aper-ssf", "ssf", schedules.APER_SSF, "trains SSF scales and shifts in a ViT")
+# VPT-Deep (components.vpt.deep false: VPT-Shallow); 30 prompt tokens on ImageNet-R (exps/aper_vpt_deep_inr.json)
+APER_VPT = _aper("aper-vpt", "vpt", schedules.APER_VPT, "trains VPT prompts (deep) in a ViT",
+                 image_folder_options={"vpt": {"tokens": 30}})
+APER_FINETUNE = _aper("aper-finetune", "finetune", schedules.APER_FINETUNE, "fine-tunes a copy of the backbone")
+
+# EASE: a new adapter set per phase trained on the phase's data (its proxy classifier), the old sets frozen;
+# prototypes in every subspace, the old classes' synthesised in the new ones; no classification loss on the head
+EASE = register_recipe(Recipe(
+    "ease", schedules.EASE, "ease-prototype", "none", adapter="ease",
+    summary="a new adapter set per phase in a frozen ViT (old sets frozen); prototypes in every set's subspace, the "
+            "old classes' synthesised from similar new ones; subspace-weighted cosine classifier",
+    paper="Zhou et al., *Expandable Subspace Ensemble for Pre-Trained Model-Based Class-Incremental Learning*, "
+          "CVPR 2024"))

@@ -36,7 +36,8 @@ class Recipe:
     name: str
     training: TrainingDefaults
     head: str                            # head component
-    classification: str                  # classification loss component
+    classification: str                  # classification loss component ("none": the terms alone)
+    adapter: str | None = None           # adapter component: what it adds to the backbone and what trains (None: none)
     summary: str = ""                    # what it is, one line (README table)
     paper: str = ""                      # the paper it follows
     terms: tuple[str, ...] = ()          # loss-term components, in order
@@ -99,11 +100,11 @@ class RunPlan:
 
 # the order of the kinds' hooks within a step and a phase (classification first: the loss is
 # summed in this order; head-init before constraints: rows are imprinted, then kept)
-ORDER = ("backbone", "head", "classification", "compressor", "term", "replay", "head-init", "constraint",
+ORDER = ("backbone", "adapter", "head", "classification", "compressor", "term", "replay", "head-init", "constraint",
          "calibration", "stage", "selection", "exemplar-optimizer")
 assert set(ORDER) == set(KINDS)
 # the flag or config key that chooses each kind (for messages)
-FLAG = {"backbone": "--backbone", "head": "--model.head", "classification": "--loss", "compressor": "--compressor",
+FLAG = {"backbone": "--backbone", "adapter": "--adapter", "head": "--model.head", "classification": "--loss", "compressor": "--compressor",
         "term": "--distill", "replay": "--replay", "head-init": "--head-init", "constraint": "--constraints",
         "calibration": "--calibration", "stage": "--stages", "selection": "--selection",
         "exemplar-optimizer": "--memory.optimizer"}
@@ -129,8 +130,9 @@ def choices_of(recipe: Recipe, cfg: RunConfig, image_size: int | None) -> dict[s
 
     return {
         "backbone": _one(backbone),
+        "adapter": _one(cfg.model.adapter or recipe.adapter),
         "head": [cfg.model.head or recipe.head],
-        "classification": [cfg.loss.cls or recipe.classification],
+        "classification": _one(cfg.loss.cls or recipe.classification),
         "compressor": _one(cfg.memory.compressor or recipe.compressor),
         "term": list(dict.fromkeys(recipe.terms + tuple(cfg.loss.distill))),
         "replay": _one(cfg.replay.source or recipe.replay),
@@ -280,7 +282,7 @@ def plan(cfg: RunConfig, image_size: int | None = None, strict: bool = True, fac
 def resolved_config(cfg: RunConfig, p: RunPlan) -> None:
     """``cfg`` in place with the choices that run (what ``config.yaml`` holds)."""
     one = lambda kind: (p.names(kind) or ["none"])[0]    # noqa: E731
-    cfg.model.backbone, cfg.model.head = one("backbone"), one("head")
+    cfg.model.backbone, cfg.model.head, cfg.model.adapter = one("backbone"), one("head"), one("adapter")
     cfg.loss.cls = one("classification")
     cfg.loss.distill = [t for t in p.names("term") if t not in p.recipe.terms]
     cfg.replay.source = one("replay")

@@ -109,3 +109,40 @@ RANPAC = TrainingDefaults(Schedule(
     "RanPAC official args/cifar224_publish.csv:9 (ID 7) + RanPAC.py:225-232 (later phases: no training)", epochs=0,
     base_epochs=20, schedule="cosine", lr=0.01, base_lr=0.01, weight_decay=5e-4, base_weight_decay=5e-4,
     batch_size=48))
+
+# APER (PILOT exps/aper_*.json): the first session adapts the backbone for "tuned_epoch" epochs with SGD
+# (momentum 0.9) and cosine annealing to "min_lr" 0 (models/aper_adapter.py:107-111); the later phases train
+# nothing (:114-116). CIFAR-224 files for the small schedule, the ImageNet-R (*_inr) files for image folders.
+APER_ADAPTER = TrainingDefaults(
+    Schedule("PILOT exps/aper_aperpter.json (later phases: no training)", epochs=0, base_epochs=20, schedule="cosine",
+             lr=0.01, base_lr=0.01, weight_decay=5e-4, base_weight_decay=5e-4, batch_size=48),
+    Schedule("PILOT exps/aper_aperpter_inr.json (later phases: no training)", epochs=0, base_epochs=10,
+             schedule="cosine", lr=0.05, base_lr=0.05, weight_decay=0.005, base_weight_decay=0.005, batch_size=16))
+
+# aper_ssf.json and aper_ssf_inr.json hold the same values
+APER_SSF = TrainingDefaults(Schedule(
+    "PILOT exps/aper_ssf.json, exps/aper_ssf_inr.json (later phases: no training)", epochs=0, base_epochs=20,
+    schedule="cosine", lr=0.01, base_lr=0.01, weight_decay=5e-4, base_weight_decay=5e-4, batch_size=48))
+
+# aper_vpt_deep.json and aper_vpt_shallow.json hold the same values; ImageNet-R: aper_vpt_deep_inr.json (30 prompt
+# tokens: the recipe's image-folder option)
+APER_VPT = TrainingDefaults(
+    Schedule("PILOT exps/aper_vpt_deep.json, exps/aper_vpt_shallow.json (later phases: no training)", epochs=0,
+             base_epochs=20, schedule="cosine", lr=0.01, base_lr=0.01, weight_decay=5e-4, base_weight_decay=5e-4,
+             batch_size=48),
+    Schedule("PILOT exps/aper_vpt_deep_inr.json (later phases: no training)", epochs=0, base_epochs=20,
+             schedule="cosine", lr=0.05, base_lr=0.05, weight_decay=5e-4, base_weight_decay=5e-4, batch_size=24))
+
+APER_FINETUNE = TrainingDefaults(
+    Schedule("PILOT exps/aper_finetune.json (later phases: no training)", epochs=0, base_epochs=6, schedule="cosine",
+             lr=0.01, base_lr=0.01, weight_decay=0.05, base_weight_decay=0.05, batch_size=128),
+    Schedule("PILOT exps/aper_finetune_inr.json (later phases: no training)", epochs=0, base_epochs=5,
+             schedule="cosine", lr=0.01, base_lr=0.01, weight_decay=0.005, base_weight_decay=0.005, batch_size=144))
+
+# EASE (PILOT exps/ease.json, ease_inr.json): every phase trains its adapter set, "init_epochs" = "later_epochs"
+# 20 at "init_lr" = "later_lr", SGD (momentum 0.9) with cosine annealing to "min_lr" 0 (models/ease.py:253-303)
+EASE = TrainingDefaults(
+    Schedule("PILOT exps/ease.json", epochs=20, base_epochs=20, schedule="cosine", lr=0.025, base_lr=0.025,
+             weight_decay=5e-4, base_weight_decay=5e-4, batch_size=48),
+    Schedule("PILOT exps/ease_inr.json", epochs=20, base_epochs=20, schedule="cosine", lr=0.05, base_lr=0.05,
+             weight_decay=0.005, base_weight_decay=0.005, batch_size=16))

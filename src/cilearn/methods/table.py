@@ -16,7 +16,7 @@ def recipe_row(name: str) -> tuple[str, ...]:
     memory = "all seen data" if r.replay == "all-data" else ("herding" if r.exemplars else "-")
     extra = [x for x, on in ((f"optimizer {r.optimizer}", r.optimizer != "none"),
                              (f"compressor {r.compressor}", r.compressor != "none")) if on]
-    other = [x for x, on in (("expandable backbone", r.expandable),
+    other = [x for x, on in ((f"adapter {r.adapter}", r.adapter is not None), ("expandable backbone", r.expandable),
                              (f"replay {r.replay}", r.replay not in (None, "all-data")),
                              ("no last ReLU", r.options.get("backbone", {}).get("last_relu") is False)) if on]
     other += list(r.head_init) + list(r.constraints) + list(r.stages)

@@ -5,18 +5,25 @@ module."""
 from __future__ import annotations
 
 from ..components import REGISTRIES, Component, build
+from ..errors import ConfigError
 from . import backbones, heads  # noqa: F401  (register the backbone and head components)
 from .expandable import ExpandableBackbone, ExpandableNet
 from .net import IncrementalNet
 
 
-def create_net(backbone: Component, head: Component, in_channels: int, expandable: bool = False) -> IncrementalNet:
+def create_net(backbone: Component, head: Component, in_channels: int, expandable: bool = False,
+               adapter: Component | None = None) -> IncrementalNet:
     """The run's network from its backbone and head components. ``expandable``: an ``ExpandableNet``
-    of ``backbone`` extractors (one per phase: DER, FOSTER), starting with one."""
+    of ``backbone`` extractors (one per phase: DER, FOSTER), starting with one. ``adapter``: its
+    ``adapt`` applied to the backbone before the head is made (``cilearn.adapters``)."""
     if expandable:
+        if adapter is not None:
+            raise ConfigError(f"--adapter {adapter.name}: an expandable network (one extractor per phase) takes no adapter")
         eb = ExpandableBackbone(lambda: backbone.create(in_channels))
         return ExpandableNet(eb, head.create(eb.out_dim))
     bb = backbone.create(in_channels)
+    if adapter is not None:
+        bb = adapter.adapt(bb)
     return IncrementalNet(bb, head.create(bb.out_dim))
 
 

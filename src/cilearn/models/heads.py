@@ -22,6 +22,11 @@ class Head(nn.Module):
         margin-based losses (LUCIR's ranking, PODNet's NCA) read them. Linear head: the logits."""
         return self(emb)
 
+    def widen(self, n: int) -> None:
+        """``n`` more input coordinates (a backbone whose embedding grows each phase, ``grow``)."""
+        raise ConfigError(f"the head {type(self).__name__} cannot take an embedding that grows each phase; "
+                          "use a cosine or prototype head")
+
 
 class LinearHead(Head):
     """``logits = emb @ W^T + b``; W: ``[num_classes, in_dim]``."""
@@ -71,6 +76,21 @@ class CosineHead(Head):
         bound = 1 / math.sqrt(self.in_dim)
         w = torch.empty(n, self.in_dim, device=self.weight.device, dtype=self.weight.dtype).uniform_(-bound, bound)
         self.weight = nn.Parameter(torch.cat([self.weight.data, w]))
+
+    def widen(self, n: int) -> None:
+        """``n`` zero input columns appended: the rows there see nothing in the new coordinates
+        until they are set (a prototype head's new rows, EASE's synthesised prototypes)."""
+        w = self.weight
+        self.weight = nn.Parameter(torch.cat([w.data, w.new_zeros(len(w), n)], dim=1), requires_grad=w.requires_grad)
+        self.in_dim += n
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A state of a widened head (more columns, the same rows) loads into a fresh one."""
+        got = state_dict.get(prefix + "weight")
+        if got is not None and got.dim() == 2 and len(got) == len(self.weight) and got.shape[1] != self.in_dim:
+            self.weight = nn.Parameter(self.weight.new_empty(got.shape), requires_grad=self.weight.requires_grad)
+            self.in_dim = got.shape[1]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def cosine(self, emb: torch.Tensor) -> torch.Tensor:
         """``[B, num_classes]`` cosine similarities in [-1, 1] (before the scale)."""

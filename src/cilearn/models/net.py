@@ -96,8 +96,14 @@ class IncrementalNet(nn.Module):
             self.logit_bias.add_classes(n)
 
     def grow(self, phase) -> None:
-        """The network of ``phase`` (``data.scenario.Phase``): head rows for its new classes."""
+        """The network of ``phase`` (``data.scenario.Phase``): head rows for its new classes; a
+        backbone whose embedding grows each phase (``backbone.grow(phase)`` -> the coordinates it
+        added, e.g. EASE's adapter sets) widens the head by as many input columns."""
         self.add_classes(phase.num_new)
+        grow = getattr(self.backbone, "grow", None)
+        added = grow(phase) if grow is not None else 0
+        if added:
+            self.head.widen(added)
 
     @property
     def reuses_old_embedding(self) -> bool:
