@@ -148,7 +148,7 @@ class ScaleShift(nn.Module):
         self.shift = nn.Parameter(torch.empty(dim).normal_(0.0, std) if std > 0 else torch.zeros(dim))
 
     def hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return out * self.scale.to(out.dtype) + self.shift.to(out.dtype)
+        return out * self.scale + self.shift
 
 
 def ssf_points(vit: nn.Module) -> list[tuple[nn.Module, int]]:

@@ -41,8 +41,7 @@ from .adapters import Adapter, BottleneckOptions, ParallelAdapters, frozen_vit
 from .components import option, register
 from .errors import ConfigError
 from .models.backbones import Backbone
-from .models.heads import CosineHead
-from .simplecil import PrototypeHead
+from .simplecil import PrototypeHead, Prototypes
 
 
 class Subspaces(Backbone):
@@ -110,7 +109,7 @@ class ExpandableSubspaces(Adapter):
 
 
 # ---------------------------------------------------------------- the head
-class SubspaceHead(CosineHead):
+class SubspaceHead(Prototypes):
     """A cosine classifier over ``S`` subspaces of width ``dim`` (the embedding ``[B, S dim]``),
     scored subspace by subspace with EASE's weights (module docstring). ``task`` ``[K]``: the phase
     that added each class (a buffer)."""

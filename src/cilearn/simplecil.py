@@ -17,7 +17,7 @@ import time
 import torch
 
 from .components import register
-from .models.heads import CosineHeadFactory
+from .models.heads import CosineHead, CosineHeadFactory
 from .train import FitResult
 
 
@@ -32,12 +32,29 @@ def set_prototypes(weight: torch.Tensor, emb: torch.Tensor, y: torch.Tensor, cla
             weight[c] = rows.float().mean(0).to(weight.dtype)
 
 
+class Prototypes(CosineHead):
+    """A ``CosineHead`` that no gradient trains (rows and scale without gradient, new rows too): its
+    rows are set by ``set_prototypes``. (A recipe that trains the backbone beside it, APER's, trains
+    no head parameter that its loss does not reach, which DistributedDataParallel requires.)"""
+
+    def __init__(self, in_dim: int, sigma: float = 1.0):
+        super().__init__(in_dim, sigma)
+        self.requires_grad_(False)
+
+    def add_classes(self, n: int) -> None:
+        super().add_classes(n)
+        self.requires_grad_(False)
+
+
 @register("head", "prototype")
 class PrototypeHead(CosineHeadFactory):
-    """A cosine classifier (``CosineHead``, scale ``--model.scale``, 1 as PILOT's) whose new rows are
-    set, after each phase's training, to the class means of the new classes' training images
-    (test view). Old rows are kept: with a frozen backbone the classifier after any sequence of
-    phases is the one of a single phase on all the classes."""
+    """A cosine classifier (``Prototypes``, scale ``--model.scale``, 1 as PILOT's, never trained)
+    whose new rows are set, after each phase's training, to the class means of the new classes'
+    training images (test view). Old rows are kept: with a frozen backbone the classifier after any
+    sequence of phases is the one of a single phase on all the classes."""
+
+    def create(self, in_dim):
+        return Prototypes(in_dim, sigma=self.options.scale)
 
     def after_training(self, ctx) -> FitResult:
         start = time.perf_counter()

@@ -151,6 +151,10 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
     own = {id(p) for m in model.modules() if getattr(m, "trained_by_component", False) for p in m.parameters()}
     # (a module flagged ``trained_by_component`` is trained by a component's own optimizer only)
     params = [p for p in (model.parameters() if params is None else params) if id(p) not in own]
+    if not any(p.requires_grad for p in params):   # every parameter frozen (a frozen backbone and a prototype head)
+        if s.log is not None:
+            s.log(f"  {desc}: nothing to train (no parameter requires a gradient)")
+        return FitResult(0.0, 0, {})
     opt = make_optimizer(params, s)
     bs = min(s.batch_size, n)
     steps = n // bs if s.drop_last else math.ceil(n / bs)
