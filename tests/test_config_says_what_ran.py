@@ -58,7 +58,7 @@ def test_only_the_options_the_run_uses(tmp_path, capsys):
     (["--method", "icarl", "--train.finetune-epochs", "3"], "--train.finetune-epochs 3", "calibration component balanced-finetune"),
     (["--method", "finetune", "--loss.less-forget-weight", "2"], "--loss.less-forget-weight 2", "term component less-forget"),
     (["--method", "icarl", "--components.pod.flat-weight", "2"], "components.pod", "not a component of this run"),
-    (["--method", "icarl", "--data-dir", "/tmp"], "--data.data-dir '/tmp'", "the data sets cifar10, cifar100, fashion-mnist, imagefolder"),
+    (["--method", "icarl", "--data-dir", "/tmp"], "--data.data-dir '/tmp'", "the data sets cifar10, cifar100, cub200, fashion-mnist, imagefolder, imagenet-a"),
 ])
 def test_an_option_the_run_does_not_use_is_refused(flags, option, applies, tmp_path, capsys):
     code = main(["run", *flags, "--out", str(tmp_path / "r")])

@@ -254,3 +254,28 @@ def test_torchrun_image_folder_cache_built_once_and_host_rows(tmp_path):
             assert len(set(row["ranks"]["memory"])) == 1 and len(set(row["ranks"]["model"])) == 1
     assert len(os.listdir(tmp_path / "cache")) == 2          # one .u8 + one .json, no .tmp-*
     assert metrics["host"]["accuracy_matrix"] == metrics["device"]["accuracy_matrix"]
+
+
+def test_torchrun_ranpac_statistics_sum_to_the_one_process_solution(tmp_path):
+    """RanPAC under torchrun: each rank sums the Gram matrix and the class sums of its part of each
+    phase's images, all-reduced in float64; lambda is chosen on every rank from the gathered
+    embeddings. The ridge solution and the accuracies are those of one process (the sums' order
+    differs: float rounding only)."""
+    from safetensors.torch import load_file
+    run = ["--method", "ranpac", "--increment", "2", "--epochs", "0", "--base-epochs", "0", "--precision", "fp32",
+           "--components.freeze-backbone.after", "-1", "--components.ridge.dim", "64", "--no-progress", "--quiet"]
+    one = subprocess.run([sys.executable, "-m", "cilearn", "run", *run, "--out", str(tmp_path / "one")], env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(torchrun(*run, "--out", str(tmp_path / "two")), env=env(), capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    w1, w2 = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    assert torch.equal(w1["net.head.projection"], w2["net.head.projection"])
+    # float64 sums in another order, the solution stored in float32: equal up to its last bit (equal when measured)
+    assert torch.allclose(w1["net.head.weight"], w2["net.head.weight"], rtol=1e-6, atol=0)
+    assert [r["ridge_lambda"] for r in m1["phases"]] == [r["ridge_lambda"] for r in m2["phases"]]
+    assert m1["accuracy_matrix"] == m2["accuracy_matrix"]
+    for row in m2["phases"]:
+        assert len(set(row["ranks"]["model"])) == 1

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .data.augment import INTERPOLATIONS, normalization
+from .data.datasets import is_image_folder
 from .data.rows import RESIDENT_MODES
 from .errors import ConfigError
 from .progress import mode as progress_mode
@@ -48,6 +49,7 @@ class DataConfig:
     workers: int | None = None           # image folders: decoding processes; None: the CPUs, at most 32
     resident: str = "auto"               # auto | device | host: where the uint8 images live (cilearn.data.rows)
     augment: str | None = None           # None: the data set's default (crop-flip, flip, none, rrc-flip)
+    embedding_cache: str | None = None   # a directory keeping a frozen backbone's embeddings across runs (cilearn.embeddings)
 
 
 @dataclass
@@ -190,10 +192,10 @@ class Schedule:
 @dataclass(frozen=True)
 class TrainingDefaults:
     small: Schedule                      # CIFAR-10/100, Fashion-MNIST, digits
-    imagenet: Schedule | None = None     # image folders; None: the same as ``small``
+    imagenet: Schedule | None = None     # image folders (data.datasets.is_image_folder); None: the same as ``small``
 
     def for_dataset(self, dataset: str) -> Schedule:
-        return self.imagenet if dataset == "imagefolder" and self.imagenet is not None else self.small
+        return self.imagenet if is_image_folder(dataset) and self.imagenet is not None else self.small
 
 
 def describe_stage(epochs: int, lr: float, schedule: str, milestones, weight_decay: float, gamma: float = 0.1) -> str:
@@ -431,10 +433,13 @@ def resolve_training(train: TrainConfig, dataset: str, training: TrainingDefault
     t.progress = progress_mode(t.progress)     # an older config's bool: its mode
     quick = QUICK_EPOCHS.get(dataset)
     given = {k: getattr(t, k) is not None for k in ("epochs", "lr", "weight_decay", "milestones")}
+    # a recipe's phases that train no epochs (a frozen backbone and a closed-form head) train none
+    # on the quick data sets either
     if t.epochs is None:
-        t.epochs = quick if quick is not None else ref.epochs
+        t.epochs = quick if quick is not None and ref.epochs > 0 else ref.epochs
     if t.base_epochs is None:
-        t.base_epochs = t.epochs if given["epochs"] or quick is not None else ref.base_epochs
+        t.base_epochs = (t.epochs if given["epochs"] else quick if quick is not None and ref.base_epochs > 0
+                         else ref.base_epochs)
     if t.lr is None:
         t.lr = ref.lr
     if t.base_lr is None:

@@ -8,7 +8,8 @@ change, for any head type and any recipe.
 * ``weight-clip``: the head's weights clipped to be non-negative at the same points, every phase
   (WA). ``--train.weight-clip true|false`` adds or removes it.
 * ``freeze-backbone``: from the phase after ``after`` on, the backbone trains no more (no
-  gradient; BatchNorm in eval mode, its statistics kept).
+  gradient; BatchNorm in eval mode, its statistics kept); ``after: -1``: never trained, the
+  backbone used as given (pre-trained weights).
 
 When two are in a run they act in the recipe's order (clipping before freezing: the rows are
 restored last).
@@ -61,18 +62,20 @@ class WeightClip(Component):
 
 @dataclass(frozen=True)
 class FreezeBackboneOptions:
-    after: int = 0        # the last phase whose main stage trains the backbone
+    after: int = 0        # the last phase whose main stage trains the backbone; -1: none (used as given)
 
     def __post_init__(self):
-        if self.after < 0:
-            raise ConfigError(f"components.freeze-backbone.after must be >= 0, got {self.after}")
+        if self.after < -1:
+            raise ConfigError(f"components.freeze-backbone.after must be >= -1 (-1: the backbone is never trained), "
+                              f"got {self.after}")
 
 
 @register("constraint", "freeze-backbone")
 class FreezeBackbone(Component):
     """The backbone frozen from phase ``after + 1`` on (``IncrementalNet.freeze_backbone``: no
     gradient, eval mode in training too): what trains after it is the head and what components
-    add (e.g. nothing, for a nearest-class-mean recipe with no epochs in later phases)."""
+    add (e.g. nothing, for a nearest-class-mean recipe with no epochs in later phases). Its
+    embeddings are then computed once per image (``cilearn.embeddings``)."""
     Options = FreezeBackboneOptions
 
     def first_phase(self) -> int:

@@ -55,6 +55,8 @@ class Learner:
         augmentation allows), then the components' phase start on the grown network."""
         comps, net = self.components, self.net
         self.finetune_seconds = 0.0
+        if self.s.embeddings is not None:
+            self.s.embeddings.new_phase()             # a frozen backbone's key: once per phase
         comps.start(phase)                            # (idempotent: ``training_set`` started them)
         outputs = comps.needs("needs_old_outputs")
         old = None

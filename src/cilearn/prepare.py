@@ -197,7 +197,7 @@ def prepare(cfg: RunConfig, strict: bool = True):
         if cfg.memory.total is None and cfg.memory.per_class is None:
             cfg.memory.total = 20 * data.num_classes   # 20 per class at the end: 2000 for CIFAR-100
         Budget(cfg.memory.total, cfg.memory.per_class).check(data.num_classes)
-    order = cfg.scenario.class_order or class_order(data.num_classes, cfg.seed)
+    order = cfg.scenario.class_order or data.class_order or class_order(data.num_classes, cfg.seed)
     cfg.scenario.class_order = list(order)
     return cfg, load_data(cfg, data), p           # every check passed: an image folder's cache may be built
 

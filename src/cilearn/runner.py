@@ -24,7 +24,8 @@ from .data.augment import Augmenter
 from .data.rows import HostRows, choose_resident
 from .data.scenario import Scenario, short_list
 from .errors import CilearnError, ConfigError
-from .evaluate import PhaseEval, confusion_matrix, evaluate_phase, predict
+from .embeddings import EmbeddingCache
+from .evaluate import PhaseEval, confusion_matrix, evaluate_phase
 from .events import NULL, Observer
 from .files import atomic_write
 from .components import Components
@@ -217,7 +218,9 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
     net = build_from(arch, init).to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    services = RunServices(cfg, net, None, aug, device, gen, amp, ckpt, events, data, log=log.stage)
+    embeddings = EmbeddingCache(aug, cfg.train.eval_batch_size, amp, device, cfg.data.embedding_cache)
+    services = RunServices(cfg, net, None, aug, device, gen, amp, ckpt, events, data, log=log.stage,
+                           embeddings=embeddings)
     parts = plan.build(services)
     memory = None
     if plan.memory:
@@ -289,8 +292,7 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
         learner.update_memory(data)                      # update memory
         ranks = sync_ranks(net, memory, gen, device) if world > 1 else None
         seen = data.test_y < phase.end
-        logits, emb = distributed.gather_rows(lambda xs: predict(net, xs, aug, cfg.train.eval_batch_size, amp),
-                                              data.test_x[seen])
+        logits, emb = services.predict(net, data.test_x[seen])   # (a frozen backbone: from the embedding cache)
         protos = learner.prototypes()                    # NME class means [seen, D] (None: no exemplars)
         ev = evaluate_phase(logits, emb, data.test_y[seen], [(p.start, p.end) for p in scenario.phases[:phase.index + 1]],
                             protos)
@@ -319,6 +321,7 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
         for w in row["warnings"]:
             log(f"  warning: {w['message']}")
         learner.end()                                    # the components' phase end, after the evaluation
+        embeddings.flush()                               # the phase's new embeddings to --data.embedding-cache
         ckpt.save_phase({"next_phase": phase.index + 1, "num_classes": net.num_classes, "net": net.state_dict(),
                          "memory": memory.state() if memory is not None else None, "method": learner.state_dict(),
                          "evals": [dataclasses.asdict(e) for e in evals], "rows": phase_rows,

@@ -18,6 +18,7 @@ from .train import Batch, FitResult, FitSettings, fit
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpointer
+    from .embeddings import EmbeddingCache
     from .config import RunConfig
     from .memory import Memory
     from .models.net import IncrementalNet
@@ -52,6 +53,7 @@ class RunServices:
     events: Observer = NULL                  # the reporting layer's observer (figures), a no-op in unit tests
     data: "SplitData | None" = None
     log: Callable[[str], None] | None = None  # the run's log of finished stages (cilearn.progress), None in unit tests
+    embeddings: "EmbeddingCache | None" = None  # a frozen backbone's embeddings, once per image (cilearn.embeddings)
 
     def fit_settings(self, phase: Phase, **over) -> FitSettings:
         t = self.cfg.train
@@ -81,19 +83,28 @@ class RunServices:
         """The CNN accuracy of ``net`` on the test images of the classes seen by ``phase`` (``acc``,
         ``acc_old``, ``acc_new``), as the phase's own evaluation computes it."""
         seen = self.data.test_y < phase.end
-        logits, emb = distributed.gather_rows(
-            lambda xs: predict(net, xs, self.augmenter, self.cfg.train.eval_batch_size, self.autocast_dtype),
-            self.data.test_x[seen])
+        logits, emb = self.predict(net, self.data.test_x[seen])
         bounds = ([(0, phase.start)] if phase.start > 0 else []) + [(phase.start, phase.end)]
         ev = evaluate_phase(logits, emb, self.data.test_y[seen], bounds, None)
         return {"acc": ev.acc, "acc_old": ev.acc_old, "acc_new": ev.acc_new}
 
     def embed(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``[N, D]`` (eval mode, no augmentation). Under torchrun a collective: each rank
-        embeds its part of ``x`` and every rank gets all of them (``distributed.gather_rows``), so
-        all ranks must call it together."""
+        """Embeddings ``[N, D]`` (eval mode, no augmentation); of a frozen backbone, each image
+        once per run (``cilearn.embeddings``). Under torchrun a collective: each rank embeds its
+        part of ``x`` and every rank gets all of them (``distributed.gather_rows``), so all ranks
+        must call it together."""
+        if self.embeddings is not None and self.embeddings.usable(net):
+            return self.embeddings.embed(net, x)
+        return self.predict(net, x)[1]
+
+    def predict(self, net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [N, K], embeddings [N, D])`` of uint8 images ``x`` (eval mode, test view), as
+        the phase's evaluation computes them: of a frozen backbone, the head on the cached
+        embeddings. A collective under torchrun, like ``embed``."""
+        if self.embeddings is not None and self.embeddings.usable(net):
+            return self.embeddings.predict(net, x)
         bs, amp = self.cfg.train.eval_batch_size, self.autocast_dtype
-        return distributed.gather_rows(lambda xs: predict(net, xs, self.augmenter, bs, amp), x)[1]
+        return distributed.gather_rows(lambda xs: predict(net, xs, self.augmenter, bs, amp), x)
 
     @property
     def progress(self) -> bool:

@@ -59,7 +59,9 @@ def reads(*options: str):
 class DataPlan:
     """What a data set holds, known before any image is decoded and before any file is written
     (a cache): enough to validate a run's configuration against it. ``load()`` reads the images.
-    Fields as ``ImageDataset``'s."""
+    Fields as ``ImageDataset``'s; ``class_order``: the order of the labels its benchmark fixes
+    (the reference code does not shuffle them, e.g. VTAB's domains one after another), or None: the
+    run's seeded permutation (``cilearn.data.scenario.class_order``)."""
 
     name: str
     num_classes: int
@@ -70,6 +72,7 @@ class DataPlan:
     augment: str
     pad: int
     load: Callable[[], ImageDataset]
+    class_order: list[int] | None = None
 
     @classmethod
     def of(cls, ds: ImageDataset) -> "DataPlan":

@@ -1,5 +1,7 @@
 """Data set loaders: ``digits``, ``fashion-mnist``, ``cifar10``, ``cifar100`` (and ``imagefolder``,
-registered by :mod:`cilearn.data.imagefolder`, imported here).
+registered by :mod:`cilearn.data.imagefolder`, and the released splits ``imagenet-r``, ``imagenet-a``,
+``cub200``, ``objectnet``, ``omnibenchmark``, ``vtab``, registered by :mod:`cilearn.data.released`,
+both imported here).
 
 Every loader is ``fn(opts: DataOptions) -> ImageDataset`` and returns the whole data set in memory:
 uint8 images ``[N, C, H, W]``, int64 labels ``[N]``. Anything the user can fix (missing, truncated
@@ -44,11 +46,12 @@ import torch
 
 from ..errors import ConfigError, DataError, one_line
 from . import imagefolder  # noqa: F401  (registers the "imagefolder" loader)
+from . import released  # noqa: F401  (registers the released splits: imagenet-r, vtab, ...)
 from . import safe_pickle
 from .base import DATASETS, PLANNERS, DataOptions, DataPlan, ImageDataset, reads
 
 __all__ = [
-    "DATASETS", "load_dataset", "plan_dataset", "subsample_per_class", "channel_stats", "read_idx",
+    "DATASETS", "load_dataset", "plan_dataset", "is_image_folder", "subsample_per_class", "channel_stats", "read_idx",
     "load_digits_dataset", "load_fashion_mnist", "load_cifar10", "load_cifar100",
     "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES",
 ]
@@ -67,6 +70,12 @@ def plan_dataset(name: str, opts: DataOptions | None = None) -> DataPlan:
     DATASETS.get(name)                                   # an unknown name: the registry's ConfigError
     opts = opts if opts is not None else DataOptions()
     return PLANNERS[name](opts) if name in PLANNERS else DataPlan.of(load_dataset(name, opts))
+
+
+def is_image_folder(name: str) -> bool:
+    """``name`` is read from folders of full-size images (``imagefolder``, the released splits):
+    the data sets on which the recipes take their ImageNet training defaults and options."""
+    return name in PLANNERS
 
 
 def subsample_per_class(x, y, n: int, seed: int, option: str = "--train-per-class"):

@@ -116,16 +116,18 @@ def _check_has_images(items: list[Item], classes: list[str], folder_of, split: s
                         f"(accepted extensions: {' '.join(IMAGE_EXTENSIONS)})")
 
 
-def _layout_folders(data_dir: str):
+def _layout_folders(data_dir: str, test_names: tuple[str, ...] = ("val", "test"), who: str = WHO):
+    """``train/<class>/`` and the first of ``test_names`` that exists (``val/``, else ``test/``),
+    with the same class folders; classes in sorted folder order. ``who`` names the data set in errors."""
     train_dir = os.path.join(data_dir, "train")
-    test_dir = next((os.path.join(data_dir, n) for n in ("val", "test")
+    test_dir = next((os.path.join(data_dir, n) for n in test_names
                      if os.path.isdir(os.path.join(data_dir, n))), None)
     if test_dir is None:
-        raise DataError(f"{WHO}: found {train_dir} but neither {os.path.join(data_dir, 'val')} "
-                        f"nor {os.path.join(data_dir, 'test')}")
+        wanted = " nor ".join(os.path.join(data_dir, n) for n in test_names)
+        raise DataError(f"{who}: found {train_dir} but {'neither ' if len(test_names) > 1 else 'not '}{wanted}")
     classes = _subdirs(train_dir)
     if not classes:
-        raise DataError(f"{WHO}: no class folders in {train_dir}; expected train/<class>/*.jpg")
+        raise DataError(f"{who}: no class folders in {train_dir}; expected train/<class>/*.jpg")
     test_classes = _subdirs(test_dir)
     if set(test_classes) != set(classes):
         only_train = sorted(set(classes) - set(test_classes))
@@ -135,7 +137,7 @@ def _layout_folders(data_dir: str):
             parts.append(f"missing {', '.join(only_train[:5])}{' ...' if len(only_train) > 5 else ''}")
         if only_test:
             parts.append(f"extra {', '.join(only_test[:5])}{' ...' if len(only_test) > 5 else ''}")
-        raise DataError(f"{WHO}: class folders of {test_dir} differ from those of {train_dir} "
+        raise DataError(f"{who}: class folders of {test_dir} differ from those of {train_dir} "
                         f"({'; '.join(parts)})")
     splits = {}
     for split, root in (("train", train_dir), ("test", test_dir)):
@@ -144,7 +146,7 @@ def _layout_folders(data_dir: str):
             folder = os.path.join(root, c)
             files = _images_under(folder)
             if not files:
-                raise DataError(f"{WHO}: class folder {folder} has no images "
+                raise DataError(f"{who}: class folder {folder} has no images "
                                 f"(accepted extensions: {' '.join(IMAGE_EXTENSIONS)})")
             items.extend((p, os.path.relpath(p, data_dir), label, folder) for p in files)
         splits[split] = items
@@ -274,37 +276,58 @@ class Listing:
     extra: dict
 
 
-def plan_imagefolder(opts: DataOptions) -> DataPlan:
-    """An image folder's listing (layout, classes, images of each split; see the module docstring),
-    read without decoding an image or writing a file; its ``load()`` decodes them into the cache."""
+def image_folder_dir(opts: DataOptions, who: str, expected: str) -> str:
+    """``--data-dir`` as given (``~`` expanded): required, and a folder (else a ``DataError`` saying
+    what ``expected`` layout it should hold)."""
     if opts.data_dir is None:
-        raise DataError(f"{WHO}: --data-dir is required; {_LAYOUTS_HELP}")
+        raise DataError(f"{who}: --data-dir is required; {expected}")
     data_dir = os.path.expanduser(opts.data_dir)
     if not os.path.isdir(data_dir):
-        raise DataError(f"{WHO}: data directory {data_dir} not found; {_LAYOUTS_HELP}")
-    size = DEFAULT_IMAGE_SIZE if opts.image_size is None else opts.image_size
+        raise DataError(f"{who}: data directory {data_dir} not found; {expected}")
+    return data_dir
+
+
+def image_size(opts: DataOptions, default: int) -> int:
+    """``--image-size``, else ``default``; checked."""
+    size = default if opts.image_size is None else opts.image_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ConfigError(f"--image-size must be an integer >= 1, got {size!r}")
+    return size
 
-    if opts.train_list or opts.test_list:
-        layout = "lists"
-        train, test, classes, extra = _layout_lists(data_dir, opts)
-    elif os.path.isdir(os.path.join(data_dir, "train")):
-        layout = "folders"
-        train, test, classes, extra = _layout_folders(data_dir)
-    elif (food := _food_root(data_dir)) is not None:
-        layout = "food101"
-        train, test, classes, extra = _layout_food(food)
-    else:
-        raise DataError(f"{WHO}: no known layout in {data_dir}; {_LAYOUTS_HELP}")
 
+def plan_listed(name: str, opts: DataOptions, layout: str, data_dir: str, listed: tuple, size: int,
+                class_order: list[int] | None = None) -> DataPlan:
+    """The plan of an image folder whose layout has been read: ``listed`` is a layout's
+    ``(train, test, classes, extra)``, ``size`` the stored side (``image_size``); ``--data.workers``
+    is checked and every image is stat'ed for the cache key, nothing is decoded or written.
+    ``name`` names the data set (its ``ImageDataset.name``), ``class_order`` its fixed order if any."""
     workers = default_workers() if opts.workers is None else opts.workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--data.workers must be an integer >= 1, got {workers!r}")
+    train, test, classes, extra = listed
     key = _cache_key(layout, size, data_dir, classes, {"train": train, "test": test})   # stats every image
     listing = Listing(layout, data_dir, size, workers, key, train, test, classes, extra)
-    return DataPlan(WHO, len(classes), list(classes), (3, size, size), IMAGENET_MEAN, IMAGENET_STD,
-                    "rrc-flip", 0, lambda: _load(opts, listing))
+    return DataPlan(name, len(classes), list(classes), (3, size, size), IMAGENET_MEAN, IMAGENET_STD,
+                    "rrc-flip", 0, lambda: _load(name, opts, listing), class_order)
+
+
+def plan_imagefolder(opts: DataOptions) -> DataPlan:
+    """An image folder's listing (layout, classes, images of each split; see the module docstring),
+    read without decoding an image or writing a file; its ``load()`` decodes them into the cache."""
+    data_dir = image_folder_dir(opts, WHO, _LAYOUTS_HELP)
+    size = image_size(opts, DEFAULT_IMAGE_SIZE)
+    if opts.train_list or opts.test_list:
+        layout = "lists"
+        listed = _layout_lists(data_dir, opts)
+    elif os.path.isdir(os.path.join(data_dir, "train")):
+        layout = "folders"
+        listed = _layout_folders(data_dir)
+    elif (food := _food_root(data_dir)) is not None:
+        layout = "food101"
+        listed = _layout_food(food)
+    else:
+        raise DataError(f"{WHO}: no known layout in {data_dir}; {_LAYOUTS_HELP}")
+    return plan_listed(WHO, opts, layout, data_dir, listed, size)
 
 
 @DATASETS.register("imagefolder")
@@ -317,7 +340,7 @@ def load_imagefolder(opts: DataOptions) -> ImageDataset:
 PLANNERS[WHO] = plan_imagefolder
 
 
-def _load(opts: DataOptions, listing: Listing) -> ImageDataset:
+def _load(name: str, opts: DataOptions, listing: Listing) -> ImageDataset:
     """The images of a listed image folder: from its cache, or decoded (into a new cache)."""
     layout, data_dir, size, workers, key = listing.layout, listing.data_dir, listing.size, listing.workers, listing.key
     train, test, classes, extra = listing.train, listing.test, listing.classes, listing.extra
@@ -347,7 +370,7 @@ def _load(opts: DataOptions, listing: Listing) -> ImageDataset:
               "test_y": np.asarray(labels["test_labels"], dtype=np.int64)}
 
     return ImageDataset(
-        name="imagefolder",
+        name=name,
         train_x=arrays["train_x"], train_y=torch.from_numpy(arrays["train_y"]),
         test_x=arrays["test_x"], test_y=torch.from_numpy(arrays["test_y"]),
         num_classes=len(classes), class_names=list(classes),

@@ -5,10 +5,12 @@ from .. import classification as _classification  # noqa: F401
 from .. import constraints as _constraints  # noqa: F401
 from .. import feature_compression as _feature_compression  # noqa: F401
 from .. import imprint as _imprint  # noqa: F401
+from .. import ranpac as _ranpac  # noqa: F401
 from .. import replay as _replay  # noqa: F401
+from .. import simplecil as _simplecil  # noqa: F401
 from .. import terms as _terms  # noqa: F401
 from ..memory import compressors as _compressors  # noqa: F401
 from ..memory import mnemonics as _exemplar_optimizers  # noqa: F401
 from ..memory import selection as _selection  # noqa: F401
-from . import baselines, der, foster, lucir, lwm, mnemonics, podnet, wa  # noqa: F401  (register the recipes)
+from . import baselines, der, foster, lucir, lwm, mnemonics, podnet, pretrained, wa  # noqa: F401  (register the recipes)
 from .recipe import METHODS, Recipe, register_recipe  # noqa: F401

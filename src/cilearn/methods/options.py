@@ -103,13 +103,15 @@ def prune(d: dict, cfg: RunConfig, p: RunPlan, prefix: str = "") -> dict:
 def cheap_extra_stages(recipe: Recipe, replay_steps: int, iterations: int) -> dict[str, dict]:
     """A config section that makes a recipe's extra stages cheap, each only where the recipe has
     the component (a run refuses options of components it does not have): a replay component's
-    ``steps`` (a generator's training steps), and every component's ``iterations`` (an exemplar
-    optimizer's or a compressor's extra steps). For quick runs (tests, benchmarks/behaviour_matrices.py)."""
+    ``steps`` (a generator's training steps), every component's ``iterations`` (an exemplar
+    optimizer's or a compressor's extra steps), and the options a component declares in its class
+    attribute ``cheap`` (the ridge head's projection size). For quick runs (tests,
+    benchmarks/behaviour_matrices.py)."""
     out: dict[str, dict] = {}
     for c in plan(RunConfig(method=recipe.name), None, strict=False).classes:
         fields = {f.name for f in dataclasses.fields(c.Options)}
         o = {**({"steps": replay_steps} if c.kind == "replay" and "steps" in fields else {}),
-             **({"iterations": iterations} if "iterations" in fields else {})}
+             **({"iterations": iterations} if "iterations" in fields else {}), **getattr(c, "cheap", {})}
         if o:
             out[c.name] = o
     return {"components": out} if out else {}

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..components import KINDS, REGISTRIES, Component, aliases_of, component_class, options_dict, parse_options
 from ..config import RunConfig, Schedule, TrainingDefaults
+from ..data.datasets import is_image_folder
 from ..errors import ConfigError
 from ..models.backbones import auto_backbone
 from ..registry import Registry
@@ -265,7 +266,7 @@ def plan(cfg: RunConfig, image_size: int | None = None, strict: bool = True, fac
             raise ConfigError(f"--method {cfg.method} trains on all data seen so far ({FLAG[c.kind]} {c.name}): "
                               "a memory budget does not apply")
     given = _given_options(cfg, classes, strict, {k for k in ORDER if k == "backbone" and not choices[k]})
-    image_folder = cfg.data.dataset == "imagefolder"
+    image_folder = is_image_folder(cfg.data.dataset)
     options = {}
     for c in classes:
         opts = {**_recipe_options(recipe, c, image_folder), **given[c.name]}

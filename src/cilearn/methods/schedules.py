@@ -94,3 +94,18 @@ LWM = TrainingDefaults(
     replace(ICARL.small, source="PyCIL models/icarl.py (cilearn's choice: the LwM paper's could not be read)"),
     Schedule("cilearn's choice for iILSVRC-small (the LwM paper's could not be read)", epochs=90, base_epochs=90,
              milestones=(30, 60), base_milestones=(30, 60)))
+
+# SimpleCIL (PILOT exps/simplecil.json:15-18, exps/simplecil_inr.json): "tuned_epoch": 0, no training in
+# any phase; lr 0.01, weight decay 0.05 and batch 256 are the file's, used only where asked to train.
+SIMPLECIL = TrainingDefaults(Schedule(
+    "PILOT exps/simplecil.json:15-18 (tuned_epoch 0: no training)", epochs=0, base_epochs=0, schedule="cosine",
+    lr=0.01, base_lr=0.01, weight_decay=0.05, base_weight_decay=0.05, batch_size=256))
+
+# RanPAC's first session (RanPAC/RanPAC args/cifar224_publish.csv:9 and args/imagenetr_publish.csv:9, the
+# PETL rows with M 10000: tuned_epoch 20, body_lr 0.01, batch_size 48, weight_decay 5e-4, min_lr 0;
+# SGD momentum 0.9 with cosine annealing, RanPAC.py:231-232), no training after it (RanPAC.py:225).
+# PILOT's ranpac.json:16-20 has the same values.
+RANPAC = TrainingDefaults(Schedule(
+    "RanPAC official args/cifar224_publish.csv:9 (ID 7) + RanPAC.py:225-232 (later phases: no training)", epochs=0,
+    base_epochs=20, schedule="cosine", lr=0.01, base_lr=0.01, weight_decay=5e-4, base_weight_decay=5e-4,
+    batch_size=48))

@@ -62,8 +62,11 @@ def training_words(t: TrainConfig, stages: dict[str, dict]) -> tuple[str, str, s
 
 def training_source(recipe: Recipe, dataset: str) -> str:
     """Where a recipe's training defaults on ``dataset`` come from."""
-    src, quick = recipe.training.for_dataset(dataset).source, QUICK_EPOCHS.get(dataset)
-    return src if quick is None else f"{src}; {quick} epochs every phase on {dataset} (cilearn's: no reference code)"
+    ref, quick = recipe.training.for_dataset(dataset), QUICK_EPOCHS.get(dataset)
+    which = {(True, True): "every phase", (True, False): "in the first phase", (False, True): "in phases > 0"}.get(
+        (ref.base_epochs > 0, ref.epochs > 0))           # (phases whose schedule trains nothing train nothing)
+    return ref.source if quick is None or which is None else \
+        f"{ref.source}; {quick} epochs {which} on {dataset} (cilearn's: no reference code)"
 
 
 def stage_options(recipe: Recipe, dataset: str, train: TrainConfig) -> dict[str, dict]:
