@@ -6,18 +6,17 @@ import builtins
 import hashlib
 import json
 import pickle
+import sys
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-import cilearn
-from cilearn.checkpoint import Interrupted
 from cilearn.cli import main
 from cilearn.models import part
 from cilearn.models.weights import WeightsError, check_fit, read_weights
-from cilearn.prepare import config_from_dict
+from conftest import replayed_and_resumed
 
 # a small digits run of the convnet (4 + 3 + 3 classes)
 RUN = ["run", "--method", "finetune", "--backbone", "convnet", "--base", "4", "--increment", "3",
@@ -176,24 +175,7 @@ def test_resume_and_replay_give_the_run_s_matrices_and_check_the_digest(tmp_path
     ref = tmp_path / "ref"
     assert main([*args, "--out", str(ref)]) == 0
     want = json.loads((ref / "metrics.json").read_text())["accuracy_matrix"]
-    replay = tmp_path / "replay"
-    assert main(["run", "--config", str(ref / "config.yaml"), "--out", str(replay), "--quiet"]) == 0
-    assert json.loads((replay / "metrics.json").read_text())["accuracy_matrix"] == want
-    # stopped after phase 0, resumed: the same matrices
-    from cilearn.checkpoint import Checkpointer
-    real = Checkpointer.save_phase
-
-    def save_phase(self, state):
-        real(self, state)
-        if state["next_phase"] == 1:
-            self.stop_signal = 15
-    stopped = tmp_path / "stopped"
-    with monkeypatch.context() as m:
-        m.setattr(Checkpointer, "save_phase", save_phase)
-        with pytest.raises(Interrupted):
-            cilearn.run(config_from_dict(yaml.safe_load((ref / "config.yaml").read_text())
-                                                 | {"out": str(stopped)}), echo=False)
-    assert cilearn.resume(stopped, echo=False).metrics["accuracy_matrix"] == want
+    assert replayed_and_resumed(ref, tmp_path, monkeypatch) == (want, want)
     # the file changed: the replay refuses it, and accepts it when told to
     save_file(convnet_state(seed=8), f)
     again = tmp_path / "again"
@@ -203,3 +185,12 @@ def test_resume_and_replay_give_the_run_s_matrices_and_check_the_digest(tmp_path
     assert main(["run", "--config", str(ref / "config.yaml"), "--out", str(again), "--quiet",
                  "--model.weights-sha256", "null"]) == 0
     assert yaml.safe_load((again / "config.yaml").read_text())["model"]["weights_sha256"] == sha256(f)
+
+
+def test_without_timm_a_timm_backbone_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)           # import timm raises ImportError
+    out = tmp_path / "r"
+    assert main([*RUN[:3], "--backbone", "timm:vit_tiny_patch16_224", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "timm cannot be imported" in err and "cilearn[ptm]" in err, err
+    assert not out.exists()

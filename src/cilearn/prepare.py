@@ -131,6 +131,9 @@ def resolve_view(cfg: RunConfig, data: DataPlan, spec: InputSpec | None) -> None
                           f"have {channels} (a 1-channel image is repeated; other counts are not converted)")
     if d.input_size is None and spec is not None:
         d.input_size = spec.size
+    if spec is not None and spec.fixed and d.input_size != spec.size:
+        raise ConfigError(f"--input-size {d.input_size}: the backbone {cfg.model.backbone} takes {spec.size} px inputs "
+                          "only (a timm ViT is built for another side with --model.img-size)")
     if d.interpolation is None:
         d.interpolation = spec.interpolation if spec is not None else "bilinear"
     if d.normalize is None:

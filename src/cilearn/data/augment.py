@@ -51,12 +51,14 @@ IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))   # torchvisi
 class InputSpec:
     """What a backbone's weights expect of its input (a pre-trained model's own configuration:
     timm's ``pretrained_cfg``): ``channels``, the side ``size`` (px), the resize ``interpolation``,
-    and the per-channel ``mean``/``std`` in [0, 1] pixel units."""
+    and the per-channel ``mean``/``std`` in [0, 1] pixel units; ``fixed``: the model takes inputs
+    of side ``size`` only (a ViT's position embeddings)."""
     channels: int
     size: int
     interpolation: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    fixed: bool = False
 
 
 def format_mean_std(mean, std) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -73,16 +73,25 @@ class TimmNet(Backbone):
 
 @dataclass(frozen=True)
 class TimmOptions:
-    # the model's input side, for models built for one (ViTs); None: the model's own (its pretrained config)
+    """Keyword arguments of ``timm.create_model`` (None: the model's own; a model that does not
+    take one refuses it with a one-line error). They build a smaller model than the named one
+    (tests, smoke runs: ``--model.img-size 32 --model.patch-size 8 --model.depth 2``), whose
+    tensors then no longer fit the named model's pre-trained weights."""
+    # the model's input side (px), for models built for one (ViTs); None: the model's own (its pretrained config)
     img_size: int | None = option(None, alias="model.img_size")
-    patch_size: int | None = option(None, alias="model.patch_size")   # ViTs: the patch side (px); None: the model's
-    depth: int | None = option(None, alias="model.depth")             # ViTs: the number of blocks; None: the model's
+    patch_size: int | None = option(None, alias="model.patch_size")   # ViTs: the patch side (px)
+    depth: int | None = option(None, alias="model.depth")             # ViTs: the number of blocks
+    embed_dim: int | None = option(None, alias="model.embed_dim")     # ViTs: the token width
+    num_heads: int | None = option(None, alias="model.num_heads")     # ViTs: attention heads per block
 
     def __post_init__(self):
-        for k in ("img_size", "patch_size", "depth"):
-            v = getattr(self, k)
-            if v is not None and v < 1:
+        for k, v in self.kwargs().items():
+            if v < 1:
                 raise ConfigError(f"--model.{k.replace('_', '-')} must be a positive integer, got {v}")
+
+    def kwargs(self) -> dict[str, int]:
+        """The options given, as ``create_model``'s keyword arguments (timm's defaults stand for the others)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 class TimmBackbone(BackboneFactory):
@@ -111,15 +120,9 @@ class TimmBackbone(BackboneFactory):
                               + " (timm.list_models() lists them)")
         return cfg
 
-    def _kwargs(self) -> dict[str, int]:
-        """The options given (timm's own defaults stand for the others)."""
-        o = self.options
-        return {k: v for k, v in (("img_size", o.img_size), ("patch_size", o.patch_size), ("depth", o.depth))
-                if v is not None}
-
     def create(self, in_channels: int) -> TimmNet:
         self._cfg()
-        kwargs = self._kwargs()
+        kwargs = self.options.kwargs()
         try:
             model = self._timm().create_model(self.model_name, pretrained=False, num_classes=0, **kwargs)
         except (TypeError, ValueError, AssertionError, RuntimeError) as e:
@@ -133,7 +136,8 @@ class TimmBackbone(BackboneFactory):
         channels, _, side = cfg.input_size
         interpolation = cfg.interpolation if cfg.interpolation in INTERPOLATIONS else "bilinear"
         return InputSpec(channels=int(channels), size=int(self.options.img_size or side), interpolation=interpolation,
-                         mean=tuple(float(v) for v in cfg.mean), std=tuple(float(v) for v in cfg.std))
+                         mean=tuple(float(v) for v in cfg.mean), std=tuple(float(v) for v in cfg.std),
+                         fixed=bool(cfg.fixed_input_size))
 
     def pretrained_file(self) -> Path:
         """The model's pre-trained weights in the local Hugging Face cache (the revision its

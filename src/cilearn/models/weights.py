@@ -156,12 +156,29 @@ def check_fit(module: nn.Module, tensors: dict[str, torch.Tensor], where: str, w
                            f"{len(tensors)} tensors in the file, {len(want)} in {what})")
 
 
-def _target(factory: "BackboneFactory", backbone: nn.Module, wf: WeightsFile) -> tuple[nn.Module, dict]:
-    """The module ``wf``'s tensors are loaded into, and the tensors (foreign ones adapted)."""
+def fitted(factory: "BackboneFactory", backbone: nn.Module, wf: WeightsFile,
+           where: str | None = None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The module of ``backbone`` (built by ``factory``) that ``wf``'s tensors are loaded into, and
+    the tensors (a foreign file's adapted), checked to fit (``check_fit``; ``where`` names the file
+    in its error, default ``--weights FILE``)."""
     if wf.own:
-        return backbone, wf.tensors
-    module = factory.weights_module(backbone)
-    return module, factory.adapt_tensors(wf.tensors, module)
+        target, tensors = backbone, wf.tensors
+    else:
+        target = factory.weights_module(backbone)
+        tensors = factory.adapt_tensors(wf.tensors, target)
+    check_fit(target, tensors, where or f"--weights {wf.path}", f"the backbone {factory.name}")
+    return target, tensors
+
+
+def load_weights(factory: "BackboneFactory", backbone: nn.Module, weights: str | Path | WeightsFile,
+                 where: str | None = None) -> WeightsFile:
+    """Loads the weights file ``weights`` (a path, or a ``WeightsFile`` already read) into
+    ``backbone``, a module built by ``factory.create`` (the Python API of ``--weights FILE``);
+    a ``WeightsError`` naming the first offending key leaves ``backbone`` as it was."""
+    wf = weights if isinstance(weights, WeightsFile) else read_weights(weights)
+    target, tensors = fitted(factory, backbone, wf, where)
+    target.load_state_dict(tensors, strict=True)
+    return wf
 
 
 def weights_path(choice: str, factory: "BackboneFactory") -> Path | None:
@@ -216,8 +233,7 @@ def resolve_weights(cfg: "RunConfig", factory: "BackboneFactory", in_channels: i
     wf = read_weights(path, "--weights" if choice != PRETRAINED else "the pretrained weights")
     _check_digest(cfg, wf, where)
     cfg.model.weights_sha256 = wf.sha256
-    target, tensors = _target(factory, module, wf)
-    check_fit(target, tensors, where, f"the backbone {factory.name}")
+    fitted(factory, module, wf, where)
     return path.resolve()
 
 
@@ -232,8 +248,4 @@ def initializer(cfg: "RunConfig", factory: "BackboneFactory") -> tuple[Callable[
     wf = read_weights(path, "--weights" if cfg.model.weights != PRETRAINED else "the pretrained weights")
     _check_digest(cfg, wf, where)
 
-    def load(backbone: nn.Module) -> None:
-        target, tensors = _target(factory, backbone, wf)
-        check_fit(target, tensors, where, f"the backbone {factory.name}")
-        target.load_state_dict(tensors, strict=True)
-    return load, path.resolve()
+    return (lambda backbone: load_weights(factory, backbone, wf, where)), path.resolve()
