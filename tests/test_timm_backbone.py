@@ -156,6 +156,13 @@ def test_pretrained_weights_come_from_the_local_cache_or_give_one_line(tmp_path,
     conf = yaml.safe_load((out / "config.yaml").read_text())
     assert conf["model"]["weights"] == "pretrained" and conf["model"]["weights_sha256"] == sha256(f)
     assert conf["meta"]["weights_file"] == str(f.resolve()) and conf["data"]["input_size"] == 160
+    # a cached file timm would convert while loading (here: keys of another layout): one line that says so
+    state = {k.replace("blocks.", "layers."): v for k, v in timm.create_model("test_vit").state_dict().items()}
+    save_file(state, f)
+    assert main([*args, "--out", str(tmp_path / "converted")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'blocks.0.norm1.weight' of the backbone timm:test_vit is missing" in err
+    assert "another layout" in err and "--weights FILE" in err, err
 
 
 def test_a_name_timm_does_not_know_is_one_line(tmp_path, capsys):

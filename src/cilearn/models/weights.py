@@ -233,7 +233,14 @@ def resolve_weights(cfg: "RunConfig", factory: "BackboneFactory", in_channels: i
     wf = read_weights(path, "--weights" if choice != PRETRAINED else "the pretrained weights")
     _check_digest(cfg, wf, where)
     cfg.model.weights_sha256 = wf.sha256
-    fitted(factory, module, wf, where)
+    try:
+        fitted(factory, module, wf, where)
+    except WeightsError as e:
+        if choice != PRETRAINED:
+            raise
+        raise WeightsError(f"{e}; the cache holds this model's weights in another layout, which its library converts "
+                           "when it loads them: load them with it once, save the model's state_dict() and give "
+                           "--weights FILE (docs/methods/pretrained.md)") from None
     return path.resolve()
 
 
