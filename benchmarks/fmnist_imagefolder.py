@@ -6,6 +6,9 @@ keeps its pixels: at 64 px it covers 19% of the image, against 100% of the 28 px
     python benchmarks/fmnist_imagefolder.py OUT --canvas 64 --train-per-class 200 --test-per-class 100
     cilearn run --method foster --dataset imagefolder --data-dir OUT --image-size 64 ...
 
+``--classes 0,1,2,3,4`` writes only these labels' images (e.g. one half of the classes to pre-train
+a backbone on, the other half to learn incrementally from it: ``benchmarks/ptm_fashion.py``).
+
 Needs Debian's dataset-fashion-mnist (or ``--data-dir``). Refuses to write into a non-empty OUT.
 """
 from __future__ import annotations
@@ -49,19 +52,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-per-class", type=int, default=100)
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files (default: Debian's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", default=None, help="comma list of the labels (0-9) to write; default: all")
     a = p.parse_args(argv)
     out = Path(a.out)
     if a.canvas < 28:
         p.error(f"--canvas: expected at least 28 (the items are 28 x 28), got {a.canvas}")
     if out.exists() and any(out.iterdir()):
         p.error(f"{out}: exists and is not empty; give a new folder")
+    try:
+        keep = sorted({int(c) for c in a.classes.split(",")}) if a.classes else list(range(10))
+    except ValueError:
+        p.error(f"--classes: expected a comma list of labels 0-9, got '{a.classes}'")
+    if not set(keep) <= set(range(10)):
+        p.error(f"--classes: expected labels 0-9, got '{a.classes}'")
     ds = load_fashion_mnist(DataOptions(data_dir=a.data_dir))
     names = [n.replace("/", "-").replace(" ", "_") for n in ds.class_names]
     rng = np.random.default_rng(a.seed)
     tx, ty = subsample_per_class(ds.train_x, ds.train_y, a.train_per_class, a.seed)
     vx, vy = subsample_per_class(ds.test_x, ds.test_y, a.test_per_class, a.seed)
+    (tx, ty), (vx, vy) = [(x[torch.isin(y, torch.tensor(keep))], y[torch.isin(y, torch.tensor(keep))])
+                          for x, y in ((tx, ty), (vx, vy))]
     n = write_split(out / "train", tx, ty, names, a.canvas, rng) + write_split(out / "val", vx, vy, names, a.canvas, rng)
-    print(f"wrote {n} images ({a.canvas} x {a.canvas}, 10 classes) to {out}")
+    print(f"wrote {n} images ({a.canvas} x {a.canvas}, {len(keep)} classes) to {out}")
     return 0
 
 

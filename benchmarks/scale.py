@@ -62,13 +62,16 @@ def part_cpu(out: Path, extra: list[str]) -> str:
             f"points over {sum(len(r) for r in metrics[1]['accuracy_matrix'])} entries")
 
 
-def cifar100_shaped(root: Path, per_class: int = 500, test_per_class: int = 100) -> str:
-    """Writes ``root/cifar-100-python/{train,test,meta}``; returns where the images came from."""
+def cifar100_shaped(root: Path, per_class: int = 500, test_per_class: int = 100, random: bool = False) -> str:
+    """Writes ``root/cifar-100-python/{train,test,meta}``; returns where the images came from
+    (``random``: random uint8 images even where Fashion-MNIST is installed)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
     n = per_class + test_per_class
     try:
+        if random:
+            raise LookupError("random images asked for")
         from cilearn.data.datasets import load_dataset
         from cilearn.data.base import DataOptions
         fm = load_dataset("fashion-mnist", DataOptions())
@@ -83,10 +86,11 @@ def cifar100_shaped(root: Path, per_class: int = 500, test_per_class: int = 100)
                 xs.append((up[t * n:(t + 1) * n] * tints[t].view(1, 3, 1, 1)).round().clamp(0, 255).byte())
                 ys += [label * 10 + t] * n
         data, labels, source = torch.cat(xs).numpy(), np.array(ys), "Fashion-MNIST, 10 labels x 10 tints, upsampled 28->32"
-    except Exception:  # noqa: BLE001  (not installed: random images)
+    except Exception as e:  # noqa: BLE001  (not installed, or asked for: random images)
         rng = np.random.RandomState(0)
         data = rng.randint(0, 256, (100 * n, 3, 32, 32), dtype=np.uint8)
-        labels, source = np.repeat(np.arange(100), n), "random uint8 (Fashion-MNIST not installed)"
+        labels = np.repeat(np.arange(100), n)
+        source = "random uint8" + ("" if random else f" (Fashion-MNIST not loaded: {type(e).__name__})")
     d = root / "cifar-100-python"
     d.mkdir(parents=True, exist_ok=True)
     train = np.concatenate([np.nonzero(labels == c)[0][:per_class] for c in range(100)])

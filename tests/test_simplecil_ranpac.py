@@ -3,6 +3,8 @@ the classifier after any sequence of phases is the one of a single phase on all 
 ridge solution is the direct ridge solve of all seen data; lambda is the one the authors' criterion
 picks; a frozen backbone embeds each image once per run, and not at all on a second run with the
 disk cache; the recipes replay from config.yaml; a ridge head composes with a from-scratch recipe."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -248,3 +250,18 @@ def test_a_ridge_head_on_icarl(quick):
     assert m["memory"]["total_images"] > 0 and m["avg_incremental_acc_nme"] is not None
     assert all(r["ridge_lambda"] in RIDGES for r in m["phases"])
     assert m["last_acc"] > 90.0 and m["avg_incremental_acc"] > 95.0     # measured 97.3 and 98.9 (seed 1993)
+
+
+def test_each_phase_records_its_seconds_and_the_images_it_embedded(tmp_path):
+    """metrics.json's phases: ``embedded_images`` counts each image once per run (a frozen
+    backbone embeds a phase's new training and test images, nothing it saw before), and
+    ``phase_seconds`` covers at least the training loop."""
+    out = tmp_path / "r"
+    assert main(["run", "--method", "simplecil", "--dataset", "digits", "--increment", "5", "--precision", "fp32",
+                 "--out", str(out), "--no-progress", "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    rows = m["phases"]
+    assert len(rows) == 2 and all(r["phase_seconds"] >= r["train_seconds"] >= 0 for r in rows)
+    # digits: 1797 images, train/test split of every image; both phases together embed each once
+    assert sum(r["embedded_images"] for r in rows) == 1797
+    assert rows[1]["embedded_images"] > 0

@@ -277,6 +277,7 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
     protos = learner.prototypes() if first == len(scenario.phases) else None  # (resumed after the last phase)
     for phase in scenario.phases[first:]:
         ckpt.phase = phase.index
+        phase_t0, embedded0 = time.perf_counter(), embeddings.computed
         x, y = learner.training_set(phase, data)
         learner.begin(phase, x, y)                       # the old model, the grown network, the components' start
         if epoch_state is not None:   # continue inside this phase: model, RNG, optimizer position
@@ -307,6 +308,9 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
                "per_class_acc": ev.class_acc}
         if ranks is not None:
             row["ranks"] = ranks
+        # the phase's wall seconds up to its evaluation (training, calibration, memory, evaluation) and the
+        # images the embedding cache embedded in it (a frozen backbone: each image once per run)
+        row["phase_seconds"], row["embedded_images"] = time.perf_counter() - phase_t0, embeddings.computed - embedded0
         row["stage_losses"] = dict(ckpt.losses)
         row["warnings"] = phase_warnings(ev.acc, logits.argmax(1), data.test_y[seen], phase_rows + [row])
         if phase.index == len(scenario.phases) - 1:   # the report's confusion matrix: true x predicted ids
