@@ -42,6 +42,37 @@ def quick_config(tmp_path, **over) -> RunConfig:
     return cfg
 
 
+def replayed_and_resumed(ref, tmp_path, monkeypatch) -> tuple[list, list]:
+    """The accuracy matrices of the finished run ``ref`` (a run directory) replayed from its
+    config.yaml, and of the same configuration stopped right after phase 0's checkpoint (SIGTERM)
+    and resumed."""
+    import json
+
+    import yaml
+
+    import cilearn
+    from cilearn.checkpoint import Checkpointer, Interrupted
+    from cilearn.cli import main
+    from cilearn.prepare import config_from_dict
+
+    replay = tmp_path / "replayed"
+    assert main(["run", "--config", str(ref / "config.yaml"), "--out", str(replay), "--quiet"]) == 0
+    real = Checkpointer.save_phase
+
+    def save_phase(self, state):
+        real(self, state)
+        if state["next_phase"] == 1:
+            self.stop_signal = 15
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        m.setattr(Checkpointer, "save_phase", save_phase)
+        with pytest.raises(Interrupted):
+            cilearn.run(config_from_dict(yaml.safe_load((ref / "config.yaml").read_text()) | {"out": str(stopped)}),
+                        echo=False)
+    return (json.loads((replay / "metrics.json").read_text())["accuracy_matrix"],
+            cilearn.resume(stopped, echo=False).metrics["accuracy_matrix"])
+
+
 @pytest.fixture
 def quick(tmp_path):
     return lambda **over: quick_config(tmp_path, **over)

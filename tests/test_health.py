@@ -84,13 +84,13 @@ def test_the_checkpointer_keeps_each_stages_first_and_last_epoch_loss(tmp_path):
 
 def test_a_run_predicting_one_class_warns_every_phase_and_goes_on(quick, monkeypatch):
     """The runner's plumbing: the CNN head made to predict class 0 for every test image."""
-    import cilearn.runner as runner
-    real = runner.predict
+    from cilearn.services import RunServices
+    real = RunServices.predict
 
     def one_class(*args, **kw):
         logits, emb = real(*args, **kw)
         return torch.zeros_like(logits), emb
-    monkeypatch.setattr(runner, "predict", one_class)
+    monkeypatch.setattr(RunServices, "predict", one_class)
     res = cilearn.run(quick(method="finetune", train={"epochs": 1, "progress": False}, data={"dataset": "digits",
                                                                                           "train_per_class": 20}),
                       echo=False)

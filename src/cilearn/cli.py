@@ -33,8 +33,9 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "dataset": ("data.dataset", str, "data set (see `cilearn list`)"),
     "data-dir": ("data.data_dir", str, "directory holding the data set files"),
     "image-size": ("data.image_size", int, "image folders: resize decoded images to this many px"),
-    "input-size": ("data.input_size", int, "the network input's side in px, when smaller than the stored images "
-                   "(training crops from them, evaluation takes their centre crop)"),
+    "input-size": ("data.input_size", int, "the network input's side in px: smaller than the stored images, training "
+                   "crops from them and evaluation takes their centre crop; larger, they are resized to it; a pre-trained "
+                   "backbone's input size, else the stored images'"),
     "train-list": ("data.train_list", str, "image folders: list file of 'relative/path label' lines"),
     "test-list": ("data.test_list", str, "image folders: list file for the test split"),
     "train-per-class": ("data.train_per_class", int, "keep a seeded subset of N training images per class"),
@@ -67,7 +68,14 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "batch-size": ("train.batch_size", int, "training batch size"),
     "adapter": ("model.adapter", str, "parameter-efficient modules added to a ViT backbone, what trains with the head: "
                 "adaptformer, ssf, vpt, finetune, ease, none (docs/methods/aper-ease.md)"),
-    "backbone": ("model.backbone", str, "backbone (see `cilearn list`; auto picks by image size)"),
+    "backbone": ("model.backbone", str, "backbone (see `cilearn list`; auto picks by image size; timm:NAME for any "
+                 "timm model, docs/methods/pretrained.md)"),
+    "weights": ("model.weights", str, "the backbone's initial weights: FILE (.safetensors, a torch state dict, a cilearn "
+                "run's model.safetensors), random, or pretrained (the backbone's own, from the local cache); cilearn's "
+                "backbones: random, timm: pretrained"),
+    "normalize": ("data.normalize", str, "input mean/std: dataset, imagenet, model (the backbone's pretrained "
+                  "config), none ([0, 1] inputs) or MEAN1,MEAN2,MEAN3/STD1,STD2,STD3; cilearn's backbones: dataset, "
+                  "timm: model"),
     "seed": ("seed", int, "seed of class order, initialisation, data order and augmentation"),
     "device": ("train.device", str, "auto, cpu, cuda or cuda:N"),
     "precision": ("train.precision", str, "auto, bf16 or fp32"),
@@ -78,6 +86,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
 }
 # sections whose null defaults mean "the recipe's" (else "none" / the data set's / unset)
 RECIPE_SECTIONS = ("train", "model", "loss", "replay", "calibration", "constraints", "head_init", "stages")
+# options whose null default means "the backbone's" (its weights and the input its weights expect)
+BACKBONE_DEFAULTS = ("model.weights", "data.normalize", "data.input_size")
 RESUME_OK = {"device", "resume", "progress", "no_progress", "quiet", "config", "overwrite"}
 
 
@@ -207,7 +217,8 @@ def add_run_flags(p: argparse.ArgumentParser, out_help: str | None = None) -> No
     defaults = {a[2:]: d for a, d, _ in run_options()}      # --section.key -> the default as shown
     for flag, (key, tp, help_) in FLAGS.items():
         shown = defaults.get(key.replace("_", "-"), "null")
-        default = "the recipe's" if shown == "null" and key.split(".")[0] in RECIPE_SECTIONS else shown
+        default = ("the backbone's" if shown == "null" and key in BACKBONE_DEFAULTS else
+                   "the recipe's" if shown == "null" and key.split(".")[0] in RECIPE_SECTIONS else shown)
         p.add_argument(f"--{flag}", type=tp, help=(out_help if flag == "out" and out_help else
                                                    f"{help_} [{key}; default: {default}]"))
     ft = p.add_mutually_exclusive_group()

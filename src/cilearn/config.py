@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .data.augment import INTERPOLATIONS, normalization
 from .data.datasets import is_image_folder
 from .data.rows import RESIDENT_MODES
 from .errors import ConfigError
@@ -32,8 +33,16 @@ class DataConfig:
     test_per_class: int | None = None    # evaluate on a seeded subset of N test images per class
     image_size: int | None = None        # image folders: decoded images are resized to this (px)
     # the network input's side (px); smaller than the stored images: training crops from them
-    # (crop-flip, rrc-flip), evaluation takes their centre crop; None: the stored images' size
+    # (crop-flip, rrc-flip), evaluation takes their centre crop; larger: the images are resized to it;
+    # None: a pre-trained backbone's input size (timm: its pretrained config), else the stored images' size
     input_size: int | None = None
+    # the side (px) the stored images are resized to before the input's crop (e.g. 256 for 224, as
+    # Resize(256) + CenterCrop(224)); None: the input side when larger than the stored images, else no resize
+    resize: int | None = None
+    interpolation: str | None = None     # of the resize: bilinear | bicubic | nearest; None: the backbone's (timm: its pretrained config), else bilinear
+    # mean/std of the inputs: dataset | imagenet | model (the backbone's pretrained config) | none (inputs
+    # in [0, 1]) | MEAN1,MEAN2,MEAN3/STD1,STD2,STD3; None: the backbone's (timm: model), else dataset
+    normalize: str | None = None
     train_list: str | None = None
     test_list: str | None = None
     cache_dir: str | None = None
@@ -55,6 +64,11 @@ class ModelConfig:
     backbone: str = "auto"               # auto: convnet <= 16 px, resnet32 <= 32 px, else resnet18
     head: str | None = None              # None: the recipe's head
     adapter: str | None = None           # what is added to the backbone and trains (adaptformer, ssf, vpt, ...); None: the recipe's
+    # the backbone's initial weights: FILE (.safetensors, a PyTorch state dict, a cilearn run's
+    # model.safetensors) | random (seeded) | pretrained (the backbone's own, from the local cache);
+    # None: the backbone's (cilearn's own: random; timm: pretrained)
+    weights: str | None = None
+    weights_sha256: str | None = None    # the SHA-256 the weights file must have; None: filled in with the file's
 
 
 @dataclass
@@ -384,6 +398,14 @@ def validate(cfg: RunConfig) -> None:
     positive("train-per-class", cfg.data.train_per_class)
     positive("test-per-class", cfg.data.test_per_class)
     positive("data.workers", cfg.data.workers)
+    positive("input-size", cfg.data.input_size)
+    positive("data.resize", cfg.data.resize)
+    if cfg.data.interpolation not in (None, *INTERPOLATIONS):
+        raise ConfigError(f"--data.interpolation must be one of {', '.join(INTERPOLATIONS)}, got '{cfg.data.interpolation}'")
+    if cfg.data.normalize not in (None, "dataset", "model"):
+        normalization(cfg.data.normalize, ((), ()))     # a ConfigError unless a known name or MEAN/STD values
+    if cfg.model.weights == "":
+        raise ConfigError("--weights expects a file, random or pretrained, got ''")
     if cfg.data.resident not in RESIDENT_MODES:
         raise ConfigError(f"--data.resident must be one of {', '.join(RESIDENT_MODES)}, got '{cfg.data.resident}'")
     positive("seed", cfg.seed, zero=True)

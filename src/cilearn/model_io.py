@@ -8,7 +8,8 @@ Two files in the run directory, written when the run finishes (before ``metrics.
   safetensors is a table of tensors that is parsed, never unpickled: loading runs no code.
 * ``model.json``: what rebuilds and uses it (``ModelSpec``): the network's architecture
   (``build_net``'s arguments), its number of classes, the input (``[C, H, W]``, uint8 pixels,
-  the per-channel mean/std of the normalisation), the class order (incremental id -> data set
+  the input view: resize, interpolation, input side and channels, the per-channel mean/std of the
+  normalisation), the class order (incremental id -> data set
   label), the class names (by data set label), each phase's id range, the precision and batch
   size the run evaluated with, and the SHA-256 of ``model.safetensors`` (a damaged or swapped
   weights file is refused).
@@ -41,6 +42,7 @@ from .evaluate import PhaseEval, evaluate_phase, nme_predict, predict
 from .files import atomic_write
 from .memory.cim import phi_names
 from .models import create_net, part
+from .models.weights import WeightsError, parse_safetensors
 from .prepare import resolve_device
 
 MODEL_FILE = "model.safetensors"
@@ -63,14 +65,14 @@ def architecture(plan, in_channels: int) -> dict[str, Any]:
             "adapter_options": plan.options[adapter] if adapter else None}
 
 
-def build_from(arch: dict[str, Any]) -> torch.nn.Module:
+def build_from(arch: dict[str, Any], init=None) -> torch.nn.Module:
     """A fresh network (no classes yet) from ``architecture``'s dict (one-line errors for a name or
-    an option this cilearn does not know)."""
+    an option this cilearn does not know); ``init``: ``create_net``'s (the run's initial weights)."""
     try:
         adapter = arch.get("adapter")
         return create_net(part("backbone", arch["backbone"], **arch["backbone_options"]),
                           part("head", arch["head"], **arch["head_options"]), arch["in_channels"], arch["expandable"],
-                          part("adapter", adapter, **arch["adapter_options"]) if adapter else None)
+                          init, part("adapter", adapter, **arch["adapter_options"]) if adapter else None)
     except (KeyError, TypeError) as e:
         raise ModelFileError(f"the model's architecture cannot be rebuilt: {one_line(e)}") from None
 
@@ -80,7 +82,7 @@ class ModelSpec:
     """``model.json``. Filled by ``run_spec`` from the run, completed by ``save_model``."""
     architecture: dict[str, Any]          # ``architecture()``
     image_shape: list[int]                # [C, H, W] of the input images (uint8 pixels)
-    mean: list[float]                     # per channel, in [0, 1] pixel units: x_norm = (x / 255 - mean) / std
+    mean: list[float]                     # per channel (or one for all), in [0, 1] pixel units: x_norm = (x / 255 - mean) / std
     std: list[float]
     class_order: list[int]                # incremental id (head row) -> data set label
     class_names: list[str]                # data set label -> name (the labels as strings when the data set has none)
@@ -94,19 +96,25 @@ class ModelSpec:
     logit_bias: bool = False              # a calibration's per-class logit correction (BiC) is part of the net
     prototypes: bool = False              # NME class means saved in model.safetensors
     input_size: int | None = None         # the network input's side, the images' centre crop (None: H)
+    resize: int | None = None             # the side the images are resized to before the crop (cilearn.data.augment)
+    interpolation: str = "bilinear"       # of that resize
+    channels: int | None = None           # the network's input channels, a 1-channel image repeated (None: C)
     weights_sha256: str = ""              # of model.safetensors
     cilearn_version: str = __version__
     format: str = FORMAT
 
 
-def run_spec(cfg, ds, arch: dict[str, Any], tasks: Sequence[tuple[int, int]], amp: torch.dtype | None) -> ModelSpec:
-    """The spec of a run's model (``cfg``: the resolved ``RunConfig``, ``ds``: its ``ImageDataset``)."""
+def run_spec(cfg, ds, arch: dict[str, Any], tasks: Sequence[tuple[int, int]], amp: torch.dtype | None,
+             view: Augmenter) -> ModelSpec:
+    """The spec of a run's model (``cfg``: the resolved ``RunConfig``, ``ds``: its ``ImageDataset``,
+    ``view``: its ``Augmenter``, whose input view evaluation uses)."""
     names = list(ds.class_names) if len(ds.class_names) == ds.num_classes else [str(i) for i in range(ds.num_classes)]
-    return ModelSpec(architecture=arch, image_shape=list(ds.image_shape), mean=[float(v) for v in ds.mean],
-                     std=[float(v) for v in ds.std], class_order=list(cfg.scenario.class_order), class_names=names,
+    return ModelSpec(architecture=arch, image_shape=list(ds.image_shape), mean=list(view.mean), std=list(view.std),
+                     class_order=list(cfg.scenario.class_order), class_names=names,
                      tasks=[[a, b] for a, b in tasks], dataset=cfg.data.dataset, seed=cfg.seed,
                      precision="bf16" if amp is not None else "fp32", channels_last=cfg.train.channels_last,
-                     eval_batch_size=cfg.train.eval_batch_size, input_size=cfg.data.input_size)
+                     eval_batch_size=cfg.train.eval_batch_size, input_size=view.size, resize=view.resize,
+                     interpolation=view.interpolation, channels=view.channels)
 
 
 def save_model(out: Path, net: torch.nn.Module, spec: ModelSpec, prototypes: torch.Tensor | None) -> None:
@@ -156,16 +164,18 @@ def read_spec(path: Path) -> ModelSpec:
         if not isinstance(d.get(k), tp):
             raise ModelFileError(f"{spec_file}: key '{k}' is missing or not a {tp.__name__}; "
                                  "the file was edited or not written by this version of cilearn")
-    if not isinstance(d.get("input_size"), (int, type(None))):
-        raise ModelFileError(f"{spec_file}: key 'input_size' is not an integer; "
+    for k in ("input_size", "resize", "channels"):       # optional: absent in older files
+        if not isinstance(d.get(k), (int, type(None))):
+            raise ModelFileError(f"{spec_file}: key '{k}' is not an integer; "
+                                 "the file was edited or not written by this version of cilearn")
+    if not isinstance(d.get("interpolation", "bilinear"), str):
+        raise ModelFileError(f"{spec_file}: key 'interpolation' is not a string; "
                              "the file was edited or not written by this version of cilearn")
     known = {f.name for f in dataclasses.fields(ModelSpec)}
     return ModelSpec(**{k: v for k, v in d.items() if k in known})
 
 
 def _read_weights(weights: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
     try:
         data = weights.read_bytes()
     except OSError as e:
@@ -173,9 +183,9 @@ def _read_weights(weights: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
     if hashlib.sha256(data).hexdigest() != spec.weights_sha256:
         raise ModelFileError(f"{weights} is corrupt or not the file its model.json describes (SHA-256 mismatch)")
     try:
-        return load(data)
-    except Exception as e:  # noqa: BLE001  (safetensors' parser error: a damaged or foreign file)
-        raise ModelFileError(f"{weights} is not a safetensors file: {one_line(e)}") from None
+        return parse_safetensors(data, weights)
+    except WeightsError as e:
+        raise ModelFileError(str(e)) from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "auto", precision: str | None = None) -> "TrainedModel":
@@ -218,7 +228,8 @@ class TrainedModel:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.autocast = torch.bfloat16 if precision == "bf16" else None
         self.prototypes = prototypes.to(device) if prototypes is not None else None
-        self.augmenter = Augmenter("none", 0, spec.mean, spec.std, spec.channels_last, spec.input_size)
+        self.augmenter = Augmenter("none", 0, spec.mean, spec.std, spec.channels_last, spec.input_size,
+                                   resize=spec.resize, interpolation=spec.interpolation, channels=spec.channels)
         self._labels = torch.tensor(spec.class_order, dtype=torch.long, device=device)   # id -> label
 
     @property

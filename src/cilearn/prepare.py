@@ -14,9 +14,9 @@ import torch
 
 from . import distributed
 from .config import QUICK_EPOCHS, RunConfig, from_dict, resolve, validate
-from .data.augment import Augmenter
+from .data.augment import Augmenter, InputSpec, format_mean_std, normalization
 from .data.base import DataOptions, DataPlan
-from .data.datasets import is_image_folder, plan_dataset, subsample_per_class
+from .data.datasets import plan_dataset, subsample_per_class
 from .data.scenario import class_order
 from .errors import ConfigError
 from .memory import Budget
@@ -24,6 +24,7 @@ from .methods import METHODS
 from .methods.options import check_unused
 from .methods.recipe import RunFacts, RunPlan, plan, resolved_config
 from .methods.table import training_source, training_words
+from .models.weights import resolve_weights
 from .plugins import load_plugins
 from .threads import resolve_threads
 from .steps import describe_steps
@@ -108,16 +109,52 @@ def load_data(cfg: RunConfig, plan: DataPlan):
 
 
 def input_side(cfg: RunConfig, image_shape) -> int:
-    """The network input's side: ``--input-size`` (checked against the stored images ``image_shape``
-    ``[C, H, W]``), else the stored images' side."""
-    H = image_shape[-1]
-    size = cfg.data.input_size
-    if size is None:
-        return H
-    if not 1 <= size <= H:
-        where = " (--image-size)" if is_image_folder(cfg.data.dataset) else ""
-        raise ConfigError(f"--input-size {size} must be between 1 and the stored images' side, {H} px{where}")
+    """The network input's side: ``--input-size`` (at most ``--data.resize`` when given: the crop is
+    taken from the resized images), else the resized side, else the stored images' side
+    (``image_shape`` ``[C, H, W]``)."""
+    d = cfg.data
+    size = d.input_size if d.input_size is not None else d.resize if d.resize is not None else image_shape[-1]
+    if d.resize is not None and size > d.resize:
+        raise ConfigError(f"--input-size {size} must be at most --data.resize {d.resize}: the input is a crop of the "
+                          "resized images")
     return size
+
+
+def resolve_view(cfg: RunConfig, data: DataPlan, spec: InputSpec | None) -> None:
+    """Fills the input view's defaults in ``cfg.data`` (config.yaml records them) from the
+    backbone's ``spec`` (what its pre-trained weights expect; None: the data set's own view):
+    ``input_size`` (the model's side), ``interpolation`` (the model's, else bilinear),
+    ``normalize`` (``model``, written as its values, else ``dataset``); checks the channels."""
+    d, channels = cfg.data, data.image_shape[0]
+    if spec is not None and channels not in (1, spec.channels):
+        raise ConfigError(f"--backbone {cfg.model.backbone} takes {spec.channels}-channel images and {data.name}'s "
+                          f"have {channels} (a 1-channel image is repeated; other counts are not converted)")
+    if d.input_size is None and spec is not None:
+        d.input_size = spec.size
+    if spec is not None and spec.fixed and d.input_size != spec.size:
+        raise ConfigError(f"--input-size {d.input_size}: the backbone {cfg.model.backbone} takes {spec.size} px inputs "
+                          "only (a timm ViT is built for another side with --model.img-size)")
+    if d.interpolation is None:
+        d.interpolation = spec.interpolation if spec is not None else "bilinear"
+    if d.normalize is None:
+        d.normalize = "model" if spec is not None else "dataset"
+    mean, std = normalization(d.normalize, (data.mean, data.std), spec)
+    if d.normalize == "model":
+        d.normalize = format_mean_std(mean, std)
+    wants = spec.channels if spec is not None else channels
+    if len(mean) not in (1, wants):
+        raise ConfigError(f"--normalize {d.normalize}: {len(mean)} values per statistic, the network takes "
+                          f"{wants}-channel images (give one value, or one per channel)")
+
+
+def make_augmenter(cfg: RunConfig, data, spec: InputSpec | None) -> Augmenter:
+    """The run's augmentation and input view (``cfg`` resolved; ``data``: its ``DataPlan`` or
+    ``ImageDataset``; ``spec``: its backbone's ``input_spec()``)."""
+    d = cfg.data
+    mean, std = normalization(d.normalize or "dataset", (data.mean, data.std), spec)
+    return Augmenter(d.augment or data.augment, data.pad, mean, std, cfg.train.channels_last, d.input_size,
+                     resize=d.resize, interpolation=d.interpolation or "bilinear",
+                     channels=spec.channels if spec is not None else None)
 
 
 def _compile_supported() -> bool:
@@ -147,14 +184,18 @@ def prepare(cfg: RunConfig, strict: bool = True):
     distributed.check_config(cfg, early.classes)
     data = plan_data(cfg)                         # the data set's classes and size; nothing written yet
     epochs_given = cfg.train.epochs is not None
+    chosen = early.factory("backbone") if early.names("backbone") else None   # (auto: chosen by the input side)
+    spec = chosen.input_spec() if chosen is not None else None
+    resolve_view(cfg, data, spec)
     side = input_side(cfg, data.image_shape)
     cfg = resolve(cfg, data.num_classes, side, recipe.training)
     facts = RunFacts(cfg, recipe.training.for_dataset(cfg.data.dataset), cfg.data.dataset in QUICK_EPOCHS, epochs_given)
     p = plan(cfg, side, strict, facts)
     resolved_config(cfg, p)                       # the choices and options that run, in place of "the recipe's"
+    resolve_weights(cfg, p.factory("backbone"), data.image_shape[0])   # the file checked against the backbone
     cfg.data.augment = cfg.data.augment or data.augment
     cfg.eval.nme = p.memory or recipe.nme if cfg.eval.nme is None else cfg.eval.nme
-    Augmenter(cfg.data.augment, data.pad, data.mean, data.std)  # validates the policy name
+    make_augmenter(cfg, data, spec)               # validates the policy name
     if p.memory:
         if cfg.memory.total is None and cfg.memory.per_class is None:
             cfg.memory.total = 20 * data.num_classes   # 20 per class at the end: 2000 for CIFAR-100

@@ -36,7 +36,9 @@ from .methods.options import prune
 from .methods.recipe import RunPlan
 from .model_io import MODEL_FILE, SPEC_FILE, architecture, build_from, run_spec, save_model
 from .outputs import Results, memory_row, other_accuracies, summarize, write_outputs
-from .prepare import config_from_dict, describe_training, git_commit, prepare, resolve_device, resolve_precision
+from .models.weights import initializer
+from .prepare import (config_from_dict, describe_training, git_commit, make_augmenter, prepare, resolve_device,
+                      resolve_precision)
 from .services import RunServices, SplitData
 from .progress import lines_on_console
 from .train import FitResult
@@ -194,6 +196,10 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
     writes, world = distributed.is_main(), distributed.world_size()
     if world > 1:
         meta["distributed"] = {"world_size": world, "backend": distributed.backend()}
+    backbone = plan.factory("backbone")
+    init, weights_file = initializer(cfg, backbone)   # the weights file read again, its digest checked
+    if weights_file is not None:
+        meta["weights_file"] = str(weights_file)
     # rank 0's choice everywhere (auto looks at free memory, which may differ a little between GPUs)
     resident = distributed.broadcast_object(choose_resident(cfg.data.resident, ds.train_x.nbytes + ds.test_x.nbytes,
                                                             device))
@@ -207,9 +213,9 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
     place = (lambda t: HostRows(t, device)) if resident == "host" else (lambda t: t.to(device))  # noqa: E731
     data = SplitData(place(ds.train_x), scenario.relabel(ds.train_y).to(device),
                      place(ds.test_x), scenario.relabel(ds.test_y).to(device))
-    aug = Augmenter(cfg.data.augment or ds.augment, ds.pad, ds.mean, ds.std, cfg.train.channels_last, cfg.data.input_size)
+    aug = make_augmenter(cfg, ds, backbone.input_spec())
     arch = architecture(plan, ds.image_shape[0])
-    net = build_from(arch).to(device)
+    net = build_from(arch, init).to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     embeddings = EmbeddingCache(aug, cfg.train.eval_batch_size, amp, device, cfg.data.embedding_cache)
@@ -330,10 +336,11 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
     metrics = summarize(evals, phase_rows, memory, wall_before + time.perf_counter() - wall0,
                         cfg.scenario.class_order, names)
     metrics["threads"] = cfg.train.threads
+    metrics["weights"], metrics["weights_sha256"] = cfg.model.weights, cfg.model.weights_sha256
     if world > 1:
         metrics["distributed"] = meta["distributed"]
     if writes:     # the final model (model_io), then metrics.json (the run is complete), then no resume state
-        save_model(out, net, run_spec(cfg, ds, arch, [(p.start, p.end) for p in scenario.phases], amp), protos)
+        save_model(out, net, run_spec(cfg, ds, arch, [(p.start, p.end) for p in scenario.phases], amp, aug), protos)
         write_outputs(out, metrics, events)
         if not cfg.train.keep_checkpoint:
             remove_checkpoints(out)

@@ -1,12 +1,23 @@
-"""Batched augmentation on the training device (no per-sample Python).
+"""Batched augmentation on the training device (no per-sample Python), and the input view the
+network's weights expect.
 
-Input: uint8 ``[B, C, H, W]`` (the stored images); output: normalised float ``[B, C, S, S]``,
+Input: uint8 ``[B, C, H, W]`` (the stored images); output: normalised float ``[B, C', S, S]``,
 ``S`` the network input (``size``; default: the stored images' own side). Policies: ``none``;
 ``flip`` (horizontal, p = 0.5); ``crop-flip`` (zero-pad by ``pad`` px, random SxS window,
 flip); ``rrc-flip`` (random-resized-crop, scale (0.08, 1), ratio (3/4, 4/3), resized to SxS,
 flip). Where the stored images are larger than ``S`` (image folders with ``--data.input-size``),
 evaluation takes their centre SxS crop (``test``; ImageNet's Resize(256) + CenterCrop(224) when
 they are stored at 256 for 224) and ``none`` / ``flip`` train on it too.
+
+The input view (``--input-size``, ``--data.resize``, ``--data.interpolation``, ``--normalize``;
+a pre-trained backbone's defaults: ``InputSpec``): the stored images are first resized to
+``resize`` x ``resize`` (``interpolation``, antialiased, rounded to integer pixels as an image
+library's resize gives them; default: the input side when it is larger than the stored images,
+else no resize), then cropped to ``S`` as above (``rrc-flip`` crops the stored image directly,
+bilinear: the same region, one resampling); a 1-channel image is repeated to the network's
+``channels`` (a 3-channel pre-trained model on digits or Fashion-MNIST); the mean/std are those
+of ``--normalize``. Without a resize and a channel repeat every view is what it was before the
+input view existed, bit for bit.
 
 A batch's random parameters are drawn first (``draw``: a ``Draw``, what was drawn for each row),
 then applied (``apply``); ``train`` does both. A component that changes stored images before
@@ -20,6 +31,7 @@ id of each sample, so a frozen teacher's outputs can be computed once per view a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -29,6 +41,56 @@ from ..errors import ConfigError
 from .rows import as_tensor
 
 POLICIES = ("none", "flip", "crop-flip", "rrc-flip")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# --normalize: a named mean/std or explicit values (``normalization``)
+NORMALIZE = ("dataset", "imagenet", "model", "none")
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))   # torchvision's ImageNet statistics
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a backbone's weights expect of its input (a pre-trained model's own configuration:
+    timm's ``pretrained_cfg``): ``channels``, the side ``size`` (px), the resize ``interpolation``,
+    and the per-channel ``mean``/``std`` in [0, 1] pixel units; ``fixed``: the model takes inputs
+    of side ``size`` only (a ViT's position embeddings)."""
+    channels: int
+    size: int
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    fixed: bool = False
+
+
+def format_mean_std(mean, std) -> str:
+    """``M1,M2,M3/S1,S2,S3``: the explicit form of ``--normalize``."""
+    return ",".join(repr(float(v)) for v in mean) + "/" + ",".join(repr(float(v)) for v in std)
+
+
+def normalization(text: str, dataset: tuple, model: InputSpec | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) of ``--normalize text``: ``dataset`` (the data set's, ``dataset`` = (mean,
+    std)), ``imagenet``, ``model`` (the backbone's ``InputSpec``), ``none`` (inputs in [0, 1]), or
+    ``M1,M2,M3/S1,S2,S3`` (one value per channel, or one for all). A ConfigError otherwise."""
+    if text == "dataset":
+        return tuple(dataset[0]), tuple(dataset[1])
+    if text == "imagenet":
+        return IMAGENET_MEAN_STD
+    if text == "none":
+        return (0.0,), (1.0,)
+    if text == "model":
+        if model is None:
+            raise ConfigError("--normalize model: this backbone has no pre-trained input configuration; "
+                              "use dataset, imagenet, none or MEAN/STD values")
+        return tuple(model.mean), tuple(model.std)
+    parts = text.split("/")
+    try:
+        mean, std = ([float(v) for v in part.split(",")] for part in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        mean = std = None
+    if (not mean or not std or len(mean) != len(std) or not all(math.isfinite(v) for v in mean + std)
+            or min(std) <= 0):
+        raise ConfigError(f"--normalize must be one of {', '.join(NORMALIZE)} or per-channel values "
+                          f"MEAN1,MEAN2,MEAN3/STD1,STD2,STD3 (std > 0), got '{text}'")
+    return tuple(mean), tuple(std)
 
 
 class Draw(NamedTuple):
@@ -44,11 +106,18 @@ class Draw(NamedTuple):
 
 
 class Augmenter:
-    def __init__(self, policy: str, pad: int, mean, std, channels_last: bool = True, size: int | None = None):
+    def __init__(self, policy: str, pad: int, mean, std, channels_last: bool = True, size: int | None = None,
+                 resize: int | None = None, interpolation: str = "bilinear", channels: int | None = None):
         if policy not in POLICIES:
             raise ConfigError(f"--data.augment must be one of {', '.join(POLICIES)}, got '{policy}'")
+        if interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"--data.interpolation must be one of {', '.join(INTERPOLATIONS)}, got '{interpolation}'")
         self.policy, self.pad, self.channels_last = policy, pad, channels_last
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.size = size                      # the network input's side (px); None: the stored images'
+        self.resize = resize                  # the side (px) images are resized to first; None: see resized_side
+        self.interpolation = interpolation
+        self.channels = channels              # the network's input channels; None: the images'
         std_t = torch.tensor(std, dtype=torch.float32)
         self._scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)        # x_norm = x * scale + shift
         self._shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, -1, 1, 1)
@@ -59,9 +128,15 @@ class Augmenter:
         return {"none": 1, "flip": 2}.get(self.policy)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 or float pixels in [0, 255] -> normalised float32. ``x`` may be a host-resident
-        view (``cilearn.data.rows.HostRows``) of a batch: its rows are moved to the device here."""
+        """uint8 or float pixels in [0, 255] -> normalised float32, a 1-channel image repeated to
+        the network's ``channels``. ``x`` may be a host-resident view
+        (``cilearn.data.rows.HostRows``) of a batch: its rows are moved to the device here."""
         x = as_tensor(x)
+        if self.channels is not None and x.shape[1] != self.channels:
+            if x.shape[1] != 1:
+                raise ConfigError(f"images with {x.shape[1]} channels cannot feed a network that takes "
+                                  f"{self.channels} (only 1-channel images are repeated)")
+            x = x.expand(-1, self.channels, -1, -1)
         if self._scale.device != x.device:
             self._scale, self._shift = self._scale.to(x.device), self._shift.to(x.device)
         out = torch.addcmul(self._shift, x.float(), self._scale)
@@ -69,10 +144,27 @@ class Augmenter:
 
     def out_size(self, H: int, W: int) -> tuple[int, int]:
         """The network input's (height, width) for stored images of ``H x W``."""
-        return (H, W) if self.size is None else (self.size, self.size)
+        return self.resized_side(H, W) if self.size is None else (self.size, self.size)
+
+    def resized_side(self, H: int, W: int) -> tuple[int, int]:
+        """(height, width) of stored ``H x W`` images after the resize: ``resize`` square when
+        given, else the input side when it is larger than the images, else ``H x W`` (no resize)."""
+        if self.resize is not None:
+            return self.resize, self.resize
+        if self.size is not None and (self.size > H or self.size > W):
+            return self.size, self.size
+        return H, W
+
+    def resized(self, x: torch.Tensor) -> torch.Tensor:
+        """The images resized to ``resized_side`` (``interpolation``; antialiased where it shrinks;
+        rounded and clamped to integer pixels, in ``x``'s dtype), ``x`` itself where no resize applies."""
+        x = as_tensor(x)
+        return resize_pixels(x, self.resized_side(*x.shape[-2:]), self.interpolation)
 
     def centre(self, x: torch.Tensor) -> torch.Tensor:
-        """The centre ``size x size`` crop of larger images (the images themselves otherwise)."""
+        """The evaluation view's pixels: the images resized (``resized``), then their centre ``size
+        x size`` crop where they are larger (the images themselves otherwise)."""
+        x = self.resized(x)
         H, W = x.shape[-2:]
         if self.size is None or (self.size >= H and self.size >= W):
             return x
@@ -85,15 +177,11 @@ class Augmenter:
         return self.normalize(self.centre(as_tensor(x)))
 
     def whole(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole stored image resized (bilinear, antialiased) to the network input, normalised:
+        """The whole stored image resized (``interpolation``, antialiased) to the network input, normalised:
         the view the CAM boxes are computed on (CIM's official ``cam_trsf``, Resize((224, 224)));
         the test view where the images are the input's size."""
         x = as_tensor(x)
-        size = self.out_size(*x.shape[-2:])
-        if tuple(x.shape[-2:]) == size:
-            return self.normalize(x)
-        return self.normalize(F.interpolate(x.float(), size=size, mode="bilinear", antialias=True,
-                                            align_corners=False).round_().clamp_(0, 255))
+        return self.normalize(resize_pixels(x, self.out_size(*x.shape[-2:]), self.interpolation))
 
     def view(self, x: torch.Tensor, v: int) -> torch.Tensor:
         """Deterministic view ``v`` (0: identity, 1: flipped) of a finite policy."""
@@ -115,6 +203,7 @@ class Augmenter:
         if self.policy == "none":
             return Draw()
         flip = uniform() < 0.5
+        H, W = self.resized_side(H, W)                           # crop-flip crops the resized images
         if self.policy == "crop-flip" and (self.pad > 0 or self.out_size(H, W) != (H, W)):
             n = H + 2 * self.pad - self.out_size(H, W)[0] + 1    # window positions per side (square images)
             corner = torch.randint(0, n, (2, batch), generator=gen, device=gen.device).to(dev)[:, span]
@@ -130,7 +219,7 @@ class Augmenter:
         B, dev = x.shape[0], x.device
         size = self.out_size(*x.shape[-2:])
         if d.corner is not None:
-            x = crop_windows(F.pad(x, (self.pad,) * 4), d.corner.to(dev), size)
+            x = crop_windows(F.pad(self.resized(x), (self.pad,) * 4), d.corner.to(dev), size)
         elif d.theta is not None:
             x = resized_crop(x, d.theta.to(dev), size)
         else:
@@ -146,6 +235,19 @@ class Augmenter:
         """Returns (augmented normalised batch, view ids [B] or None): ``apply(x, draw(...))``."""
         x = as_tensor(x)
         return self.apply(x, self.draw(x.shape, gen, span, batch, x.device))
+
+
+def resize_pixels(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """Images ``x [B, C, H, W]`` (pixels in [0, 255]) resized to ``size`` (h, w) with
+    ``interpolation`` (antialiased for bilinear and bicubic, which matters where they shrink),
+    rounded and clamped to integer pixels and returned in ``x``'s dtype, as an image library's
+    resize of uint8 images gives them; ``x`` itself when it has that size already."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    smooth = interpolation != "nearest"
+    out = F.interpolate(x.float(), size=size, mode=interpolation, antialias=smooth,
+                        align_corners=False if smooth else None)
+    return out.round_().clamp_(0, 255).to(x.dtype)
 
 
 def crop_windows(xp: torch.Tensor, corner: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -4,7 +4,8 @@ own: ``cilearn.methods.recipe.plan``).
 The config says what ran: ``config.yaml`` keeps only the options the run uses (``prune``), and an
 option that the run does not use but the user set (a value other than its default) is a
 ConfigError naming it and what it applies to (``check_unused``): ``--method lwf --memory.selection
-random``. A run uses every option except: ``memory.selection`` (runs with exemplars), a ``data.*`` option of a data set's
+random``. A run uses every option except: ``memory.selection`` (runs with exemplars),
+``model.weights_sha256`` (runs whose weights are a file), a ``data.*`` option of a data set's
 loader (used when the run's data set reads it, ``data.base.reads``), and a ``report.*`` option that
 a component declares in its ``reports`` (used when that component is in the run).
 """
@@ -18,6 +19,7 @@ from ..config import RunConfig
 from ..data.base import LOADER_OPTIONS
 from ..data.datasets import DATASETS
 from ..errors import ConfigError
+from ..models.weights import RANDOM
 from .recipe import Recipe, RunPlan, plan
 
 
@@ -31,6 +33,7 @@ def _read_by(option: str) -> tuple[Callable[[RunConfig, RunPlan], bool], str]:
 # option (dotted) -> (used by this run?, what it applies to)
 CONDITIONAL: dict[str, tuple[Callable[[RunConfig, RunPlan], bool], str]] = {
     "memory.selection": (lambda c, p: p.memory, "runs with exemplars"),
+    "model.weights_sha256": (lambda c, p: c.model.weights != RANDOM, "runs with a weights file (--weights)"),
     **{f"data.{o}": _read_by(o) for o in LOADER_OPTIONS},
 }
 INTERNAL = {"aliases"}      # never written (folded into the components' options)

@@ -220,7 +220,7 @@ def _given_options(cfg: RunConfig, run: list[type], strict: bool, open_kinds: se
                 raise ConfigError(f"unknown config key '{key}'"
                                   + (f"; short names of component options in '{section}': {', '.join(near)}" if near else ""))
             continue
-        hit = [c for c in owners if c in run]
+        hit = [c for c in run if key in aliases_of(c)]       # (a family member, timm:NAME, declares its family's)
         if not hit:
             if strict and not all(c.kind in open_kinds for c in owners) and not _is_default(key, value, owners):
                 raise ConfigError(f"--{key.replace('_', '-')} {value!r} is not used by this run (--method {cfg.method}); "

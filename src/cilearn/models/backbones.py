@@ -6,7 +6,10 @@
 * ``embedding``: ``[B, out_dim]``, global average pool of the last stage.
 
 Every backbone is a component of kind ``backbone`` (``--backbone NAME``) whose ``create(in_channels)``
-builds the module; its option ``last_relu`` (``--model.last-relu``). ``last_relu=False`` drops the ReLU after
+builds the module (with its random initialisation; ``cilearn.models.weights`` loads a weights file
+into it); its option ``last_relu`` (``--model.last-relu``). A pre-trained backbone family
+(``timm:NAME``, ``cilearn.models.timm_backbones``) also says where its own weights are
+(``pretrained_file``) and which input they expect (``input_spec``). ``last_relu=False`` drops the ReLU after
 the last block (the residual sum goes out as is), as the official LUCIR and PODNet ResNets do:
 the embedding can then have negative coordinates, which a cosine classifier needs to spread
 classes over the whole sphere rather than one orthant (LUCIR Sec. 3.2, "we remove the ReLU of
@@ -14,13 +17,17 @@ the last layer"). The plain ``convnet`` ignores the flag (see ``ConvNet``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataclasses import dataclass
-
 from ..components import Component, NoOptions, option, register
+from ..data.augment import InputSpec
+from ..errors import ConfigError
 
 
 class Backbone(nn.Module):
@@ -104,11 +111,30 @@ class BackboneOptions:
 
 class BackboneFactory(Component):
     """A backbone choice: ``create(in_channels)`` builds the module (a new one each call: an
-    expandable net adds one extractor per phase)."""
+    expandable net adds one extractor per phase). ``default_weights``: what the run starts from
+    without ``--weights`` (``cilearn.models.weights``)."""
     Options = BackboneOptions
+    default_weights: ClassVar[str] = "random"
 
     def create(self, in_channels: int) -> Backbone:  # pragma: no cover
         raise NotImplementedError
+
+    def input_spec(self) -> InputSpec | None:
+        """The input the backbone's pre-trained weights expect (None: the data set's own view)."""
+        return None
+
+    def pretrained_file(self) -> Path:
+        """The local file of the backbone's own pre-trained weights (``--weights pretrained``)."""
+        raise ConfigError(f"--weights pretrained: the backbone {self.name} has no pre-trained weights of its own; "
+                          "give --weights FILE or --weights random")
+
+    def weights_module(self, backbone: nn.Module) -> nn.Module:
+        """The module whose ``state_dict`` a weights file that is not a cilearn network's holds."""
+        return backbone
+
+    def adapt_tensors(self, tensors: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+        """A foreign weights file's tensors as they fit ``module`` (``weights_module``)."""
+        return tensors
 
 
 @register("backbone", "resnet32")
