@@ -42,6 +42,23 @@ def quick_config(tmp_path, **over) -> RunConfig:
     return cfg
 
 
+# a tiny random timm ViT (one block of width 32 on 16 px inputs: the digits resized and repeated to
+# 3 channels), for the recipes whose adapter needs a vision transformer (APER's, EASE)
+TINY_VIT = {"backbone": "timm:vit_tiny_patch16_224", "weights": "random", "img_size": 16, "patch_size": 8, "depth": 1,
+            "embed_dim": 32, "num_heads": 2}
+
+
+def backbone_for(method: str) -> dict:
+    """``{"model": TINY_VIT}`` for a recipe whose adapter needs a vision transformer (the test is
+    skipped where timm cannot be imported), else ``{}`` (the data set's own backbone)."""
+    from cilearn.components import REGISTRIES
+    adapter = METHODS.get(method).adapter
+    if adapter is None or not REGISTRIES["adapter"].get(adapter).needs_vit:
+        return {}
+    pytest.importorskip("timm")
+    return {"model": dict(TINY_VIT)}
+
+
 def replayed_and_resumed(ref, tmp_path, monkeypatch) -> tuple[list, list]:
     """The accuracy matrices of the finished run ``ref`` (a run directory) replayed from its
     config.yaml, and of the same configuration stopped right after phase 0's checkpoint (SIGTERM)

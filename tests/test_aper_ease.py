@@ -6,6 +6,7 @@ recipes run end to end (frozen parameters unchanged bit for bit, trained ones ch
 exactly and replay from config.yaml. Tests on vision transformers build a tiny random timm ViT (no
 download) and skip where timm cannot be imported."""
 import copy
+import json
 import math
 
 import pytest
@@ -15,10 +16,14 @@ import yaml
 from safetensors.torch import load_file
 
 import cilearn
-from cilearn.adapters import SSF, Branches, ParallelAdapters, Prompts
+from cilearn.adapters import Branches
+from cilearn.api import evaluate
+from cilearn.checkpoint import Checkpointer
 from cilearn.ease import Subspaces, SubspaceHead, synthesize
 from cilearn.errors import ConfigError
+from cilearn.model_io import build_from, read_spec
 from cilearn.models import part
+from conftest import TINY_VIT, backbone_for, quick_config
 
 D = 192                      # vit_tiny's width
 
@@ -254,3 +259,112 @@ def test_aper_finetune_keeps_the_pretrained_branch_bit_for_bit_and_trains_the_ot
     cfg = yaml.safe_load((res.out_dir / "config.yaml").read_text())
     assert cfg["model"]["adapter"] == "finetune" and cfg["components"]["finetune"] == {"pretrained_branch": True}
     assert cfg["loss"]["cls"] == "none"
+
+
+# ---------------------------------------------------------------- end to end on a tiny random ViT
+# digits, 4 + 3 + 3 classes, 50 training images per class; the recipes' own schedules (digits: 30 epochs
+# where they train); the tiny ViT of conftest (width 32, one block), its weights seeded by the run's seed
+RUNS = ("aper-adapter", "aper-ssf", "aper-vpt", "ease")
+
+
+def vit_run(tmp, method: str, **over):
+    return quick_config(tmp, method=method, out=None, scenario={"base": 4, "increment": 3},
+                        data={"dataset": "digits", "train_per_class": 50},
+                        train={"progress": False, "precision": "fp32"}, **{**backbone_for(method), **over})
+
+
+@pytest.fixture(scope="module")
+def vit_runs(tmp_path_factory):
+    """Each recipe once on the tiny ViT: (metrics, run directory, the network's state at each phase's end)."""
+    pytest.importorskip("timm")
+    out = {}
+    for method in RUNS:
+        states = []
+        real = Checkpointer.save_phase
+
+        def save_phase(self, state, states=states, real=real):
+            states.append({k: v.clone() for k, v in state["net"].items()})
+            real(self, state)
+        Checkpointer.save_phase = save_phase
+        try:
+            res = cilearn.run(vit_run(tmp_path_factory.mktemp(method), method), echo=False)
+        finally:
+            Checkpointer.save_phase = real
+        out[method] = (res.metrics, res.out_dir, states)
+    return out
+
+
+def initial_state(run_dir) -> dict[str, torch.Tensor]:
+    """The run's network as it was built, before any training (the same seed, the same draws)."""
+    spec = read_spec(run_dir)
+    torch.manual_seed(spec.seed)
+    return build_from(spec.architecture).state_dict()
+
+
+ADAPTED = {"aper-adapter": ".adaptformer.", "aper-ssf": ".ssf.", "aper-vpt": ".vpt."}
+
+
+@pytest.mark.parametrize("method", ADAPTED)
+def test_aper_trains_the_adapter_in_phase_0_alone_and_keeps_the_backbone_bit_for_bit(method, vit_runs):
+    m, run_dir, states = vit_runs[method]
+    assert [len(r) for r in m["accuracy_matrix"]] == [1, 2, 3]
+    assert m["accuracy_matrix"][0][0] > 45                   # 4 classes, chance 25 (measured 62.6-63.1)
+    assert set(m["phases"][0]["loss"]) == {"proxy"} and all(not r["loss"] for r in m["phases"][1:])
+    init, final = initial_state(run_dir), states[-1]
+    adapter = [k for k in init if ADAPTED[method] in k]
+    assert adapter and all(k.startswith("backbone.trained.model.") for k in adapter)
+    for k, v in init.items():
+        if k.startswith("backbone.") and k not in adapter:   # both branches' own tensors: bit for bit
+            assert torch.equal(final[k], v), k
+    assert any(not torch.equal(final[k], init[k]) for k in adapter)            # the adapter trained
+    assert all(torch.equal(states[0][k], final[k]) for k in adapter)           # in phase 0 only
+    # the classifier: each class's row is the mean of its [pre-trained, adapted] embeddings
+    assert final["head.weight"].shape == (10, 2 * 32) and torch.equal(states[0]["head.weight"], final["head.weight"][:4])
+
+
+def test_ease_trains_one_adapter_set_per_phase_and_freezes_the_earlier_ones(vit_runs):
+    m, run_dir, states = vit_runs["ease"]
+    assert [len(r) for r in m["accuracy_matrix"]] == [1, 2, 3] and m["accuracy_matrix"][0][0] > 45
+    assert all(set(r["loss"]) == {"proxy"} for r in m["phases"])              # every phase trains its set
+    init = initial_state(run_dir)                                              # one set, as built
+    own = [k for k in init if k.startswith("backbone.net.")]
+    for phase, st in enumerate(states):
+        assert sorted({int(k.split(".")[3]) for k in st if k.startswith("backbone.adapters.sets.")}) == \
+            list(range(phase + 1))
+        assert all(torch.equal(st[k], init[k]) for k in own)                   # the ViT: bit for bit
+        new = [k for k in st if k.startswith(f"backbone.adapters.sets.{phase}.") and ".up." in k]
+        assert any(st[k].any() for k in new)                                   # the phase's set trained (up from 0)
+        for earlier in range(phase):                                           # the earlier sets: frozen
+            old = [k for k in st if k.startswith(f"backbone.adapters.sets.{earlier}.")]
+            assert all(torch.equal(st[k], states[earlier][k]) for k in old)
+    head = states[-1]
+    assert head["head.weight"].shape == (10, 3 * 32) and head["head.task"].tolist() == [0] * 4 + [1] * 3 + [2] * 3
+    # the old classes' prototypes in the later subspaces are the synthesised ones, the rest class means
+    w = head["head.weight"].clone()
+    synthesize(w, head["head.task"], 32)
+    assert torch.equal(w, head["head.weight"])
+
+
+@pytest.mark.parametrize("method", RUNS)
+def test_the_recipes_replay_from_config_and_their_model_evaluates_to_the_run(method, vit_runs, tmp_path):
+    """(Resumed exactly, after a phase and inside one: tests/test_resume_every_recipe.py on the same ViT.)"""
+    from cilearn.cli import main
+    m, run_dir, _ = vit_runs[method]
+    assert main(["run", "--config", str(run_dir / "config.yaml"), "--out", str(tmp_path / "replay"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "replay" / "metrics.json").read_text())["accuracy_matrix"] == m["accuracy_matrix"]
+    assert evaluate(run_dir, device="cpu")["acc"] == m["last_acc"]             # model.json rebuilds the adapted net
+
+
+def test_ranpac_with_adaptformer_trains_the_adapter_in_phase_0_then_solves_on_its_embedding(tmp_path):
+    pytest.importorskip("timm")
+    cfg = vit_run(tmp_path, "ranpac", components={"ridge": {"dim": 64}}, model={**TINY_VIT, "adapter": "adaptformer"})
+    res = cilearn.run(cfg, echo=False)
+    m = res.metrics
+    assert [len(r) for r in m["accuracy_matrix"]] == [1, 2, 3] and m["accuracy_matrix"][0][0] > 45
+    assert set(m["phases"][0]["loss"]) == {"cls"}            # the ridge head's cosine classifier, no proxy
+    init, final = initial_state(res.out_dir), load_file(res.out_dir / "model.safetensors")
+    for k, v in init.items():
+        if k.startswith("backbone.model.") and ".adaptformer." not in k:
+            assert torch.equal(final[f"net.{k}"], v), k
+    assert any(final[f"net.{k}"].any() for k in init if ".adaptformer." in k and ".up." in k)
+    assert read_spec(res.out_dir).architecture["adapter"] == "adaptformer"

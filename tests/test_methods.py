@@ -5,6 +5,7 @@ import pytest
 import cilearn
 from cilearn.methods import METHODS
 from cilearn.methods.options import cheap_extra_stages
+from conftest import backbone_for
 
 # The cosine / LSC heads' scale is learnt from 1 at lr 0.1: on digits (about 3 steps per epoch) 6
 # epochs leave the logits flat, and with BSCE's prior on flat logits the new classes lose (lucir-bsce:
@@ -23,6 +24,11 @@ EPOCHS = {"podnet": 15, "podnet-bsce": 20, "lucir-bsce": 10, "foster": 10}
 # The exemplar-free ones lean to the old classes because nothing calibrates old against new logits
 # (benchmarks/RESULTS.md).
 CALIBRATION_VARIES = {"lwf", "lwf-mc", "lwm", "dfgr", "dfgr-dtid", "icarl-bce", "foster-cim", "podnet-bsce"}
+# The recipes whose adapter needs a vision transformer run on a tiny random timm ViT (conftest.TINY_VIT)
+# and classify by class means of its random features, which their adapters barely move in 6 epochs at
+# their lr (aper-adapter/ssf/vpt, ease, seed 1993 fp32, measured 2026-12-07: phase 0 85.4, the last
+# phase's new classes among the new 85.7, against the old 36.3-39.6): the floor of the first two is 75.
+RANDOM_VIT_FLOOR = 75.0
 
 
 @pytest.mark.parametrize("method", METHODS.names())
@@ -32,13 +38,14 @@ def test_every_method_runs_end_to_end(method, quick):
     # (Mnemonics) solves a bilevel problem per phase (3 outer steps here); DF-GR trains a generator
     # (20 steps here, 500 by default); CIM's phase-end steps (3 here, 0 by default: the path runs)
     extra = cheap_extra_stages(recipe, replay_steps=20, iterations=3)
-    res = cilearn.run(quick(method=method, train__epochs=EPOCHS.get(method, 6), **extra), echo=False)
+    vit = backbone_for(method)
+    res = cilearn.run(quick(method=method, train__epochs=EPOCHS.get(method, 6), **extra, **vit), echo=False)
     m = res.metrics
     assert [len(r) for r in m["accuracy_matrix"]] == [1, 2, 3, 4, 5]
     assert all(0.0 <= a <= 100.0 for row in m["accuracy_matrix"] for a in row)
-    assert m["accuracy_matrix"][0][0] > 90.0            # two digit classes are learnt in phase 0
-    assert m["phases"][-1]["acc_new_among_new"] > 70.0                 # the last phase's classes are learnt
-    if method not in CALIBRATION_VARIES:                               # (2 classes: chance is 50)
+    assert m["accuracy_matrix"][0][0] > (RANDOM_VIT_FLOOR if vit else 90.0)   # two digit classes are learnt in phase 0
+    assert m["phases"][-1]["acc_new_among_new"] > (RANDOM_VIT_FLOOR if vit else 70.0)   # the last phase's classes are learnt
+    if method not in CALIBRATION_VARIES and not vit:                   # (2 classes: chance is 50)
         assert m["phases"][-1]["acc_new"] > 50.0                       # and win against the old ones
     assert (m["avg_incremental_acc_nme"] is not None) == (recipe.exemplars or recipe.nme)
     assert (m["memory"]["total_images"] > 0) == recipe.exemplars

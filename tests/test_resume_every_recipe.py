@@ -9,6 +9,7 @@ import cilearn
 from cilearn.checkpoint import Checkpointer, Interrupted
 from cilearn.methods import METHODS
 from cilearn.methods.options import cheap_extra_stages
+from conftest import backbone_for
 
 # 3 phases (4 + 3 + 3 classes), 30 images per class, 2 epochs; extra stages kept cheap (each option
 # only where the recipe has the component: a run refuses options it does not use)
@@ -21,7 +22,7 @@ def over(method: str) -> dict:
     components = cheap_extra_stages(m, replay_steps=5, iterations=2).get("components", {})
     if "balanced-finetune" in m.calibration:
         components["balanced-finetune"] = {"epochs": 2}
-    return {**OVER, **({"components": components} if components else {})}
+    return {**OVER, **({"components": components} if components else {}), **backbone_for(method)}
 
 
 def _stop_after_phase(monkeypatch, phase: int):
