@@ -145,6 +145,22 @@ def test_an_adapter_needs_a_vision_transformer():
         part("adapter", "ssf").adapt(part("backbone", "convnet").create(1))
 
 
+@pytest.mark.parametrize("flags,says", [
+    (["--method", "aper-adapter"], "--adapter adaptformer: the backbone (ConvNet) is not a vision transformer"),
+    (["--method", "der", "--adapter", "finetune"], "--adapter finetune: an expandable network"),
+    (["--method", "icarl", "--adapter", "lora"], "--adapter: unknown adapter component 'lora'; expected one of: "
+                                                  "adaptformer, ease, finetune, ssf, vpt"),
+    (["--method", "aper-finetune", "--model.bottleneck", "8"], "--model.bottleneck 8 is not used by this run"),
+])
+def test_a_run_that_cannot_have_its_adapter_stops_with_one_line_and_writes_no_config(flags, says, tmp_path, capsys):
+    from cilearn.cli import main
+    out = tmp_path / "run"
+    assert main(["run", *flags, "--dataset", "digits", "--out", str(out), "--no-progress", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err, err
+    assert not (out / "config.yaml").exists()
+
+
 def test_copies_of_an_adapted_backbone_run_their_own_adapters():
     """Hooks are bound to modules inside the backbone: a deep copy (the old model, a teacher) calls
     its own adapters."""

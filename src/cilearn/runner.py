@@ -200,6 +200,8 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
     init, weights_file = initializer(cfg, backbone)   # the weights file read again, its digest checked
     if weights_file is not None:
         meta["weights_file"] = str(weights_file)
+    arch = architecture(plan, ds.image_shape[0])
+    net = build_from(arch, init)          # before config.yaml: a network that cannot be built writes none
     # rank 0's choice everywhere (auto looks at free memory, which may differ a little between GPUs)
     resident = distributed.broadcast_object(choose_resident(cfg.data.resident, ds.train_x.nbytes + ds.test_x.nbytes,
                                                             device))
@@ -214,8 +216,7 @@ def _phases(cfg, ds, plan: RunPlan, device, amp, out: Path, log: Log, wall0: flo
     data = SplitData(place(ds.train_x), scenario.relabel(ds.train_y).to(device),
                      place(ds.test_x), scenario.relabel(ds.test_y).to(device))
     aug = make_augmenter(cfg, ds, backbone.input_spec())
-    arch = architecture(plan, ds.image_shape[0])
-    net = build_from(arch, init).to(device)
+    net = net.to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     embeddings = EmbeddingCache(aug, cfg.train.eval_batch_size, amp, device, cfg.data.embedding_cache)
