@@ -57,10 +57,11 @@ def test_every_recipe_resumes_exactly(method, quick, tmp_path, monkeypatch):
         _stop_after_phase(m, 0)
         with pytest.raises(Interrupted, match="phase 0 \\(finished\\)"):
             cilearn.run(quick(method=method, out=str(out), **over(method)), echo=False)
-    with monkeypatch.context() as m:
-        _stop_inside_phase(m, 1)
-        with pytest.raises(Interrupted, match="phase 1"):
-            cilearn.resume(out, echo=False)
+    if ref["phases"][1]["loss"]:          # (a recipe whose phase 1 trains nothing has no stage to stop in)
+        with monkeypatch.context() as m:
+            _stop_inside_phase(m, 1)
+            with pytest.raises(Interrupted, match="phase 1"):
+                cilearn.resume(out, echo=False)
     got = cilearn.resume(out, echo=False).metrics
     assert got["accuracy_matrix"] == ref["accuracy_matrix"]
     assert got["accuracy_matrix_nme"] == ref["accuracy_matrix_nme"]

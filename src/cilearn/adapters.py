@@ -234,26 +234,33 @@ class Adapter(Component):
     backbone it builds has frozen branches beside the one that trains (``trained_dim``: the last
     coordinates of the embedding), the ``proxy`` term: a cosine classifier of the phase's new
     classes on those coordinates (``CosineHead``: rows uniform in +-1/sqrt(d), scale 1, as PILOT's
-    ``CosineLinear``, linears.py:51-55), trained with the adapter in the phase (cross-entropy over
-    the new classes; rows of old classes, from exemplars, are left out) and dropped after it."""
-    per_phase = ("proxy",)
+    ``CosineLinear``, linears.py:51-55), trained with the adapter in the phases where the backbone
+    trains (cross-entropy over the new classes; rows of old classes, from exemplars, are left out)
+    and dropped after the phase."""
+    per_phase = ("proxy", "_resumed")
     needs_vit: ClassVar[bool] = True        # adds modules to a vision transformer's blocks
 
     def __init__(self, options, services):
         super().__init__(options, services)
         self.proxy: CosineHead | None = None
+        self._resumed: dict | None = None       # the proxy's state of a run resumed inside the phase
 
     def adapt(self, backbone: nn.Module) -> nn.Module:
         raise NotImplementedError  # pragma: no cover
 
-    def phase_start(self, ctx):
-        d = getattr(ctx.model.backbone, "trained_dim", None)
-        if d is not None:
-            self.proxy = CosineHead(d).to(self.services.device)
-            self.proxy.add_classes(ctx.phase.num_new)
-
     def train_parameters(self, ctx):
-        return list(self.proxy.parameters()) if self.proxy is not None else []
+        """The proxy classifier, made when the main stage starts (the constraints have frozen what
+        they freeze by then) if the backbone has a branch that trains."""
+        d = getattr(ctx.model.backbone, "trained_dim", None)
+        if d is None or not any(p.requires_grad for p in ctx.model.backbone.parameters()):
+            return []
+        with torch.random.fork_rng(devices=[], enabled=self._resumed is not None):   # (resumed: the checkpoint's
+            self.proxy = CosineHead(d)                                               # RNG already follows its draws)
+            self.proxy.add_classes(ctx.phase.num_new)
+        if self._resumed is not None:
+            self.proxy.load_state_dict(self._resumed)
+        self.proxy.to(self.services.device)
+        return list(self.proxy.parameters())
 
     def terms(self, step, out):
         if self.proxy is None:
@@ -269,8 +276,7 @@ class Adapter(Component):
         return {} if self.proxy is None else {"proxy": {k: v.cpu() for k, v in self.proxy.state_dict().items()}}
 
     def load_state_dict(self, state):
-        if self.proxy is not None and "proxy" in state:      # resumed inside a phase
-            self.proxy.load_state_dict(state["proxy"])
+        self._resumed = state.get("proxy")                      # resumed inside a phase
 
 
 @dataclass(frozen=True)
