@@ -17,6 +17,21 @@ from cilearn.ranpac import RIDGES, choose_ridge, phase_statistics, ridge_feature
 
 # the backbone as given (the run's seeded random convnet), nothing trained: a frozen backbone from phase 0
 AS_GIVEN = {"epochs": 0, "base_epochs": 0, "progress": "never", "precision": "fp32"}
+# a tiny randomly initialised timm ViT at digits' 16 px (5 tokens of 32, one block; nothing downloaded)
+VIT = "timm:vit_tiny_patch16_224"
+VIT_OPTIONS = {"img_size": 16, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
+
+
+def backbone(name: str) -> dict:
+    """The run options of backbone ``name``: ``convnet`` (cilearn's, digits' default) or ``vit``
+    (the tiny timm ViT, skipped where timm is not installed)."""
+    if name == "convnet":
+        return {}
+    pytest.importorskip("timm")
+    return {"model": {"backbone": VIT, "weights": "random"}, "components": {VIT: dict(VIT_OPTIONS)}}
+
+
+BACKBONES = ["convnet", "vit"]
 
 
 class Watch(Observer):
@@ -34,7 +49,8 @@ class Watch(Observer):
         bb.forward = counted
 
 
-def go(quick, name, method="simplecil", base=0, increment=2, observer=None, **over):
+def go(quick, name, method="simplecil", base=0, increment=2, observer=None, net="convnet", **over):
+    over = {**backbone(net), **over, "components": {**backbone(net).get("components", {}), **over.get("components", {})}}
     cfg = quick(method=method, out=None, train=dict(AS_GIVEN), scenario={"base": base, "increment": increment},
                 **over)
     w = observer or Watch()
@@ -42,17 +58,19 @@ def go(quick, name, method="simplecil", base=0, increment=2, observer=None, **ov
 
 
 # ---------------------------------------------------------------- SimpleCIL
-def test_simplecil_is_the_same_classifier_whatever_the_split(quick):
+@pytest.mark.parametrize("net", BACKBONES)
+def test_simplecil_is_the_same_classifier_whatever_the_split(quick, net):
     got = {}
     for name, base, inc in (("inc2", 0, 2), ("inc5", 0, 5), ("joint", 10, 2)):
-        res, w = go(quick, name, base=base, increment=inc)
+        res, w = go(quick, name, base=base, increment=inc, net=net)
         got[name] = (res.metrics["phases"][-1], w.run.net.head.weight.detach().clone())
     assert [got[n][0]["phase"] for n in got] == [4, 1, 0]                      # 5, 2 and 1 phases
     for name in ("inc5", "joint"):
         assert got[name][0]["acc"] == got["inc2"][0]["acc"]
         assert got[name][0]["per_class_acc"] == got["inc2"][0]["per_class_acc"]
         assert torch.equal(got[name][1], got["inc2"][1])          # the same class means, bit for bit
-    assert got["joint"][0]["acc"] > 70.0          # class means of a random convnet's features on digits
+    # class means of a random network's features on digits, chance 10 (measured: convnet 84.22, tiny ViT 48.22)
+    assert got["joint"][0]["acc"] > {"convnet": 70.0, "vit": 30.0}[net]
 
 
 def test_prototypes_are_the_class_means_of_the_test_view(quick):
@@ -131,19 +149,20 @@ def test_the_disk_cache_serves_a_second_run(quick, tmp_path, capsys):
 RIDGE = {"dim": 64, "ridge": 0.1}          # the projection (seeded) and lambda fixed
 
 
-def ridge_run(quick, name, base, increment):
-    return go(quick, name, method="ranpac", base=base, increment=increment,
+def ridge_run(quick, name, base, increment, net="convnet"):
+    return go(quick, name, method="ranpac", base=base, increment=increment, net=net,
               components={"freeze-backbone": {"after": -1}, "ridge": dict(RIDGE)})
 
 
-def test_ridge_is_the_direct_solve_of_all_seen_data_whatever_the_split(quick):
-    inc2, w2 = ridge_run(quick, "inc2", 0, 2)
-    joint, wj = ridge_run(quick, "joint", 10, 2)
+@pytest.mark.parametrize("net", BACKBONES)
+def test_ridge_is_the_direct_solve_of_all_seen_data_whatever_the_split(quick, net):
+    inc2, w2 = ridge_run(quick, "inc2", 0, 2, net)
+    joint, wj = ridge_run(quick, "joint", 10, 2, net)
     run = w2.run
-    net = run.net.eval()
-    head = net.head
+    model = run.net.eval()
+    head = model.head
     with torch.no_grad():                                         # by hand, float64, all training images at once
-        emb = net.backbone(run.augmenter.test(run.data.train_x))[1]
+        emb = model.backbone(run.augmenter.test(run.data.train_x))[1]
     h = F.relu(emb.double() @ head.projection.double())
     y = F.one_hot(run.data.train_y, 10).double()
     wo = torch.linalg.solve(h.T @ h + RIDGE["ridge"] * torch.eye(RIDGE["dim"], dtype=torch.float64), h.T @ y).T
@@ -151,7 +170,7 @@ def test_ridge_is_the_direct_solve_of_all_seen_data_whatever_the_split(quick):
     for got in (head.weight, wj.run.net.head.weight):
         assert torch.allclose(got.double(), wo, rtol=1e-4, atol=1e-6 * wo.abs().max().item())
     assert inc2.metrics["phases"][-1]["per_class_acc"] == joint.metrics["phases"][-1]["per_class_acc"]
-    assert inc2.metrics["phases"][-1]["acc"] > 80.0
+    assert inc2.metrics["phases"][-1]["acc"] > {"convnet": 80.0, "vit": 60.0}[net]   # measured 89.78, 82.89
     assert [r["ridge_lambda"] for r in inc2.metrics["phases"]] == [0.1] * 5
 
 
@@ -265,3 +284,20 @@ def test_each_phase_records_its_seconds_and_the_images_it_embedded(tmp_path):
     # digits: 1797 images, train/test split of every image; both phases together embed each once
     assert sum(r["embedded_images"] for r in rows) == 1797
     assert rows[1]["embedded_images"] > 0
+
+
+@pytest.mark.parametrize("method", ["simplecil", "ranpac"])
+def test_on_a_timm_vit_the_recipes_resume_exactly_and_replay(method, tmp_path, monkeypatch):
+    """On the tiny random timm ViT (RanPAC trains it in phase 0, one epoch, then freezes it):
+    stopped after phase 0 and resumed, and replayed from config.yaml, the same accuracy matrix."""
+    pytest.importorskip("timm")
+    from conftest import replayed_and_resumed
+    flags = [a for k, v in VIT_OPTIONS.items() for a in (f"--model.{k.replace('_', '-')}", str(v))]
+    ref = tmp_path / "ref"
+    own = ["--base-epochs", "1", "--components.ridge.dim", "64"] if method == "ranpac" else []
+    assert main(["run", "--method", method, "--backbone", VIT, "--weights", "random", *flags, *own, "--base", "4",
+                 "--increment", "3", "--train-per-class", "30", "--precision", "fp32", "--out", str(ref),
+                 "--no-progress", "--quiet"]) == 0
+    want = json.loads((ref / "metrics.json").read_text())["accuracy_matrix"]
+    assert len(want) == 3
+    assert replayed_and_resumed(ref, tmp_path, monkeypatch) == (want, want)
