@@ -6,12 +6,12 @@
 2. **Pre-training**: cilearn trains a small timm ViT on A in one joint phase (``--method joint``,
    ``--base 5``): its ``model.safetensors`` is the weights file of every later run.
 3. **Class-incremental on B** from that file (``--weights``), B0-Inc1 by default (5 phases of one
-   class), each method over the seeds: SimpleCIL, APER (adapter), RanPAC, EASE, and finetune and
-   iCaRL trained from the same weights. Mean ± sample std printed as a Markdown table
+   class; ``--base 3 --increment 2``: 3 classes, then 2), each method over the seeds: SimpleCIL,
+   APER (adapter), RanPAC, EASE, and finetune and iCaRL trained from the same weights. Mean ± sample std printed as a Markdown table
    (``compare_seeds``).
 
     python benchmarks/ptm_fashion.py [--out runs/ptm-fashion] [--seeds 1993,1,2]
-        [--pretrain-epochs 30] [--train-per-class 1000] [--test-per-class 300] [--increment 1]
+        [--pretrain-epochs 30] [--train-per-class 1000] [--test-per-class 300] [--base 0] [--increment 1]
         [--methods "simplecil,aper-adapter,ranpac,ease,finetune ...,icarl ..."]
         [-- flags for every run of step 3]
 
@@ -77,6 +77,7 @@ def main() -> int:
     p.add_argument("--pretrain-epochs", type=int, default=30)
     p.add_argument("--train-per-class", type=int, default=1000)
     p.add_argument("--test-per-class", type=int, default=300)
+    p.add_argument("--base", type=int, default=0, help="classes of B's first phase (0: the increment)")
     p.add_argument("--increment", type=int, default=1)
     p.add_argument("--methods", default=METHODS, help="comma list; an entry may carry flags of its own")
     a = p.parse_args(own)
@@ -84,9 +85,10 @@ def main() -> int:
     dirs = write_halves(out, a.train_per_class, a.test_per_class)
     weights = pretrain(dirs["A"], out / "pretrain-A", a.pretrain_epochs, PRETRAIN)
     variants = [compare_seeds.parse_variant(v) for v in a.methods.split(",")]
-    common = ["--dataset", "imagefolder", "--data-dir", str(dirs["B"]), "--increment", str(a.increment), *BACKBONE,
+    common = ["--dataset", "imagefolder", "--data-dir", str(dirs["B"]), "--base", str(a.base), "--increment",
+              str(a.increment), *BACKBONE,
               "--weights", str(weights), "--augment", "flip", "--precision", "fp32", *passthrough]
-    return compare_seeds.run_and_print(variants, a.seeds.split(","), out / "cil-B", common)
+    return compare_seeds.run_and_print(variants, a.seeds.split(","), out / f"cil-B-b{a.base}-inc{a.increment}", common)
 
 
 if __name__ == "__main__":
