@@ -60,3 +60,28 @@ def test_rrc_keeps_shape_and_range():
     out, view = aug.train(x, torch.Generator().manual_seed(0))
     assert out.shape == (4, 3, 16, 16) and view is None
     assert out.min() >= 0 and out.max() <= 1.0
+
+
+def test_rrc_scale_sets_the_smallest_crop():
+    """``rrc_scale``: the crop's area is drawn in (rrc_scale, 1) of the image's (before the clamp of
+    a side to the image): PILOT's and RanPAC's 0.05 gives smaller crops than torchvision's 0.08,
+    and 0.9 only large ones."""
+    def areas(scale):
+        aug = Augmenter("rrc-flip", 0, (0.0,), (1.0,), rrc_scale=scale)
+        theta = aug.draw((4000, 1, 16, 16), torch.Generator().manual_seed(0)).theta
+        return theta[:, 0, 0] * theta[:, 1, 1]             # width x height, fractions of the image's
+    small, default, large = areas(0.05), areas(0.08), areas(0.9)
+    assert small.min() < 0.08 and small.min() >= 0.05 - 1e-6
+    assert default.min() >= 0.08 - 1e-6 and large.min() >= 0.9 * 0.75 and large.mean() > 0.85
+    assert small.max() <= 1 and large.max() <= 1
+
+
+def test_rrc_scale_is_refused_where_the_run_does_not_crop_so(tmp_path, capsys):
+    from cilearn.cli import main
+    out = tmp_path / "run"
+    assert main(["run", "--data.rrc-scale", "0.05", "--out", str(out), "--quiet"]) == 2     # digits: no augmentation
+    err = capsys.readouterr().err
+    assert "--data.rrc-scale 0.05 is not used" in err and "rrc-flip" in err and err.count("\n") == 1
+    assert not out.exists()
+    assert main(["run", "--data.rrc-scale", "1.5", "--out", str(out), "--quiet"]) == 2
+    assert "(0, 1]" in capsys.readouterr().err

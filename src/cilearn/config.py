@@ -49,6 +49,9 @@ class DataConfig:
     workers: int | None = None           # image folders: decoding processes; None: the CPUs, at most 32
     resident: str = "auto"               # auto | device | host: where the uint8 images live (cilearn.data.rows)
     augment: str | None = None           # None: the data set's default (crop-flip, flip, none, rrc-flip)
+    # rrc-flip: the smallest crop, a fraction of the image's area (the largest is 1); 0.08: torchvision's
+    # RandomResizedCrop default; PILOT's and RanPAC's build_transform (utils/data.py) use 0.05
+    rrc_scale: float = 0.08
     embedding_cache: str | None = None   # a directory keeping a frozen backbone's embeddings across runs (cilearn.embeddings)
 
 
@@ -400,6 +403,8 @@ def validate(cfg: RunConfig) -> None:
     positive("data.workers", cfg.data.workers)
     positive("input-size", cfg.data.input_size)
     positive("data.resize", cfg.data.resize)
+    if not 0 < cfg.data.rrc_scale <= 1:
+        raise ConfigError(f"--data.rrc-scale must be in (0, 1] (the smallest crop's share of the image), got {cfg.data.rrc_scale}")
     if cfg.data.interpolation not in (None, *INTERPOLATIONS):
         raise ConfigError(f"--data.interpolation must be one of {', '.join(INTERPOLATIONS)}, got '{cfg.data.interpolation}'")
     if cfg.data.normalize not in (None, "dataset", "model"):

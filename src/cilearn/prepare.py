@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .config import QUICK_EPOCHS, RunConfig, from_dict, resolve, validate
+from .config import QUICK_EPOCHS, DataConfig, RunConfig, from_dict, resolve, validate
 from .data.augment import Augmenter, InputSpec, format_mean_std, normalization
 from .data.base import DataOptions, DataPlan
 from .data.datasets import plan_dataset, subsample_per_class
@@ -154,7 +154,7 @@ def make_augmenter(cfg: RunConfig, data, spec: InputSpec | None) -> Augmenter:
     mean, std = normalization(d.normalize or "dataset", (data.mean, data.std), spec)
     return Augmenter(d.augment or data.augment, data.pad, mean, std, cfg.train.channels_last, d.input_size,
                      resize=d.resize, interpolation=d.interpolation or "bilinear",
-                     channels=spec.channels if spec is not None else None)
+                     channels=spec.channels if spec is not None else None, rrc_scale=d.rrc_scale)
 
 
 def _compile_supported() -> bool:
@@ -194,6 +194,9 @@ def prepare(cfg: RunConfig, strict: bool = True):
     resolved_config(cfg, p)                       # the choices and options that run, in place of "the recipe's"
     resolve_weights(cfg, p.factory("backbone"), data.image_shape[0])   # the file checked against the backbone
     cfg.data.augment = cfg.data.augment or data.augment
+    if strict and cfg.data.rrc_scale != DataConfig.rrc_scale and cfg.data.augment != "rrc-flip":
+        raise ConfigError(f"--data.rrc-scale {cfg.data.rrc_scale} is not used by this run (--augment {cfg.data.augment}); "
+                          "it applies to --augment rrc-flip")
     cfg.eval.nme = p.memory or recipe.nme if cfg.eval.nme is None else cfg.eval.nme
     make_augmenter(cfg, data, spec)               # validates the policy name
     if p.memory:

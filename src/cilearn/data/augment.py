@@ -4,7 +4,7 @@ network's weights expect.
 Input: uint8 ``[B, C, H, W]`` (the stored images); output: normalised float ``[B, C', S, S]``,
 ``S`` the network input (``size``; default: the stored images' own side). Policies: ``none``;
 ``flip`` (horizontal, p = 0.5); ``crop-flip`` (zero-pad by ``pad`` px, random SxS window,
-flip); ``rrc-flip`` (random-resized-crop, scale (0.08, 1), ratio (3/4, 4/3), resized to SxS,
+flip); ``rrc-flip`` (random-resized-crop, scale (``rrc_scale``, 1) (default 0.08), ratio (3/4, 4/3), resized to SxS,
 flip). Where the stored images are larger than ``S`` (image folders with ``--data.input-size``),
 evaluation takes their centre SxS crop (``test``; ImageNet's Resize(256) + CenterCrop(224) when
 they are stored at 256 for 224) and ``none`` / ``flip`` train on it too.
@@ -107,7 +107,8 @@ class Draw(NamedTuple):
 
 class Augmenter:
     def __init__(self, policy: str, pad: int, mean, std, channels_last: bool = True, size: int | None = None,
-                 resize: int | None = None, interpolation: str = "bilinear", channels: int | None = None):
+                 resize: int | None = None, interpolation: str = "bilinear", channels: int | None = None,
+                 rrc_scale: float = 0.08):
         if policy not in POLICIES:
             raise ConfigError(f"--data.augment must be one of {', '.join(POLICIES)}, got '{policy}'")
         if interpolation not in INTERPOLATIONS:
@@ -118,6 +119,7 @@ class Augmenter:
         self.resize = resize                  # the side (px) images are resized to first; None: see resized_side
         self.interpolation = interpolation
         self.channels = channels              # the network's input channels; None: the images'
+        self.rrc_scale = rrc_scale            # rrc-flip: the smallest crop's share of the image's area
         std_t = torch.tensor(std, dtype=torch.float32)
         self._scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)        # x_norm = x * scale + shift
         self._shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, -1, 1, 1)
@@ -209,7 +211,7 @@ class Augmenter:
             corner = torch.randint(0, n, (2, batch), generator=gen, device=gen.device).to(dev)[:, span]
             return Draw(flip, corner.T)
         if self.policy == "rrc-flip":
-            return Draw(flip, theta=resized_crop_theta(uniform))
+            return Draw(flip, theta=resized_crop_theta(uniform, (self.rrc_scale, 1.0)))
         return Draw(flip)
 
     def apply(self, x: torch.Tensor, d: Draw) -> tuple[torch.Tensor, torch.Tensor | None]:
