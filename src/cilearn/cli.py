@@ -66,6 +66,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "lr": ("train.lr", float, "learning rate"),
     "base-lr": ("train.base_lr", float, "learning rate of the first phase"),
     "batch-size": ("train.batch_size", int, "training batch size"),
+    "optim": ("train.optim", str, "optimizer: sgd (momentum --train.momentum), adam, adamw (default: the method's)"),
     "adapter": ("model.adapter", str, "parameter-efficient modules added to a ViT backbone, what trains with the head: "
                 "adaptformer, ssf, vpt, finetune, ease, none (docs/methods/aper-ease.md)"),
     "backbone": ("model.backbone", str, "backbone (see `cilearn list`; auto picks by image size; timm:NAME for any "

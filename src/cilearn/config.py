@@ -74,6 +74,9 @@ class ModelConfig:
     weights_sha256: str | None = None    # the SHA-256 the weights file must have; None: filled in with the file's
 
 
+OPTIMS = ("sgd", "adam", "adamw")
+
+
 @dataclass
 class TrainConfig:
     # None: the recipe's default for the data set (its ``Schedule``, cilearn.methods.schedules),
@@ -83,6 +86,9 @@ class TrainConfig:
     lr: float | None = None
     base_lr: float | None = None         # None: --lr when given, else the recipe's
     batch_size: int | None = None
+    # sgd (momentum: --train.momentum) | adam | adamw (betas 0.9, 0.999; adam's weight decay is an L2 term in the
+    # gradient, adamw's decoupled); None: the recipe's (sgd but for the prompt methods, whose code uses Adam)
+    optim: str | None = None
     momentum: float = 0.9
     weight_decay: float | None = None
     base_weight_decay: float | None = None  # first phase; None: --train.weight-decay when given, else the recipe's
@@ -190,6 +196,7 @@ class Schedule:
     base_weight_decay: float = 5e-4
     batch_size: int = 128
     warmup_epochs: int = 0
+    optim: str = "sgd"                    # sgd (momentum 0.9) | adam | adamw (TrainConfig.optim)
     compression_epochs: int | None = None  # FOSTER's compression stage (feature-compression); None: the phase's epochs
 
 
@@ -416,6 +423,8 @@ def validate(cfg: RunConfig) -> None:
     positive("seed", cfg.seed, zero=True)
     if m.total is not None and m.per_class is not None:
         raise ConfigError("--memory and --memory-per-class are exclusive: give a fixed total or a per-class budget")
+    if t.optim not in (None, *OPTIMS):
+        raise ConfigError(f"--optim must be one of {', '.join(OPTIMS)}, got '{t.optim}'")
     if t.schedule not in (None, "cosine", "step"):
         raise ConfigError(f"--train.schedule must be cosine or step, got '{t.schedule}'")
     if t.precision not in ("auto", "bf16", "fp32"):
@@ -466,6 +475,8 @@ def resolve_training(train: TrainConfig, dataset: str, training: TrainingDefault
                              if t.schedule == ref.schedule else [])
     if t.warmup_epochs is None:
         t.warmup_epochs = ref.warmup_epochs
+    if t.optim is None:
+        t.optim = ref.optim
     return t
 
 

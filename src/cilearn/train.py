@@ -55,6 +55,7 @@ class FitSettings:
     epochs: int
     lr: float
     batch_size: int = 128
+    optim: str = "sgd"                          # sgd | adam | adamw (config.TrainConfig.optim)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
@@ -80,8 +81,14 @@ class FitResult:
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], s: FitSettings) -> torch.optim.Optimizer:
-    return torch.optim.SGD([p for p in params if p.requires_grad], lr=s.lr, momentum=s.momentum,
-                           weight_decay=s.weight_decay)
+    """SGD with momentum, or Adam / AdamW at PyTorch's betas (0.9, 0.999) and eps 1e-8 (L2P's,
+    DualPrompt's and CODA-Prompt's reference optimisers use these)."""
+    trained = [p for p in params if p.requires_grad]
+    if s.optim == "adam":
+        return torch.optim.Adam(trained, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optim == "adamw":
+        return torch.optim.AdamW(trained, lr=s.lr, weight_decay=s.weight_decay)
+    return torch.optim.SGD(trained, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
 def lr_at(s: FitSettings, epoch: int, step: int, steps_per_epoch: int) -> float:

@@ -47,6 +47,11 @@ def summaries_table(markdown: bool = True) -> str:
     return "\n".join(rows)
 
 
+def optimizer_words(t: TrainConfig) -> str:
+    """The optimiser in words: ``SGD momentum 0.9``, ``Adam``, ``AdamW``."""
+    return {"adam": "Adam", "adamw": "AdamW"}.get(t.optim or "sgd", f"SGD momentum {t.momentum:g}")
+
+
 def training_words(t: TrainConfig, stages: dict[str, dict]) -> tuple[str, str, str]:
     """A run's resolved training options ``t`` in words: the first phase, the later phases, and the
     rest (batch, momentum, warm-up, each extra stage's epochs: ``stages``, the run's stage
@@ -54,7 +59,7 @@ def training_words(t: TrainConfig, stages: dict[str, dict]) -> tuple[str, str, s
     --training`` both print these."""
     first = describe_stage(t.base_epochs, t.base_lr, t.schedule, t.base_milestones, t.base_weight_decay, t.gamma)
     later = describe_stage(t.epochs, t.lr, t.schedule, t.milestones, t.weight_decay, t.gamma)
-    other = [f"batch {t.batch_size}", f"SGD momentum {t.momentum:g}"] \
+    other = [f"batch {t.batch_size}", optimizer_words(t)] \
         + ([f"{t.warmup_epochs} warm-up epochs"] if t.warmup_epochs else []) \
         + [f"{name} {o['epochs']} epochs" for name, o in stages.items() if o.get("epochs") is not None]
     return first, later, ", ".join(other)
