@@ -51,12 +51,25 @@ def _stop_inside_phase(monkeypatch, phase: int):
 
 @pytest.mark.parametrize("method", METHODS.names())
 def test_every_recipe_resumes_exactly(method, quick, tmp_path, monkeypatch):
-    ref = cilearn.run(quick(method=method, out=str(tmp_path / "ref"), **over(method)), echo=False).metrics
+    check_resume(quick, tmp_path, monkeypatch, method, over(method))
+
+
+@pytest.mark.parametrize("optim", ["adam", "adamw"])
+def test_adam_resumes_exactly(optim, quick, tmp_path, monkeypatch):
+    """Adam's moments and step counts are in the epoch checkpoint (the optimiser's state dict)."""
+    check_resume(quick, tmp_path, monkeypatch, "finetune", {**OVER, "train": {**OVER["train"], "optim": optim,
+                                                                               "lr": 0.001}})
+    import yaml
+    assert yaml.safe_load((tmp_path / "ref" / "config.yaml").read_text())["train"]["optim"] == optim
+
+
+def check_resume(quick, tmp_path, monkeypatch, method: str, options: dict) -> None:
+    ref = cilearn.run(quick(method=method, out=str(tmp_path / "ref"), **options), echo=False).metrics
     out = tmp_path / "stopped"
     with monkeypatch.context() as m:
         _stop_after_phase(m, 0)
         with pytest.raises(Interrupted, match="phase 0 \\(finished\\)"):
-            cilearn.run(quick(method=method, out=str(out), **over(method)), echo=False)
+            cilearn.run(quick(method=method, out=str(out), **options), echo=False)
     if ref["phases"][1]["loss"]:          # (a recipe whose phase 1 trains nothing has no stage to stop in)
         with monkeypatch.context() as m:
             _stop_inside_phase(m, 1)
