@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from .adapters import embed_dim, frozen_vit
 from .errors import ConfigError
 from .models.backbones import Backbone
@@ -69,11 +70,12 @@ class PromptPool(nn.Module):
     def select(self, sim: torch.Tensor, batchwise: bool = False) -> torch.Tensor:
         """``[B, k]`` prompt ids: each row's ``top_k`` most similar keys (in decreasing similarity);
         ``batchwise``: the ``top_k`` ids chosen most often over the batch, for every row (ties to the
-        smaller id; l2p-pytorch prompt.py:70-81)."""
+        smaller id; l2p-pytorch prompt.py:70-81). Under torchrun the counts are summed over the ranks
+        (a collective): the global batch chooses, as in one process."""
         idx = sim.topk(self.top_k, dim=1).indices                               # [B, k]
         if not batchwise:
             return idx
-        counts = torch.bincount(idx.flatten(), minlength=self.size)             # [P]
+        counts = distributed.all_reduce_sum_(torch.bincount(idx.flatten(), minlength=self.size))   # [P]
         score = counts * (self.size + 1) - torch.arange(self.size, device=counts.device)
         return score.topk(self.top_k).indices.expand(len(sim), -1)              # [B, k]
 
