@@ -186,10 +186,12 @@ def test_l2p_trains_prompts_keys_and_head_and_never_the_backbone(l2p):
     assert spec.architecture["adapter"] == "l2p"
 
 
-def test_l2p_resumes_exactly_and_replays_from_its_config(l2p, tmp_path, monkeypatch):
+def test_l2p_resumes_exactly_replays_from_its_config_and_its_model_evaluates_to_the_run(l2p, tmp_path, monkeypatch):
+    from cilearn.api import evaluate
     res, _ = l2p
     replayed, resumed = replayed_and_resumed(res.out_dir, tmp_path, monkeypatch)
     assert replayed == res.metrics["accuracy_matrix"] and resumed == res.metrics["accuracy_matrix"]
+    assert evaluate(res.out_dir, device="cpu")["acc"] == res.metrics["last_acc"]     # model.json rebuilds the prompts
 
 
 def test_l2p_with_flips_caches_a_query_per_view_before_the_phase_trains(tmp_path):
@@ -199,6 +201,14 @@ def test_l2p_with_flips_caches_a_query_per_view_before_the_phase_trains(tmp_path
         train={"epochs": 1, "progress": False, "precision": "fp32"}), echo=False))
     assert [len(r) for r in res.metrics["accuracy_matrix"]] == [1, 2]
     assert calls and all(calls)              # every training step's query looked up (image, view)
+
+
+def test_l2p_with_crops_computes_the_query_in_the_training_forward(tmp_path):
+    pytest.importorskip("timm")
+    res, calls = handed(lambda: cilearn.run(l2p_run(
+        tmp_path, data={"dataset": "digits", "train_per_class": 20, "augment": "crop-flip"},
+        scenario={"base": 4, "increment": 6}, train={"epochs": 1, "progress": False, "precision": "fp32"}), echo=False))
+    assert calls and not any(calls)          # continuous views: no cache, the forward computes each query
 
 
 def test_l2p_options_are_checked():
