@@ -62,12 +62,12 @@ EASE = register_recipe(Recipe(
     paper="Zhou et al., *Expandable Subspace Ensemble for Pre-Trained Model-Based Class-Incremental Learning*, "
           "CVPR 2024"))
 
-# L2P: a pool of prompts with keys in a frozen ViT, chosen per image by the frozen [CLS] feature and prepended to its
-# tokens; a linear head on the prompt tokens' mean; the old classes' logits masked in training (ce-local: without
+# L2P: a pool of prompts with keys in a frozen ViT, chosen per image by the frozen [CLS] feature and inserted after its
+# class token; a linear head on the prompt tokens' mean; the old classes' logits masked in training (ce-local: without
 # exemplars, the official train_mask); every phase trains the prompts, keys and head (cilearn.l2p)
 L2P = register_recipe(Recipe(
     "l2p", schedules.L2P, "linear", "ce-local", adapter="l2p",
     summary="a frozen ViT with a pool of 10 prompts with keys, 5 chosen per image by the frozen [CLS] feature and "
-            "prepended to its tokens (pull constraint on the keys); a linear head on the prompt tokens' mean; old "
-            "classes' logits masked in training",
+            "inserted after its class token (pull constraint on the keys); a linear head on the prompt tokens' "
+            "mean; old classes' logits masked in training",
     paper="Wang et al., *Learning to Prompt for Continual Learning*, CVPR 2022"))
