@@ -15,7 +15,8 @@ share, acting on a ``timm:`` ViT through hooks and an attention forward patched 
   ``resize_pos_embed``:669-672).
 * **prefix tuning** (``insert="prefix"``): in each chosen block the prompt ``[B, 2, L, D]`` is split
   into a key half and a value half, concatenated in front of that block's attention keys and values
-  (the queries, hence the sequence length, unchanged; DualPrompt's ``PreT_Attention``). The
+  (the queries, hence the sequence length, unchanged; the first half keys, the second values, as
+  DualPrompt's ``PreT_Attention``, JH-LEE-KR/dualprompt-pytorch attention.py:31-43). The
   attention's forward is replaced on the instance by ``prefixed_attention``, which uses the module's
   own ``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``proj`` and falls back to timm's forward when no
   prefix is set.
