@@ -211,6 +211,18 @@ def test_l2p_with_crops_computes_the_query_in_the_training_forward(tmp_path):
     assert calls and not any(calls)          # continuous views: no cache, the forward computes each query
 
 
+def test_l2p_query_net_is_the_frozen_vit_whose_embeddings_the_run_caches():
+    from cilearn.embeddings import frozen
+    from cilearn.l2p import L2P
+    bb = PromptedViT(vit(), size=4, length=2, top_k=2)
+    q = L2P.query_net(bb)
+    x = images()
+    assert frozen(q) and q.backbone is bb.net                # services.embed caches it (cilearn.embeddings)
+    with torch.no_grad():
+        assert torch.equal(q.eval()(x).embedding, bb.query(x))
+    assert {n for n, p in bb.named_parameters() if p.requires_grad} == {"pool.keys", "pool.prompts"}
+
+
 def test_l2p_options_are_checked():
     from cilearn.models import part
     with pytest.raises(ConfigError, match="top_k"):
