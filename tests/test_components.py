@@ -41,7 +41,8 @@ OTHER_STRING = {"bn_loss": ["l2", "kl"], "forward": ["separate", "joint"], "resa
                 "inner_loss": ["ce", "method"], "inner_params": ["all", "backbone"], "bn": ["batch", "running"],
                 "step": ["sgd", "adam"], "init": ["scratch", "copy"], "rule": ["joint", "blockwise"],
                 "student_bn": ["train", "eval"], "targets": ["seen", "old-bucket"], "distill": ["bce", "kd"],
-                "scores": ["linear", "cosine"]}
+                "scores": ["linear", "cosine"], "prompt_init": ["uniform", "zero"], "key_init": ["uniform", "zero"],
+                "pooling": ["prompt", "token"]}
 # an option whose other value is valid only with another option's (the component's own checks)
 COMPANION = {("dfgr", "update_bn"): {"forward": "separate"}}
 # component names that are also values of run options (the lr schedule "cosine"), not references to the component

@@ -29,6 +29,10 @@ CALIBRATION_VARIES = {"lwf", "lwf-mc", "lwm", "dfgr", "dfgr-dtid", "icarl-bce", 
 # their lr (aper-adapter/ssf/vpt, ease, seed 1993 fp32, measured 2026-12-07: phase 0 85.4, the last
 # phase's new classes among the new 85.7, against the old 36.3-39.6): the floor of the first two is 75.
 RANDOM_VIT_FLOOR = 75.0
+# L2P on that ViT stays at chance (its U(-1, 1) prompt tokens swamp the one block's image tokens, measured
+# 2026-12-07: 50.6 with 2 classes; docs/methods/prompts.md, "Tests"): no accuracy floor, its mechanics are
+# tested in tests/test_prompts.py
+NO_FLOOR = {"l2p"}
 
 
 @pytest.mark.parametrize("method", METHODS.names())
@@ -43,8 +47,9 @@ def test_every_method_runs_end_to_end(method, quick):
     m = res.metrics
     assert [len(r) for r in m["accuracy_matrix"]] == [1, 2, 3, 4, 5]
     assert all(0.0 <= a <= 100.0 for row in m["accuracy_matrix"] for a in row)
-    assert m["accuracy_matrix"][0][0] > (RANDOM_VIT_FLOOR if vit else 90.0)   # two digit classes are learnt in phase 0
-    assert m["phases"][-1]["acc_new_among_new"] > (RANDOM_VIT_FLOOR if vit else 70.0)   # the last phase's classes are learnt
+    if method not in NO_FLOOR:
+        assert m["accuracy_matrix"][0][0] > (RANDOM_VIT_FLOOR if vit else 90.0)   # two digit classes are learnt in phase 0
+        assert m["phases"][-1]["acc_new_among_new"] > (RANDOM_VIT_FLOOR if vit else 70.0)   # the last phase's classes
     if method not in CALIBRATION_VARIES and not vit:                   # (2 classes: chance is 50)
         assert m["phases"][-1]["acc_new"] > 50.0                       # and win against the old ones
     assert (m["avg_incremental_acc_nme"] is not None) == (recipe.exemplars or recipe.nme)

@@ -7,6 +7,7 @@ from .. import constraints as _constraints  # noqa: F401
 from .. import ease as _ease  # noqa: F401
 from .. import feature_compression as _feature_compression  # noqa: F401
 from .. import imprint as _imprint  # noqa: F401
+from .. import l2p as _l2p  # noqa: F401
 from .. import ranpac as _ranpac  # noqa: F401
 from .. import replay as _replay  # noqa: F401
 from .. import simplecil as _simplecil  # noqa: F401

@@ -5,7 +5,8 @@ head's ``after_training`` (``cilearn.simplecil``, ``cilearn.ranpac``), the embed
 embedding cache (``cilearn.embeddings``). docs/methods/simplecil-ranpac.md. APER adapts the
 backbone in the first phase with an adapter (``cilearn.adapters``) beside a frozen copy of it; EASE
 adds an adapter set per phase (``cilearn.ease``); their adapters but ``finetune`` need a vision
-transformer (``--backbone timm:...``). docs/methods/aper-ease.md."""
+transformer (``--backbone timm:...``). docs/methods/aper-ease.md. L2P trains a prompt pool in a frozen
+vision transformer (``cilearn.l2p``, ``cilearn.prompts``). docs/methods/prompts.md."""
 from __future__ import annotations
 
 from . import schedules
@@ -60,3 +61,13 @@ EASE = register_recipe(Recipe(
             "old classes' synthesised from similar new ones; subspace-weighted cosine classifier",
     paper="Zhou et al., *Expandable Subspace Ensemble for Pre-Trained Model-Based Class-Incremental Learning*, "
           "CVPR 2024"))
+
+# L2P: a pool of prompts with keys in a frozen ViT, chosen per image by the frozen [CLS] feature and inserted after its
+# class token; a linear head on the prompt tokens' mean; the old classes' logits masked in training (ce-local: without
+# exemplars, the official train_mask); every phase trains the prompts, keys and head (cilearn.l2p)
+L2P = register_recipe(Recipe(
+    "l2p", schedules.L2P, "linear", "ce-local", adapter="l2p",
+    summary="a frozen ViT with a pool of 10 prompts with keys, 5 chosen per image by the frozen [CLS] feature and "
+            "inserted after its class token (pull constraint on the keys); a linear head on the prompt tokens' "
+            "mean; old classes' logits masked in training",
+    paper="Wang et al., *Learning to Prompt for Continual Learning*, CVPR 2022"))
