@@ -140,3 +140,15 @@ def test_optim_option_runs_and_is_recorded(tmp_path, capsys):
     assert main(["run", "--optim", "rmsprop", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--optim must be one of sgd, adam, adamw" in err and err.count("\n") == 1 and not (tmp_path / "bad").exists()
+
+
+def test_clip_grad_bounds_each_step():
+    """``clip_grad`` c: one SGD step (momentum 0, lr 1, one batch of the whole set) moves the
+    parameters by exactly the clipped gradient: norm c when the gradient is larger."""
+    net, x, y, aug = _setup()
+    ce = lambda b: (1000 * torch.nn.functional.cross_entropy(net(b.x).logits, b.y), {})  # noqa: E731
+    before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+    fit(net, x, y, ce, FitSettings(epochs=1, lr=1.0, batch_size=len(x), momentum=0.0, weight_decay=0.0,
+                                   schedule="step", clip_grad=0.5, progress=False), aug, torch.Generator().manual_seed(0))
+    after = torch.cat([p.detach().flatten() for p in net.parameters()])
+    assert abs((after - before).norm().item() - 0.5) < 1e-4

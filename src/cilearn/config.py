@@ -89,6 +89,8 @@ class TrainConfig:
     # sgd (momentum: --train.momentum) | adam | adamw (betas 0.9, 0.999; adam's weight decay is an L2 term in the
     # gradient, adamw's decoupled); None: the recipe's (sgd but for the prompt methods, whose code uses Adam)
     optim: str | None = None
+    # the gradient's global L2 norm clipped to this before each step (0: no clipping); None: the recipe's
+    clip_grad: float | None = None
     momentum: float = 0.9
     weight_decay: float | None = None
     base_weight_decay: float | None = None  # first phase; None: --train.weight-decay when given, else the recipe's
@@ -197,6 +199,7 @@ class Schedule:
     batch_size: int = 128
     warmup_epochs: int = 0
     optim: str = "sgd"                    # sgd (momentum 0.9) | adam | adamw (TrainConfig.optim)
+    clip_grad: float = 0.0               # the gradient norm's clip (0: none; TrainConfig.clip_grad)
     compression_epochs: int | None = None  # FOSTER's compression stage (feature-compression); None: the phase's epochs
 
 
@@ -423,6 +426,8 @@ def validate(cfg: RunConfig) -> None:
     positive("seed", cfg.seed, zero=True)
     if m.total is not None and m.per_class is not None:
         raise ConfigError("--memory and --memory-per-class are exclusive: give a fixed total or a per-class budget")
+    if t.clip_grad is not None and not t.clip_grad >= 0:
+        raise ConfigError(f"--train.clip-grad must be >= 0 (0: no clipping), got {t.clip_grad}")
     if t.optim not in (None, *OPTIMS):
         raise ConfigError(f"--optim must be one of {', '.join(OPTIMS)}, got '{t.optim}'")
     if t.schedule not in (None, "cosine", "step"):
@@ -477,6 +482,8 @@ def resolve_training(train: TrainConfig, dataset: str, training: TrainingDefault
         t.warmup_epochs = ref.warmup_epochs
     if t.optim is None:
         t.optim = ref.optim
+    if t.clip_grad is None:
+        t.clip_grad = ref.clip_grad
     return t
 
 

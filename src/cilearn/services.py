@@ -59,7 +59,7 @@ class RunServices:
         t = self.cfg.train
         first = phase.index == 0
         s = FitSettings(epochs=t.base_epochs if first else t.epochs, lr=t.base_lr if first else t.lr,
-                        batch_size=t.batch_size, optim=t.optim or "sgd", momentum=t.momentum,
+                        batch_size=t.batch_size, optim=t.optim or "sgd", clip_grad=t.clip_grad or 0.0, momentum=t.momentum,
                         weight_decay=t.base_weight_decay if first else t.weight_decay,
                         schedule=t.schedule, milestones=tuple(t.base_milestones if first else t.milestones),
                         gamma=t.gamma, warmup_epochs=t.warmup_epochs,

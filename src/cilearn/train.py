@@ -56,6 +56,7 @@ class FitSettings:
     lr: float
     batch_size: int = 128
     optim: str = "sgd"                          # sgd | adam | adamw (config.TrainConfig.optim)
+    clip_grad: float = 0.0                      # the gradient's global L2 norm clipped to this (0: none)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
@@ -226,6 +227,8 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
                 (loss * world).backward()
             else:
                 loss.backward()
+            if s.clip_grad > 0:      # (after DDP's all-reduce: every rank clips the same global gradient)
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], s.clip_grad)
             opt.step()
             total += loss.detach()
             for k, v in terms.items():

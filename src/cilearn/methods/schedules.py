@@ -149,8 +149,8 @@ EASE = TrainingDefaults(
 
 # L2P (l2p-pytorch configs/cifar100_l2p.py:4-5, 15-25, 36; PILOT exps/l2p.json:16-22): every phase 5 epochs at a
 # constant lr, batch 16, no weight decay, with Adam at 0.03 * 16 / 256 = 0.001875 (main.py:117-121) and the gradient
-# norm clipped to 1 (engine.py:78). The one training loop has SGD (momentum 0.9) and no clipping: lr 0.01 is
-# cilearn's choice for SGD, not the reference's (docs/methods/prompts.md, "Deviations").
+# norm clipped to 1 (engine.py:78)
 L2P = TrainingDefaults(Schedule(
-    "l2p-pytorch configs/cifar100_l2p.py:4-5, 20-25 (Adam 0.001875 there; SGD lr 0.01 here, cilearn's choice)",
-    epochs=5, base_epochs=5, lr=0.01, base_lr=0.01, weight_decay=0.0, base_weight_decay=0.0, batch_size=16))
+    "l2p-pytorch configs/cifar100_l2p.py:4-5, 20-25, main.py:117-121, engine.py:78",
+    epochs=5, base_epochs=5, lr=0.001875, base_lr=0.001875, weight_decay=0.0, base_weight_decay=0.0, batch_size=16,
+    optim="adam", clip_grad=1.0))

@@ -49,7 +49,8 @@ def summaries_table(markdown: bool = True) -> str:
 
 def optimizer_words(t: TrainConfig) -> str:
     """The optimiser in words: ``SGD momentum 0.9``, ``Adam``, ``AdamW``."""
-    return {"adam": "Adam", "adamw": "AdamW"}.get(t.optim or "sgd", f"SGD momentum {t.momentum:g}")
+    name = {"adam": "Adam", "adamw": "AdamW"}.get(t.optim or "sgd", f"SGD momentum {t.momentum:g}")
+    return name + (f", gradient norm clipped to {t.clip_grad:g}" if t.clip_grad else "")
 
 
 def training_words(t: TrainConfig, stages: dict[str, dict]) -> tuple[str, str, str]:
