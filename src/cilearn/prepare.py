@@ -189,7 +189,8 @@ def prepare(cfg: RunConfig, strict: bool = True):
     resolve_view(cfg, data, spec)
     side = input_side(cfg, data.image_shape)
     cfg = resolve(cfg, data.num_classes, side, recipe.training)
-    facts = RunFacts(cfg, recipe.training.for_dataset(cfg.data.dataset), cfg.data.dataset in QUICK_EPOCHS, epochs_given)
+    facts = RunFacts(cfg, recipe.training.for_dataset(cfg.data.dataset), cfg.data.dataset in QUICK_EPOCHS, epochs_given,
+                     data.num_classes)
     p = plan(cfg, side, strict, facts)
     resolved_config(cfg, p)                       # the choices and options that run, in place of "the recipe's"
     resolve_weights(cfg, p.factory("backbone"), data.image_shape[0])   # the file checked against the backbone

@@ -206,3 +206,17 @@ class PromptedViT(Backbone):
             return [], f[:, self.at:self.at + n].mean(1)                        # [B, D]
         return [], vit.forward_head(f, pre_logits=True)                         # [B, D]
 
+
+
+def prefix_tuned(vit: nn.Module, blocks: tuple[int, ...], who: str) -> None:
+    """Sets ``prefixed_attention`` as the attention's forward of each of ``vit``'s ``blocks`` (a
+    ConfigError for an index out of range or an attention without a fused qkv projection); a
+    component then puts ``_prefix`` ``[B, 2, p, D]`` on ``vit.blocks[b].attn`` for one forward."""
+    depth = len(vit.blocks)
+    if not blocks or not all(0 <= b < depth for b in blocks):
+        raise ConfigError(f"--adapter {who}: blocks must be indices of the ViT's {depth} blocks, got {list(blocks)}")
+    for b in blocks:
+        attn = vit.blocks[b].attn
+        if not (hasattr(attn, "qkv") and hasattr(attn, "num_heads")):
+            raise ConfigError(f"--adapter {who}: block {b}'s attention has no fused qkv projection ({DOCS})")
+        attn.forward = types.MethodType(prefixed_attention, attn)

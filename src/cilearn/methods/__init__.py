@@ -3,6 +3,7 @@ Importing the package registers them and every component they name."""
 from .. import adapters as _adapters  # noqa: F401  (the components the recipes name)
 from .. import calibration as _calibration  # noqa: F401
 from .. import classification as _classification  # noqa: F401
+from .. import coda_prompt as _coda_prompt  # noqa: F401
 from .. import constraints as _constraints  # noqa: F401
 from .. import ease as _ease  # noqa: F401
 from .. import feature_compression as _feature_compression  # noqa: F401

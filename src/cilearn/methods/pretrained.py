@@ -6,7 +6,8 @@ embedding cache (``cilearn.embeddings``). docs/methods/simplecil-ranpac.md. APER
 backbone in the first phase with an adapter (``cilearn.adapters``) beside a frozen copy of it; EASE
 adds an adapter set per phase (``cilearn.ease``); their adapters but ``finetune`` need a vision
 transformer (``--backbone timm:...``). docs/methods/aper-ease.md. L2P trains a prompt pool in a frozen
-vision transformer (``cilearn.l2p``, ``cilearn.prompts``). docs/methods/prompts.md."""
+vision transformer (``cilearn.l2p``, ``cilearn.prompts``), CODA-Prompt attention-weighted prompt components
+(``cilearn.coda_prompt``). docs/methods/prompts.md."""
 from __future__ import annotations
 
 from . import schedules
@@ -71,3 +72,15 @@ L2P = register_recipe(Recipe(
             "inserted after its class token (pull constraint on the keys); a linear head on the prompt tokens' "
             "mean; old classes' logits masked in training",
     paper="Wang et al., *Learning to Prompt for Continual Learning*, CVPR 2022"))
+
+# CODA-Prompt: a pool of prompt components with keys and attention vectors in the first 5 blocks of a frozen ViT, one
+# slice per phase (Gram-Schmidt initialised, the earlier ones frozen), weighted by cos(q * A, K) of the frozen [CLS]
+# feature and summed into prefix keys and values; a linear head on the [CLS] output; old classes' logits masked in
+# training (cilearn.coda_prompt)
+CODA_PROMPT = register_recipe(Recipe(
+    "coda-prompt", schedules.CODA_PROMPT, "linear", "ce-local", adapter="coda-prompt",
+    summary="a frozen ViT with 100 prompt components (a slice per phase, Gram-Schmidt initialised, earlier ones "
+            "frozen) weighted by attention to the frozen [CLS] feature and summed into prefix keys and values in "
+            "blocks 0-4; a linear head on the [CLS] output; old classes' logits masked in training",
+    paper="Smith et al., *CODA-Prompt: COntinual Decomposed Attention-based Prompting for Rehearsal-Free Continual "
+          "Learning*, CVPR 2023"))

@@ -67,12 +67,14 @@ def register_recipe(recipe: Recipe) -> Recipe:
 @dataclass
 class RunFacts:
     """What ``Component.resolve`` may read: the resolved configuration, the recipe's schedule for
-    the data set, whether the data set is a quick one (digits, Fashion-MNIST) and whether the user
-    gave the epochs."""
+    the data set, whether the data set is a quick one (digits, Fashion-MNIST), whether the user
+    gave the epochs and the data set's number of classes (None where no data set is read: ``cilearn
+    list``)."""
     cfg: RunConfig
     schedule: Schedule
     quick: bool
     epochs_given: bool
+    num_classes: int | None = None
 
 
 @dataclass

@@ -154,3 +154,16 @@ L2P = TrainingDefaults(Schedule(
     "l2p-pytorch configs/cifar100_l2p.py:4-5, 20-25, main.py:117-121, engine.py:78",
     epochs=5, base_epochs=5, lr=0.001875, base_lr=0.001875, weight_decay=0.0, base_weight_decay=0.0, batch_size=16,
     optim="adam", clip_grad=1.0))
+
+# CODA-Prompt (GT-RIPL/CODA-Prompt configs/cifar-100_prompt.yaml:4-11, configs/imnet-r_prompt.yaml:4-11; PILOT
+# exps/coda_prompt.json:15-22, exps/coda_prompt_inr.json:15-22): every phase 20 epochs (ImageNet-R 50), Adam at 0.001
+# with betas (momentum 0.9, 0.999) (learners/prompt.py:66-67), no weight decay, batch 128, a cosine decay per epoch
+# (utils/schedulers.py:47-57; cilearn's cosine, per step to 0, stands in: docs/methods/prompts.md), the optimizer
+# reset every phase (learners/default.py:81-83); no gradient clipping
+CODA_PROMPT = TrainingDefaults(
+    Schedule("CODA-Prompt official configs/cifar-100_prompt.yaml:4-11, learners/prompt.py:47-76", epochs=20,
+             base_epochs=20, schedule="cosine", lr=0.001, base_lr=0.001, weight_decay=0.0, base_weight_decay=0.0,
+             batch_size=128, optim="adam"),
+    Schedule("CODA-Prompt official configs/imnet-r_prompt.yaml:4-11, learners/prompt.py:47-76", epochs=50,
+             base_epochs=50, schedule="cosine", lr=0.001, base_lr=0.001, weight_decay=0.0, base_weight_decay=0.0,
+             batch_size=128, optim="adam"))
