@@ -18,13 +18,13 @@ from the authors' code, GT-RIPL/CODA-Prompt at its newest commit (6417d4f: ``mod
 * A new slice is initialised by Gram-Schmidt: random normal vectors, orthogonalised against every
   earlier component and each other, of unit norm (``gram_schmidt``, zoo.py:75-131, called when
   the model is built and at the start of every later phase, zoo.py:34-36, 51-71; trainer.py:187-194).
-* The query ``q`` ``[B, D]`` is the frozen ViT's [CLS] output without prompts (zoo.py's
-  ``ResNetZoo.forward``: ``q = feat(x)[:, 0]``); the weight of component m is
+* The query ``q`` ``[B, D]`` is the frozen ViT's [CLS] output without prompts (``q = feat(x)[:, 0]``,
+  zoo.py:393-395); the weight of component m is
   ``alpha_m = cos(q * A_m, K_m)`` and the block's prompt is ``sum_m alpha_m P_m`` ``[B, L, D]``
   (zoo.py:163-171), whose first L/2 tokens are prefix keys and last L/2 prefix values of the block's
   attention (zoo.py:173-176; vit.py:68-73): prefix tuning (``cilearn.prompts.prefix_tuned``).
-* The embedding is the ViT's [CLS] output after the final norm (``out[:, 0]``), read by a linear
-  head (``self.last``).
+* The embedding is the ViT's [CLS] output after the final norm (``out[:, 0]``, zoo.py:396-397; vit.py:208),
+  read by a linear head (``self.last``, zoo.py:374, 402-403).
 * The orthogonality penalty ``sum_blocks mean((K K^T - I)^2) + mean((A A^T - I)^2) + mean((P P^T -
   I)^2)`` over the components in use (P flattened to ``[M, L D]``, zoo.py:178-183, 197-198), the term
   ``ortho`` with weight ``ortho_mu``; 0 in the authors' newest configuration (experiments/
