@@ -119,7 +119,7 @@ def test_the_earlier_slices_get_no_gradient_in_a_later_phase_and_the_ortho_term_
     want = sum(ortho_penalty(t[0]) for t in (keys, attn, prompts))
     r = keys[0].detach()
     assert abs(float(ortho_penalty(r)) - float(((r @ r.T - torch.eye(4)) ** 2).mean())) < 1e-7
-    assert abs(float(bb.ortho()) - float(want)) < 1e-6
+    assert abs(float(bb.ortho().detach()) - float(want.detach())) < 1e-6
 
 
 # ---------------------------------------------------------------- end to end
