@@ -154,3 +154,15 @@ L2P = TrainingDefaults(Schedule(
     "l2p-pytorch configs/cifar100_l2p.py:4-5, 20-25, main.py:117-121, engine.py:78",
     epochs=5, base_epochs=5, lr=0.001875, base_lr=0.001875, weight_decay=0.0, base_weight_decay=0.0, batch_size=16,
     optim="adam", clip_grad=1.0))
+
+# DualPrompt (dualprompt-pytorch configs/cifar100_dualprompt.py:4-5, 15-25; PILOT exps/dualprompt.json:16-22): every
+# phase 5 epochs at a constant lr, batch 24, no weight decay, Adam at 0.03 * 24 / 256 = 0.0028125 (main.py:125-129),
+# the gradient norm clipped to 1 (:18; engine.py:78). ImageNet-R (configs/imr_dualprompt.py:5, 25): 50 epochs at
+# 0.005 * 24 / 256 = 0.00046875. PILOT: lr 0.001, no clipping.
+DUALPROMPT = TrainingDefaults(
+    Schedule("dualprompt-pytorch configs/cifar100_dualprompt.py:4-5, 15-25, main.py:125-129, engine.py:78",
+             epochs=5, base_epochs=5, lr=0.0028125, base_lr=0.0028125, weight_decay=0.0, base_weight_decay=0.0,
+             batch_size=24, optim="adam", clip_grad=1.0),
+    Schedule("dualprompt-pytorch configs/imr_dualprompt.py:4-5, 15-25, main.py:125-129, engine.py:78",
+             epochs=50, base_epochs=50, lr=0.00046875, base_lr=0.00046875, weight_decay=0.0, base_weight_decay=0.0,
+             batch_size=24, optim="adam", clip_grad=1.0))
