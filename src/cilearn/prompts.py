@@ -25,6 +25,8 @@ share, acting on a ``timm:`` ViT through hooks and an attention forward patched 
   component handed it over (``give_query``: looked up in a cache, ``cilearn.l2p``); the embedding is
   the mean of the prompt tokens' outputs after the final norm (``pooling="prompt"``, L2P's
   ``head_type="prompt"``, vision_transformer.py:496-498) or the ViT's own pooling (``"token"``).
+* ``DualPromptViT``: a ``PromptedViT`` with prefix tuning and a second prompt set, DualPrompt's
+  G-prompt, in other blocks; a training forward may take a given task's prompts (``cilearn.dualprompt``).
 
 docs/methods/prompts.md.
 """
