@@ -53,11 +53,11 @@ class DualPromptOptions:
 
     def __post_init__(self):
         if self.pool < 1 or self.length < 1 or not 1 <= self.top_k <= self.pool or self.g_length < 0:
-            raise ConfigError(f"components.dualprompt: pool and length must be >= 1, top_k in [1, pool] and g_length "
-                              f">= 0, got {self.pool}, {self.length}, {self.top_k}, {self.g_length}")
-        if not self.blocks or len(set(self.blocks)) != len(self.blocks) or len(set(self.g_blocks)) != len(self.g_blocks):
-            raise ConfigError(f"components.dualprompt: blocks must be distinct and at least one, g_blocks distinct, got "
-                              f"{list(self.blocks)}, {list(self.g_blocks)}")
+            raise ConfigError(f"components.dualprompt: pool and length must be >= 1, top_k in [1, pool] and "
+                              f"g_length >= 0, got {self.pool}, {self.length}, {self.top_k}, {self.g_length}")
+        if not self.blocks or len(set(self.blocks)) < len(self.blocks) or len(set(self.g_blocks)) < len(self.g_blocks):
+            raise ConfigError(f"components.dualprompt: blocks must be distinct and at least one, g_blocks distinct, "
+                              f"got {list(self.blocks)}, {list(self.g_blocks)}")
         if self.prompt_init not in INITS or self.key_init not in INITS:
             raise ConfigError(f"components.dualprompt: prompt_init and key_init must be one of {', '.join(INITS)}, got "
                               f"{self.prompt_init}, {self.key_init}")

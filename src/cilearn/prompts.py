@@ -56,7 +56,8 @@ def init_(t: torch.Tensor, how: str) -> torch.Tensor:
 class PromptPool(nn.Module):
     """``keys`` ``[P, D]`` and ``prompts`` ``[P, *shape]`` (prompt tuning ``[P, L, D]``; prefix
     tuning ``[P, blocks, 2 L, D]``, the key half's L tokens then the value half's: 4-D, as
-    ``Module.to(memory_format=channels_last)`` refuses 5-D tensors), ``top_k`` chosen per image (module docstring)."""
+    ``Module.to(memory_format=channels_last)`` refuses 5-D tensors), ``top_k`` chosen per image
+    (module docstring)."""
 
     def __init__(self, size: int, shape: tuple[int, ...], dim: int, top_k: int, init: str = "uniform",
                  key_init: str = "uniform"):
@@ -197,7 +198,8 @@ class PromptedViT(Backbone):
             vit.blocks[0]._prompt = (self.at, tokens)
         else:
             for j, b in enumerate(self.blocks):                                 # [B, k, 2 L, D] -> [B, 2, k L, D]
-                vit.blocks[b].attn._prefix = chosen[:, :, j].unflatten(2, (2, self.length)).transpose(1, 2).flatten(2, 3)
+                kv = chosen[:, :, j].unflatten(2, (2, self.length))             # [B, k, 2, L, D]
+                vit.blocks[b].attn._prefix = kv.transpose(1, 2).flatten(2, 3)
         try:
             f = vit.forward_features(x)                                         # [B, N', D]
         finally:
@@ -209,7 +211,6 @@ class PromptedViT(Backbone):
             n = idx.shape[1] * self.length
             return [], f[:, self.at:self.at + n].mean(1)                        # [B, D]
         return [], vit.forward_head(f, pre_logits=True)                         # [B, D]
-
 
 
 def prefix_tune(vit: nn.Module, b: int, who: str) -> None:
