@@ -47,6 +47,9 @@ def quick_config(tmp_path, **over) -> RunConfig:
 TINY_VIT = {"backbone": "timm:vit_tiny_patch16_224", "weights": "random", "img_size": 16, "patch_size": 8, "depth": 1,
             "embed_dim": 32, "num_heads": 2}
 
+# DualPrompt's prompts go in blocks 0-4 (G-prompt 0-1, E-prompts 2-4): a ViT of 5 blocks
+VIT_OVER = {"dualprompt": {"depth": 5}}
+
 
 def backbone_for(method: str) -> dict:
     """``{"model": TINY_VIT}`` for a recipe whose adapter needs a vision transformer (the test is
@@ -56,7 +59,7 @@ def backbone_for(method: str) -> dict:
     if adapter is None or not REGISTRIES["adapter"].get(adapter).needs_vit:
         return {}
     pytest.importorskip("timm")
-    return {"model": dict(TINY_VIT)}
+    return {"model": {**TINY_VIT, **VIT_OVER.get(adapter, {})}}
 
 
 def replayed_and_resumed(ref, tmp_path, monkeypatch) -> tuple[list, list]:

@@ -149,9 +149,10 @@ def test_an_adapter_needs_a_vision_transformer():
     (["--method", "aper-adapter"], "--adapter adaptformer: the backbone (ConvNet) is not a vision transformer"),
     (["--method", "l2p"], "--adapter l2p: the backbone (ConvNet) is not a vision transformer"),
     (["--method", "coda-prompt"], "--adapter coda-prompt: the backbone (ConvNet) is not a vision transformer"),
+    (["--method", "dualprompt"], "--adapter dualprompt: the backbone (ConvNet) is not a vision transformer"),
     (["--method", "der", "--adapter", "finetune"], "--adapter finetune: an expandable network"),
     (["--method", "icarl", "--adapter", "lora"], "--adapter: unknown adapter component 'lora'; expected one of: "
-                                                  "adaptformer, coda-prompt, ease, finetune, l2p, ssf, vpt"),
+                                                  "adaptformer, coda-prompt, dualprompt, ease, finetune, l2p, ssf, vpt"),
     (["--method", "aper-finetune", "--model.bottleneck", "8"], "--model.bottleneck 8 is not used by this run"),
 ])
 def test_a_run_that_cannot_have_its_adapter_stops_with_one_line_and_writes_no_config(flags, says, tmp_path, capsys):

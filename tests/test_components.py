@@ -93,7 +93,9 @@ def other_value(cls, field: dataclasses.Field, current, companion: dict):
     """A valid value of ``field`` other than ``current`` (None where none is found)."""
     tp = typing.get_type_hints(cls.Options)[field.name]
     args = set(typing.get_args(tp)) or {tp}
-    if str in args:
+    if typing.get_origin(tp) is list:     # a list of block indices (components.dualprompt.blocks): one fewer, or shifted
+        cands = [current[:-1], current[1:], [i + 1 for i in current]]
+    elif str in args:
         cands = OTHER_STRING.get(field.name, [])
         assert cands, f"give tests/test_components.py OTHER_STRING an alternative for string option {field.name}"
     elif bool in args:

@@ -298,7 +298,7 @@ def test_torchrun_ranpac_statistics_sum_to_the_one_process_solution(tmp_path):
 NO_DROPOUT = {"ease": ["--components.ease.dropout", "0"], "aper-adapter": ["--components.adaptformer.dropout", "0"]}
 
 
-@pytest.mark.parametrize("method", ["ease", "aper-adapter", "simplecil", "l2p", "coda-prompt"])
+@pytest.mark.parametrize("method", ["ease", "aper-adapter", "simplecil", "l2p", "coda-prompt", "dualprompt"])
 def test_torchrun_pretrained_recipes_match_one_process(method, tmp_path):
     """EASE's adapter sets, APER's first-phase adapter and SimpleCIL (no training: prototypes from
     the embeddings gathered from the ranks), on a tiny random timm ViT, under torchrun: every trained parameter
@@ -307,7 +307,8 @@ def test_torchrun_pretrained_recipes_match_one_process(method, tmp_path):
     dropout off (its masks are drawn per rank, as DDP does: with it on the runs differ by a few
     images); within a few points on the convnet (BatchNorm statistics per rank, as for every
     method) where timm is absent. L2P: its batch-wise prompt choice counts over the global batch.
-    CODA-Prompt: each phase's slice drawn from the phase's generator, the same on every rank."""
+    CODA-Prompt: each phase's slice drawn from the phase's generator, the same on every rank. DualPrompt:
+    the phase's E-prompt in training."""
     from conftest import backbone_for
     vit = backbone_for(method).get("model", {})
     epochs = [] if method == "simplecil" else ["--base-epochs", "3", "--epochs", "3"]     # (simplecil: none to train)

@@ -34,7 +34,10 @@ RANDOM_VIT_FLOOR = 75.0
 # tested in tests/test_prompts.py. CODA-Prompt's linear head on the [CLS] output learns, but slowly at its Adam lr
 # 0.001 (measured 2026-12-07, seed 1993 fp32: 6 epochs, phase 0 74.2 and the last phase's new among new 50.5; 20
 # epochs, 84.3 and 74.7): no floor either, its mechanics are tested in tests/test_coda_prompt.py
-NO_FLOOR = {"l2p", "coda-prompt"}
+# DualPrompt on that ViT (5 blocks for its prompts, conftest.VIT_OVER) at its lr (Adam 0.0028) learns little in 6 epochs
+# of 90 images per class (measured 2026-12-07: 46.1 with 2 classes; 95.5 at lr 0.03, which tests/test_dualprompt.py
+# checks): no accuracy floor here
+NO_FLOOR = {"l2p", "coda-prompt", "dualprompt"}
 
 
 @pytest.mark.parametrize("method", METHODS.names())

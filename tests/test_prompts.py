@@ -111,7 +111,7 @@ def test_prefix_tuning_changes_only_the_chosen_blocks_attention():
     assert torch.equal(pqkv0, qkv0) and torch.allclose(pa0, a0, atol=1e-6)           # block 0: untouched
     assert torch.allclose(pqkv1, qkv1, atol=1e-6)            # block 1: the tokens' own queries, keys, values
     assert not torch.allclose(pa1, a1, atol=1e-3)            # ... attend to the prefix too
-    assert bb.pool.prompts.shape == (3, 1, 2, 2, 32)         # [P, blocks, key/value, L, D]
+    assert bb.pool.prompts.shape == (3, 1, 4, 32)            # [P, blocks, key half then value half (2 L), D]
     with pytest.raises(ConfigError, match="blocks"):
         PromptedViT(vit(), size=3, length=2, top_k=1, insert="prefix", blocks=(2,), pooling="token")
 

@@ -25,6 +25,8 @@ share, acting on a ``timm:`` ViT through hooks and an attention forward patched 
   component handed it over (``give_query``: looked up in a cache, ``cilearn.l2p``); the embedding is
   the mean of the prompt tokens' outputs after the final norm (``pooling="prompt"``, L2P's
   ``head_type="prompt"``, vision_transformer.py:496-498) or the ViT's own pooling (``"token"``).
+* ``DualPromptViT``: a ``PromptedViT`` with prefix tuning and a second prompt set, DualPrompt's
+  G-prompt, in other blocks; a training forward may take a given task's prompts (``cilearn.dualprompt``).
 
 docs/methods/prompts.md.
 """
@@ -53,7 +55,9 @@ def init_(t: torch.Tensor, how: str) -> torch.Tensor:
 
 class PromptPool(nn.Module):
     """``keys`` ``[P, D]`` and ``prompts`` ``[P, *shape]`` (prompt tuning ``[P, L, D]``; prefix
-    tuning ``[P, blocks, 2, L, D]``), ``top_k`` chosen per image (module docstring)."""
+    tuning ``[P, blocks, 2 L, D]``, the key half's L tokens then the value half's: 4-D, as
+    ``Module.to(memory_format=channels_last)`` refuses 5-D tensors), ``top_k`` chosen per image
+    (module docstring)."""
 
     def __init__(self, size: int, shape: tuple[int, ...], dim: int, top_k: int, init: str = "uniform",
                  key_init: str = "uniform"):
@@ -147,15 +151,12 @@ class PromptedViT(Backbone):
         self.blocks = tuple(blocks) if insert == "prefix" else ()
         self.length, self.out_dim = length, int(net.out_dim)
         self.at = int(getattr(vit, "num_prefix_tokens", 1))                    # prompts go after the class token
-        shape = (length, dim) if insert == "prompt" else (len(self.blocks), 2, length, dim)
+        shape = (length, dim) if insert == "prompt" else (len(self.blocks), 2 * length, dim)
         self.pool = PromptPool(size, shape, dim, top_k, init, key_init)
         if insert == "prompt":
             vit.blocks[0].register_forward_pre_hook(_prepend)
         for b in self.blocks:
-            attn = vit.blocks[b].attn
-            if not (hasattr(attn, "qkv") and hasattr(attn, "num_heads")):
-                raise ConfigError(f"--adapter {who}: block {b}'s attention has no fused qkv projection ({DOCS})")
-            attn.forward = types.MethodType(prefixed_attention, attn)
+            prefix_tune(vit, b, who)
         self._query: torch.Tensor | None = None
         self.selection: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -173,6 +174,10 @@ class PromptedViT(Backbone):
         """``[B, D]``: the frozen ViT's pre-logits feature of ``x``, no prompt."""
         return self.net(x)[1]
 
+    def choose(self, q: torch.Tensor) -> torch.Tensor:
+        """``[B, k]`` prompt ids for the queries ``q`` ``[B, D]``: key matching."""
+        return self.pool.select(self.pool.similarity(q), self.batchwise and self.training)
+
     def _position(self, vit: nn.Module) -> torch.Tensor | float:
         """The position embedding of the prompt tokens: the class token's ``[1, 1, D]`` where the ViT
         adds one to it (official L2P), else none."""
@@ -185,15 +190,16 @@ class PromptedViT(Backbone):
         q, self._query = self._query, None
         if q is None or len(q) != len(x):
             q = self.query(x)                                                   # [B, D]
-        idx = self.pool.select(self.pool.similarity(q), self.batchwise and self.training)     # [B, k]
+        idx = self.choose(q)                                                    # [B, k]
         chosen = self.pool.prompts[idx]                                         # [B, k, *shape]
         vit = self.net.model
         if self.insert == "prompt":
             tokens = chosen.flatten(1, 2) + self._position(vit)                 # [B, k L, D]
             vit.blocks[0]._prompt = (self.at, tokens)
         else:
-            for j, b in enumerate(self.blocks):                                 # [B, k, 2, L, D] -> [B, 2, k L, D]
-                vit.blocks[b].attn._prefix = chosen[:, :, j].transpose(1, 2).flatten(2, 3)
+            for j, b in enumerate(self.blocks):                                 # [B, k, 2 L, D] -> [B, 2, k L, D]
+                kv = chosen[:, :, j].unflatten(2, (2, self.length))             # [B, k, 2, L, D]
+                vit.blocks[b].attn._prefix = kv.transpose(1, 2).flatten(2, 3)
         try:
             f = vit.forward_features(x)                                         # [B, N', D]
         finally:
@@ -216,7 +222,54 @@ def prefix_tuned(vit: nn.Module, blocks: tuple[int, ...], who: str) -> None:
     if not blocks or not all(0 <= b < depth for b in blocks):
         raise ConfigError(f"--adapter {who}: blocks must be indices of the ViT's {depth} blocks, got {list(blocks)}")
     for b in blocks:
-        attn = vit.blocks[b].attn
-        if not (hasattr(attn, "qkv") and hasattr(attn, "num_heads")):
-            raise ConfigError(f"--adapter {who}: block {b}'s attention has no fused qkv projection ({DOCS})")
-        attn.forward = types.MethodType(prefixed_attention, attn)
+        prefix_tune(vit, b, who)
+
+
+def prefix_tune(vit: nn.Module, b: int, who: str) -> None:
+    """Block ``b``'s attention takes the prefix set on it (``prefixed_attention``, set on the instance)."""
+    attn = vit.blocks[b].attn
+    if not (hasattr(attn, "qkv") and hasattr(attn, "num_heads")):
+        raise ConfigError(f"--adapter {who}: block {b}'s attention has no fused qkv projection ({DOCS})")
+    attn.forward = types.MethodType(prefixed_attention, attn)
+
+
+class DualPromptViT(PromptedViT):
+    """DualPrompt's two prompt sets in a frozen ``timm:`` ViT, both by prefix tuning: the G-prompt
+    ``g_prompt`` ``[G, 2, Lg, D]`` (one per block of ``g_blocks``) shared by every image and task, and
+    the E-prompts, the pool ``[P, E, 2, L, D]`` over ``blocks`` with a key each. In training with
+    ``task`` set, every image takes the task's E-prompts, ids ``[task k, (task + 1) k)``
+    (``use_prompt_mask``, dualprompt-pytorch vision_transformer.py:530-538), key matching once the
+    task's ids pass the pool's end; at evaluation the prompts whose keys are nearest the query. The
+    embedding is the ViT's own pooling (its [CLS] feature: ``head_type="token"``, :581-583)."""
+
+    def __init__(self, net: nn.Module, size: int, length: int, top_k: int, blocks: tuple[int, ...],
+                 g_length: int, g_blocks: tuple[int, ...], batchwise: bool = True, init: str = "uniform",
+                 key_init: str = "uniform", who: str = "dualprompt"):
+        super().__init__(net, size, length, top_k, insert="prefix", blocks=blocks, pooling="token",
+                         batchwise=batchwise, init=init, key_init=key_init, who=who)
+        vit = self.net.model
+        depth, dim = len(vit.blocks), embed_dim(vit)
+        if not all(0 <= b < depth for b in g_blocks) or set(g_blocks) & set(blocks) or g_length < 0:
+            raise ConfigError(f"--adapter {who}: g_blocks must be indices of the ViT's {depth} blocks, none of them "
+                              f"an E-prompt block {list(blocks)}, and g_length >= 0; got {list(g_blocks)}, {g_length}")
+        self.g_blocks = tuple(g_blocks)
+        self.g_prompt = nn.Parameter(init_(torch.empty(len(self.g_blocks), 2, g_length, dim), init))   # [G, 2, Lg, D]
+        for b in self.g_blocks:
+            prefix_tune(vit, b, who)
+        self.task: int | None = None        # the phase whose E-prompts training forwards take
+
+    def choose(self, q: torch.Tensor) -> torch.Tensor:
+        k = self.pool.top_k
+        if self.training and self.task is not None and (self.task + 1) * k <= self.pool.size:
+            return torch.arange(self.task * k, (self.task + 1) * k, device=q.device).expand(len(q), -1)   # [B, k]
+        return super().choose(q)
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        blocks = self.net.model.blocks
+        for j, b in enumerate(self.g_blocks):
+            blocks[b].attn._prefix = self.g_prompt[j].expand(len(x), -1, -1, -1)   # [B, 2, Lg, D]
+        try:
+            return super().forward(x)
+        finally:
+            for b in self.g_blocks:
+                blocks[b].attn.__dict__.pop("_prefix", None)

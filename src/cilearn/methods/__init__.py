@@ -5,6 +5,7 @@ from .. import calibration as _calibration  # noqa: F401
 from .. import classification as _classification  # noqa: F401
 from .. import coda_prompt as _coda_prompt  # noqa: F401
 from .. import constraints as _constraints  # noqa: F401
+from .. import dualprompt as _dualprompt  # noqa: F401
 from .. import ease as _ease  # noqa: F401
 from .. import feature_compression as _feature_compression  # noqa: F401
 from .. import imprint as _imprint  # noqa: F401

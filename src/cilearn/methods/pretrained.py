@@ -7,7 +7,8 @@ backbone in the first phase with an adapter (``cilearn.adapters``) beside a froz
 adds an adapter set per phase (``cilearn.ease``); their adapters but ``finetune`` need a vision
 transformer (``--backbone timm:...``). docs/methods/aper-ease.md. L2P trains a prompt pool in a frozen
 vision transformer (``cilearn.l2p``, ``cilearn.prompts``), CODA-Prompt attention-weighted prompt components
-(``cilearn.coda_prompt``). docs/methods/prompts.md."""
+(``cilearn.coda_prompt``), DualPrompt a shared G-prompt and one E-prompt per task (``cilearn.dualprompt``).
+docs/methods/prompts.md."""
 from __future__ import annotations
 
 from . import schedules
@@ -84,3 +85,16 @@ CODA_PROMPT = register_recipe(Recipe(
             "blocks 0-4; a linear head on the [CLS] output; old classes' logits masked in training",
     paper="Smith et al., *CODA-Prompt: COntinual Decomposed Attention-based Prompting for Rehearsal-Free Continual "
           "Learning*, CVPR 2023"))
+
+# DualPrompt: in a frozen ViT a G-prompt shared by all tasks (prefix tuning, blocks 0-1) and a pool of E-prompts with
+# keys (blocks 2-4); training in phase t takes E-prompt t and pulls its key to the frozen [CLS] features, evaluation
+# takes the E-prompt whose key is nearest; a linear head on the prompted [CLS] feature; the old classes' logits masked
+# in training (ce-local, as L2P); E-prompts of length 20 on ImageNet-R (configs/imr_dualprompt.py:91)
+DUALPROMPT = register_recipe(Recipe(
+    "dualprompt", schedules.DUALPROMPT, "linear", "ce-local", adapter="dualprompt",
+    image_folder_options={"dualprompt": {"length": 20}},
+    summary="a frozen ViT with a shared G-prompt (blocks 0-1) and one E-prompt per task with a key (blocks 2-4), both "
+            "by prefix tuning; training takes the phase's E-prompt, evaluation the one whose key is nearest the frozen "
+            "[CLS] feature (pull constraint on the keys); a linear head on the [CLS] feature; old classes' logits "
+            "masked in training",
+    paper="Wang et al., *DualPrompt: Complementary Prompting for Rehearsal-Free Continual Learning*, ECCV 2022"))

@@ -167,3 +167,15 @@ CODA_PROMPT = TrainingDefaults(
     Schedule("CODA-Prompt official configs/imnet-r_prompt.yaml:4-11, learners/prompt.py:47-76", epochs=50,
              base_epochs=50, schedule="cosine", lr=0.001, base_lr=0.001, weight_decay=0.0, base_weight_decay=0.0,
              batch_size=128, optim="adam"))
+
+# DualPrompt (dualprompt-pytorch configs/cifar100_dualprompt.py:4-5, 15-25; PILOT exps/dualprompt.json:16-22): every
+# phase 5 epochs at a constant lr, batch 24, no weight decay, Adam at 0.03 * 24 / 256 = 0.0028125 (main.py:125-129),
+# the gradient norm clipped to 1 (:18; engine.py:78). ImageNet-R (configs/imr_dualprompt.py:5, 25): 50 epochs at
+# 0.005 * 24 / 256 = 0.00046875. PILOT: lr 0.001, no clipping.
+DUALPROMPT = TrainingDefaults(
+    Schedule("dualprompt-pytorch configs/cifar100_dualprompt.py:4-5, 15-25, main.py:125-129, engine.py:78",
+             epochs=5, base_epochs=5, lr=0.0028125, base_lr=0.0028125, weight_decay=0.0, base_weight_decay=0.0,
+             batch_size=24, optim="adam", clip_grad=1.0),
+    Schedule("dualprompt-pytorch configs/imr_dualprompt.py:4-5, 15-25, main.py:125-129, engine.py:78",
+             epochs=50, base_epochs=50, lr=0.00046875, base_lr=0.00046875, weight_decay=0.0, base_weight_decay=0.0,
+             batch_size=24, optim="adam", clip_grad=1.0))
