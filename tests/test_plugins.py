@@ -13,6 +13,25 @@ from cilearn.checkpoint import PHASE_FILE, Checkpointer, Interrupted, load_check
 from cilearn.cli import main
 
 EWC = str(Path(__file__).parent.parent / "examples" / "ewc_plugin.py")
+
+
+@pytest.fixture(autouse=True)
+def forget_plugins():
+    """What a test's plugins registered is removed after it (and their files may be imported
+    again): a later test in the same process (e.g. tests/test_cli.py's unknown component 'ewc')
+    sees only the built-in components."""
+    from cilearn.components import REGISTRIES
+    from cilearn.methods import METHODS
+    from cilearn.plugins import _LOADED
+    regs = [*REGISTRIES.values(), METHODS]
+    before = [set(r.names()) for r in regs]
+    loaded = set(_LOADED)
+    yield
+    for r, names in zip(regs, before):
+        for n in set(r.names()) - names:
+            r.unregister(n)
+    for path in set(_LOADED) - loaded:
+        del _LOADED[path]
 ARGS = ["--epochs", "4", "--base", "4", "--increment", "3", "--no-progress", "--quiet"]
 
 # A new loss term in one file: the mean squared logit, weighted; it counts the phases it saw end.
