@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def main() -> int:
     out = Path(a.out)
     dirs = write_halves(out, a.train_per_class, a.test_per_class)
     weights = pretrain(dirs["A"], out / "pretrain-A", a.pretrain_epochs, PRETRAIN)
-    variants = [compare_seeds.parse_variant(v) for v in a.methods.split(",")]
+    variants = [compare_seeds.parse_variant(v) for v in re.split(r",(?![^\[]*\])", a.methods)]   # (not inside [..])
     common = ["--dataset", "imagefolder", "--data-dir", str(dirs["B"]), "--base", str(a.base), "--increment",
               str(a.increment), *BACKBONE,
               "--weights", str(weights), "--augment", "flip", "--precision", "fp32", *passthrough]
